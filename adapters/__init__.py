@@ -1,0 +1,1 @@
+"""Host integrations for lora_compat (diffusers, webui, ComfyUI). Filled in by later releases."""

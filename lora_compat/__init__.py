@@ -1,0 +1,23 @@
+"""lora_compat: read, understand and apply every LoRA dialect exactly.
+
+Public API::
+
+    lora_compat.inspect(path) -> Inspection          # header only
+    lora_compat.read(path, base=None) -> PatchSet    # canonical targets -> patches (lazy tensors)
+    lora_compat.patched_weights(source, components, strength=1.0) -> {"unet.<param>": tensor, ...}
+"""
+from .apply import LoraCompatWarning, patched_weights
+from .core import detect, read
+from .errors import (BaseMismatchError, CorruptFileError, LoraCompatError, NotALoraError, UnknownDialectError,
+                     UnmatchedKeysError, UnsafeFileError)
+from .files import LoraFile
+from .inspection import Inspection, inspect
+from .patchset import PatchSet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "inspect", "read", "detect", "patched_weights", "Inspection", "PatchSet", "LoraFile", "LoraCompatWarning",
+    "LoraCompatError", "CorruptFileError", "UnsafeFileError", "NotALoraError", "UnknownDialectError",
+    "BaseMismatchError", "UnmatchedKeysError", "__version__",
+]

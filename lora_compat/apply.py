@@ -1,0 +1,115 @@
+"""``patched_weights``: the new value of every parameter a LoRA touches, computed in fp32, nothing modified."""
+from __future__ import annotations
+
+import warnings
+from typing import Mapping, Union
+
+import torch
+
+from . import plugins
+from .archs import ModuleIndex
+from .core import Source, detect
+from .errors import BaseMismatchError, UnmatchedKeysError
+from .patchset import PatchSet
+
+Components = Union[Mapping[str, torch.nn.Module], object]
+
+
+class LoraCompatWarning(UserWarning):
+    """Loud, non-fatal problems: unmatched keys, stripped embeddings, undetermined base."""
+
+
+def component_modules(components: Components) -> dict[str, torch.nn.Module]:
+    """``{"unet": ..., "text_encoder": ...}`` from a mapping or a diffusers pipeline (its ``components``)."""
+    if isinstance(components, torch.nn.Module):
+        raise TypeError("pass components as a mapping like {'unet': unet}, or a diffusers pipeline")
+    mapping = components if isinstance(components, Mapping) else getattr(components, "components", None)
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"expected a mapping of components or a diffusers pipeline, got {type(components).__name__}")
+    return {k: v for k, v in mapping.items() if isinstance(v, torch.nn.Module)}
+
+
+def guess_base(index: ModuleIndex) -> str | None:
+    """The registered base whose full-size module shapes the components have (``None`` for other models)."""
+    for base, arch in plugins.archs().items():
+        table = arch.index
+        shared = [c for c in table.components if index.has_component(c)]
+        if not shared:
+            continue
+        checked = [(c, path, shapes) for c in shared for path, shapes in table.components[c].items()]
+        if checked and all(index.shapes(f"{c}.{path}") == shapes for c, path, shapes in checked):
+            return base
+    return None
+
+
+def resolve_patchset(source: Source | PatchSet, index: ModuleIndex, base: str | None = None) -> PatchSet:
+    """The source's patches on ``index`` 's real modules (a PatchSet's targets are re-resolved and re-checked)."""
+    if isinstance(source, PatchSet):
+        resolved = PatchSet(source=source.source, dialect=source.dialect, base=source.base,
+                            unmatched=dict(source.unmatched), warnings=list(source.warnings),
+                            metadata=source.metadata)
+        for target, patch in source.items():
+            found = index.resolve(target)
+            shapes = index.shapes(target)
+            reason = "no such module" if shapes is None else patch.misfit(shapes)
+            if reason:
+                resolved.misfits[target] = reason
+                resolved.unmatched[target] = f"{target}: {reason}"
+            else:
+                resolved.patches[f"{found[0]}.{found[1]}"] = patch
+        return resolved
+    detection = detect(source, base)
+    patchset = detection.dialect.read(detection.file, index)
+    patchset.base = detection.base
+    patchset.warnings[:0] = detection.warnings
+    return patchset
+
+
+def check_patchset(patchset: PatchSet, index: ModuleIndex, strict: bool) -> None:
+    """Raise on a wrong base or (with ``strict``) unmatched keys; warn loudly otherwise."""
+    found = len(patchset) + len(patchset.misfits)
+    if patchset.misfits and (len(patchset.misfits) * 2 >= found or not patchset):
+        target, reason = next(iter(patchset.misfits.items()))
+        models = guess_base(index)
+        made_for = f"made for {patchset.base}" if patchset.base else "made for another model"
+        looks = f"; the components look like {models}" if models else ""
+        raise BaseMismatchError(f"{patchset.source}: this LoRA is {made_for}{looks}: {len(patchset.misfits)} of "
+                                f"{found} modules do not fit (e.g. {target}: {reason})")
+    if not patchset and patchset.unmatched:
+        raise BaseMismatchError(f"{patchset.source}: none of its {len(patchset.unmatched)} keys maps to a module of "
+                                f"these components ({', '.join(index.components)}); "
+                                f"e.g. {next(iter(patchset.unmatched))}")
+    if patchset.unmatched:
+        keys = sorted(patchset.unmatched)
+        message = (f"{patchset.source}: {len(keys)} keys map to no module of the model and are ignored: "
+                   f"{', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}")
+        if strict:
+            raise UnmatchedKeysError(message, keys)
+        warnings.warn(message, LoraCompatWarning, stacklevel=3)
+    for note in patchset.warnings:
+        warnings.warn(f"{patchset.source}: {note}", LoraCompatWarning, stacklevel=3)
+
+
+@torch.no_grad()
+def patched_weights(source: Source | PatchSet, components: Components, strength: float = 1.0, *,
+                    strict: bool = False, base: str | None = None) -> dict[str, torch.Tensor]:
+    """New value of every parameter the LoRA touches, keyed ``"<component>.<state_dict name>"``.
+
+    Computed in fp32 from the components' current weights, returned in each parameter's dtype.
+    ``components`` is a mapping like ``{"unet": unet, "text_encoder": te}`` or a diffusers pipeline.
+    Nothing is modified.
+    """
+    modules = component_modules(components)
+    index = ModuleIndex.from_modules(modules)
+    patchset = resolve_patchset(source, index, base)
+    check_patchset(patchset, index, strict)
+    result: dict[str, torch.Tensor] = {}
+    for target, patch in patchset.items():
+        component, _, path = target.partition(".")
+        module = modules[component].get_submodule(path)
+        params = dict(module.named_parameters(recurse=False))
+        base_fp32 = {name: p.detach().float() for name, p in params.items()}
+        for name, delta in patch.delta(base_fp32, strength).items():
+            key = f"{component}.{path}.{name}" if path else f"{component}.{name}"
+            result[key] = (base_fp32[name] + delta).to(params[name].dtype)
+    return result

@@ -1,0 +1,57 @@
+"""Build the module tables shipped in ``tables/`` from the official configs, on the ``meta`` device.
+
+Needs diffusers + transformers (the ``[diffusers]`` extra); the package itself reads only the tables.
+Run ``python -m lora_compat.archs.generate_tables`` after changing a config; a test checks they agree.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+
+import torch
+
+from .base import TABLES
+from .sd import OFFICIAL_CONFIGS
+
+
+def build_components(base: str) -> dict[str, torch.nn.Module]:
+    import diffusers
+    import transformers
+
+    modules: dict[str, torch.nn.Module] = {}
+    with torch.device("meta"):
+        for component, config in OFFICIAL_CONFIGS[base].items():
+            if component == "unet":
+                modules[component] = diffusers.UNet2DConditionModel(**config)
+            else:
+                cls_name, kwargs = config
+                cfg = transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **kwargs)
+                modules[component] = getattr(transformers, cls_name)(cfg)
+    return modules
+
+
+def table_for(base: str) -> dict:
+    components = build_components(base)
+    return {
+        "base": base,
+        "components": {
+            name: {
+                path: {p: list(t.shape) for p, t in sub.named_parameters(recurse=False)}
+                for path, sub in module.named_modules()
+                if any(True for _ in sub.parameters(recurse=False))
+            }
+            for name, module in components.items()
+        },
+    }
+
+
+def write_tables() -> None:
+    TABLES.mkdir(exist_ok=True)
+    for base in OFFICIAL_CONFIGS:
+        data = json.dumps(table_for(base), sort_keys=True, separators=(",", ":")).encode()
+        with open(TABLES / f"{base}.json.gz", "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+            f.write(data)
+
+
+if __name__ == "__main__":
+    write_tables()

@@ -1,0 +1,31 @@
+"""The built-in dialects and architectures, registered through the public hooks like any plugin."""
+from __future__ import annotations
+
+from typing import Callable
+
+from lora_compat.hooks import hookimpl
+
+from .archs import SD2, SD15, SDXL
+from .dialects.checkpoint import CheckpointRecogniser
+from .dialects.control_lora import ControlLoraRecogniser
+from .dialects.controlnet import ControlNetRecogniser
+from .dialects.diffusers import DiffusersDialect
+from .dialects.kohya import KohyaDialect
+from .dialects.lycoris import LycorisDialect
+from .dialects.peft import PeftDialect
+from .dialects.t2i_adapter import T2IAdapterRecogniser
+from .dialects.textual_inversion import TextualInversionRecogniser
+
+
+@hookimpl
+def register_dialects(register: Callable[[object], None]) -> None:
+    for dialect in (KohyaDialect(), LycorisDialect(), DiffusersDialect(), PeftDialect(),
+                    TextualInversionRecogniser(), CheckpointRecogniser(), ControlNetRecogniser(),
+                    ControlLoraRecogniser(), T2IAdapterRecogniser()):
+        register(dialect)
+
+
+@hookimpl
+def register_archs(register: Callable[[object], None]) -> None:
+    for arch in (SD15, SD2, SDXL):
+        register(arch)

@@ -1,0 +1,102 @@
+"""The ``lora-compat`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from . import __version__, plugins
+from .errors import LoraCompatError
+from .inspection import Inspection, inspect
+
+
+def _table(result: Inspection) -> str:
+    rank = f"{result.rank['min']}-{result.rank['max']}" if result.rank else "-"
+    if result.rank and result.rank["min"] == result.rank["max"]:
+        rank = str(result.rank["min"])
+    base = result.base or f"undetermined (candidates: {', '.join(result.base_candidates) or 'none'})"
+    rows = [
+        ("file", result.file),
+        ("dialect", result.dialect),
+        ("base", base),
+        ("kinds", ", ".join(result.kinds) or "-"),
+        ("targets", f"{result.targets} ({', '.join(f'{k} {v}' for k, v in result.components.items()) or '-'})"),
+        ("rank", rank),
+        ("tensors", str(result.tensors)),
+        ("triggers", ", ".join(result.triggers) or "-"),
+        ("unmatched", str(len(result.unmatched))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    for key in result.unmatched[:10]:
+        lines.append(f"{'':<{width}}    {key}: {result.unmatched_reasons[key]}")
+    if len(result.unmatched) > 10:
+        lines.append(f"{'':<{width}}    ... {len(result.unmatched) - 10} more (use --json)")
+    lines += [f"{'warning':<{width}}  {w}" for w in result.warnings]
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    status = 0
+    for index, path in enumerate(args.paths):
+        try:
+            result = inspect(path, base=args.base, strict=args.strict)
+        except (LoraCompatError, FileNotFoundError) as exc:
+            print(f"lora-compat: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        if args.json:
+            print(result.to_json())
+        else:
+            print(("\n" if index else "") + _table(result))
+    return status
+
+
+def cmd_dialects(args: argparse.Namespace) -> int:
+    registry = plugins.registry()
+    if args.json:
+        print(json.dumps({
+            "dialects": [{"id": k, "plugin": r.plugin, "refuses": r.obj.refuses, "description": r.obj.description}
+                         for k, r in registry.dialects.items()],
+            "bases": [{"id": k, "plugin": r.plugin, "title": r.obj.title} for k, r in registry.archs.items()],
+        }))
+        return 0
+    width = max(len(k) for k in registry.dialects)
+    print("dialects:")
+    for key, reg in registry.dialects.items():
+        note = " (recognised and refused)" if reg.obj.refuses else ""
+        print(f"  {key:<{width}}  [{reg.plugin}] {reg.obj.description}{note}")
+    print("bases:")
+    for key, reg in registry.archs.items():
+        print(f"  {key:<{width}}  [{reg.plugin}] {reg.obj.title}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-compat", description="Read, detect and apply every LoRA dialect.")
+    parser.add_argument("--version", action="version", version=f"lora-compat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="describe LoRA files from their headers (dialect, base, kinds, ranks...)",
+                       description="Describe LoRA files from their headers alone; no tensor data is read.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="LoRA files (.safetensors, .ckpt, .pt, .pth, .bin)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per file, one per line")
+    p.add_argument("--base", help="read against this base instead of detecting it (sd15, sd2, sdxl, ...)")
+    p.add_argument("--strict", action="store_true", help="treat unmatched keys as an error (exit 2)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("dialects", help="list every registered dialect and base, and the plugin providing it",
+                       description="List every registered dialect and base, with the plugin that provides it.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_dialects)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Open → detect → read: the header-only pipeline behind ``inspect`` and ``read``."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping, Union
+
+from .archs import Arch, ModuleIndex
+from .dialects import Dialect, Match
+from .errors import LoraCompatError, UnknownDialectError
+from .files import Header, LoraFile
+from .patchset import PatchSet
+from . import plugins
+
+BUNDLED_EMBEDDING_PREFIX = "bundle_emb."
+Source = Union[str, "os.PathLike[str]", LoraFile]
+
+
+@dataclass
+class Detection:
+    """The winning dialect and the base it fits, decided from the header alone."""
+
+    file: LoraFile
+    dialect: Dialect
+    match: Match
+    base: str | None
+    base_candidates: list[str]
+    base_reason: str
+    patchset: PatchSet
+    warnings: list[str] = field(default_factory=list)
+
+
+def open_file(source: Source) -> LoraFile:
+    """A :class:`LoraFile` for a path (validated header) or the file itself; bundled embeddings stripped."""
+    file = source if isinstance(source, LoraFile) else LoraFile.open(source)
+    return file
+
+
+def _strip_bundled_embeddings(file: LoraFile) -> tuple[LoraFile, list[str]]:
+    bundled = sorted({k.split(".")[1] for k in file.keys() if k.startswith(BUNDLED_EMBEDDING_PREFIX)})
+    if not bundled:
+        return file, []
+    header = file.header.filtered(lambda k: not k.startswith(BUNDLED_EMBEDDING_PREFIX))
+    stripped = LoraFile(header, file.tensor, file.format)
+    return stripped, [f"stripped {len(bundled)} bundled textual-inversion embedding(s) ({', '.join(bundled)}); "
+                      "load them as embeddings"]
+
+
+def choose_dialect(header: Header) -> tuple[Dialect, Match]:
+    """The registered dialect whose ``detect`` scores the header highest (refusers win ties)."""
+    if len(header) == 0:
+        raise UnknownDialectError(f"{header.display_name}: holds no tensors")
+    best: tuple[float, bool, Dialect, Match] | None = None
+    for dialect in plugins.dialects().values():
+        match = dialect.detect(header)
+        if match is None or match.score <= 0:
+            continue
+        rank = (match.score, dialect.refuses)
+        if best is None or rank > best[:2]:
+            best = (match.score, dialect.refuses, dialect, match)
+    if best is None:
+        sample = ", ".join(list(header.keys())[:3])
+        raise UnknownDialectError(f"{header.display_name}: no registered dialect recognises these keys "
+                                  f"(e.g. {sample}); run `lora-compat dialects` to see what is supported")
+    return best[2], best[3]
+
+
+def _score(patchset: PatchSet) -> tuple[int, int]:
+    """(modules that fit by name and shape, modules found by name)."""
+    return len(patchset), len(patchset) + len(patchset.misfits)
+
+
+def detect(source: Source, base: str | None = None) -> Detection:
+    """Detect dialect and base from the header alone and build the (lazy) PatchSet."""
+    file, warnings = _strip_bundled_embeddings(open_file(source))
+    dialect, match = choose_dialect(file.header)
+    archs = plugins.archs()
+    if dialect.refuses:
+        dialect.read(file, ModuleIndex({}))  # raises NotALoraError naming what the file is
+    if base is not None:
+        if base not in archs:
+            raise LoraCompatError(f"unknown base {base!r}; registered bases: {', '.join(sorted(archs))}")
+        candidates = {base: archs[base]}
+    else:
+        candidates = {k: a for k, a in archs.items() if dialect.bases is None or k in dialect.bases}
+    results = {k: dialect.read(file, a.index) for k, a in candidates.items()}
+    scores = {k: _score(ps) for k, ps in results.items()}
+    chosen, reason, named = _decide_base(file.header, candidates, scores, forced=base is not None)
+    if chosen is not None and (base is not None or _fits_by_shape(*scores[chosen])):
+        patchset = results[chosen]
+    else:  # no full-size base fits: map by name on the best-named candidate so the report stays useful
+        fallback = chosen or (named[0] if named else next(iter(candidates)))
+        patchset = dialect.read(file, candidates[fallback].index.names_only())
+        if named:
+            patchset.warnings.append("shapes not checked: no full-size base fits, targets resolved by name only")
+    patchset.base = chosen
+    if chosen is None and named:
+        warnings.append(f"base undetermined ({reason}); candidates: {', '.join(named)}")
+    patchset.warnings[:0] = warnings
+    return Detection(file, dialect, match, chosen, named, reason, patchset, warnings)
+
+
+def _fits_by_shape(fit: int, named: int) -> bool:
+    """Most named modules also fit by shape (a few coincidental fits decide nothing)."""
+    return fit > 0 and fit * 2 >= named
+
+
+def _decide_base(header: Header, archs: Mapping[str, Arch], scores: Mapping[str, tuple[int, int]],
+                 forced: bool) -> tuple[str | None, str, list[str]]:
+    named = sorted((k for k, (_, n) in scores.items() if n > 0), key=lambda k: -scores[k][1])
+    if forced:
+        only = next(iter(archs))
+        return only, "given by the caller", [only]
+    best_fit = max((fit for fit, _ in scores.values()), default=0)
+    most_named = max((n for _, n in scores.values()), default=0)
+    if _fits_by_shape(best_fit, most_named):
+        winners = [k for k, (fit, _) in scores.items() if fit == best_fit]
+        if len(winners) == 1:
+            return winners[0], f"{best_fit} modules fit its shapes", winners
+        hinted = [k for k in winners if archs[k].metadata_hint(header.metadata)]
+        if len(hinted) == 1:
+            return hinted[0], "shapes fit several bases; metadata names this one", named
+        return None, f"shapes fit {', '.join(winners)} equally", winners
+    hinted = [k for k in named if archs[k].metadata_hint(header.metadata)]
+    if len(hinted) == 1:
+        return hinted[0], "names match but shapes fit no full-size base; metadata names this one", named
+    return None, "names match but shapes fit no full-size base and metadata names none", named
+
+
+def read(source: Source, base: str | None = None) -> PatchSet:
+    """The file as a :class:`PatchSet` on canonical targets of its (detected or given) base."""
+    return detect(source, base).patchset

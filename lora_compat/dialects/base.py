@@ -1,0 +1,161 @@
+"""The dialect contract and the shared machinery every dialect reads with.
+
+A dialect is one module with a :class:`Dialect` subclass: ``detect(header)`` scores the header alone
+(no tensor data), ``read(file, index)`` maps the file's modules to canonical targets of ``index``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterable, Mapping
+
+from ..archs import ModuleIndex
+from ..errors import NotALoraError
+from ..files import Header, LoraFile
+from ..patches import Ref, Scale
+from ..patches.build import IncompletePatch, build_patch, split_key
+from ..patchset import PatchSet
+
+DEFAULT_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                          "lora_te2_": "text_encoder_2"}
+
+
+@dataclass(frozen=True)
+class Match:
+    """A dialect's claim on a header: ``score`` in (0, 1], higher wins; ``notes`` explain it."""
+
+    dialect: str
+    score: float
+    notes: tuple[str, ...] = ()
+
+
+class Dialect(ABC):
+    """Base class of every dialect plugin."""
+
+    id: ClassVar[str]
+    description: ClassVar[str] = ""
+    #: True for recognisers of non-LoRA files: their ``read`` raises NotALoraError naming what the file is
+    refuses: ClassVar[bool] = False
+    #: the bases this dialect can be read against (``None``: whatever is registered)
+    bases: ClassVar[tuple[str, ...] | None] = None
+
+    @abstractmethod
+    def detect(self, header: Header) -> Match | None:
+        """Score the header alone; ``None`` when this is not the dialect's file."""
+
+    @abstractmethod
+    def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
+        """Map the file's tensors to patches on ``index`` 's modules (tensor data stays lazy)."""
+
+    def __repr__(self) -> str:
+        return f"<dialect {self.id}>"
+
+
+class RefusingDialect(Dialect):
+    """A recogniser for files that are not LoRAs; ``read`` raises :class:`NotALoraError`."""
+
+    refuses = True
+
+    @abstractmethod
+    def explain(self, header: Header) -> str:
+        """One sentence: what the file is and what to do with it instead."""
+
+    def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
+        raise NotALoraError(f"{file.header.display_name}: {self.explain(file.header)}", kind=self.id)
+
+
+def group_modules(keys: Iterable[str], dotted: bool, rename: Callable[[str], str] = lambda k: k
+                  ) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """``{module name: {suffix: original key}}`` and the keys no suffix explains.
+
+    ``rename`` normalises a key before it is split (e.g. legacy ``processor.to_q_lora`` names).
+    """
+    groups: dict[str, dict[str, str]] = {}
+    stray: list[str] = []
+    for key in keys:
+        split = split_key(rename(key), dotted)
+        if split is None:
+            stray.append(key)
+        else:
+            groups.setdefault(split[0], {})[split[1]] = key
+    return groups, stray
+
+
+def lazy_ref(file: LoraFile, key: str) -> Ref:
+    return Ref(file.shapes[key], lambda: file.tensor(key), key)
+
+
+@dataclass
+class ModuleReader:
+    """Turns grouped module tensors into a PatchSet, resolving names with ``resolve``.
+
+    ``resolve(module_name)`` gives a canonical target or ``None``; ``scale_for(target, parts)`` may
+    override the rank scale; ``role_for`` may rename suffixes (default: :data:`SUFFIX_ROLES`).
+    """
+
+    resolve: Callable[[str], str | None]
+    scale_for: Callable[[str, Mapping[str, Ref]], Scale | None] = lambda target, parts: None
+    dora_convention: str = "lycoris"
+    oft_style: str = "lycoris"
+    extra_warnings: list[str] = field(default_factory=list)
+
+    def read(self, file: LoraFile, index: ModuleIndex, dialect: str, dotted: bool,
+             keys: Iterable[str] | None = None, rename: Callable[[str], str] = lambda k: k) -> PatchSet:
+        """Build the PatchSet; with ``index.check_shapes`` False, names alone decide (tiny/unknown models)."""
+        from ..patches.build import SUFFIX_ROLES
+
+        result = PatchSet(source=file.header.display_name, dialect=dialect, metadata=file.metadata,
+                          warnings=list(self.extra_warnings))
+        groups, stray = group_modules(file.keys() if keys is None else keys, dotted, rename)
+        for key in stray:
+            result.unmatched[key] = "not a known LoRA tensor name"
+        for module, suffixes in groups.items():
+            target = self.resolve(module)
+            if target is None:
+                for key in suffixes.values():
+                    result.unmatched[key] = f"module {module!r} matches no module of the model"
+                continue
+            parts = {("weight" if s == "weight" else SUFFIX_ROLES[s]): lazy_ref(file, k) for s, k in suffixes.items()}
+            try:
+                patch = build_patch(parts, scale=self.scale_for(target, parts),
+                                    dora_convention=self.dora_convention, oft_style=self.oft_style)
+            except IncompletePatch as exc:
+                for key in suffixes.values():
+                    result.unmatched[key] = f"module {module!r}: {exc}"
+                continue
+            shapes = index.shapes(target)
+            reason = patch.misfit(shapes) if shapes is not None else "no such module"
+            if reason and index.check_shapes:
+                result.misfits[target] = reason
+                for key in suffixes.values():
+                    result.unmatched[key] = f"{target}: {reason}"
+                continue
+            if target in result.patches:
+                for key in suffixes.values():
+                    result.unmatched[key] = f"{target} is already patched by another module of this file"
+                continue
+            result.patches[target] = patch
+        return result
+
+
+def kohya_resolver(index: ModuleIndex, prefixes: Mapping[str, str] | None = None) -> Callable[[str], str | None]:
+    """Resolve ``lora_unet_down_blocks_0_...`` style names against the index's real module names."""
+    ordered = sorted((prefixes or index_prefixes(index)).items(), key=lambda kv: len(kv[0]), reverse=True)
+
+    def resolve(name: str) -> str | None:
+        for prefix, component in ordered:
+            if name.startswith(prefix):
+                path = index.aliases(component).get(name[len(prefix):])
+                return f"{component}.{path}" if path is not None else None
+        return None
+
+    return resolve
+
+
+def index_prefixes(index: ModuleIndex) -> dict[str, str]:
+    return index.kohya_prefixes or DEFAULT_KOHYA_PREFIXES
+
+
+def claimed_fraction(header: Header, claims: Callable[[str], bool]) -> float:
+    keys = list(header.keys())
+    return sum(1 for k in keys if claims(k)) / len(keys) if keys else 0.0

@@ -1,0 +1,82 @@
+"""diffusers pipeline LoRAs: PEFT-backend files (``unet.`` / ``text_encoder(_2).`` + lora_A/lora_B) and the
+legacy attention-processor / ``.lora.down`` / ``lora_linear_layer`` layouts."""
+from __future__ import annotations
+
+import json
+import re
+
+from ..archs import ModuleIndex
+from ..files import Header, LoraFile
+from ..patches import Ref, Scale
+from ..patches.build import split_key
+from ..patchset import PatchSet
+from .base import Dialect, Match, ModuleReader, claimed_fraction
+from .peft_scaling import PeftScaling
+
+COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+DIFFUSERS_SUFFIXES = {"lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector",
+                      "lora_magnitude_vector.weight", "lora.down.weight", "lora.up.weight",
+                      "lora_linear_layer.down.weight", "lora_linear_layer.up.weight", "alpha"}
+
+
+def normalise_legacy(key: str) -> str:
+    """``attn1.processor.to_q_lora.down.weight`` → ``attn1.to_q.lora.down.weight``."""
+    def repl(m: re.Match) -> str:
+        module = "to_out.0" if m.group(1) == "to_out" else m.group(1)
+        return f".{module}.lora.{m.group(2)}.weight"
+    return _PROCESSOR.sub(repl, key)
+
+
+def is_diffusers_key(key: str) -> bool:
+    if not key.startswith(COMPONENT_PREFIXES):
+        return False
+    split = split_key(normalise_legacy(key), True)
+    return split is not None and split[1] in DIFFUSERS_SUFFIXES
+
+
+def adapter_metadata(header: Header) -> dict[str, PeftScaling]:
+    """Per-component scaling from the ``lora_adapter_metadata`` header entry (``unet.r``, ``unet.lora_alpha``...)."""
+    raw = header.metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    per_component: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, field_name = key.partition(".")
+        per_component.setdefault(component, {})[field_name] = value
+    return {c: PeftScaling.from_config(cfg) for c, cfg in per_component.items() if "r" in cfg}
+
+
+class DiffusersDialect(Dialect):
+    id = "diffusers"
+    description = "diffusers save_lora_weights files (unet./text_encoder./text_encoder_2. + lora_A/lora_B), legacy layouts"
+
+    def detect(self, header: Header) -> Match | None:
+        fraction = claimed_fraction(header, is_diffusers_key)
+        if fraction == 0:
+            return None
+        return Match(self.id, fraction, (f"{fraction:.0%} of keys are diffusers component-prefixed LoRA tensors",))
+
+    def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
+        scalings = adapter_metadata(file.header)
+        warnings = []
+        if not scalings and not any(k.endswith(".alpha") for k in file.keys()):
+            warnings.append("no lora_adapter_metadata in the header: alpha = rank (scale 1), as diffusers assumes")
+
+        def resolve(module: str) -> str | None:
+            found = index.resolve(module)
+            return f"{found[0]}.{found[1]}" if found else None
+
+        def scale_for(target: str, parts: dict[str, Ref]) -> Scale | None:
+            if "alpha" in parts:
+                return None
+            component, _, path = target.partition(".")
+            scaling = scalings.get(component)
+            return scaling.scale(path) if scaling else None
+
+        reader = ModuleReader(resolve, scale_for, extra_warnings=warnings)
+        return reader.read(file, index, self.id, dotted=True, rename=normalise_legacy)

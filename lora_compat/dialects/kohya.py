@@ -1,0 +1,29 @@
+"""kohya sd-scripts LoRA / LoCon / DyLoRA: ``lora_unet_*``, ``lora_te[12]_*`` + lora_down/lora_up/alpha."""
+from __future__ import annotations
+
+from ..archs import ModuleIndex
+from ..files import Header, LoraFile
+from ..patchset import PatchSet
+from .base import Dialect, Match, ModuleReader, claimed_fraction, kohya_resolver
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
+
+
+def is_kohya_key(key: str) -> bool:
+    module, _, suffix = key.partition(".")
+    return module.startswith(KOHYA_PREFIXES) and suffix in KOHYA_SUFFIXES
+
+
+class KohyaDialect(Dialect):
+    id = "kohya"
+    description = "kohya sd-scripts LoRA/LoCon/DyLoRA (lora_unet_/lora_te_ names, SD1-style or SGM)"
+
+    def detect(self, header: Header) -> Match | None:
+        fraction = claimed_fraction(header, is_kohya_key)
+        if fraction == 0 or not any(k.endswith(".lora_down.weight") for k in header.keys()):
+            return None
+        return Match(self.id, fraction, (f"{fraction:.0%} of keys are kohya lora_down/lora_up/alpha",))
+
+    def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
+        return ModuleReader(kohya_resolver(index)).read(file, index, self.id, dotted=False)

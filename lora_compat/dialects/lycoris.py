@@ -1,0 +1,43 @@
+"""LyCORIS: LoHa, LoKr, IA3, GLoRA, Diag-OFT / kohya OFT, BOFT, full, norm, DoRA (+ LoCon/Tucker)."""
+from __future__ import annotations
+
+from ..archs import ModuleIndex
+from ..files import Header, LoraFile
+from ..patches.build import SUFFIX_ROLES
+from ..patchset import PatchSet
+from .base import Dialect, Match, ModuleReader, claimed_fraction, index_prefixes, kohya_resolver
+
+LYCORIS_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_", "oft_unet_")
+#: suffixes that plain kohya LoRA never writes
+LYCORIS_ONLY = {s for s in SUFFIX_ROLES if s.startswith(("hada_", "lokr_", "oft_", "diff", "w_norm", "b_norm"))} | {
+    "a1.weight", "a2.weight", "b1.weight", "b2.weight", "on_input", "dora_scale", "rescale"}
+KNOWN = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "weight"} | LYCORIS_ONLY
+
+
+def is_lycoris_key(key: str) -> bool:
+    module, _, suffix = key.partition(".")
+    return module.startswith(LYCORIS_PREFIXES) and suffix in KNOWN
+
+
+class LycorisDialect(Dialect):
+    id = "lycoris"
+    description = "LyCORIS algorithms on kohya names (lora_unet_/lora_te_/lycoris_/oft_unet_)"
+
+    def detect(self, header: Header) -> Match | None:
+        fraction = claimed_fraction(header, is_lycoris_key)
+        if fraction == 0:
+            return None
+        specific = any(k.partition(".")[2] in LYCORIS_ONLY or k.startswith(("lycoris_", "oft_unet_"))
+                       for k in header.keys())
+        # plain LoRA keys are kohya's; LyCORIS claims them with less confidence
+        return Match(self.id, fraction if specific else fraction * 0.5,
+                     ("LyCORIS-specific tensors present",) if specific else ())
+
+    def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
+        prefixes = dict(index_prefixes(index))
+        unet = prefixes.get("lora_unet_", "unet")
+        prefixes.update({"lycoris_": unet, "oft_unet_": unet})
+        kohya_oft = any(k.startswith("oft_unet_") for k in file.keys()) or \
+            file.metadata.get("ss_network_module") == "networks.oft"
+        reader = ModuleReader(kohya_resolver(index, prefixes), oft_style="kohya" if kohya_oft else "lycoris")
+        return reader.read(file, index, self.id, dotted=False)

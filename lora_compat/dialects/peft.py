@@ -1,0 +1,76 @@
+"""Raw PEFT adapters: ``base_model.model.<module>.lora_A.weight`` with ``adapter_config.json`` beside the file."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..archs import ModuleIndex
+from ..files import Header, LoraFile
+from ..patches import Ref, Scale
+from ..patchset import PatchSet
+from .base import Dialect, Match, ModuleReader, claimed_fraction
+from .peft_scaling import PeftScaling
+
+PREFIX = "base_model.model."
+_ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.default(\.|$)")
+PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector",
+                 ".lora_magnitude_vector.weight")
+#: PEFT's auto_mapping.base_model_class → pipeline component
+BASE_CLASS_COMPONENT = {"UNet2DConditionModel": "unet", "CLIPTextModel": "text_encoder",
+                        "CLIPTextModelWithProjection": "text_encoder_2", "FluxTransformer2DModel": "transformer"}
+
+
+def strip_adapter_name(key: str) -> str:
+    return _ADAPTER_NAME.sub(lambda m: f".{m.group(1)}{m.group(2)}", key)
+
+
+def is_peft_key(key: str) -> bool:
+    return key.startswith(PREFIX) and strip_adapter_name(key).endswith(PEFT_SUFFIXES)
+
+
+def load_adapter_config(path: Path | None) -> dict | None:
+    if path is None:
+        return None
+    config = path.parent / "adapter_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class PeftDialect(Dialect):
+    id = "peft"
+    description = "PEFT save_pretrained adapters (base_model.model. + lora_A/lora_B, adapter_config.json)"
+
+    def detect(self, header: Header) -> Match | None:
+        fraction = claimed_fraction(header, is_peft_key)
+        if fraction == 0:
+            return None
+        return Match(self.id, fraction, ("base_model.model. prefix with PEFT LoRA tensors",))
+
+    def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
+        config = load_adapter_config(file.path)
+        warnings = []
+        if config is None:
+            warnings.append("no adapter_config.json beside the file: alpha = rank (scale 1) assumed")
+        scaling = PeftScaling.from_config(config) if config else None
+        base_class = ((config or {}).get("auto_mapping") or {}).get("base_model_class")
+        preferred = BASE_CLASS_COMPONENT.get(base_class)
+        order = [c for c in ([preferred] if preferred else []) + list(index.components) if index.has_component(c)]
+
+        def resolve(module: str) -> str | None:
+            path = module[len(PREFIX):] if module.startswith(PREFIX) else module
+            for component in dict.fromkeys(order):
+                found = index.resolve(f"{component}.{path}")
+                if found:
+                    return f"{found[0]}.{found[1]}"
+            return None
+
+        def scale_for(target: str, parts: dict[str, Ref]) -> Scale | None:
+            return scaling.scale(target.partition(".")[2]) if scaling else None
+
+        reader = ModuleReader(resolve, scale_for, extra_warnings=warnings)
+        return reader.read(file, index, self.id, dotted=True, rename=strip_adapter_name)

@@ -1,0 +1,38 @@
+"""PEFT's LoraConfig scaling rules (rank_pattern, alpha_pattern, rsLoRA), shared by diffusers and PEFT files."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..patches import Scale
+
+
+def pattern_value(patterns: Mapping[str, Any], module_path: str, default: Any) -> Any:
+    """PEFT ``get_pattern_key``: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", path)`` wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class PeftScaling:
+    r: int
+    lora_alpha: float
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "PeftScaling":
+        r = int(config.get("r", 8))
+        return cls(r=r, lora_alpha=float(config.get("lora_alpha", r)),
+                   rank_pattern=dict(config.get("rank_pattern") or {}),
+                   alpha_pattern=dict(config.get("alpha_pattern") or {}),
+                   use_rslora=bool(config.get("use_rslora", False)))
+
+    def scale(self, module_path: str) -> Scale:
+        rank = int(pattern_value(self.rank_pattern, module_path, self.r))
+        alpha = float(pattern_value(self.alpha_pattern, module_path, self.lora_alpha))
+        return Scale(alpha, rank, self.use_rslora)

@@ -1,0 +1,35 @@
+"""LyCORIS full / diff: the whole weight (and bias) delta stored as is."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from .base import Patch, Ref, Shape, Tensor
+
+
+class FullPatch(Patch):
+    """``W' = W + s·diff``, ``b' = b + s·diff_b``."""
+
+    kind = "full"
+
+    def __init__(self, diff: Ref | None, diff_b: Ref | None = None):
+        self.diff, self.diff_b = diff, diff_b
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(p for p, ref in (("weight", self.diff), ("bias", self.diff_b)) if ref is not None)
+
+    def refs(self) -> dict[str, Ref]:
+        return {k: v for k, v in (("diff", self.diff), ("diff_b", self.diff_b)) if v is not None}
+
+    def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
+        for param, ref in (("weight", self.diff), ("bias", self.diff_b)):
+            if ref is not None and shapes.get(param) != ref.shape:
+                return f"diff for {param} is {list(ref.shape)}, module {param} is {shapes.get(param)}"
+        return None
+
+    def delta(self, base: Mapping[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
+        out = {}
+        for param, ref in (("weight", self.diff), ("bias", self.diff_b)):
+            if ref is not None:
+                out[param] = ref.load().reshape(base[param].shape) * strength
+        return out

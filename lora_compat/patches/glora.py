@@ -1,0 +1,52 @@
+"""LyCORIS GLoRA: a weight-dependent term ``W·a1·a2`` plus a LoRA term ``b1·b2``."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .base import ONE, Patch, Ref, Scale, Shape, Tensor, flat
+
+
+class GloraPatch(Patch):
+    """Current layout: ``ΔW = scale · (W·a1·a2 + b1 @ b2)``; the old one: ``scale · (b2 @ b1 + W·a2·a1)``."""
+
+    kind = "glora"
+
+    def __init__(self, a1: Ref, a2: Ref, b1: Ref, b2: Ref, scale: Scale = ONE):
+        self.a1, self.a2, self.b1, self.b2, self.scale = a1, a2, b1, b2, scale
+        a1s, a2s, b1s, b2s = a1.shape, a2.shape, b1.shape, b2.shape
+        # the old LyCORIS layout stores every factor transposed (a1 [r, in], b2 [out, r])
+        self.old_layout = b2s[1] == b1s[0] == a1s[0] == a2s[1] and not (b2s[0] == b1s[1] == a1s[1] == a2s[0])
+
+    @property
+    def rank(self) -> int:
+        return self.a1.shape[0] if self.old_layout else self.a2.shape[0]
+
+    def refs(self) -> dict[str, Ref]:
+        refs = {"a1": self.a1, "a2": self.a2, "b1": self.b1, "b2": self.b2}
+        if isinstance(self.scale.alpha, Ref):
+            refs["alpha"] = self.scale.alpha
+        return refs
+
+    def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
+        weight = shapes.get("weight")
+        if weight is None:
+            return "module has no weight"
+        out = self.b2.shape[0] if self.old_layout else self.b1.shape[0]
+        in_ = self.a2.shape[0] if self.old_layout else self.a1.shape[0]
+        if weight[0] != out or weight[1] != in_:
+            return f"GLoRA factors imply [{out}, {in_}, ...], module weight is {list(weight)}"
+        return None
+
+    def delta(self, base: Mapping[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
+        weight = base["weight"]
+        a1, a2, b1, b2 = (flat(r.load()) for r in (self.a1, self.a2, self.b1, self.b2))
+        if self.old_layout:
+            a_in, a_out, lora = a2, a1, b2 @ b1
+        else:
+            a_in, a_out, lora = a1, a2, b1 @ b2
+        weighted = torch.einsum("oi...,ij->oj...", weight, a_in)
+        weighted = torch.einsum("oj...,ji->oi...", weighted, a_out)
+        delta = (weighted + lora.reshape(weight.shape)) * self.scale.value()
+        return {"weight": delta * strength}

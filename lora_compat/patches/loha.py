@@ -1,0 +1,45 @@
+"""LyCORIS LoHa (Hadamard product of two low-rank products), incl. the Tucker form."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .base import ONE, FactorisedPatch, Ref, Scale, Shape, Tensor, conv_or_linear_misfit, numel
+
+
+class LohaPatch(FactorisedPatch):
+    """``ΔW = scale · (w1a @ w1b) ⊙ (w2a @ w2b)``; Tucker: ``einsum(ijhw,jr,ip->prhw)`` per factor."""
+
+    kind = "loha"
+
+    def __init__(self, w1a: Ref, w1b: Ref, w2a: Ref, w2b: Ref, scale: Scale = ONE,
+                 t1: Ref | None = None, t2: Ref | None = None):
+        self.w1a, self.w1b, self.w2a, self.w2b, self.t1, self.t2, self.scale = w1a, w1b, w2a, w2b, t1, t2, scale
+
+    @property
+    def rank(self) -> int:
+        return self.w1b.shape[0]
+
+    def refs(self) -> dict[str, Ref]:
+        refs = {"w1a": self.w1a, "w1b": self.w1b, "w2a": self.w2a, "w2b": self.w2b}
+        refs.update({k: v for k, v in (("t1", self.t1), ("t2", self.t2)) if v is not None})
+        if isinstance(self.scale.alpha, Ref):
+            refs["alpha"] = self.scale.alpha
+        return refs
+
+    def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
+        if self.t1 is not None:
+            out, inner = self.w1a.shape[1], self.w1b.shape[1] * numel(self.t1.shape[2:])
+        else:
+            out, inner = self.w1a.shape[0], self.w1b.shape[1]
+        return conv_or_linear_misfit(shapes.get("weight"), out, inner, "LoHa")
+
+    def weight_delta(self, weight_shape: torch.Size) -> Tensor:
+        w1a, w1b, w2a, w2b = (r.load() for r in (self.w1a, self.w1b, self.w2a, self.w2b))
+        if self.t1 is not None and self.t2 is not None:
+            first = torch.einsum("ijhw,jr,ip->prhw", self.t1.load(), w1b, w1a)
+            second = torch.einsum("ijhw,jr,ip->prhw", self.t2.load(), w2b, w2a)
+        else:
+            first, second = w1a @ w1b, w2a @ w2b
+        return (first * second).reshape(weight_shape) * self.scale.value()

@@ -1,0 +1,70 @@
+"""LoRA / LoCon (incl. Tucker ``lora_mid``, DyLoRA, and ``lora_B.bias``)."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .base import ONE, FactorisedPatch, Ref, Scale, Shape, Tensor, flat, numel
+
+
+class LoraPatch(FactorisedPatch):
+    """``ΔW = scale · up @ down`` (reshaped to W); with ``mid``: ``einsum(oa,abhw,bi->oihw)``."""
+
+    kind = "lora"
+
+    def __init__(self, up: Ref, down: Ref, scale: Scale = ONE, mid: Ref | None = None, bias: Ref | None = None):
+        self.up, self.down, self.mid, self.bias, self.scale = up, down, mid, bias, scale
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return ("weight", "bias") if self.bias is not None else ("weight",)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def refs(self) -> dict[str, Ref]:
+        refs = {"up": self.up, "down": self.down}
+        if self.mid is not None:
+            refs["mid"] = self.mid
+        if self.bias is not None:
+            refs["bias"] = self.bias
+        if isinstance(self.scale.alpha, Ref):
+            refs["alpha"] = self.scale.alpha
+        return refs
+
+    def _implied(self) -> tuple[int, int]:
+        out = self.up.shape[0]
+        if self.mid is not None:
+            return out, self.down.shape[1] * numel(self.mid.shape[2:])
+        return out, numel(self.down.shape[1:])
+
+    def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
+        weight = shapes.get("weight")
+        out, inner = self._implied()
+        if weight is None:
+            return "module has no weight"
+        if weight[0] != out or numel(weight[1:]) != inner:
+            return (f"LoRA up {list(self.up.shape)} / down {list(self.down.shape)} implies a weight "
+                    f"[{out}, {inner} per row], module weight is {list(weight)}")
+        if self.mid is None and len(self.down.shape) == 4 and len(weight) == 4 and self.down.shape[2:] != weight[2:]:
+            return f"LoRA down kernel {list(self.down.shape[2:])} != module kernel {list(weight[2:])}"
+        if self.bias is not None and shapes.get("bias") != (out,):
+            return f"lora_B.bias {list(self.bias.shape)} needs a module bias of [{out}]"
+        return None
+
+    def weight_delta(self, weight_shape: torch.Size) -> Tensor:
+        up, down = flat(self.up.load()), self.down.load()
+        if self.mid is not None:
+            mid = self.mid.load()
+            delta = torch.einsum("oa,abhw,bi->oihw", up, mid, flat(down))
+        else:
+            delta = up @ flat(down)
+        return delta.reshape(weight_shape) * self.scale.value()
+
+    def delta(self, base: Mapping[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
+        out = {"weight": self.weight_delta(base["weight"].shape) * strength}
+        if self.bias is not None:
+            out["bias"] = self.bias.load() * (self.scale.value() * strength)
+        return out

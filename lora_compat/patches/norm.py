@@ -1,0 +1,35 @@
+"""LyCORIS norm: additive deltas of a GroupNorm/LayerNorm's weight and bias."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from .base import Patch, Ref, Shape, Tensor
+
+
+class NormPatch(Patch):
+    """``γ' = γ + s·w_norm``, ``β' = β + s·b_norm``."""
+
+    kind = "norm"
+
+    def __init__(self, w_norm: Ref | None, b_norm: Ref | None = None):
+        self.w_norm, self.b_norm = w_norm, b_norm
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(p for p, ref in (("weight", self.w_norm), ("bias", self.b_norm)) if ref is not None)
+
+    def refs(self) -> dict[str, Ref]:
+        return {k: v for k, v in (("w_norm", self.w_norm), ("b_norm", self.b_norm)) if v is not None}
+
+    def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
+        for param, ref in (("weight", self.w_norm), ("bias", self.b_norm)):
+            if ref is not None and shapes.get(param) != ref.shape:
+                return f"norm delta for {param} is {list(ref.shape)}, module {param} is {shapes.get(param)}"
+        return None
+
+    def delta(self, base: Mapping[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
+        out = {}
+        for param, ref in (("weight", self.w_norm), ("bias", self.b_norm)):
+            if ref is not None:
+                out[param] = ref.load() * strength
+        return out

@@ -1,0 +1,31 @@
+"""Replace a parameter with a stored value (e.g. Flux Control LoRA norm scales). Strength is ignored."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from .base import Patch, Ref, Shape, Tensor
+
+
+class SetPatch(Patch):
+    """``p' = value`` for one parameter; the delta is ``value - p`` whatever the strength."""
+
+    kind = "set"
+    linear_in_strength = False
+
+    def __init__(self, value: Ref, param: str = "weight"):
+        self.value, self.param = value, param
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return (self.param,)
+
+    def refs(self) -> dict[str, Ref]:
+        return {"value": self.value}
+
+    def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
+        if shapes.get(self.param) != self.value.shape:
+            return f"value {list(self.value.shape)} != module {self.param} {shapes.get(self.param)}"
+        return None
+
+    def delta(self, base: Mapping[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
+        return {self.param: self.value.load().reshape(base[self.param].shape) - base[self.param]}

@@ -1,0 +1,50 @@
+"""PatchSet: the canonical form of a LoRA file (canonical target → patch) with what did not map."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+from .patches import Patch
+
+
+@dataclass
+class PatchSet(Mapping[str, Patch]):
+    """Canonical target (``"<component>.<module path>"``) → :class:`~lora_compat.patches.Patch`.
+
+    ``unmatched`` maps each file key that maps to no module to the reason; ``warnings`` are
+    human-readable notes (stripped embeddings, base uncertainty...).
+    """
+
+    patches: dict[str, Patch] = field(default_factory=dict)
+    source: str = "<memory>"
+    dialect: str | None = None
+    base: str | None = None
+    unmatched: dict[str, str] = field(default_factory=dict)
+    #: targets found by name whose shapes do not fit the patch (also listed key by key in ``unmatched``)
+    misfits: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, target: str) -> Patch:
+        return self.patches[target]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.patches)
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted({k for p in self.patches.values() for k in p.kinds})
+
+    def components(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for target in self.patches:
+            component = target.partition(".")[0]
+            counts[component] = counts.get(component, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def __repr__(self) -> str:
+        return (f"PatchSet({self.source!r}, dialect={self.dialect}, base={self.base}, "
+                f"{len(self)} targets, kinds={self.kinds}, {len(self.unmatched)} unmatched)")

@@ -1,0 +1,82 @@
+"""Detection and full-size key mapping against every SD-family layout in ../shared/corpus (header only)."""
+from __future__ import annotations
+
+import pytest
+
+import lora_compat
+from lora_compat.apply import resolve_patchset
+from lora_compat.archs import ModuleIndex
+from lora_compat.errors import NotALoraError
+
+from corpus import DIALECT_IDS, expected_targets, header_only_file, load, meta_components, sd_layouts
+
+LORA_LAYOUTS = [n for n in sd_layouts() if load(n)["is_lora"] and load(n)["dialect"] != "sai_control_lora"]
+REFUSED_LAYOUTS = [n for n in sd_layouts() if n not in LORA_LAYOUTS]
+
+
+def _strip_text_model(target: str) -> str:
+    return target.replace(".text_model.", ".")
+
+
+@pytest.mark.parametrize("name", LORA_LAYOUTS)
+def test_dialect_detected(name):
+    result = lora_compat.inspect(header_only_file(name))
+    assert result.dialect == DIALECT_IDS[load(name)["dialect"]]
+
+
+@pytest.mark.parametrize("name", [n for n in LORA_LAYOUTS if load(n)["provenance"] == "derived"])
+def test_full_size_base_detected_and_every_key_mapped(name):
+    result = lora_compat.inspect(header_only_file(name))
+    assert result.base == load(name)["base"]
+    assert result.unmatched == []
+    assert result.targets == load(name)["num_modules"]
+
+
+@pytest.mark.parametrize("name", [n for n in LORA_LAYOUTS if load(n)["provenance"] != "derived"])
+def test_tiny_layouts_never_get_a_confident_wrong_base(name):
+    data = load(name)
+    result = lora_compat.inspect(header_only_file(name))
+    hinted = bool(data.get("metadata", {}).get("ss_base_model_version"))
+    if hinted:
+        assert result.base == data["base"]
+    else:
+        assert result.base is None
+        assert data["base"] in result.base_candidates
+    assert result.unmatched == []
+
+
+@pytest.mark.parametrize("name", LORA_LAYOUTS)
+def test_every_key_maps_to_the_real_module_with_the_right_shape(name):
+    """Resolve against the layout's model built on the meta device (full-size official configs for
+    derived layouts, the generator's tiny config otherwise): zero unmatched, and each target equals
+    the module the corpus records for that key."""
+    index = ModuleIndex.from_modules(meta_components(name))
+    patchset = resolve_patchset(header_only_file(name), index)
+    assert patchset.unmatched == {}
+    assert patchset.misfits == {}
+    expected = expected_targets(name)
+    assert len(patchset) == len({k.split(".")[0] for k in load(name)["keys"]}) or not expected
+    for target, patch in patchset.items():
+        for ref in patch.refs().values():
+            module = ref.name.split(".")[0]
+            if module in expected:
+                assert _strip_text_model(target) == _strip_text_model(expected[module]), ref.name
+
+
+@pytest.mark.parametrize("name", REFUSED_LAYOUTS)
+def test_non_loras_are_refused_by_name(name):
+    with pytest.raises(NotALoraError) as info:
+        lora_compat.inspect(header_only_file(name))
+    assert info.value.kind == DIALECT_IDS[load(name)["dialect"]]
+
+
+def test_textual_inversion_message_names_what_it_is():
+    with pytest.raises(NotALoraError, match=r"textual-inversion embedding \(4 vectors, width 768 -> SD1.x\)"):
+        lora_compat.inspect(header_only_file("gen_ti_a1111_safetensors.json"))
+
+
+@pytest.mark.parametrize("name", ["derived_sd15_kohya_lora_full.json", "derived_sdxl_kohya_lora_full_sgm_names.json"])
+def test_sd2_is_not_confused_with_sd15(name):
+    """SD2 shares SD1.5's UNet names; only the shapes tell them apart."""
+    result = lora_compat.inspect(header_only_file(name), base="sd2")
+    assert result.unmatched  # forced onto the wrong base, the shapes do not fit
