@@ -45,21 +45,9 @@ def guess_base(index: ModuleIndex) -> str | None:
 def resolve_patchset(source: Source | PatchSet, index: ModuleIndex, base: str | None = None) -> PatchSet:
     """The source's patches on ``index`` 's real modules (a PatchSet's targets are re-resolved and re-checked)."""
     if isinstance(source, PatchSet):
-        resolved = PatchSet(source=source.source, dialect=source.dialect, base=source.base,
-                            unmatched=dict(source.unmatched), warnings=list(source.warnings),
-                            metadata=source.metadata)
-        for target, patch in source.items():
-            found = index.resolve(target)
-            shapes = index.shapes(target)
-            reason = "no such module" if shapes is None else patch.misfit(shapes)
-            if reason:
-                resolved.misfits[target] = reason
-                resolved.unmatched[target] = f"{target}: {reason}"
-            else:
-                resolved.patches[f"{found[0]}.{found[1]}"] = patch
-        return resolved
+        return source.fitted(index)
     detection = detect(source, base)
-    patchset = detection.dialect.read(detection.file, index)
+    patchset = detection.dialect.read(detection.file, index).fitted(index)
     patchset.base = detection.base
     patchset.warnings[:0] = detection.warnings
     return patchset
@@ -67,14 +55,16 @@ def resolve_patchset(source: Source | PatchSet, index: ModuleIndex, base: str | 
 
 def check_patchset(patchset: PatchSet, index: ModuleIndex, strict: bool) -> None:
     """Raise on a wrong base or (with ``strict``) unmatched keys; warn loudly otherwise."""
-    found = len(patchset) + len(patchset.misfits)
-    if patchset.misfits and (len(patchset.misfits) * 2 >= found or not patchset):
+    applied_keys = sum(len(p.refs()) for p in patchset.values())
+    lost_share = len(patchset.unmatched) / max(1, len(patchset.unmatched) + applied_keys)
+    if patchset.misfits and (lost_share >= 0.25 or not patchset):
         target, reason = next(iter(patchset.misfits.items()))
         models = guess_base(index)
         made_for = f"made for {patchset.base}" if patchset.base else "made for another model"
         looks = f"; the components look like {models}" if models else ""
-        raise BaseMismatchError(f"{patchset.source}: this LoRA is {made_for}{looks}: {len(patchset.misfits)} of "
-                                f"{found} modules do not fit (e.g. {target}: {reason})")
+        raise BaseMismatchError(f"{patchset.source}: this LoRA is {made_for}{looks}: {len(patchset.misfits)} modules "
+                                f"do not fit and {lost_share:.0%} of its keys map to nothing "
+                                f"(e.g. {target}: {reason})")
     if not patchset and patchset.unmatched:
         raise BaseMismatchError(f"{patchset.source}: none of its {len(patchset.unmatched)} keys maps to a module of "
                                 f"these components ({', '.join(index.components)}); "

@@ -43,7 +43,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         try:
             result = inspect(path, base=args.base, strict=args.strict)
         except (LoraCompatError, FileNotFoundError) as exc:
-            print(f"lora-compat: {exc}", file=sys.stderr)
+            sys.stdout.flush()
+            print(f"lora-compat: {exc}", file=sys.stderr, flush=True)
             status = 2
             continue
         if args.json:
@@ -73,6 +74,23 @@ def cmd_dialects(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from .examples import write_examples
+
+    directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="lora-compat-demo-"))
+    paths = write_examples(directory)
+    print(f"wrote {len(paths)} example files to {directory}; inspecting them "
+          "(the last two must be refused: an embedding and a truncated download)\n")
+    status = cmd_inspect(argparse.Namespace(paths=[str(p) for p in paths], json=False, base=None, strict=False))
+    expected_refusals = 2
+    print(f"\ndemo: {len(paths) - expected_refusals} LoRAs understood, {expected_refusals} bad files refused "
+          "with a clear message (exit status 2 is what `inspect` returns for them)")
+    return 0 if status == 2 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-compat", description="Read, detect and apply every LoRA dialect.")
     parser.add_argument("--version", action="version", version=f"lora-compat {__version__}")
@@ -90,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List every registered dialect and base, with the plugin that provides it.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_dialects)
+
+    p = sub.add_parser("demo", help="write built-in example files (several dialects, two bad files) and inspect them",
+                       description="Write built-in example LoRA files of several dialects plus two files that must "
+                                   "be refused, and inspect them all.")
+    p.add_argument("--dir", help="where to write the examples (default: a new temporary directory)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -83,14 +83,15 @@ def detect(source: Source, base: str | None = None) -> Detection:
         candidates = {base: archs[base]}
     else:
         candidates = {k: a for k, a in archs.items() if dialect.bases is None or k in dialect.bases}
-    results = {k: dialect.read(file, a.index) for k, a in candidates.items()}
+    results = {k: dialect.read(file, a.index).fitted(a.index) for k, a in candidates.items()}
     scores = {k: _score(ps) for k, ps in results.items()}
     chosen, reason, named = _decide_base(file.header, candidates, scores, forced=base is not None)
     if chosen is not None and (base is not None or _fits_by_shape(*scores[chosen])):
         patchset = results[chosen]
     else:  # no full-size base fits: map by name on the best-named candidate so the report stays useful
         fallback = chosen or (named[0] if named else next(iter(candidates)))
-        patchset = dialect.read(file, candidates[fallback].index.names_only())
+        names_only = candidates[fallback].index.names_only()
+        patchset = dialect.read(file, names_only).fitted(names_only)
         if named:
             patchset.warnings.append("shapes not checked: no full-size base fits, targets resolved by name only")
     patchset.base = chosen

@@ -125,7 +125,10 @@ class LoraFile:
             loaded = loaded["state_dict"]
         if not isinstance(loaded, Mapping):
             raise CorruptFileError(f"{path}: holds a {type(loaded).__name__}, expected a dict of tensors")
-        file = cls.from_state_dict(loaded, path=path)
+        try:
+            file = cls.from_state_dict(loaded, path=path)
+        except RecursionError:
+            raise CorruptFileError(f"{path}: its dict of tensors is nested too deeply or refers to itself") from None
         file.format = "pickle"
         return file
 
@@ -221,9 +224,11 @@ def _parse_entry(path: Path, name: str, entry: object, data_len: int) -> _Span:
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)):
         raise CorruptFileError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
     start, end = offsets
-    if not 0 <= start <= end <= data_len:
-        raise CorruptFileError(f"{where}: data_offsets [{start}, {end}] lie outside the data section "
-                               f"(0..{data_len} bytes)")
+    if not 0 <= start <= end:
+        raise CorruptFileError(f"{where}: data_offsets [{start}, {end}] are not an increasing pair of offsets")
+    if end > data_len:
+        raise CorruptFileError(f"{where}: data_offsets [{start}, {end}] run past the end of the data section "
+                               f"({data_len} bytes): the file is truncated or corrupt")
     expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
     if end - start != expected:
         raise CorruptFileError(f"{where}: shape {shape} x {dtype} needs {expected} bytes but data_offsets "
@@ -268,12 +273,7 @@ def _torch_load_safely(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc).lower() or "unsupported global" in str(exc).lower():
-            raise UnsafeFileError(
-                f"{path}: refused to unpickle: the file needs code execution to load "
-                f"(only plain tensors and containers are allowed; weights_only=True). Details: "
-                f"{str(exc).splitlines()[0]}") from None
-        raise CorruptFileError(f"{path}: not a readable pickle/torch file ({exc})") from None
+        raise _unpickling_error(path, exc) from None
     except RuntimeError as exc:
         if "mmap" in str(exc):
             return _torch_load_no_mmap(path)
@@ -286,9 +286,25 @@ def _torch_load_no_mmap(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UnsafeFileError(f"{path}: refused to unpickle: {str(exc).splitlines()[0]}") from None
+        raise _unpickling_error(path, exc) from None
     except Exception as exc:
         raise CorruptFileError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})") from None
+
+
+#: how torch's weights-only unpickler words a refusal to import or call something (anything else is garbage)
+_CODE_MARKERS = ("GLOBAL ", "call reduce", "create new object")
+
+
+def _unpickling_error(path: Path, exc: pickle.UnpicklingError) -> CorruptFileError | UnsafeFileError:
+    """UnsafeFileError when the pickle wants code run to load, CorruptFileError when it is not a pickle at all."""
+    paragraphs = [p.strip() for p in str(exc).split("\n\n")
+                  if p.strip() and not p.strip().startswith("Check the documentation")]
+    reason = (paragraphs[-1] if paragraphs else str(exc)).split("WeightsUnpickler error:")[-1]
+    reason = reason.split(" Please use ")[0].strip()
+    if any(marker in reason for marker in _CODE_MARKERS):
+        return UnsafeFileError(f"{path}: refused to unpickle: the file needs code execution to load "
+                               f"(only plain tensors and containers are allowed; weights_only=True): {reason}")
+    return CorruptFileError(f"{path}: not a readable pickle/torch file ({reason})")
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -4,7 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
+from typing import TYPE_CHECKING
+
 from .patches import Patch
+
+if TYPE_CHECKING:
+    from .archs import ModuleIndex
 
 
 @dataclass
@@ -24,6 +29,25 @@ class PatchSet(Mapping[str, Patch]):
     misfits: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def fitted(self, index: "ModuleIndex") -> "PatchSet":
+        """A copy keyed by ``index`` 's real module names, without the patches whose shapes do not fit
+        (those go to ``misfits`` and their keys to ``unmatched``). With ``index.check_shapes`` False,
+        names alone decide."""
+        fitted = PatchSet(source=self.source, dialect=self.dialect, base=self.base, unmatched=dict(self.unmatched),
+                          misfits=dict(self.misfits), warnings=list(self.warnings), metadata=self.metadata)
+        for target, patch in self.patches.items():
+            found = index.resolve(target)
+            reason = "no such module" if found is None else None
+            if found is not None and index.check_shapes:
+                reason = patch.misfit(index.components[found[0]][found[1]])
+            if reason:
+                fitted.misfits[target] = reason
+                for ref in patch.refs().values():
+                    fitted.unmatched[ref.name or target] = f"{target}: {reason}"
+            else:
+                fitted.patches[f"{found[0]}.{found[1]}"] = patch
+        return fitted
 
     def __getitem__(self, target: str) -> Patch:
         return self.patches[target]

@@ -11,10 +11,10 @@ Variants (network_dim, network_alpha, extra network args; conv_dim/conv_alpha ap
   lora                 4, 2, conv_dim=2 conv_alpha=3            LoRA on Linear + LoCon on 1x1/3x3 convs
   lora_tucker          4, 2, conv_dim=2 conv_alpha=1 use_tucker  3x3 convs get lora_mid
   loha / loha_tucker   4, 2, conv_dim=2 conv_alpha=1 [use_tucker] tucker: hada_t1/hada_t2 on 3x3 convs
-  lokr                 1, 0.5, factor=-1                        mostly lokr_w1 + lokr_w2_a/_b, some lokr_w2
+  lokr                 1, 0.5, factor=-1                        lokr_w1 + lokr_w2_a/_b (rank 1)
   lokr_full            4, 2, full_matrix=True                   lokr_w1 + lokr_w2 only (scale forced to 1)
-  lokr_decompose_both  1, 0.5, decompose_both=True              lokr_w1_a/_b where the w1 side is big enough
-  lokr_tucker          2, 1, factor=2 use_tucker=True           3x3 convs get lokr_t2
+  lokr_decompose_both  1, 0.5, decompose_both=True              lokr_w1_a/_b, lokr_w1 where that side is too small
+  lokr_tucker          2, 1, factor=2 use_tucker=True           3x3 convs get lokr_t2; small layers a full lokr_w2
   ia3                  custom preset: to_k, to_v, ff.net.2 / k_proj, v_proj, mlp.fc2 (ff/fc2 train_on_input)
   glora                4, 2, conv_dim=2 conv_alpha=1            a1/a2/b1/b2 on Linear and convs
   diag_oft             4, rescaled=True, constraint=0           oft_blocks [n, b, b] + rescale
@@ -28,9 +28,20 @@ Every variant of the list above is produced; none had to be left out.
 
 Scope (all variants but ia3): UNet classes Transformer2DModel, ResnetBlock2D, Downsample2D, Upsample2D,
 TimestepEmbedding (time_embedding and SDXL add_embedding) plus conv_in, conv_out, conv_norm_out; text encoders:
-every CLIPEncoderLayer (q/k/v/out_proj, fc1/fc2, layer_norm1/2) plus text_projection and final_layer_norm.
-4.1.3's built-in "full" preset lists TimestepEmbedding AND time_embedding.linear_1/2 by name, which creates
-duplicate modules and asserts on diffusers UNets, hence the custom preset.
+every CLIPEncoderLayer (q/k/v/out_proj, fc1/fc2, layer_norm1/2) plus text_projection (SDXL text_encoder_2;
+real trainers leave it out) and final_layer_norm. 4.1.3's built-in "full" preset lists TimestepEmbedding AND
+time_embedding.linear_1/2 by name, which creates duplicate modules and asserts on diffusers UNets, hence the
+custom preset. The network is built over fp32 deep copies, so files and `expected` are fp32 for any model dtype.
+
+What the forward pass does at multiplier m (checked against independent closed forms from the saved tensors):
+  lora/loha/lokr/glora/full/norm: W + m*dW (and b + m*diff_b, w + m*w_norm, b + m*b_norm), dW scaled once by
+    alpha/r. LoKr: scale 1 when w1 and w2 are both full (the saved alpha is then network_dim, not alpha).
+  DoRA (all three): W' = (W + dW) * (m*(dora_scale / (||W + dW|| + eps) - 1) + 1), dW NOT multiplied by m (m=0
+    gives W + dW); the norm is per output row over (in, kh, kw) for wd_on_output, else per input channel.
+  ia3: W * (1 + m*w) on output rows, or on input columns when on_input == 1.
+  diag_oft: row blocks W_k' = rescale * (m*R_k + (1-m)*I)^T W_k, R = (I+Q)(I-Q)^-1, Q = B - B^T.
+  boft: each butterfly stage R_i -> m*R_i + (1-m)*I (lycoris.functional.boft._diff_weight), then * rescale.
+  The rescale of both OFT variants is applied at full strength whatever m is.
 """
 from __future__ import annotations
 
@@ -119,8 +130,9 @@ def _isolated_preset_state() -> Iterator[None]:
 def _create(components: dict[str, nn.Module], variant: str, multiplier: float) -> LycorisNetworkKohya:
     """create_network() over `components` with the variant's args and preset (passed as a toml file)."""
     dim, alpha, args, preset = _VARIANTS[variant]
-    te = [components["text_encoder"], components["text_encoder_2"]] if "text_encoder_2" in components \
-        else components["text_encoder"]
+    te: nn.Module | list[nn.Module] = components["text_encoder"]
+    if "text_encoder_2" in components:
+        te = [components["text_encoder"], components["text_encoder_2"]]
     with tempfile.TemporaryDirectory() as tmp, _isolated_preset_state():
         preset_path = Path(tmp) / "preset.toml"
         preset_path.write_text(toml.dumps(preset))
@@ -166,19 +178,22 @@ def _norm_probe(module: nn.LayerNorm | nn.GroupNorm) -> tuple[torch.Tensor, torc
     return x, F.group_norm(x, module.num_groups, eps=module.eps)
 
 
+def _zero_and_one_hots(n: int) -> torch.Tensor:
+    """[n + 1, n]: a zero row, then the identity."""
+    return torch.cat([torch.zeros(1, n), torch.eye(n)])
+
+
 @torch.no_grad()
 def _forward_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) implied by module's (LyCORIS-hooked) forward; the conv must already be unit-strided."""
     if isinstance(module, nn.Linear):
-        n = module.in_features
-        y0 = module(torch.zeros(1, n))
-        return (module(torch.eye(n)) - y0).T.contiguous(), y0[0]
+        y = module(_zero_and_one_hots(module.in_features))
+        return (y[1:] - y[0]).T.contiguous(), y[0]
     if isinstance(module, nn.Conv2d):
         c, (kh, kw) = module.in_channels, module.kernel_size
         n = c * kh * kw
-        y0 = module(torch.zeros(1, c, kh, kw))[:, :, 0, 0]
-        y1 = module(torch.eye(n).view(n, c, kh, kw))[:, :, 0, 0]
-        return (y1 - y0).T.reshape(-1, c, kh, kw).contiguous(), y0[0]
+        y = module(_zero_and_one_hots(n).view(n + 1, c, kh, kw))[:, :, 0, 0]
+        return (y[1:] - y[0]).T.reshape(-1, c, kh, kw).contiguous(), y[0]
     # Norms (train_norm): taken from NormModule's forward, y = norm(x) * w' + b' with norm(x) = +-1/sqrt(1+eps).
     x, normed = _norm_probe(module)
     y0 = module(torch.zeros_like(x))
@@ -200,12 +215,23 @@ def _expected(network: LycorisNetworkKohya, copies: dict[str, nn.Module],
         conv = _unit_conv(module, lora) if isinstance(module, nn.Conv2d) else contextlib.nullcontext()
         with conv:
             weight, bias = _forward_params(module)
-        original = originals[comp].get_submodule(name)
-        expected[f"{comp}.{name}.weight"] = weight.float()
+        original_bias = originals[comp].get_submodule(name).bias
+        expected[f"{comp}.{name}.weight"] = weight
         # Only `full` (diff_b) and `norm` (b_norm) change biases; others return the original bias bit-exactly.
-        if original.bias is not None and not torch.equal(bias, original.bias):
-            expected[f"{comp}.{name}.bias"] = bias.float()
+        if original_bias is not None and not torch.equal(bias, original_bias.float()):
+            expected[f"{comp}.{name}.bias"] = bias
     return expected
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """One intra-op thread: the ops here are tiny, and OpenMP sync stalls them badly on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_lycoris_file(tmp_dir: Path, components: dict[str, nn.Module], variant: str, seed: int = 0,
@@ -215,12 +241,6 @@ def write_lycoris_file(tmp_dir: Path, components: dict[str, nn.Module], variant:
     Returns (path, expected): expected maps "<component>.<parameter name>" to the merged fp32 value implied by
     LyCORIS' forward pass at `multiplier`, for every parameter the network changes.
     """
-    copies = {name: copy.deepcopy(module) for name, module in components.items()}
-    network = _create(copies, variant, multiplier)
-    _randomize(network.loras, seed)
-    network.apply_to(copies.get("text_encoder"), copies["unet"], apply_text_encoder=True, apply_unet=True)
-    network.eval().requires_grad_(False)
-
     dim, alpha, args, _ = _VARIANTS[variant]
     metadata = {
         "ss_network_module": "lycoris.kohya",
@@ -230,5 +250,11 @@ def write_lycoris_file(tmp_dir: Path, components: dict[str, nn.Module], variant:
         "ss_network_args": json.dumps({k: str(v) for k, v in args.items()}),
     }
     path = Path(tmp_dir) / f"{variant}.safetensors"
-    network.save_weights(str(path), None, metadata)
-    return path, _expected(network, copies, components)
+    with _single_thread():
+        copies = {name: copy.deepcopy(module).float() for name, module in components.items()}
+        network = _create(copies, variant, multiplier)
+        _randomize(network.loras, seed)
+        network.apply_to(copies.get("text_encoder"), copies["unet"], apply_text_encoder=True, apply_unet=True)
+        network.eval().requires_grad_(False)
+        network.save_weights(str(path), None, metadata)
+        return path, _expected(network, copies, components)

@@ -16,32 +16,37 @@ Variants (all produced with diffusers 0.42.1 / peft 0.21.2 / transformers 5.23):
 - ``peft_raw`` / ``peft_raw_rslora`` / ``peft_raw_dora``: ``get_peft_model(unet)`` + ``save_pretrained`` -> the
   returned path is ``adapter_model.safetensors`` next to ``adapter_config.json``; UNet only.
 - ``kohya_from_diffusers``: the diffusers training-script recipe: save the diffusers file (no metadata), reload it,
-  ``convert_all_state_dict_to_peft`` -> ``convert_state_dict_to_kohya`` -> ``safetensors.torch.save_file``.  The
-  converter writes ``.alpha`` = rank, so the adapter is built with alpha == r.
+  ``convert_all_state_dict_to_peft`` -> ``convert_state_dict_to_kohya`` -> ``safetensors.torch.save_file``
+  (the intermediate file stays in ``<variant>/diffusers/``).  The converter writes ``.alpha`` = rank, so the adapter
+  is built with alpha == r.
 - ``diffusers_legacy``: the layout of the pre-PEFT diffusers training scripts: ``convert_state_dict_to_diffusers`` of
   each PEFT state dict, then ``save_lora_weights`` (no metadata, scale 1, alpha == r).  Only attention layers are
   targeted, as those scripts did: the converter renames only to_q/to_k/to_v/to_out.0 (-> ``lora.down``/``lora.up``)
   and q/k/v/out_proj (-> ``lora_linear_layer.down``/``up``); any other layer would keep its PEFT ``lora_A``/``lora_B``
   name and give a mixed layout.
 
-Not produced: kohya-converted DoRA (``convert_state_dict_to_kohya`` only renames ``lora_magnitude_vector`` for keys
-without a unet/text_encoder prefix, so prefixed DoRA files keep the PEFT name; no real tool writes that).
+Not produced: kohya-converted DoRA.  ``convert_state_dict_to_kohya`` renames ``lora_magnitude_vector`` to
+``dora_scale`` only for keys without a unet/text_encoder prefix, and its dot-to-underscore rule (keep the last two dots)
+mangles the one-dot-shorter magnitude keys (``lora_unet_..._attn1.to_q.lora_magnitude_vector``); no real tool writes
+that.  Kohya/legacy variants with rsLoRA / DoRA / LoRA bias are left out for the same reason: their converters have no
+representation for them.
 
 Keys of the returned ``expected`` are ``"<component>.<name in component.state_dict()>"``.
 """
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-VARIANTS: tuple[str, ...] = (
-    "diffusers", "diffusers_rslora", "diffusers_dora", "diffusers_lora_bias", "diffusers_no_metadata",
-    "peft_raw", "peft_raw_rslora", "peft_raw_dora", "kohya_from_diffusers", "diffusers_legacy",
-)
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
                 "conv1", "conv2", "conv_shortcut", "time_emb_proj")
@@ -87,23 +92,27 @@ _SPECS: dict[str, _Spec] = {
     "diffusers_legacy": _Spec("legacy", scale_one=True, metadata=False,
                               unet_targets=UNET_ATTN_TARGETS, te_targets=TE_ATTN_TARGETS),
 }
-assert tuple(_SPECS) == VARIANTS
+VARIANTS: tuple[str, ...] = tuple(_SPECS)
 
 
-def _lora_config(spec: _Spec, component: str):
+def _lora_config(spec: _Spec, component: str) -> LoraConfig:
     """The LoraConfig of one component; scale-one variants mirror rank_pattern into alpha_pattern."""
     from peft import LoraConfig
 
     is_unet = component == "unet"
-    rank_pattern = dict(UNET_RANK_PATTERN if is_unet else TE_RANK_PATTERN) if spec.patterns else {}
+    targets = spec.unet_targets if is_unet else spec.te_targets
+
+    def pattern(entries: dict[str, int]) -> dict[str, int]:
+        return {k: v for k, v in entries.items() if spec.patterns and k.rsplit(".", 1)[-1] in targets}
+
+    rank_pattern = pattern(UNET_RANK_PATTERN if is_unet else TE_RANK_PATTERN)
     if spec.scale_one:
         alpha, alpha_pattern = RANK, dict(rank_pattern)
     else:
-        alpha = ALPHA
-        alpha_pattern = dict(UNET_ALPHA_PATTERN if is_unet else TE_ALPHA_PATTERN) if spec.patterns else {}
+        alpha, alpha_pattern = ALPHA, pattern(UNET_ALPHA_PATTERN if is_unet else TE_ALPHA_PATTERN)
     return LoraConfig(
         r=RANK, lora_alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-        target_modules=list(spec.unet_targets if is_unet else spec.te_targets), init_lora_weights=True,
+        target_modules=list(targets), init_lora_weights=True,
         use_rslora=spec.use_rslora, use_dora=spec.use_dora, lora_bias=spec.lora_bias,
     )
 
@@ -138,7 +147,7 @@ def _merge_in_place(model: nn.Module) -> dict[str, torch.Tensor]:
     return merged
 
 
-def _adapted_copy(module: nn.Module, config, gen: torch.Generator) -> nn.Module:
+def _adapted_copy(module: nn.Module, config: LoraConfig, gen: torch.Generator) -> nn.Module:
     """fp32 deep copy of `module` with the adapter injected (diffusers / transformers `add_adapter`) and randomized."""
     model = copy.deepcopy(module).float()
     model.add_adapter(config)
@@ -146,14 +155,15 @@ def _adapted_copy(module: nn.Module, config, gen: torch.Generator) -> nn.Module:
     return model
 
 
-def _metadata(config) -> dict:
+def _metadata(config: LoraConfig) -> dict:
     """`LoraConfig.to_dict()` as diffusers' training scripts pass it; target_modules sorted for a stable header."""
     meta = config.to_dict()
     meta["target_modules"] = sorted(meta["target_modules"])
     return meta
 
 
-def _pipeline_class(components: dict[str, nn.Module]):
+def _pipeline_class(components: dict[str, nn.Module]) -> type:
+    """StableDiffusionXLPipeline when there is a second text encoder, else StableDiffusionPipeline."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     return StableDiffusionXLPipeline if "text_encoder_2" in components else StableDiffusionPipeline
@@ -205,6 +215,17 @@ def _write_peft_raw(out: Path, unet: nn.Module, spec: _Spec, gen: torch.Generato
     return out / "adapter_model.safetensors", _changed("unet", unet, merged)
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch single-threaded: on these tiny tensors intra-op threading only adds (large, under load) overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def write_peft_file(tmp_dir: Path, components: dict[str, nn.Module], variant: str, seed: int = 0
                     ) -> tuple[Path, dict[str, torch.Tensor]]:
     """Attach a PEFT LoRA adapter to (deep copies of) the components, give lora_A/lora_B (and magnitude / lora bias
@@ -218,7 +239,8 @@ def write_peft_file(tmp_dir: Path, components: dict[str, nn.Module], variant: st
     out = Path(tmp_dir) / variant
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    if spec.layout == "peft":
-        return _write_peft_raw(out, components["unet"], spec, gen)
-    return _write_pipeline_file(out, components, spec, gen)
+    with _one_thread():
+        if spec.layout == "peft":
+            return _write_peft_raw(out, components["unet"], spec, gen)
+        return _write_pipeline_file(out, components, spec, gen)
 

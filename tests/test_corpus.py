@@ -80,3 +80,49 @@ def test_sd2_is_not_confused_with_sd15(name):
     """SD2 shares SD1.5's UNet names; only the shapes tell them apart."""
     result = lora_compat.inspect(header_only_file(name), base="sd2")
     assert result.unmatched  # forced onto the wrong base, the shapes do not fit
+
+
+def test_sdxl_lora_given_sd15_components_is_a_base_mismatch():
+    from lora_compat.apply import check_patchset
+    from lora_compat.errors import BaseMismatchError
+
+    index = ModuleIndex.from_modules(meta_components("derived_sd15_kohya_lora_full.json"))
+    patchset = resolve_patchset(header_only_file("derived_sdxl_kohya_lora_full_sgm_names.json"), index)
+    with pytest.raises(BaseMismatchError, match=r"made for sdxl; the components look like sd15: \d+ modules do not fit"):
+        check_patchset(patchset, index, strict=False)
+
+
+def test_sd2_layout_detected_as_sd2():
+    """No SD2 file is in the corpus: build a full-coverage kohya key list from the official SD2.1 model
+    built on the meta device (diffusers, not our tables) and detect it."""
+    from lora_compat.archs.generate_tables import build_components
+    from lora_compat.files import Header, LoraFile
+
+    shapes = {}
+    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_text_model_")):
+        for name, module in build_components("sd2")[component].named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("to_q", "to_k", "to_v", "q_proj", "k_proj", "v_proj", "fc1", "fc2") or name.endswith("to_out.0"):
+                weight = module.weight.shape
+                key = prefix + name.replace(".", "_")
+                shapes[f"{key}.lora_down.weight"] = (8, weight[1])
+                shapes[f"{key}.lora_up.weight"] = (weight[0], 8)
+                shapes[f"{key}.alpha"] = ()
+    header = Header(shapes, {k: "F16" for k in shapes}, {})
+    result = lora_compat.inspect(LoraFile(header, lambda k: (_ for _ in ()).throw(AssertionError(k)), "memory"))
+    assert (result.dialect, result.base, result.unmatched) == ("kohya", "sd2", [])
+    # 23 CLIP layers x (q, k, v, fc1, fc2); 16 transformer blocks x 2 attentions x (q, k, v, out)
+    assert result.components == {"text_encoder": 23 * 5, "unet": 16 * 8}
+
+
+def test_shipped_architecture_tables_match_a_fresh_build():
+    import gzip
+    import json
+
+    from lora_compat.archs.base import TABLES
+    from lora_compat.archs.generate_tables import table_for
+
+    for base in ("sd15", "sd2", "sdxl"):
+        with gzip.open(TABLES / f"{base}.json.gz", "rt") as f:
+            shipped = json.load(f)
+        assert shipped == json.loads(json.dumps(table_for(base))), base

@@ -101,7 +101,6 @@ class ModuleReader:
 
     def read(self, file: LoraFile, index: ModuleIndex, dialect: str, dotted: bool,
              keys: Iterable[str] | None = None, rename: Callable[[str], str] = lambda k: k) -> PatchSet:
-        """Build the PatchSet; with ``index.check_shapes`` False, names alone decide (tiny/unknown models)."""
         from ..patches.build import SUFFIX_ROLES
 
         result = PatchSet(source=file.header.display_name, dialect=dialect, metadata=file.metadata,
@@ -122,13 +121,6 @@ class ModuleReader:
             except IncompletePatch as exc:
                 for key in suffixes.values():
                     result.unmatched[key] = f"module {module!r}: {exc}"
-                continue
-            shapes = index.shapes(target)
-            reason = patch.misfit(shapes) if shapes is not None else "no such module"
-            if reason and index.check_shapes:
-                result.misfits[target] = reason
-                for key in suffixes.values():
-                    result.unmatched[key] = f"{target}: {reason}"
                 continue
             if target in result.patches:
                 for key in suffixes.values():

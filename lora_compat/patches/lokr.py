@@ -68,4 +68,4 @@ class LokrPatch(FactorisedPatch):
         if kernel:
             w2 = w2.reshape(w2.shape[0], -1, *kernel) if w2.dim() == 2 else w2
             w1 = w1.reshape(*w1.shape, *([1] * len(kernel)))
-        return torch.kron(w1, w2).reshape(weight_shape) * self.scale.value()
+        return torch.kron(w1.contiguous(), w2.contiguous()).reshape(weight_shape) * self.scale.value()
