@@ -32,16 +32,28 @@ MODULES = [
     "lora_te_text_model_encoder_layers_0_mlp_fc1",
     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
     "lycoris_input_blocks_1_1_proj_out",
+    "oft_unet_down_blocks_0_attentions_0_proj_in",
     "unet.down_blocks.0.attentions.0.proj_in",
+    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora",
+    "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+    "base_model.model.down_blocks.0.attentions.0.proj_in",
     "transformer.single_transformer_blocks.0.attn.to_q",
+    "model.diffusion_model.input_blocks.0.0",
+    "control_model.input_hint_block.0",
+    "lora_controlnet",
     "bundle_emb.concept",
+    "string_to_param",
+    "clip_l",
+    "clip_g",
+    "emb_params",
     "",
 ]
 SUFFIXES = [
     "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "hada_w1_a", "hada_w1_b", "hada_w2_a",
     "hada_w2_b", "lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_t2", "diff", "diff_b", "oft_blocks", "dora_scale",
     "lora_A.weight", "lora_B.weight", "lora.down.weight", "lora.up.weight", "w_norm", "b_norm", "weight", "scale",
-    "string_to_param.*", "",
+    "lora_linear_layer.down.weight", "lora_magnitude_vector", "lora_B.bias", "a1.weight", "b2.weight", "on_input",
+    "rescale", "oft_diag", "lokr_w1_a", "lokr_w1_b", "lokr_w2_b", "hada_t1", "bias", "*", "",
 ]
 DIMS = [0, 1, 2, 3, 4, 8, 320, 768, 1280]
 
