@@ -12,12 +12,13 @@ from .errors import (BaseMismatchError, CorruptFileError, LoraCompatError, NotAL
                      UnmatchedKeysError, UnsafeFileError)
 from .files import LoraFile
 from .inspection import Inspection, inspect
+from .patcher import Entry, Patcher, SetReport
 from .patchset import PatchSet
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "inspect", "read", "detect", "patched_weights", "Inspection", "PatchSet", "LoraFile", "LoraCompatWarning",
+    "inspect", "read", "detect", "patched_weights", "Patcher", "Entry", "SetReport", "Inspection", "PatchSet", "LoraFile", "LoraCompatWarning",
     "LoraCompatError", "CorruptFileError", "UnsafeFileError", "NotALoraError", "UnknownDialectError",
     "BaseMismatchError", "UnmatchedKeysError", "__version__",
 ]

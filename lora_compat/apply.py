@@ -93,13 +93,15 @@ def patched_weights(source: Source | PatchSet, components: Components, strength:
     index = ModuleIndex.from_modules(modules)
     patchset = resolve_patchset(source, index, base)
     check_patchset(patchset, index, strict)
+    from .patcher.merge import merged_values  # the patcher's own computation, so both agree bit for bit
+
     result: dict[str, torch.Tensor] = {}
     for target, patch in patchset.items():
         component, _, path = target.partition(".")
         module = modules[component].get_submodule(path)
         params = dict(module.named_parameters(recurse=False))
         base_fp32 = {name: p.detach().float() for name, p in params.items()}
-        for name, delta in patch.delta(base_fp32, strength).items():
+        for name, value in merged_values(base_fp32, [(patch, strength)]).items():
             key = f"{component}.{path}.{name}" if path else f"{component}.{name}"
-            result[key] = (base_fp32[name] + delta).to(params[name].dtype)
+            result[key] = value.to(params[name].dtype)
     return result

@@ -33,9 +33,11 @@ real trainers leave it out) and final_layer_norm. 4.1.3's built-in "full" preset
 time_embedding.linear_1/2 by name, which creates duplicate modules and asserts on diffusers UNets, hence the
 custom preset. The network is built over fp32 deep copies, so files and `expected` are fp32 for any model dtype.
 
-What the forward pass does at multiplier m (checked against independent closed forms from the saved tensors):
-  lora/loha/lokr/glora/full/norm: W + m*dW (and b + m*diff_b, w + m*w_norm, b + m*b_norm), dW scaled once by
-    alpha/r. LoKr: scale 1 when w1 and w2 are both full (the saved alpha is then network_dim, not alpha).
+What the forward pass does at multiplier m (verified once against closed forms built from the saved tensors
+for every variant at m = 1 and 0.7; test_oracle_lycoris_selfcheck.py re-checks `lora`):
+  lora/loha/lokr/glora/full/norm: W + m*dW (and b + m*diff_b, w + m*w_norm, b + m*b_norm); low-rank dW is
+    scaled once by alpha/r. LoKr: scale 1 when w1 and w2 are both full (the saved alpha is then network_dim).
+    GLoRA: dW = alpha/r * (W @ a1 @ a2 + b1 @ b2), a1 [in, r], a2 [r, in], b1 [out, r], b2 [r, in(, kh, kw)].
   DoRA (all three): W' = (W + dW) * (m*(dora_scale / (||W + dW|| + eps) - 1) + 1), dW NOT multiplied by m (m=0
     gives W + dW); the norm is per output row over (in, kh, kw) for wd_on_output, else per input channel.
   ia3: W * (1 + m*w) on output rows, or on input columns when on_input == 1.

@@ -23,7 +23,7 @@ import lora_compat
 from lora_compat import files
 from lora_compat.errors import LoraCompatError
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 MODULES = [
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
@@ -56,6 +56,9 @@ SUFFIXES = [
     "rescale", "oft_diag", "lokr_w1_a", "lokr_w1_b", "lokr_w2_b", "hada_t1", "bias", "*", "",
 ]
 DIMS = [0, 1, 2, 3, 4, 8, 320, 768, 1280]
+
+#: torch warns about the pickle protocol numbers that random bytes claim
+pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 
 
 # -- the property ---------------------------------------------------------------------------------------------
@@ -275,11 +278,37 @@ def test_random_bytes_as_pt(tmp_path: Path, raw: bytes) -> None:
     assert_inspect_fails_cleanly(path)
 
 
-@settings(FUZZ, max_examples=60)
+@settings(FUZZ, max_examples=150)
 @given(raw=pt_mutations())
 def test_mutated_pt(tmp_path: Path, raw: bytes) -> None:
     path = tmp_path / "mutated.pt"
     path.write_bytes(raw)
+    assert_inspect_fails_cleanly(path)
+
+
+def _scalar(name: str, dtype: str = "F32") -> dict[str, dict[str, Any]]:
+    return {name: {"dtype": dtype, "shape": [], "data_offsets": [0, files.SAFETENSORS_DTYPES[dtype][1]]}}
+
+
+#: headers the properties above once crashed on (tensors with fewer dimensions than their role needs)
+FOUND_BY_FUZZING = {
+    "kohya-scalar-lora-up": {f"{MODULES[0]}.lora_up.weight": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
+                             f"{MODULES[0]}.lora_down.weight": {"dtype": "F32", "shape": [4, 320],
+                                                                "data_offsets": [4, 5124]}},
+    "lycoris-scalar-lora-down": {f"{MODULES[5]}.lora_up.weight": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]},
+                                 f"{MODULES[5]}.lora_down.weight": {"dtype": "F16", "shape": [],
+                                                                    "data_offsets": [4, 6]}},
+    "scalar-oft-blocks": _scalar(f"{MODULES[1]}.oft_blocks", "U8"),
+    "scalar-emb-params": _scalar("emb_params"),
+    "scalar-clip-l": {**_scalar("clip_l"), "x.lora_mid.weight": {"dtype": "F32", "shape": [], "data_offsets": [4, 8]}},
+}
+
+
+@pytest.mark.parametrize("header", FOUND_BY_FUZZING.values(), ids=FOUND_BY_FUZZING.keys())
+def test_found_by_fuzzing(tmp_path: Path, header: dict[str, Any]) -> None:
+    data_len = max(entry["data_offsets"][1] for entry in header.values())
+    path = tmp_path / "found.safetensors"
+    path.write_bytes(_with_header(json.dumps(header).encode(), bytes(data_len)))
     assert_inspect_fails_cleanly(path)
 
 

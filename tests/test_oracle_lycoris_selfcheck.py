@@ -49,7 +49,8 @@ def test_lora_expected_matches_closed_form(sd15: dict[str, nn.Module], tmp_path:
         up, down = sd[f"{lora_name}.lora_up.weight"].float(), sd[f"{lora_name}.lora_down.weight"].float()
         scale = sd[f"{lora_name}.alpha"].item() / down.shape[0]
         assert scale != 1.0
-        closed[f"{comp}.{name}.weight"] = weight + multiplier * scale * (up.flatten(1) @ down.flatten(1)).view_as(weight)
+        delta = (up.flatten(1) @ down.flatten(1)).view_as(weight)
+        closed[f"{comp}.{name}.weight"] = weight + multiplier * scale * delta
     assert set(expected) == set(closed)
     for key, value in closed.items():
         torch.testing.assert_close(expected[key], value, rtol=1e-5, atol=1e-6, msg=key)

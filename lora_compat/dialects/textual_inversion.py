@@ -10,7 +10,7 @@ LORA_MARKERS = ("lora_", "hada_", "lokr_", ".alpha", "diff", "oft_", "on_input",
 
 def _vectors(header: Header) -> tuple[int, int | None]:
     for key in ("emb_params", "clip_l", "clip_g"):
-        if key in header.shapes:
+        if header.shapes.get(key):  # a scalar under a marker name has no width
             shape = header.shapes[key]
             return (shape[0] if len(shape) == 2 else 1), shape[-1]
     shapes = list(header.shapes.values())
@@ -36,7 +36,7 @@ class TextualInversionRecogniser(RefusingDialect):
     def explain(self, header: Header) -> str:
         vectors, width = _vectors(header)
         if "clip_l" in header.shapes and "clip_g" in header.shapes:
-            base = "SDXL"
+            base, width = "SDXL", "/".join(str(header.shapes[k][-1]) for k in ("clip_l", "clip_g") if header.shapes[k])
         else:
             base = WIDTH_BASE.get(width or 0, "unknown base")
         return (f"is a textual-inversion embedding ({vectors} vectors, width {width} -> {base}), not a LoRA; "

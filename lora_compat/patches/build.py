@@ -38,6 +38,13 @@ SUFFIX_ROLES: dict[str, str] = {
     "on_input": "on_input", "dora_scale": "dora_scale", "alpha": "alpha", "scale": "scale",
 }
 ORDERED_SUFFIXES = sorted(SUFFIX_ROLES, key=len, reverse=True)
+#: the fewest dimensions a tensor in each role needs (the patch kinds index these shapes)
+MIN_DIMS: dict[str, int] = {
+    "down": 2, "up": 2, "mid": 2, "hada_w1_a": 2, "hada_w1_b": 2, "hada_w2_a": 2, "hada_w2_b": 2,
+    "hada_t1": 2, "hada_t2": 2, "lokr_w1": 2, "lokr_w1_a": 2, "lokr_w1_b": 2, "lokr_w2": 2, "lokr_w2_a": 2,
+    "lokr_w2_b": 2, "lokr_t2": 2, "a1": 2, "a2": 2, "b1": 2, "b2": 2, "oft_blocks": 2, "oft_diag": 2,
+    "dora_scale": 1, "magnitude_peft": 1, "diff": 1, "w_norm": 1, "weight": 1,
+}
 #: roles that only make sense next to others (a module made of these alone is not a patch)
 AUXILIARY_ROLES = {"alpha", "dora_scale", "magnitude_peft", "rescale", "on_input", "bias", "scale"}
 
@@ -69,6 +76,10 @@ def build_patch(parts: Mapping[str, Ref], *, scale: Scale | None = None,
     """
     alpha = parts.get("alpha")
     roles = set(parts)
+    flat = sorted(role for role, ref in parts.items() if len(ref.shape) < MIN_DIMS.get(role, 0))
+    if flat:
+        raise IncompletePatch("too few dimensions for their role: "
+                              + ", ".join(f"{role} {list(parts[role].shape)}" for role in flat))
 
     def rank_scale(rank: int | None) -> Scale:
         if scale is not None:

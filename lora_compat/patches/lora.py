@@ -45,6 +45,9 @@ class LoraPatch(FactorisedPatch):
         out, inner = self._implied()
         if weight is None:
             return "module has no weight"
+        rank = self.mid.shape[:2] if self.mid is not None else (self.down.shape[0],)
+        if self.up.shape[1] != rank[0] or self.down.shape[0] != rank[-1]:
+            return f"LoRA up {list(self.up.shape)} and down {list(self.down.shape)} disagree on the rank"
         if weight[0] != out or numel(weight[1:]) != inner:
             return (f"LoRA up {list(self.up.shape)} / down {list(self.down.shape)} implies a weight "
                     f"[{out}, {inner} per row], module weight is {list(weight)}")
@@ -53,6 +56,10 @@ class LoraPatch(FactorisedPatch):
         if self.bias is not None and shapes.get("bias") != (out,):
             return f"lora_B.bias {list(self.bias.shape)} needs a module bias of [{out}]"
         return None
+
+    def factors(self) -> tuple[Tensor, Tensor, float]:
+        """``(up [out, r], down [r, in·k·k], scale)`` of a LoRA without ``mid``: ΔW = scale · up @ down."""
+        return flat(self.up.load()), flat(self.down.load()), self.scale.value()
 
     def weight_delta(self, weight_shape: torch.Size) -> Tensor:
         up, down = flat(self.up.load()), self.down.load()

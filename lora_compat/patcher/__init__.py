@@ -1,0 +1,267 @@
+"""The Patcher: reconcile a model to exactly the requested LoRA stack, exactly, all or nothing.
+
+- ``set(entries)`` declares the wanted stack; history never matters (``set(A); set(B)`` equals ``set(B)``).
+- Merge mode computes every touched parameter from its pristine value in fp32 (patches summed in a
+  fixed order), rounds once and writes it; it never subtracts. Hot mode writes nothing and adds the
+  patches in forward hooks.
+- Only modules whose (patch, strength) set changed are recomputed; modules no longer patched are restored.
+- Parameters changed behind the patcher's back are adopted as the new originals, never overwritten with
+  stale data. An error leaves every parameter as it was before ``set``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Literal, Mapping
+
+import torch
+
+from ..apply import check_patchset, component_modules
+from ..archs import ModuleIndex
+from ..core import detect
+from ..errors import LoraCompatError
+from ..patches import Patch
+from ..patchset import PatchSet
+from .entries import Entry, SourceLike, as_entries, source_key, source_name
+from .hot import HotBackend
+from .merged import MergeBackend, PristineMode
+
+Mode = Literal["merge", "hot"]
+
+#: single-module targets: the component name a LoRA's keys use for this class
+COMPONENT_BY_CLASS = {"UNet2DConditionModel": "unet", "FluxTransformer2DModel": "transformer",
+                      "CLIPTextModel": "text_encoder", "CLIPTextModelWithProjection": "text_encoder_2",
+                      "T5EncoderModel": "text_encoder_2"}
+
+_owners: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+_owners_lock = threading.Lock()
+
+
+@dataclass
+class SetReport:
+    """What a ``set`` did."""
+
+    targets: int = 0
+    recomputed: int = 0
+    restored: int = 0
+    unmatched: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Loaded:
+    entry: Entry
+    key: str
+    patchset: PatchSet
+
+
+class Patcher:
+    """Apply, stack, switch and remove LoRAs on a model with bit-exact restoration.
+
+    ``target`` is an ``nn.Module`` (its component name is guessed from its class, or give ``component``),
+    a mapping ``{"unet": unet, "text_encoder": te}``, or a diffusers pipeline (its components are re-read
+    at every ``set``, so a swapped ``pipe.unet`` is noticed).
+    """
+
+    def __init__(self, target: object, mode: Mode = "merge", pristine: PristineMode = "cpu", *,
+                 strict: bool = False, component: str | None = None):
+        if mode not in ("merge", "hot"):
+            raise ValueError(f"mode must be 'merge' or 'hot', not {mode!r}")
+        if pristine not in ("cpu", "same-device"):
+            raise ValueError(f"pristine must be 'cpu' or 'same-device', not {pristine!r}")
+        self.mode, self.strict, self._target, self._component = mode, strict, target, component
+        self._backend = MergeBackend(pristine) if mode == "merge" else HotBackend()
+        self._lock = threading.RLock()
+        self._modules: dict[str, torch.nn.Module] = {}
+        self._applied: dict[str, tuple[tuple, list[tuple[Patch, float]]]] = {}
+        self._loaded: list[_Loaded] = []
+        self._cache: dict[tuple[str, tuple[int, ...]], PatchSet] = {}
+        self._warned: set[str] = set()
+        self._claim(self._current_modules())
+
+    # -- public API ---------------------------------------------------------------------------------
+    @property
+    def active(self) -> list[Entry]:
+        """The entries currently applied, in the order they were given."""
+        return [loaded.entry for loaded in self._loaded]
+
+    def set(self, entries: Iterable[Entry | tuple | SourceLike]) -> SetReport:
+        """Reconcile the model to exactly this stack (an empty one restores everything)."""
+        with self._lock:
+            start = time.perf_counter()
+            wanted = as_entries(entries)
+            modules = self._refresh_modules()
+            index = ModuleIndex.from_modules(modules)
+            loaded = [self._load(entry, index) for entry in wanted]  # may raise: nothing touched yet
+            report = SetReport()
+            for item in loaded:
+                if item.patchset.unmatched:
+                    report.unmatched[source_name(item.entry.source)] = sorted(item.patchset.unmatched)
+            desired = self._desired(loaded)
+            stale = self._adopt_external_changes(modules)
+            changed = sorted(t for t in set(desired) | set(self._applied)
+                             if t in stale or desired.get(t, ((), []))[0] != self._applied.get(t, ((), []))[0])
+            names = {item.key: source_name(item.entry.source) for item in loaded}
+            self._transaction(modules, changed, desired, names)
+            self._loaded = loaded
+            self._cache = {k: v for k, v in self._cache.items() if k[0] in {item.key for item in loaded}}
+            report.targets = len(desired)
+            report.recomputed = sum(1 for t in changed if t in desired)
+            report.restored = len(changed) - report.recomputed
+            report.seconds = time.perf_counter() - start
+            return report
+
+    def clear(self) -> SetReport:
+        """Remove every LoRA: ``set([])``."""
+        return self.set([])
+
+    @contextmanager
+    def applied(self, entries: Iterable[Entry | tuple | SourceLike]) -> Iterator[SetReport]:
+        """Apply ``entries`` for the block, then go back to the previous stack (also on exceptions)."""
+        with self._lock:
+            previous = self.active
+            report = self.set(entries)
+            try:
+                yield report
+            finally:
+                self.set(previous)
+
+    def close(self) -> None:
+        """Remove every LoRA and release the target so another patcher may own it."""
+        with self._lock:
+            self.clear()
+            self._backend.release()
+            with _owners_lock:
+                for module in self._modules.values():
+                    if _owners.get(module) is not None and _owners[module]() is self:
+                        del _owners[module]
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held for restoring: ``pristine_copies`` (copies) and ``buffers`` (patched values written
+        into fresh buffers while the originals stay untouched)."""
+        if isinstance(self._backend, MergeBackend):
+            return {"pristine_copies": self._backend.pristine_bytes(), "buffers": self._backend.buffer_bytes()}
+        return {"pristine_copies": 0, "buffers": 0}
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _current_modules(self) -> dict[str, torch.nn.Module]:
+        if isinstance(self._target, torch.nn.Module):
+            name = self._component or COMPONENT_BY_CLASS.get(type(self._target).__name__, "unet")
+            return {name: self._target}
+        return component_modules(self._target)
+
+    def _claim(self, modules: Mapping[str, torch.nn.Module]) -> None:
+        with _owners_lock:
+            for name, module in modules.items():
+                owner = _owners.get(module)
+                if owner is not None and owner() is not None and owner() is not self:
+                    raise LoraCompatError(f"component {name!r} ({type(module).__name__}) is already owned by "
+                                          "another Patcher; close() that one first")
+            for module in modules.values():
+                _owners[module] = weakref.ref(self)
+
+    def _refresh_modules(self) -> dict[str, torch.nn.Module]:
+        """Re-read the target's components; forget the state of any component object that was replaced."""
+        modules = self._current_modules()
+        for name, old in list(self._modules.items()):
+            if modules.get(name) is not old:
+                for target in [t for t in self._applied if t.partition(".")[0] == name]:
+                    self._backend.apply(target, old.get_submodule(target.partition(".")[2]), [])
+                    del self._applied[target]
+                self._cache = {}
+                with _owners_lock:
+                    if _owners.get(old) is not None and _owners[old]() is self:
+                        del _owners[old]
+        self._claim({k: m for k, m in modules.items() if self._modules.get(k) is not m})
+        self._modules = modules
+        return modules
+
+    def _load(self, entry: Entry, index: ModuleIndex) -> _Loaded:
+        key = source_key(entry.source)
+        cache_key = (key, tuple(id(m) for m in self._modules.values()))
+        patchset = self._cache.get(cache_key)
+        if patchset is None:
+            patchset = self._read(entry.source, index)
+            self._cache[cache_key] = patchset
+        return _Loaded(entry, key, patchset)
+
+    def _read(self, source: SourceLike, index: ModuleIndex) -> PatchSet:
+        if isinstance(source, PatchSet):
+            patchset = source.fitted(index)
+        else:
+            detection = detect(source)
+            patchset = detection.dialect.read(detection.file, index).fitted(index)
+            patchset.base = detection.base
+            patchset.warnings[:0] = detection.warnings
+        check_patchset(patchset, index, self.strict)  # raises on a wrong base; warns loudly on unmatched keys
+        return patchset
+
+    def _desired(self, loaded: list[_Loaded]) -> dict[str, tuple[tuple, list[tuple[Patch, float]]]]:
+        """target → (signature, contributions), summed in a fixed order independent of the list order."""
+        order = sorted(range(len(loaded)), key=lambda i: (loaded[i].key, loaded[i].entry.strength, i))
+        desired: dict[str, tuple[list, list]] = {}
+        for i in order:
+            item = loaded[i]
+            for target, patch in item.patchset.items():
+                strength = item.entry.strength_for(target.partition(".")[0])
+                if strength is None:
+                    continue
+                signature, contributions = desired.setdefault(target, ([], []))
+                signature.append((item.key, strength))
+                contributions.append((patch, strength))
+        return {t: (tuple(sig), contribs) for t, (sig, contribs) in desired.items()}
+
+    def _adopt_external_changes(self, modules: Mapping[str, torch.nn.Module]) -> set[str]:
+        stale = set()
+        for target in list(self._applied):
+            component, _, path = target.partition(".")
+            if self._backend.adopt_external_changes(target, modules[component].get_submodule(path), self._warned):
+                stale.add(target)
+        return stale
+
+    def _transaction(self, modules: Mapping[str, torch.nn.Module], changed: list[str],
+                     desired: Mapping[str, tuple[tuple, list]], names: Mapping[str, str]) -> None:
+        done: list[tuple[str, tuple[tuple, list] | None]] = []
+        try:
+            for target in changed:
+                component, _, path = target.partition(".")
+                module = modules[component].get_submodule(path)
+                previous = self._applied.get(target)
+                done.append((target, previous))
+                wanted = desired.get(target)
+                self._backend.apply(target, module, wanted[1] if wanted else [])
+                if wanted:
+                    self._applied[target] = wanted
+                else:
+                    self._applied.pop(target, None)
+        except BaseException as exc:
+            self._rollback(modules, done)
+            if isinstance(exc, LoraCompatError):
+                raise
+            target = done[-1][0] if done else "?"
+            sources = ", ".join(names[key] for key, _ in desired.get(target, ((), []))[0]) or "(restoring)"
+            raise LoraCompatError(f"applying {sources} failed at {target}: {type(exc).__name__}: {exc}; "
+                                  "every parameter was restored to its state before set()") from exc
+
+    def _rollback(self, modules: Mapping[str, torch.nn.Module], done: list[tuple[str, tuple | None]]) -> None:
+        """Recompute every module touched by the failed ``set`` from its previous stack (deterministic, so
+        bit-identical); a module whose previous stack cannot be read any more goes back to pristine."""
+        for target, previous in reversed(done):
+            component, _, path = target.partition(".")
+            module = modules[component].get_submodule(path)
+            try:
+                self._backend.apply(target, module, previous[1] if previous else [])
+            except Exception:
+                self._backend.apply(target, module, [])
+                previous = None
+            if previous:
+                self._applied[target] = previous
+            else:
+                self._applied.pop(target, None)
+
+
+__all__ = ["Patcher", "Entry", "SetReport"]

@@ -1,0 +1,66 @@
+"""What a ``Patcher.set`` call asks for: entries, their sources, and the cache of read PatchSets."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Collection, Iterable, Mapping, Union
+
+from ..files import LoraFile
+from ..patchset import PatchSet
+
+SourceLike = Union[str, "os.PathLike[str]", LoraFile, PatchSet]
+ComponentFilter = Union[Collection[str], Mapping[str, float], None]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One LoRA in a stack. ``components`` limits it to some components (a collection of names) or gives
+    per-component strength multipliers (``{"unet": 1.0, "text_encoder": 0.5}``)."""
+
+    source: SourceLike
+    strength: float = 1.0
+    components: ComponentFilter = None
+
+    def strength_for(self, component: str) -> float | None:
+        """The effective strength on ``component``, or ``None`` when the entry does not apply there."""
+        if self.components is None:
+            return self.strength
+        if isinstance(self.components, Mapping):
+            multiplier = self.components.get(component)
+            return None if multiplier is None else self.strength * float(multiplier)
+        return self.strength if component in self.components else None
+
+
+def as_entries(entries: Iterable[Entry | tuple]) -> list[Entry]:
+    out = []
+    for item in entries:
+        if isinstance(item, Entry):
+            out.append(item)
+        elif isinstance(item, tuple) and 1 <= len(item) <= 3:
+            out.append(Entry(*item))
+        elif isinstance(item, (str, os.PathLike, LoraFile, PatchSet)):
+            out.append(Entry(item))
+        else:
+            raise TypeError(f"expected (source, strength) pairs or Entry objects, got {item!r}")
+    return out
+
+
+def source_key(source: SourceLike) -> str:
+    """Identity of a source: a path with its size and mtime (an edited file is a new source), or the object."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).resolve()
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"path:{path}"
+        return f"path:{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"{type(source).__name__}:{id(source)}"
+
+
+def source_name(source: SourceLike) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, LoraFile):
+        return source.header.display_name
+    return source.source

@@ -1,0 +1,117 @@
+"""Merge mode: patched values are written into the parameters; originals are kept, never subtracted."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from .merge import Contribution, merged_values
+
+PristineMode = Literal["cpu", "same-device"]
+
+
+@dataclass
+class ParamRecord:
+    """A parameter the patcher changed: its original value and how it looked right after our write."""
+
+    param: torch.nn.Parameter
+    pristine: torch.Tensor
+    #: True: ``pristine`` IS the original tensor and the parameter points at a buffer of ours
+    #: (restore = point back, no copy). False: ``pristine`` is a copy (on the CPU) and we wrote in place.
+    swapped: bool
+    data_ptr: int = 0
+    version: int = 0
+
+    def seal(self) -> None:
+        self.data_ptr = self.param.data_ptr()
+        self.version = self.param._version
+
+    def changed_outside(self, current: torch.nn.Parameter) -> bool:
+        return current is not self.param or current.data_ptr() != self.data_ptr or current._version != self.version
+
+
+class MergeBackend:
+    """Computes each touched parameter from its pristine value in fp32 and writes the rounded result."""
+
+    def __init__(self, pristine: PristineMode):
+        self.pristine_mode = pristine
+        self.records: dict[str, dict[str, ParamRecord]] = {}
+
+    def adopt_external_changes(self, target: str, module: torch.nn.Module, warned: set[str]) -> bool:
+        """Forget parameters someone else replaced or wrote (their current value becomes the original).
+        True when the module lost any record, so it must be recomputed."""
+        records = self.records.get(target, {})
+        lost = False
+        for name, record in list(records.items()):
+            current = getattr(module, name, None)
+            if isinstance(current, torch.nn.Parameter) and not record.changed_outside(current):
+                continue
+            key = f"{target}.{name}"
+            if key not in warned:
+                warned.add(key)
+                warnings.warn(f"{key} was replaced or written outside the patcher (a new checkpoint?); its current "
+                              "value is adopted as the original and the old one is never written back",
+                              RuntimeWarning, stacklevel=4)
+            del records[name]
+            lost = True
+        if not records:
+            self.records.pop(target, None)
+        return lost
+
+    @torch.no_grad()
+    def apply(self, target: str, module: torch.nn.Module, contributions: Sequence[Contribution]) -> None:
+        records = self.records.setdefault(target, {})
+        params = dict(module.named_parameters(recurse=False))
+        if contributions:
+            base = {name: (records[name].pristine if name in records else p.detach()).to(p.device, torch.float32)
+                    for name, p in params.items()}
+            out = {name: records[name].param.data for name in ("weight",)
+                   if name in records and records[name].swapped and params[name].dtype == torch.float32
+                   and params[name].is_contiguous()}
+            new = merged_values(base, contributions, out)
+        else:
+            new = {}
+        for name in list(records):
+            if name not in new:
+                self._restore(records.pop(name))
+        for name, value in new.items():
+            self._write(records, name, params[name], value)
+        if not records:
+            self.records.pop(target, None)
+
+    def _write(self, records: dict[str, ParamRecord], name: str, param: torch.nn.Parameter,
+               value: torch.Tensor) -> None:
+        record = records.get(name)
+        if record is None:
+            original = param.data
+            if self.pristine_mode == "same-device" or original.device.type == "cpu":
+                record = ParamRecord(param, original, swapped=True)
+                param.data = torch.empty_like(original)
+            else:
+                record = ParamRecord(param, original.to("cpu", copy=True), swapped=False)
+            records[name] = record
+        if value.data_ptr() != param.data_ptr():
+            param.copy_(value)
+        record.seal()
+
+    @staticmethod
+    def _restore(record: ParamRecord) -> None:
+        if record.swapped:
+            record.param.data = record.pristine
+        else:
+            with torch.no_grad():
+                record.param.copy_(record.pristine)
+
+    def release(self) -> None:
+        self.records.clear()
+
+    def pristine_bytes(self) -> int:
+        """Bytes held only for restoring: copies (not the originals the model would hold anyway)."""
+        return sum(r.pristine.numel() * r.pristine.element_size()
+                   for recs in self.records.values() for r in recs.values() if not r.swapped)
+
+    def buffer_bytes(self) -> int:
+        return sum(r.param.numel() * r.param.element_size()
+                   for recs in self.records.values() for r in recs.values() if r.swapped)
