@@ -100,8 +100,8 @@ def patched_weights(source: Source | PatchSet, components: Components, strength:
         component, _, path = target.partition(".")
         module = modules[component].get_submodule(path)
         params = dict(module.named_parameters(recurse=False))
-        base_fp32 = {name: p.detach().float() for name, p in params.items()}
-        for name, value in merged_values(base_fp32, [(patch, strength)]).items():
+        base = {name: p.detach() for name, p in params.items()}
+        for name, value in merged_values(base, [(patch, strength)]).items():
             key = f"{component}.{path}.{name}" if path else f"{component}.{name}"
             result[key] = value.to(params[name].dtype)
     return result

@@ -82,6 +82,8 @@ class LoraFile:
         self.header = header
         self.format = file_format
         self._loader = loader
+        #: per-file memo of header-derived work (e.g. patches built once, read against several bases)
+        self.cache: dict = {}
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod

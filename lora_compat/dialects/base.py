@@ -12,8 +12,8 @@ from typing import Callable, ClassVar, Iterable, Mapping
 from ..archs import ModuleIndex
 from ..errors import NotALoraError
 from ..files import Header, LoraFile
-from ..patches import Ref, Scale
-from ..patches.build import IncompletePatch, build_patch, split_key
+from ..patches import Patch, Ref, Scale
+from ..patches.build import SUFFIX_ROLES, IncompletePatch, build_patch, split_key
 from ..patchset import PatchSet
 
 DEFAULT_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
@@ -90,44 +90,54 @@ class ModuleReader:
     """Turns grouped module tensors into a PatchSet, resolving names with ``resolve``.
 
     ``resolve(module_name)`` gives a canonical target or ``None``; ``scale_for(target, parts)`` may
-    override the rank scale; ``role_for`` may rename suffixes (default: :data:`SUFFIX_ROLES`).
+    override the rank scale.
     """
 
     resolve: Callable[[str], str | None]
-    scale_for: Callable[[str, Mapping[str, Ref]], Scale | None] = lambda target, parts: None
+    scale_for: Callable[[str, Mapping[str, Ref]], Scale | None] | None = None
     dora_convention: str = "lycoris"
     oft_style: str = "lycoris"
     extra_warnings: list[str] = field(default_factory=list)
 
     def read(self, file: LoraFile, index: ModuleIndex, dialect: str, dotted: bool,
              keys: Iterable[str] | None = None, rename: Callable[[str], str] = lambda k: k) -> PatchSet:
-        from ..patches.build import SUFFIX_ROLES
-
         result = PatchSet(source=file.header.display_name, dialect=dialect, metadata=file.metadata,
                           warnings=list(self.extra_warnings))
         groups, stray = group_modules(file.keys() if keys is None else keys, dotted, rename)
         for key in stray:
             result.unmatched[key] = "not a known LoRA tensor name"
+        # without a target-dependent scale, a module's patch does not depend on the model: build it once per
+        # file (detection reads the same file against every base)
+        shared = file.cache.setdefault(("patches", dialect, self.dora_convention, self.oft_style), {}) \
+            if self.scale_for is None and keys is None else {}
         for module, suffixes in groups.items():
             target = self.resolve(module)
             if target is None:
                 for key in suffixes.values():
                     result.unmatched[key] = f"module {module!r} matches no module of the model"
                 continue
-            parts = {("weight" if s == "weight" else SUFFIX_ROLES[s]): lazy_ref(file, k) for s, k in suffixes.items()}
-            try:
-                patch = build_patch(parts, scale=self.scale_for(target, parts),
-                                    dora_convention=self.dora_convention, oft_style=self.oft_style)
-            except IncompletePatch as exc:
+            patch = shared.get(module)
+            if patch is None:
+                patch = self._build(file, target, suffixes)
+                if self.scale_for is None:
+                    shared[module] = patch
+            if isinstance(patch, IncompletePatch):
                 for key in suffixes.values():
-                    result.unmatched[key] = f"module {module!r}: {exc}"
-                continue
-            if target in result.patches:
+                    result.unmatched[key] = f"module {module!r}: {patch}"
+            elif target in result.patches:
                 for key in suffixes.values():
                     result.unmatched[key] = f"{target} is already patched by another module of this file"
-                continue
-            result.patches[target] = patch
+            else:
+                result.patches[target] = patch
         return result
+
+    def _build(self, file: LoraFile, target: str, suffixes: Mapping[str, str]) -> Patch | IncompletePatch:
+        parts = {("weight" if s == "weight" else SUFFIX_ROLES[s]): lazy_ref(file, k) for s, k in suffixes.items()}
+        try:
+            return build_patch(parts, scale=self.scale_for(target, parts) if self.scale_for else None,
+                               dora_convention=self.dora_convention, oft_style=self.oft_style)
+        except IncompletePatch as exc:
+            return exc
 
 
 def kohya_resolver(index: ModuleIndex, prefixes: Mapping[str, str] | None = None) -> Callable[[str], str | None]:

@@ -11,8 +11,8 @@ DIFFUSERS_UNET_MARKERS = ("conv_in.weight", "time_embedding.linear_1.weight", "d
 
 def _plain_parameters(header: Header) -> float:
     keys = list(header.keys())
-    plain = sum(1 for k in keys if k.endswith((".weight", ".bias")) and split_key(k, True) is None
-                and "lora" not in k)
+    plain = sum(1 for k in keys if k.endswith((".weight", ".bias")) and "lora" not in k
+                and split_key(k, True) is None)
     return plain / len(keys) if keys else 0.0
 
 

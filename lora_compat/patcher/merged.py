@@ -64,35 +64,47 @@ class MergeBackend:
     def apply(self, target: str, module: torch.nn.Module, contributions: Sequence[Contribution]) -> None:
         records = self.records.setdefault(target, {})
         params = dict(module.named_parameters(recurse=False))
+        new: dict[str, torch.Tensor] = {}
+        buffers: dict[str, torch.Tensor] = {}
         if contributions:
-            base = {name: (records[name].pristine if name in records else p.detach()).to(p.device, torch.float32)
+            touched = {name for patch, _ in contributions for name in patch.params}
+            buffers = {name: self._buffer(records.get(name), params[name]) for name in touched if name in params}
+            base = {name: (records[name].pristine if name in records else p.detach()).to(p.device)
                     for name, p in params.items()}
-            out = {name: records[name].param.data for name in ("weight",)
-                   if name in records and records[name].swapped and params[name].dtype == torch.float32
-                   and params[name].is_contiguous()}
+            out = {name: b for name, b in buffers.items() if b is not None and name == "weight" and b.is_contiguous()}
             new = merged_values(base, contributions, out)
-        else:
-            new = {}
         for name in list(records):
             if name not in new:
                 self._restore(records.pop(name))
         for name, value in new.items():
-            self._write(records, name, params[name], value)
+            self._write(records, name, params[name], value, buffers.get(name))
         if not records:
             self.records.pop(target, None)
 
+    def _buffer(self, record: ParamRecord | None, param: torch.nn.Parameter) -> torch.Tensor | None:
+        """Where the new value goes: our own buffer (fresh at first touch) or ``None`` to write in place."""
+        if record is not None:
+            return param.data if record.swapped else None
+        if self.pristine_mode == "same-device" or param.device.type == "cpu":
+            return torch.empty_like(param.data)
+        return None
+
     def _write(self, records: dict[str, ParamRecord], name: str, param: torch.nn.Parameter,
-               value: torch.Tensor) -> None:
+               value: torch.Tensor, buffer: torch.Tensor | None) -> None:
         record = records.get(name)
         if record is None:
             original = param.data
-            if self.pristine_mode == "same-device" or original.device.type == "cpu":
+            if buffer is not None:  # keep the original tensor untouched as the pristine value
                 record = ParamRecord(param, original, swapped=True)
-                param.data = torch.empty_like(original)
             else:
                 record = ParamRecord(param, original.to("cpu", copy=True), swapped=False)
             records[name] = record
-        if value.data_ptr() != param.data_ptr():
+        if buffer is not None:
+            if value is not buffer:
+                buffer.copy_(value)
+            if param.data_ptr() != buffer.data_ptr():
+                param.data = buffer
+        else:
             param.copy_(value)
         record.seal()
 
