@@ -103,7 +103,13 @@ class ModuleReader:
              keys: Iterable[str] | None = None, rename: Callable[[str], str] = lambda k: k) -> PatchSet:
         result = PatchSet(source=file.header.display_name, dialect=dialect, metadata=file.metadata,
                           warnings=list(self.extra_warnings))
-        groups, stray = group_modules(file.keys() if keys is None else keys, dotted, rename)
+        if keys is None:  # the same file is read against every base during detection: group its keys once
+            grouped = file.cache.get(("groups", dotted, rename))
+            if grouped is None:
+                grouped = file.cache[("groups", dotted, rename)] = group_modules(file.keys(), dotted, rename)
+            groups, stray = grouped
+        else:
+            groups, stray = group_modules(keys, dotted, rename)
         for key in stray:
             result.unmatched[key] = "not a known LoRA tensor name"
         # without a target-dependent scale, a module's patch does not depend on the model: build it once per

@@ -16,13 +16,16 @@ Tensor = torch.Tensor
 Shape = tuple[int, ...]
 
 
-@dataclass(frozen=True)
 class Ref:
     """A tensor known by its shape until :meth:`load` reads it (as fp32)."""
 
-    shape: Shape
-    loader: Callable[[], Tensor]
-    name: str = ""
+    __slots__ = ("shape", "loader", "name")
+
+    def __init__(self, shape: Shape, loader: Callable[[], Tensor], name: str = ""):
+        self.shape, self.loader, self.name = tuple(shape), loader, name
+
+    def __repr__(self) -> str:
+        return f"Ref({self.name!r}, {list(self.shape)})"
 
     @classmethod
     def of(cls, tensor: Tensor, name: str = "") -> "Ref":
