@@ -127,7 +127,6 @@ def bench_patcher(unet: torch.nn.Module, a: Path, b: Path, runs: int) -> dict:
 
 
 def bench_hot(dtype: torch.dtype, a: Path, runs: int) -> dict:
-    from peft import LoraConfig  # noqa: F401  (diffusers' PEFT backend)
 
     from lora_compat import Patcher
 

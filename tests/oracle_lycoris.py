@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from lycoris.kohya import LycorisNetworkKohya, create_network
 from lycoris.modules.base import LycorisBaseModule
 from torch import nn
+from oracle_models import one_thread
 
 _UNET_MODULES = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D", "TimestepEmbedding"]
 _UNET_NAMES = ["conv_in", "conv_out", "conv_norm_out"]
@@ -225,17 +226,6 @@ def _expected(network: LycorisNetworkKohya, copies: dict[str, nn.Module],
     return expected
 
 
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """One intra-op thread: the ops here are tiny, and OpenMP sync stalls them badly on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def write_lycoris_file(tmp_dir: Path, components: dict[str, nn.Module], variant: str, seed: int = 0,
                        multiplier: float = 1.0) -> tuple[Path, dict[str, torch.Tensor]]:
     """Save a random LyCORIS `variant` over deep copies of `components` to tmp_dir/<variant>.safetensors.
@@ -252,7 +242,7 @@ def write_lycoris_file(tmp_dir: Path, components: dict[str, nn.Module], variant:
         "ss_network_args": json.dumps({k: str(v) for k, v in args.items()}),
     }
     path = Path(tmp_dir) / f"{variant}.safetensors"
-    with _single_thread():
+    with one_thread():
         copies = {name: copy.deepcopy(module).float() for name, module in components.items()}
         network = _create(copies, variant, multiplier)
         _randomize(network.loras, seed)

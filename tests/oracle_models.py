@@ -5,6 +5,9 @@ the same module topology as the real SD1.5 / SDXL models, with tiny widths.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 SD15_UNET = dict(
@@ -68,3 +71,14 @@ def make_sdxl_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> d
     _randomize(te, seed + 1)
     _randomize(te2, seed + 2)
     return _finish({"unet": unet, "text_encoder": te, "text_encoder_2": te2}, dtype)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch single-threaded: on these tiny tensors intra-op threading only adds (large, under load) overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

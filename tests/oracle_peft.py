@@ -36,14 +36,13 @@ Keys of the returned ``expected`` are ``"<component>.<name in component.state_di
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from oracle_models import one_thread
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -215,17 +214,6 @@ def _write_peft_raw(out: Path, unet: nn.Module, spec: _Spec, gen: torch.Generato
     return out / "adapter_model.safetensors", _changed("unet", unet, merged)
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch single-threaded: on these tiny tensors intra-op threading only adds (large, under load) overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def write_peft_file(tmp_dir: Path, components: dict[str, nn.Module], variant: str, seed: int = 0
                     ) -> tuple[Path, dict[str, torch.Tensor]]:
     """Attach a PEFT LoRA adapter to (deep copies of) the components, give lora_A/lora_B (and magnitude / lora bias
@@ -239,7 +227,7 @@ def write_peft_file(tmp_dir: Path, components: dict[str, nn.Module], variant: st
     out = Path(tmp_dir) / variant
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    with _one_thread():
+    with one_thread():
         if spec.layout == "peft":
             return _write_peft_raw(out, components["unet"], spec, gen)
         return _write_pipeline_file(out, components, spec, gen)
