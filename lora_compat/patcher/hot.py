@@ -30,6 +30,8 @@ class HotPatch:
         self._cached: dict[str, torch.Tensor] = {}
         self._factors: dict[int, tuple] = {}
         self._reentered = False
+        self._lowranks = [(p, s) for p, s in self.contributions if self._lowrank(p)]
+        self._has_dense = len(self._lowranks) < len(self.contributions)
         self.handle = module.register_forward_hook(self, with_kwargs=True)
 
     def remove(self) -> None:
@@ -67,41 +69,44 @@ class HotPatch:
             finally:
                 self._reentered = False
         extra = None
-        for patch, strength in self.contributions:
-            if self._lowrank(patch):
-                term = self._lowrank_forward(patch, strength, x)
-                extra = term if extra is None else extra + term
-        deltas = self._materialised()
+        for patch, strength in self._lowranks:
+            term = self._lowrank_forward(patch, strength, x)
+            extra = term if extra is None else extra + term
+        deltas = self._materialised() if self._has_dense else None
         if deltas:
             term = self._dense_forward(deltas, x)
             extra = term if extra is None else extra + term
         return output if extra is None else output + extra.to(output.dtype)
 
     def _load_factors(self, patch: LoraPatch, device: torch.device) -> tuple:
-        """up, down and bias of a LoRA, read once (the LoRA's own size) and kept on the input's device."""
+        """up, down (shaped for this module's op), bias and scale of a LoRA, read once (the LoRA's own size)
+        and kept on the input's device."""
         cached = self._factors.get(id(patch))
         if cached is None or cached[0].device != device:
+            up, down = patch.up.load().to(device), patch.down.load().to(device)
+            if isinstance(self.module, torch.nn.Conv2d):
+                kernel = self.module.weight.shape[1:]
+                down = down.reshape(down.shape[0], *kernel)
+                up = up.reshape(up.shape[0], up.shape[1], 1, 1)
+            else:
+                down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
             bias = patch.bias.load().to(device) if patch.bias is not None else None
-            cached = (patch.up.load().to(device), patch.down.load().to(device), bias, patch.scale.value())
+            if bias is not None and isinstance(self.module, torch.nn.Conv2d):
+                bias = bias.reshape(-1, 1, 1)
+            cached = (up, down, bias, patch.scale.value())
             self._factors[id(patch)] = cached
         return cached
 
     def _lowrank_forward(self, patch: LoraPatch, strength: float, x: torch.Tensor) -> torch.Tensor:
         up, down, bias, scale = self._load_factors(patch, x.device)
-        scale = scale * strength
         x = x.float()
         if isinstance(self.module, torch.nn.Conv2d):
-            weight_shape = self.module.weight.shape
-            down = down.reshape(down.shape[0], weight_shape[1], *weight_shape[2:]) if down.dim() == 2 else down
-            if down.shape[2:] != weight_shape[2:]:
-                down = down.reshape(down.shape[0], weight_shape[1], *weight_shape[2:])
-            hidden = F.conv2d(x, down, **_conv_kwargs(self.module))
-            term = F.conv2d(hidden, up.reshape(up.shape[0], up.shape[1], 1, 1))
+            term = F.conv2d(F.conv2d(x, down, **_conv_kwargs(self.module)), up)
         else:
-            term = F.linear(F.linear(x, down.reshape(down.shape[0], -1)), up.reshape(up.shape[0], -1))
+            term = F.linear(F.linear(x, down), up)
         if bias is not None:
-            term = term + (bias.reshape(-1, 1, 1) if isinstance(self.module, torch.nn.Conv2d) else bias)
-        return term * scale
+            term = term + bias
+        return term.mul_(scale * strength)
 
     def _dense_forward(self, deltas: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         weight = deltas.get("weight")
