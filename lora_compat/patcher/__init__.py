@@ -19,9 +19,8 @@ from typing import Iterable, Iterator, Literal, Mapping
 
 import torch
 
-from ..apply import check_patchset, component_modules
+from ..apply import check_patchset, component_modules, resolve_patchset
 from ..archs import ModuleIndex
-from ..core import detect
 from ..errors import LoraCompatError
 from ..patches import Patch
 from ..patchset import PatchSet
@@ -190,13 +189,7 @@ class Patcher:
         return _Loaded(entry, key, patchset)
 
     def _read(self, source: SourceLike, index: ModuleIndex) -> PatchSet:
-        if isinstance(source, PatchSet):
-            patchset = source.fitted(index)
-        else:
-            detection = detect(source)
-            patchset = detection.dialect.read(detection.file, index).fitted(index)
-            patchset.base = detection.base
-            patchset.warnings[:0] = detection.warnings
+        patchset = resolve_patchset(source, index)
         check_patchset(patchset, index, self.strict)  # raises on a wrong base; warns loudly on unmatched keys
         return patchset
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..patches import LoraPatch
-from .merge import Contribution, merged_values
+from .merge import Contribution
 
 
 def _conv_kwargs(module: torch.nn.Conv2d) -> dict:
@@ -46,10 +46,13 @@ class HotPatch:
         params = dict(self.module.named_parameters(recurse=False))
         key = tuple((name, p.data_ptr(), p._version) for name, p in params.items())
         if key != self._cache_key:
-            others = [(p, s) for p, s in self.contributions if not self._lowrank(p)]
             base = {name: p.detach().float() for name, p in params.items()}
-            new = merged_values(base, others) if others else {}
-            self._cached = {name: value - base[name] for name, value in new.items()}
+            deltas: dict[str, torch.Tensor] = {}
+            for patch, strength in self.contributions:
+                if not self._lowrank(patch):
+                    for name, delta in patch.delta(base, strength).items():
+                        deltas[name] = delta if name not in deltas else deltas[name] + delta
+            self._cached = deltas
             self._cache_key = key
         return self._cached
 
