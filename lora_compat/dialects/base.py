@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, ClassVar, Iterable, Mapping
 
 from ..archs import ModuleIndex
@@ -81,10 +82,6 @@ def group_modules(keys: Iterable[str], dotted: bool, rename: Callable[[str], str
     return groups, stray
 
 
-def lazy_ref(file: LoraFile, key: str) -> Ref:
-    return Ref(file.shapes[key], lambda: file.tensor(key), key)
-
-
 @dataclass
 class ModuleReader:
     """Turns grouped module tensors into a PatchSet, resolving names with ``resolve``.
@@ -138,7 +135,9 @@ class ModuleReader:
         return result
 
     def _build(self, file: LoraFile, target: str, suffixes: Mapping[str, str]) -> Patch | IncompletePatch:
-        parts = {("weight" if s == "weight" else SUFFIX_ROLES[s]): lazy_ref(file, k) for s, k in suffixes.items()}
+        shapes, load = file.header.shapes, file.tensor
+        parts = {("weight" if s == "weight" else SUFFIX_ROLES[s]): Ref(shapes[k], partial(load, k), k)
+                 for s, k in suffixes.items()}
         try:
             return build_patch(parts, scale=self.scale_for(target, parts) if self.scale_for else None,
                                dora_convention=self.dora_convention, oft_style=self.oft_style)

@@ -5,7 +5,7 @@ from ..archs import ModuleIndex
 from ..files import Header, LoraFile
 from ..patches.build import SUFFIX_ROLES
 from ..patchset import PatchSet
-from .base import Dialect, Match, ModuleReader, claimed_fraction, index_prefixes, kohya_resolver
+from .base import Dialect, Match, ModuleReader, index_prefixes, kohya_resolver
 
 LYCORIS_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_", "oft_unet_")
 #: suffixes that plain kohya LoRA never writes
@@ -14,21 +14,22 @@ LYCORIS_ONLY = {s for s in SUFFIX_ROLES if s.startswith(("hada_", "lokr_", "oft_
 KNOWN = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "weight"} | LYCORIS_ONLY
 
 
-def is_lycoris_key(key: str) -> bool:
-    module, _, suffix = key.partition(".")
-    return module.startswith(LYCORIS_PREFIXES) and suffix in KNOWN
-
-
 class LycorisDialect(Dialect):
     id = "lycoris"
     description = "LyCORIS algorithms on kohya names (lora_unet_/lora_te_/lycoris_/oft_unet_)"
 
     def detect(self, header: Header) -> Match | None:
-        fraction = claimed_fraction(header, is_lycoris_key)
-        if fraction == 0:
+        claimed = specific = False
+        count = 0
+        for key in header.keys():
+            module, _, suffix = key.partition(".")
+            if module.startswith(LYCORIS_PREFIXES) and suffix in KNOWN:
+                count += 1
+                claimed = True
+                specific = specific or suffix in LYCORIS_ONLY or module.startswith(("lycoris_", "oft_unet_"))
+        if not claimed:
             return None
-        specific = any(k.partition(".")[2] in LYCORIS_ONLY or k.startswith(("lycoris_", "oft_unet_"))
-                       for k in header.keys())
+        fraction = count / len(header)
         # plain LoRA keys are kohya's; LyCORIS claims them with less confidence
         return Match(self.id, fraction if specific else fraction * 0.5,
                      ("LyCORIS-specific tensors present",) if specific else ())
