@@ -30,12 +30,6 @@ class Detection:
     warnings: list[str] = field(default_factory=list)
 
 
-def open_file(source: Source) -> LoraFile:
-    """A :class:`LoraFile` for a path (validated header) or the file itself; bundled embeddings stripped."""
-    file = source if isinstance(source, LoraFile) else LoraFile.open(source)
-    return file
-
-
 def _strip_bundled_embeddings(file: LoraFile) -> tuple[LoraFile, list[str]]:
     bundled = sorted({k.split(".")[1] for k in file.keys() if k.startswith(BUNDLED_EMBEDDING_PREFIX)})
     if not bundled:
@@ -72,7 +66,7 @@ def _score(patchset: PatchSet) -> tuple[int, int]:
 
 def detect(source: Source, base: str | None = None) -> Detection:
     """Detect dialect and base from the header alone and build the (lazy) PatchSet."""
-    file, warnings = _strip_bundled_embeddings(open_file(source))
+    file, warnings = _strip_bundled_embeddings(source if isinstance(source, LoraFile) else LoraFile.open(source))
     dialect, match = choose_dialect(file.header)
     archs = plugins.archs()
     if dialect.refuses:

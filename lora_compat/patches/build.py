@@ -45,8 +45,6 @@ MIN_DIMS: dict[str, int] = {
     "lokr_w2_b": 2, "lokr_t2": 2, "a1": 2, "a2": 2, "b1": 2, "b2": 2, "oft_blocks": 2, "oft_diag": 2,
     "dora_scale": 1, "magnitude_peft": 1, "diff": 1, "w_norm": 1, "weight": 1,
 }
-#: roles that only make sense next to others (a module made of these alone is not a patch)
-AUXILIARY_ROLES = {"alpha", "dora_scale", "magnitude_peft", "rescale", "on_input", "bias", "scale"}
 
 
 def split_key(key: str, dotted: bool) -> tuple[str, str] | None:
