@@ -6,20 +6,26 @@ from typing import Callable
 from lora_compat.hooks import hookimpl
 
 from .archs import SD2, SD15, SDXL
+from .archs.flux import FLUX1
+from .dialects.bfl import BflDialect
+from .dialects.bfl_control import BflControlDialect
 from .dialects.checkpoint import CheckpointRecogniser
 from .dialects.control_lora import ControlLoraRecogniser
 from .dialects.controlnet import ControlNetRecogniser
 from .dialects.diffusers import DiffusersDialect
 from .dialects.kohya import KohyaDialect
 from .dialects.lycoris import LycorisDialect
+from .dialects.onetrainer import OneTrainerDialect
 from .dialects.peft import PeftDialect
 from .dialects.t2i_adapter import T2IAdapterRecogniser
 from .dialects.textual_inversion import TextualInversionRecogniser
+from .dialects.xlabs import XlabsDialect
 
 
 @hookimpl
 def register_dialects(register: Callable[[object], None]) -> None:
-    for dialect in (KohyaDialect(), LycorisDialect(), DiffusersDialect(), PeftDialect(),
+    for dialect in (KohyaDialect(), LycorisDialect(), DiffusersDialect(), PeftDialect(), XlabsDialect(),
+                    BflDialect(), OneTrainerDialect(), BflControlDialect(),
                     TextualInversionRecogniser(), CheckpointRecogniser(), ControlNetRecogniser(),
                     ControlLoraRecogniser(), T2IAdapterRecogniser()):
         register(dialect)
@@ -27,5 +33,5 @@ def register_dialects(register: Callable[[object], None]) -> None:
 
 @hookimpl
 def register_archs(register: Callable[[object], None]) -> None:
-    for arch in (SD15, SD2, SDXL):
+    for arch in (SD15, SD2, SDXL, FLUX1):
         register(arch)

@@ -27,6 +27,10 @@ def _table(result: Inspection) -> str:
         ("triggers", ", ".join(result.triggers) or "-"),
         ("unmatched", str(len(result.unmatched))),
     ]
+    if result.partial:
+        sample = next(iter(result.partial.items()))
+        rows.insert(5, ("partial", f"{len(result.partial)} fused modules in part, e.g. {sample[0]}: "
+                                   f"{', '.join(sample[1]['present'])} present (absent parts unchanged)"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     for key in result.unmatched[:10]:

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import plugins
 from .core import Source, detect
+from .patchset import PatchSet
 from .errors import UnmatchedKeysError
 
 TOP_TAGS = 5
@@ -31,6 +33,8 @@ class Inspection:
     unmatched: list[str]
     unmatched_reasons: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    #: fused modules (BFL ``qkv``/``linear1``) the file covers only in part: present and absent parts
+    partial: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +74,25 @@ def inspect(source: Source, base: str | None = None, strict: bool = False) -> In
         unmatched=unmatched,
         unmatched_reasons=dict(sorted(patchset.unmatched.items())),
         warnings=list(dict.fromkeys(patchset.warnings)),
+        partial=partial_groups(patchset, detection.base or next(iter(detection.base_candidates), None)),
     )
+
+
+def partial_groups(patchset: PatchSet, base: str | None) -> dict[str, dict[str, list[str]]]:
+    """Fused modules of which the file patches some parts but not all (the rest are zero deltas)."""
+    arch = plugins.archs().get(base) if base else None
+    if arch is None:
+        return {}
+    result = {}
+    for component in arch.index.components:
+        for fused, parts in arch.index.fused_modules(component).items():
+            if len(parts) < 2:
+                continue
+            present = [p.target for p in parts if f"{component}.{p.target}" in patchset.patches]
+            if present and len(present) < len(parts):
+                result[f"{component}.{fused}"] = {"present": present,
+                                                  "absent": [p.target for p in parts if p.target not in present]}
+    return result
 
 
 def triggers(metadata: Mapping[str, str], path: Path | None = None) -> list[str]:

@@ -7,6 +7,7 @@ from typing import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from .patches import Patch
+from .patches.rows import FusedPatch
 
 if TYPE_CHECKING:
     from .archs import ModuleIndex
@@ -36,6 +37,7 @@ class PatchSet(Mapping[str, Patch]):
         names alone decide."""
         fitted = PatchSet(source=self.source, dialect=self.dialect, base=self.base, unmatched=dict(self.unmatched),
                           misfits=dict(self.misfits), warnings=list(self.warnings), metadata=self.metadata)
+        fused: dict[tuple[str, str], list] = {}
         for target, patch in self.patches.items():
             found = index.resolve(target)
             reason = "no such module" if found is None else None
@@ -45,8 +47,17 @@ class PatchSet(Mapping[str, Patch]):
                 fitted.misfits[target] = reason
                 for ref in patch.refs().values():
                     fitted.unmatched[ref.name or target] = f"{target}: {reason}"
-            else:
+                continue
+            route = index.route(f"{found[0]}.{found[1]}")
+            if route is None:
                 fitted.patches[f"{found[0]}.{found[1]}"] = patch
+            else:
+                fused.setdefault((found[0], route.host), []).append((route, patch))
+        for (component, host), parts in fused.items():
+            route, patch = parts[0]
+            rows = next(iter(index.host_rows(component, host).values()))[0]
+            whole = len(parts) == 1 and not route.swap and not route.param_names and route.stop - route.start == rows
+            fitted.patches[f"{component}.{host}"] = patch if whole else FusedPatch(parts)
         return fitted
 
     def __getitem__(self, target: str) -> Patch:

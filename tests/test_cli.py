@@ -72,11 +72,11 @@ def test_dialects_lists_every_dialect_and_its_plugin(capsys):
     assert main(["dialects", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     ids = {d["id"]: d for d in listed["dialects"]}
-    for dialect in ("kohya", "lycoris", "diffusers", "peft"):
+    for dialect in ("kohya", "lycoris", "diffusers", "peft", "xlabs", "bfl", "onetrainer", "bfl-control"):
         assert ids[dialect]["plugin"] == "builtin" and not ids[dialect]["refuses"]
     for refused in ("textual-inversion", "checkpoint", "controlnet", "control-lora", "t2i-adapter"):
         assert ids[refused]["refuses"]
-    assert [b["id"] for b in listed["bases"]] == ["sd15", "sd2", "sdxl"]
+    assert [b["id"] for b in listed["bases"]] == ["sd15", "sd2", "sdxl", "flux1"]
     assert main(["dialects"]) == 0
     assert "kohya" in capsys.readouterr().out
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 import torch
 
@@ -14,6 +14,9 @@ Shape = tuple[int, ...]
 ParamShapes = dict[str, Shape]
 
 TABLES = Path(__file__).parent / "tables"
+
+if TYPE_CHECKING:
+    from .flux import Part, Route
 
 
 def _text_model_variants(path: str) -> Iterable[str]:
@@ -33,9 +36,12 @@ class ModuleIndex:
     """
 
     def __init__(self, components: Mapping[str, Mapping[str, ParamShapes]],
-                 alias_makers: Mapping[str, Callable[[Iterable[str]], dict[str, str]]] | None = None):
+                 alias_makers: Mapping[str, Callable[[Iterable[str]], dict[str, str]]] | None = None,
+                 routes: Mapping[str, Mapping[str, "Route"]] | None = None):
         self.components = {c: dict(mods) for c, mods in components.items()}
         self._alias_makers = dict(alias_makers or {})
+        #: component → canonical module path → where it lives in a fused (BFL-layout) host module
+        self.routes = {c: dict(r) for c, r in (routes or {}).items()}
         #: kohya-style name prefix → component (set by the architecture; dialects fall back to SD's)
         self.kohya_prefixes: dict[str, str] = {}
         #: False: resolve by name only (used when no full-size base fits, e.g. tiny test models)
@@ -50,16 +56,63 @@ class ModuleIndex:
 
     @classmethod
     def from_modules(cls, modules: Mapping[str, torch.nn.Module]) -> "ModuleIndex":
+        """The index of real modules. A BFL-layout (fused) Flux transformer is indexed by the canonical
+        (split) modules it is equivalent to, with a route from each to its rows of the host module."""
+        from .flux import FLUX_KOHYA_PREFIXES, canonical_from_bfl, is_bfl_transformer, is_flux_transformer
         from .sd import sgm_aliases  # the UNet alias rule is the only one that needs no config
 
-        table = {}
+        table, routes = {}, {}
         for component, module in modules.items():
             table[component] = {
                 name: {p: tuple(t.shape) for p, t in sub.named_parameters(recurse=False)}
                 for name, sub in module.named_modules()
                 if any(True for _ in sub.parameters(recurse=False))
             }
-        return cls(table, {"unet": sgm_aliases})
+            if is_bfl_transformer(table[component]):
+                host = table[component]
+                table[component], routes[component] = canonical_from_bfl(host)
+                table[component].update({path: shapes for path, shapes in host.items()
+                                         if not any(r.host == path for r in routes[component].values())})
+        index = cls(table, {"unet": sgm_aliases}, routes)
+        if any(is_flux_transformer(mods) for mods in table.values()):
+            index.kohya_prefixes = dict(FLUX_KOHYA_PREFIXES)
+        return index
+
+    def route(self, target: str) -> "Route | None":
+        """Where a canonical target lives in a fused host, or ``None`` when the host has the module itself."""
+        component, _, path = target.partition(".")
+        return self.routes.get(component, {}).get(path)
+
+    def host_rows(self, component: str, host_path: str) -> dict[str, Shape]:
+        """Parameter shapes of a fused host module (from the routes that point into it)."""
+        shapes: dict[str, Shape] = {}
+        for path, route in self.routes.get(component, {}).items():
+            if route.host != host_path:
+                continue
+            for param, shape in self.components[component][path].items():
+                name = route.host_param(param)
+                rows = max(shapes.get(name, (0,))[0], route.stop)
+                shapes[name] = (rows, *shape[1:])
+        return shapes
+
+    def split_names(self, component: str) -> dict[str, list["Part"]]:
+        """BFL module names (dotted and ``_``-flattened) → the canonical modules they fuse, with row ranges."""
+        return self._split_maps.get(component, {})
+
+    def fused_modules(self, component: str) -> dict[str, list["Part"]]:
+        """BFL module name (dotted) → its canonical parts, for a diffusers-layout Flux component."""
+        return self._fused_maps.get(component, {})
+
+    @cached_property
+    def _fused_maps(self) -> dict[str, dict[str, list["Part"]]]:
+        from .flux import bfl_parts, is_flux_transformer
+
+        return {c: bfl_parts(modules) for c, modules in self.components.items() if is_flux_transformer(modules)}
+
+    @cached_property
+    def _split_maps(self) -> dict[str, dict[str, list["Part"]]]:
+        return {c: {**{k.replace(".", "_"): v for k, v in parts.items()}, **parts}
+                for c, parts in self._fused_maps.items()}
 
     def resolve(self, target: str) -> tuple[str, str] | None:
         """``(component, module path)`` of a canonical target in this index, or ``None``."""

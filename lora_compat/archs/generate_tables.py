@@ -11,7 +11,10 @@ import json
 import torch
 
 from .base import TABLES
+from .flux import FLUX1_CONFIGS
 from .sd import OFFICIAL_CONFIGS
+
+CONFIGS = {**OFFICIAL_CONFIGS, "flux1": FLUX1_CONFIGS}
 
 
 def build_components(base: str) -> dict[str, torch.nn.Module]:
@@ -20,9 +23,13 @@ def build_components(base: str) -> dict[str, torch.nn.Module]:
 
     modules: dict[str, torch.nn.Module] = {}
     with torch.device("meta"):
-        for component, config in OFFICIAL_CONFIGS[base].items():
+        for component, config in CONFIGS[base].items():
             if component == "unet":
                 modules[component] = diffusers.UNet2DConditionModel(**config)
+            elif component == "transformer":
+                modules[component] = diffusers.FluxTransformer2DModel(**config)
+            elif config[0] == "T5EncoderModel":
+                modules[component] = transformers.T5EncoderModel(transformers.T5Config(**config[1]))
             else:
                 cls_name, kwargs = config
                 cfg = transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **kwargs)
@@ -47,7 +54,7 @@ def table_for(base: str) -> dict:
 
 def write_tables() -> None:
     TABLES.mkdir(exist_ok=True)
-    for base in OFFICIAL_CONFIGS:
+    for base in CONFIGS:
         data = json.dumps(table_for(base), sort_keys=True, separators=(",", ":")).encode()
         with open(TABLES / f"{base}.json.gz", "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
             f.write(data)

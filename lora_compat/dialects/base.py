@@ -8,17 +8,20 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, ClassVar, Iterable, Mapping
+from typing import Callable, ClassVar, Iterable, Mapping, Union
 
 from ..archs import ModuleIndex
+from ..archs.flux import Part
 from ..errors import NotALoraError
 from ..files import Header, LoraFile
 from ..patches import Patch, Ref, Scale
 from ..patches.build import SUFFIX_ROLES, IncompletePatch, build_patch, split_key
+from ..patches.rows import out_rows, row_part
 from ..patchset import PatchSet
 
 DEFAULT_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                          "lora_te2_": "text_encoder_2"}
+                          "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_2",
+                          "lora_transformer_": "transformer"}
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,11 @@ def group_modules(keys: Iterable[str], dotted: bool, rename: Callable[[str], str
 class ModuleReader:
     """Turns grouped module tensors into a PatchSet, resolving names with ``resolve``.
 
-    ``resolve(module_name)`` gives a canonical target or ``None``; ``scale_for(target, parts)`` may
-    override the rank scale.
+    ``resolve(module_name)`` gives a canonical target, the canonical parts of a fused module, or ``None``;
+    ``scale_for(target, parts)`` may override the rank scale.
     """
 
-    resolve: Callable[[str], str | None]
+    resolve: Callable[[str], "Resolved"]
     scale_for: Callable[[str, Mapping[str, Ref]], Scale | None] | None = None
     dora_convention: str = "lycoris"
     oft_style: str = "lycoris"
@@ -121,17 +124,24 @@ class ModuleReader:
                 continue
             patch = shared.get(module)
             if patch is None:
-                patch = self._build(file, target, suffixes)
+                patch = self._build(file, target if isinstance(target, str) else target[0].target, suffixes)
                 if self.scale_for is None:
                     shared[module] = patch
             if isinstance(patch, IncompletePatch):
                 for key in suffixes.values():
                     result.unmatched[key] = f"module {module!r}: {patch}"
-            elif target in result.patches:
+                continue
+            placed = [(target, patch)] if isinstance(target, str) else _split(module, patch, target)
+            if isinstance(placed, str):
                 for key in suffixes.values():
-                    result.unmatched[key] = f"{target} is already patched by another module of this file"
-            else:
-                result.patches[target] = patch
+                    result.unmatched[key] = placed
+                continue
+            for canonical, part in placed:
+                if canonical in result.patches:
+                    for key in suffixes.values():
+                        result.unmatched[key] = f"{canonical} is already patched by another module of this file"
+                else:
+                    result.patches[canonical] = part
         return result
 
     def _build(self, file: LoraFile, target: str, suffixes: Mapping[str, str]) -> Patch | IncompletePatch:
@@ -145,18 +155,53 @@ class ModuleReader:
             return exc
 
 
-def kohya_resolver(index: ModuleIndex, prefixes: Mapping[str, str] | None = None) -> Callable[[str], str | None]:
-    """Resolve ``lora_unet_down_blocks_0_...`` style names against the index's real module names."""
+def _split(module: str, patch: Patch, parts: list[Part]) -> list[tuple[str, Patch]] | str:
+    """A patch made for a fused module, split into patches on the canonical modules it fuses (or the
+    reason it cannot be)."""
+    rows = out_rows(patch)
+    total = parts[-1].stop
+    if rows is not None and rows != total:
+        covered = [p for p in parts if p.stop <= rows]
+        if not covered or covered[-1].stop != rows:
+            return (f"module {module!r}: the patch has {rows} output rows; the fused module's parts end at "
+                    f"{', '.join(str(p.stop) for p in parts)}")
+        parts, total = covered, rows
+    try:
+        return [(p.target, row_part(patch, p.start, p.stop, total, p.swap)) for p in parts]
+    except ValueError as exc:
+        return f"module {module!r}: {exc}"
+
+
+Resolved = Union[str, list[Part], None]
+
+
+def kohya_resolver(index: ModuleIndex, prefixes: Mapping[str, str] | None = None) -> Callable[[str], Resolved]:
+    """Resolve ``lora_unet_down_blocks_0_...`` style names against the index's real module names; BFL names
+    of a fused Flux module (``lora_unet_double_blocks_0_img_attn_qkv``) resolve to their canonical parts."""
     ordered = sorted((prefixes or index_prefixes(index)).items(), key=lambda kv: len(kv[0]), reverse=True)
 
-    def resolve(name: str) -> str | None:
+    def resolve(name: str) -> Resolved:
         for prefix, component in ordered:
             if name.startswith(prefix):
-                path = index.aliases(component).get(name[len(prefix):])
-                return f"{component}.{path}" if path is not None else None
+                rest = name[len(prefix):]
+                path = index.aliases(component).get(rest)
+                if path is not None:
+                    return f"{component}.{path}"
+                return component_parts(index, component, rest)
         return None
 
     return resolve
+
+
+def component_parts(index: ModuleIndex, component: str, bfl_name: str) -> Resolved:
+    """A BFL module name (dotted or flattened) of ``component`` → its canonical parts (one part: a plain target)."""
+    parts = index.split_names(component).get(bfl_name)
+    if parts is None:
+        return None
+    parts = [Part(f"{component}.{p.target}", p.start, p.stop, p.swap) for p in parts]
+    if len(parts) == 1 and not parts[0].swap:
+        return parts[0].target
+    return parts
 
 
 def index_prefixes(index: ModuleIndex) -> dict[str, str]:

@@ -10,10 +10,11 @@ from ..files import Header, LoraFile
 from ..patches import Ref, Scale
 from ..patches.build import split_key
 from ..patchset import PatchSet
-from .base import Dialect, Match, ModuleReader, claimed_fraction
+from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction, component_parts
+from .flux_names import DIFFUSERS_FLUX_HEADS, widen_inputs
 from .peft_scaling import PeftScaling
 
-COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 DIFFUSERS_SUFFIXES = {"lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector",
                       "lora_magnitude_vector.weight", "lora.down.weight", "lora.up.weight",
@@ -29,7 +30,9 @@ def normalise_legacy(key: str) -> str:
 
 
 def is_diffusers_key(key: str) -> bool:
-    if not key.startswith(COMPONENT_PREFIXES):
+    if key.startswith(("transformer.double_blocks.", "transformer.single_blocks.")):
+        return False  # OneTrainer's numbered BFL parts
+    if not key.startswith(COMPONENT_PREFIXES) and not key.startswith(DIFFUSERS_FLUX_HEADS):
         return False
     split = split_key(normalise_legacy(key), True)
     return split is not None and split[1] in DIFFUSERS_SUFFIXES
@@ -53,7 +56,8 @@ def adapter_metadata(header: Header) -> dict[str, PeftScaling]:
 
 class DiffusersDialect(Dialect):
     id = "diffusers"
-    description = "diffusers save_lora_weights files (unet./text_encoder./text_encoder_2. + lora_A/lora_B), legacy layouts"
+    description = ("diffusers save_lora_weights files (unet./text_encoder(_2)./transformer. or bare Flux names + "
+                   "lora_A/lora_B), legacy layouts")
 
     def detect(self, header: Header) -> Match | None:
         fraction = claimed_fraction(header, is_diffusers_key)
@@ -67,9 +71,14 @@ class DiffusersDialect(Dialect):
         if not scalings and not any(k.endswith(".alpha") for k in file.keys()):
             warnings.append("no lora_adapter_metadata in the header: alpha = rank (scale 1), as diffusers assumes")
 
-        def resolve(module: str) -> str | None:
+        def resolve(module: str) -> Resolved:
+            if module.startswith(DIFFUSERS_FLUX_HEADS):  # bare Flux transformer names
+                module = "transformer." + module
             found = index.resolve(module)
-            return f"{found[0]}.{found[1]}" if found else None
+            if found:
+                return f"{found[0]}.{found[1]}"
+            component, _, path = module.partition(".")
+            return component_parts(index, component, path)
 
         def scale_for(target: str, parts: dict[str, Ref]) -> Scale | None:
             if "alpha" in parts:
@@ -79,4 +88,4 @@ class DiffusersDialect(Dialect):
             return scaling.scale(path) if scaling else None
 
         reader = ModuleReader(resolve, scale_for, extra_warnings=warnings)
-        return reader.read(file, index, self.id, dotted=True, rename=normalise_legacy)
+        return widen_inputs(reader.read(file, index, self.id, dotted=True, rename=normalise_legacy), index)

@@ -6,7 +6,7 @@ from ..files import Header, LoraFile
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, claimed_fraction, kohya_resolver
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
 
 
@@ -17,7 +17,7 @@ def is_kohya_key(key: str) -> bool:
 
 class KohyaDialect(Dialect):
     id = "kohya"
-    description = "kohya sd-scripts LoRA/LoCon/DyLoRA (lora_unet_/lora_te_ names, SD1-style or SGM)"
+    description = "kohya sd-scripts LoRA/LoCon/DyLoRA (lora_unet_/lora_te_ names: SD1-style, SGM, Flux BFL names)"
 
     def detect(self, header: Header) -> Match | None:
         fraction = claimed_fraction(header, is_kohya_key)
@@ -26,4 +26,15 @@ class KohyaDialect(Dialect):
         return Match(self.id, fraction, (f"{fraction:.0%} of keys are kohya lora_down/lora_up/alpha",))
 
     def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
-        return ModuleReader(kohya_resolver(index)).read(file, index, self.id, dotted=False)
+        patchset = ModuleReader(kohya_resolver(index)).read(file, index, self.id, dotted=False)
+        return explain_trailing_underscores(patchset)
+
+
+def explain_trailing_underscores(patchset: PatchSet) -> PatchSet:
+    """A known broken diffusers→kohya converter wrote names like ``lora_unet_context_embedder_.alpha``
+    (sd-scripts issue #1463): say so instead of a bare "no such module"."""
+    for key in patchset.unmatched:
+        if key.partition(".")[0].endswith("_"):
+            patchset.unmatched[key] = ("module name ends with '_': written by a broken converter (sd-scripts "
+                                       "issue #1463); re-convert the file from its source")
+    return patchset

@@ -7,7 +7,7 @@ from ..patches.build import SUFFIX_ROLES
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, index_prefixes, kohya_resolver
 
-LYCORIS_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lycoris_", "oft_unet_")
+LYCORIS_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_", "oft_unet_")
 #: suffixes that plain kohya LoRA never writes
 LYCORIS_ONLY = {s for s in SUFFIX_ROLES if s.startswith(("hada_", "lokr_", "oft_", "diff", "w_norm", "b_norm"))} | {
     "a1.weight", "a2.weight", "b1.weight", "b2.weight", "on_input", "dora_scale", "rescale"}

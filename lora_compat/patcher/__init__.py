@@ -58,6 +58,17 @@ class _Loaded:
     patchset: PatchSet
 
 
+def sync_config(component: torch.nn.Module) -> None:
+    """Keep a diffusers model's config in step with a widened (or restored) input layer, as diffusers'
+    own Control LoRA loader does (``in_channels`` of a Flux transformer follows ``x_embedder``)."""
+    embedder = getattr(component, "x_embedder", None)
+    config = getattr(component, "config", None)
+    if not isinstance(embedder, torch.nn.Linear) or config is None or not hasattr(component, "register_to_config"):
+        return
+    if getattr(config, "in_channels", embedder.in_features) != embedder.in_features:
+        component.register_to_config(in_channels=embedder.in_features)
+
+
 class Patcher:
     """Apply, stack, switch and remove LoRAs on a model with bit-exact restoration.
 
@@ -106,6 +117,8 @@ class Patcher:
                              if t in stale or desired.get(t, ((), []))[0] != self._applied.get(t, ((), []))[0])
             names = {item.key: source_name(item.entry.source) for item in loaded}
             self._transaction(modules, changed, desired, names)
+            for component in {t.partition(".")[0] for t in changed}:
+                sync_config(modules[component])
             self._loaded = loaded
             self._cache = {k: v for k, v in self._cache.items() if k[0] in {item.key for item in loaded}}
             report.targets = len(desired)

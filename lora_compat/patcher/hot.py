@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..errors import LoraCompatError
 from ..patches import LoraPatch
+from ..patches.widen import WidenPatch
 from .merge import Contribution
 
 
@@ -134,6 +136,9 @@ class HotBackend:
         old = self.hooks.pop(target, None)
         if old is not None:
             old.remove()
+        if any(isinstance(patch, WidenPatch) for patch, _ in contributions):
+            raise LoraCompatError(f"{target}: this LoRA widens the module's input (a FLUX.1 Control LoRA); "
+                                  "hot mode never changes weights or shapes, use Patcher(mode='merge')")
         if contributions:
             self.hooks[target] = HotPatch(module, contributions)
 

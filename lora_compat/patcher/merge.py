@@ -5,7 +5,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..patches import LoraPatch, Patch
+from ..patches import LoraPatch, Patch, SetPatch
+from ..patches.rows import FusedPatch, place, route_view
+from ..patches.widen import WidenPatch, pad_weight
 
 Contribution = tuple[Patch, float]
 #: half-precision weights are merged in blocks of about this many elements (an fp32 block that stays in cache)
@@ -20,7 +22,24 @@ def merged_values(base: Mapping[str, torch.Tensor], contributions: Sequence[Cont
     (``[s₁·up₁ | s₂·up₂] @ [down₁; down₂]``) added to the base with ``addmm``, block of rows by block of
     rows; other kinds add their fp32 delta. When ``out`` gives a buffer for the weight (any dtype), the
     rounded result is written straight into it and that buffer is returned; other values are fp32.
+
+    ``set`` patches replace the base value before anything is added (exact: no ``value - base`` round
+    trip); input-widening patches zero-pad the base weight first.
     """
+    if any(isinstance(patch, FusedPatch) for patch, _ in contributions):
+        return _merged_fused(base, contributions, out)
+    widths = [patch.in_features for patch, _ in contributions if isinstance(patch, WidenPatch)]
+    if widths:
+        base = pad_weight(base, max(widths))
+        contributions = [(p.inner if isinstance(p, WidenPatch) else p, s) for p, s in contributions]
+        if out and "weight" in out and out["weight"].shape != base["weight"].shape:
+            out = None
+    replaced = [patch for patch, _ in contributions if isinstance(patch, SetPatch)]
+    if replaced:
+        base = dict(base)
+        for patch in replaced:
+            base[patch.param] = patch.value.load().reshape(base[patch.param].shape)
+        contributions = [(p, s) for p, s in contributions if not isinstance(p, SetPatch)]
     ups: list[torch.Tensor] = []
     downs: list[torch.Tensor] = []
     deltas: dict[str, torch.Tensor] = {}
@@ -52,6 +71,40 @@ def merged_values(base: Mapping[str, torch.Tensor], contributions: Sequence[Cont
         result["weight"] = target
     for param, delta in deltas.items():
         result[param] = base[param].float() + delta
+    for patch in replaced:
+        result.setdefault(patch.param, base[patch.param].float())
+    if widths:
+        result.setdefault("weight", base["weight"].float())
+    return result
+
+
+def _merged_fused(base: Mapping[str, torch.Tensor], contributions: Sequence[Contribution],
+                  out: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """A fused host weight (BFL ``qkv``/``linear1``): each canonical module's rows are merged exactly as the
+    split module would be (same inputs, same order), the rows no patch covers stay as they were."""
+    groups: dict = {}
+    for patch, strength in contributions:
+        if not isinstance(patch, FusedPatch):
+            raise TypeError(f"a {patch.kind} patch cannot be stacked with row-sliced patches on one fused weight")
+        for route, part in patch.parts:
+            groups.setdefault(route, []).append((part, strength))
+    result: dict[str, torch.Tensor] = {}
+    for patch, _ in contributions:
+        for param in patch.params:
+            if param in result:
+                continue
+            target = out.get(param) if out else None
+            if target is None or target.shape != base[param].shape:
+                target = torch.empty(base[param].shape, dtype=torch.float32, device=base[param].device)
+            target.copy_(base[param])
+            result[param] = target
+    for route in sorted(groups, key=lambda r: r.start):
+        host_weight = result.get(route.host_param("weight"))
+        sub_out = None if route.swap or host_weight is None else {"weight": host_weight[route.start:route.stop]}
+        for param, value in merged_values(route_view(route, base), groups[route], sub_out).items():
+            if sub_out is not None and param == "weight" and value.data_ptr() == sub_out["weight"].data_ptr():
+                continue
+            place(route, result[route.host_param(param)], value)
     return result
 
 

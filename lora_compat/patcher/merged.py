@@ -7,6 +7,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from ..patches.widen import WidenPatch
 from .merge import Contribution, merged_values
 
 PristineMode = Literal["cpu", "same-device"]
@@ -68,9 +69,11 @@ class MergeBackend:
         buffers: dict[str, torch.Tensor] = {}
         if contributions:
             touched = {name for patch, _ in contributions for name in patch.params}
-            buffers = {name: self._buffer(records.get(name), params[name]) for name in touched if name in params}
             base = {name: (records[name].pristine if name in records else p.detach()).to(p.device)
                     for name, p in params.items()}
+            shapes = new_shapes(base, contributions)
+            buffers = {name: self._buffer(records.get(name), params[name], shapes[name])
+                       for name in touched if name in params}
             out = {name: b for name, b in buffers.items() if b is not None and name == "weight" and b.is_contiguous()}
             new = merged_values(base, contributions, out)
         for name in list(records):
@@ -78,11 +81,16 @@ class MergeBackend:
                 self._restore(records.pop(name))
         for name, value in new.items():
             self._write(records, name, params[name], value, buffers.get(name))
+        if isinstance(module, torch.nn.Linear):  # an input-widening patch may have changed the shape
+            module.out_features, module.in_features = module.weight.shape
         if not records:
             self.records.pop(target, None)
 
-    def _buffer(self, record: ParamRecord | None, param: torch.nn.Parameter) -> torch.Tensor | None:
-        """Where the new value goes: our own buffer (fresh at first touch) or ``None`` to write in place."""
+    def _buffer(self, record: ParamRecord | None, param: torch.nn.Parameter, shape: torch.Size) -> torch.Tensor | None:
+        """Where the new value goes: our own buffer (fresh at first touch or when the shape changes) or
+        ``None`` to write in place."""
+        if param.shape != shape:
+            return torch.empty(shape, dtype=param.dtype, device=param.device)
         if record is not None:
             return param.data if record.swapped else None
         if self.pristine_mode == "same-device" or param.device.type == "cpu":
@@ -112,6 +120,8 @@ class MergeBackend:
     def _restore(record: ParamRecord) -> None:
         if record.swapped:
             record.param.data = record.pristine
+        elif record.param.shape != record.pristine.shape:
+            record.param.data = record.pristine.to(record.param.device)
         else:
             with torch.no_grad():
                 record.param.copy_(record.pristine)
@@ -127,3 +137,13 @@ class MergeBackend:
     def buffer_bytes(self) -> int:
         return sum(r.param.numel() * r.param.element_size()
                    for recs in self.records.values() for r in recs.values() if r.swapped)
+
+
+def new_shapes(base: dict[str, torch.Tensor], contributions: Sequence[Contribution]) -> dict[str, torch.Size]:
+    """Each parameter's shape after the patches: input-widening patches widen the weight."""
+    shapes = {name: t.shape for name, t in base.items()}
+    widths = [patch.in_features for patch, _ in contributions if isinstance(patch, WidenPatch)]
+    if widths and "weight" in shapes:
+        weight = shapes["weight"]
+        shapes["weight"] = torch.Size((weight[0], max(widths), *weight[2:]))
+    return shapes

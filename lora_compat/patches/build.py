@@ -19,6 +19,7 @@ from .lokr import LokrPatch
 from .lora import LoraPatch
 from .norm import NormPatch
 from .oft import OftPatch, OftStyle
+from .set import SetPatch
 from .base import Patch
 
 #: key suffix → role, longest suffixes first so that ``lora_B.bias`` wins over shorter endings
@@ -43,7 +44,7 @@ MIN_DIMS: dict[str, int] = {
     "down": 2, "up": 2, "mid": 2, "hada_w1_a": 2, "hada_w1_b": 2, "hada_w2_a": 2, "hada_w2_b": 2,
     "hada_t1": 2, "hada_t2": 2, "lokr_w1": 2, "lokr_w1_a": 2, "lokr_w1_b": 2, "lokr_w2": 2, "lokr_w2_a": 2,
     "lokr_w2_b": 2, "lokr_t2": 2, "a1": 2, "a2": 2, "b1": 2, "b2": 2, "oft_blocks": 2, "oft_diag": 2,
-    "dora_scale": 1, "magnitude_peft": 1, "diff": 1, "w_norm": 1, "weight": 1,
+    "dora_scale": 1, "magnitude_peft": 1, "diff": 1, "w_norm": 1, "weight": 1, "scale": 1,
 }
 
 
@@ -108,6 +109,8 @@ def build_patch(parts: Mapping[str, Ref], *, scale: Scale | None = None,
         patch = NormPatch(parts.get("w_norm"), parts.get("b_norm"))
     elif {"weight", "on_input"} <= roles:
         patch = Ia3Patch(parts["weight"], parts["on_input"])
+    elif roles == {"scale"}:  # a BFL RMSNorm's parameter stored whole (FLUX.1 Control LoRAs): replace it
+        patch = SetPatch(parts["scale"], "weight")
     else:
         raise IncompletePatch(f"tensors {sorted(roles)} form no known patch kind")
 

@@ -1,0 +1,218 @@
+"""FLUX.1: the diffusers (split) transformer layout, the BFL (fused) layout, and the exact map between them.
+
+Canonical targets are the diffusers names (``transformer_blocks.0.attn.to_q``). A BFL module such as
+``double_blocks.0.img_attn.qkv`` is the row-wise concatenation of several canonical modules; every row
+range is derived from the model's own shapes, never from a hard-coded width.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from .base import Arch, ParamShapes
+
+#: BFL module in ``double_blocks.N`` → the canonical modules in ``transformer_blocks.N``, in row order
+DOUBLE_BLOCK = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+    "img_mod.lin": ("norm1.linear",),
+    "txt_mod.lin": ("norm1_context.linear",),
+    "img_attn.norm.query_norm": ("attn.norm_q",),
+    "img_attn.norm.key_norm": ("attn.norm_k",),
+    "txt_attn.norm.query_norm": ("attn.norm_added_q",),
+    "txt_attn.norm.key_norm": ("attn.norm_added_k",),
+}
+#: BFL module in ``single_blocks.N`` → canonical modules in ``single_transformer_blocks.N``
+SINGLE_BLOCK = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation.lin": ("norm.linear",),
+    "norm.query_norm": ("attn.norm_q",),
+    "norm.key_norm": ("attn.norm_k",),
+}
+TOP_LEVEL = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+#: BFL chunks this modulation as (shift, scale), diffusers as (scale, shift): the output halves swap
+SWAPPED = {"final_layer.adaLN_modulation.1"}
+#: BFL RMSNorms call their parameter ``scale``; diffusers calls it ``weight``
+NORM_SUFFIXES = ("query_norm", "key_norm")
+
+_DOUBLE = re.compile(r"^transformer_blocks\.(\d+)\.")
+_SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)\.")
+_BFL_DOUBLE = re.compile(r"^double_blocks\.(\d+)\.")
+_BFL_SINGLE = re.compile(r"^single_blocks\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows ``[start, stop)`` of a fused BFL module that one canonical module occupies."""
+
+    target: str
+    start: int
+    stop: int
+    swap: bool = False
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a canonical module lives in a fused (BFL-layout) host: rows of a host module, and the host's
+    names for its parameters (``weight`` → ``scale`` for the BFL norms)."""
+
+    host: str
+    start: int
+    stop: int
+    swap: bool = False
+    param_names: tuple[tuple[str, str], ...] = ()
+
+    def host_param(self, param: str) -> str:
+        return dict(self.param_names).get(param, param)
+
+
+def _blocks(paths: Iterable[str], pattern: re.Pattern) -> list[int]:
+    return sorted({int(m.group(1)) for p in paths if (m := pattern.match(p))})
+
+
+def is_flux_transformer(modules: Mapping[str, ParamShapes]) -> bool:
+    """diffusers ``FluxTransformer2DModel`` module names (split layout)."""
+    return "x_embedder" in modules and ("single_transformer_blocks.0.proj_mlp" in modules
+                                        or "transformer_blocks.0.attn.add_q_proj" in modules)
+
+
+def is_bfl_transformer(modules: Mapping[str, ParamShapes]) -> bool:
+    """BFL / ComfyUI Flux module names (fused layout)."""
+    return "img_in" in modules and ("double_blocks.0.img_attn.qkv" in modules or "single_blocks.0.linear1" in modules)
+
+
+def bfl_groups(paths: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """Every BFL module name of a diffusers-layout Flux transformer → its canonical modules (row order)."""
+    paths = list(paths)
+    groups: dict[str, tuple[str, ...]] = {}
+    for i in _blocks(paths, _DOUBLE):
+        for bfl, parts in DOUBLE_BLOCK.items():
+            groups[f"double_blocks.{i}.{bfl}"] = tuple(f"transformer_blocks.{i}.{p}" for p in parts)
+    for i in _blocks(paths, _SINGLE):
+        for bfl, parts in SINGLE_BLOCK.items():
+            groups[f"single_blocks.{i}.{bfl}"] = tuple(f"single_transformer_blocks.{i}.{p}" for p in parts)
+    for bfl, canonical in TOP_LEVEL.items():
+        groups[bfl] = (canonical,)
+    return groups
+
+
+def bfl_parts(modules: Mapping[str, ParamShapes]) -> dict[str, list[Part]]:
+    """BFL module name → the canonical modules it fuses, with their row ranges (from the model's shapes).
+    Only groups whose canonical modules all exist are listed."""
+    result: dict[str, list[Part]] = {}
+    for bfl, canonical in bfl_groups(modules).items():
+        if not all(c in modules for c in canonical):
+            continue
+        parts, row = [], 0
+        for c in canonical:
+            rows = _rows(modules[c])
+            parts.append(Part(c, row, row + rows, bfl in SWAPPED))
+            row += rows
+        result[bfl] = parts
+    return result
+
+
+def _rows(shapes: ParamShapes) -> int:
+    shape = shapes.get("weight") or next(iter(shapes.values()))
+    return shape[0]
+
+
+def canonical_from_bfl(host: Mapping[str, ParamShapes]) -> tuple[dict[str, ParamShapes], dict[str, Route]]:
+    """For a BFL-layout host: the canonical (diffusers) module table it is equivalent to, and where each
+    canonical module lives in the host. Row splits come from the host's shapes: ``qkv`` is three equal
+    thirds; ``linear1`` is q, k, v of the width of ``linear2`` 's output, then the MLP rows."""
+    table: dict[str, ParamShapes] = {}
+    routes: dict[str, Route] = {}
+    for path, shapes in host.items():
+        canonical = _canonical_parts(path, host)
+        if canonical is None:
+            continue
+        for target, start, stop in canonical:
+            names = tuple((p, "scale") for p in ("weight",)) if path.endswith(NORM_SUFFIXES) else ()
+            lookup = dict(names)
+            view: ParamShapes = {}
+            for param in ("weight", "bias"):
+                shape = shapes.get(lookup.get(param, param))
+                if shape is not None:
+                    view[param] = (stop - start, *shape[1:])
+            table[target] = view
+            routes[target] = Route(path, start, stop, path in SWAPPED, names)
+    return table, routes
+
+
+def _canonical_parts(path: str, host: Mapping[str, ParamShapes]) -> list[tuple[str, int, int]] | None:
+    shapes = host[path]
+    rows = _rows(shapes)
+    if path in TOP_LEVEL:
+        return [(TOP_LEVEL[path], 0, rows)]
+    for pattern, table, prefix in ((_BFL_DOUBLE, DOUBLE_BLOCK, "transformer_blocks"),
+                                   (_BFL_SINGLE, SINGLE_BLOCK, "single_transformer_blocks")):
+        m = pattern.match(path)
+        if not m:
+            continue
+        rest = path[m.end():]
+        parts = table.get(rest)
+        if parts is None:
+            return None
+        names = [f"{prefix}.{m.group(1)}.{p}" for p in parts]
+        if len(names) == 1:
+            return [(names[0], 0, rows)]
+        if rest == "linear1":
+            width = _rows(host.get(f"single_blocks.{m.group(1)}.linear2", {}) or {"weight": (rows // 7,)})
+            sizes = [width, width, width, rows - 3 * width]
+        else:
+            sizes = [rows // len(names)] * len(names)
+        bounds, row = [], 0
+        for name, size in zip(names, sizes):
+            bounds.append((name, row, row + size))
+            row += size
+        return bounds
+    return None
+
+
+FLUX_KOHYA_PREFIXES = {"lora_unet_": "transformer", "lora_transformer_": "transformer",
+                       "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                       "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_2"}
+
+
+def _flux_hint(metadata: Mapping[str, str]) -> bool:
+    version = metadata.get("ss_base_model_version", "")
+    arch = metadata.get("modelspec.architecture", "")
+    return version.startswith("flux1") or arch.startswith("flux-1")
+
+
+FLUX1 = Arch(
+    id="flux1", title="FLUX.1 (dev/schnell family)", table_file="flux1.json.gz",
+    kohya_prefixes=FLUX_KOHYA_PREFIXES, metadata_hint=_flux_hint,
+)
+
+#: FLUX.1-dev's published configs (transformer, CLIP-L, T5-XXL v1.1 encoder)
+FLUX1_CONFIGS = {
+    "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+    "text_encoder": ("CLIPTextModel", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                           num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu")),
+    "text_encoder_2": ("T5EncoderModel", dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                              num_heads=64, relative_attention_num_buckets=32,
+                                              feed_forward_proj="gated-gelu", is_encoder_decoder=False)),
+}

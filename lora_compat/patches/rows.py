@@ -1,0 +1,173 @@
+"""Row slices: splitting a patch made for a fused weight (BFL ``qkv``, ``linear1``) into patches on the split
+modules, and bundling patches on split modules into one patch on a fused host weight.
+
+A LoRA splits exactly by slicing its up rows and sharing its down (never splitting the shared rank).
+Other factorised kinds are materialised and sliced. Missing parts of a fused weight are zero deltas.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import torch
+
+from .base import FactorisedPatch, Patch, Ref, Shape, Tensor
+from .full import FullPatch
+from .lora import LoraPatch
+from .set import SetPatch
+
+if TYPE_CHECKING:
+    from ..archs.flux import Route
+
+
+def swap_halves(t: Tensor) -> Tensor:
+    """(shift, scale) ↔ (scale, shift) along the rows."""
+    half = t.shape[0] // 2
+    return torch.cat([t[half:], t[:half]])
+
+
+def row_ref(ref: Ref, start: int, stop: int, swap: bool = False) -> Ref:
+    """Rows ``[start, stop)`` of a lazy tensor (halves swapped first when ``swap``)."""
+    loader = ref.loader
+
+    def load() -> Tensor:
+        t = loader()
+        return (swap_halves(t) if swap else t)[start:stop]
+
+    return Ref((stop - start, *ref.shape[1:]), load, ref.name)
+
+
+def out_rows(patch: Patch) -> int | None:
+    """Output rows of the weight a patch was made for, when the kind tells."""
+    if isinstance(patch, LoraPatch):
+        return patch.up.shape[0]
+    if isinstance(patch, FullPatch):
+        return (patch.diff or patch.diff_b).shape[0]
+    if isinstance(patch, SetPatch):
+        return patch.value.shape[0]
+    if isinstance(patch, RowsOf):
+        return patch.stop - patch.start
+    refs = patch.refs()
+    if "hada_w1_a" in refs:
+        return refs["hada_w1_a"].shape[0]
+    if "lokr_w1" in refs or "lokr_w1_a" in refs:
+        w1 = refs.get("lokr_w1") or refs["lokr_w1_a"]
+        w2 = refs.get("lokr_w2") or refs.get("lokr_w2_a")
+        return w1.shape[0] * w2.shape[0] if w2 is not None else None
+    return None
+
+
+class RowsOf(FactorisedPatch):
+    """Rows ``[start, stop)`` of a factorised patch made for a fused weight of ``total`` rows."""
+
+    def __init__(self, inner: FactorisedPatch, start: int, stop: int, total: int, swap: bool = False):
+        self.inner, self.start, self.stop, self.total, self.swap = inner, start, stop, total, swap
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self.inner.kind
+
+    @property
+    def rank(self) -> int | None:
+        return self.inner.rank
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return self.inner.kinds
+
+    def refs(self) -> dict[str, Ref]:
+        return self.inner.refs()
+
+    def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
+        weight = shapes.get("weight")
+        if weight is None:
+            return "module has no weight"
+        if weight[0] != self.stop - self.start:
+            return f"rows [{self.start}, {self.stop}) of a fused patch do not fit a weight of {weight[0]} rows"
+        return self.inner.misfit({"weight": (self.total, *weight[1:])})
+
+    def weight_delta(self, weight_shape: torch.Size) -> Tensor:
+        full = self.inner.weight_delta(torch.Size((self.total, *weight_shape[1:])))
+        return (swap_halves(full) if self.swap else full)[self.start:self.stop]
+
+
+def row_part(patch: Patch, start: int, stop: int, total: int, swap: bool = False) -> Patch:
+    """The part of ``patch`` (made for a fused weight of ``total`` rows) on rows ``[start, stop)``.
+
+    Raises ``ValueError`` for kinds whose change does not split by rows (OFT, IA3, DoRA, norms...).
+    """
+    if isinstance(patch, LoraPatch) and patch.mid is None:
+        bias = row_ref(patch.bias, start, stop, swap) if patch.bias is not None else None
+        return LoraPatch(row_ref(patch.up, start, stop, swap), patch.down, patch.scale, bias=bias)
+    if isinstance(patch, FullPatch):
+        return FullPatch(row_ref(patch.diff, start, stop, swap) if patch.diff is not None else None,
+                         row_ref(patch.diff_b, start, stop, swap) if patch.diff_b is not None else None)
+    if isinstance(patch, SetPatch):
+        return SetPatch(row_ref(patch.value, start, stop, swap), patch.param)
+    if isinstance(patch, FactorisedPatch):
+        return RowsOf(patch, start, stop, total, swap)
+    raise ValueError(f"a {patch.kind} patch on a fused weight cannot be split into the modules it fuses")
+
+
+class FusedPatch(Patch):
+    """Patches on canonical (split) modules that live in rows of one fused host module.
+
+    ``delta`` places each part's change in its rows (zero elsewhere); the merge computes each row range
+    exactly like the split module would (see ``patcher.merge``).
+    """
+
+    kind = "fused"
+    linear_in_strength = False
+
+    def __init__(self, parts: Sequence[tuple["Route", Patch]]):
+        self.parts = sorted(parts, key=lambda part: part[0].start)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(route.host_param(p) for route, patch in self.parts for p in patch.params))
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(sorted({k for _, patch in self.parts for k in patch.kinds}))
+
+    @property
+    def rank(self) -> int | None:
+        return max((patch.rank or 0 for _, patch in self.parts), default=None) or None
+
+    def refs(self) -> dict[str, Ref]:
+        refs: dict[str, Ref] = {}
+        for route, patch in self.parts:
+            for role, ref in patch.refs().items():
+                refs[f"{route.start}:{role}"] = ref
+        return refs
+
+    def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
+        return None  # each part was checked against its canonical module's shapes
+
+    def delta(self, base: Mapping[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for route, patch in self.parts:
+            view = route_view(route, base)
+            for param, delta in patch.delta(view, strength).items():
+                host = route.host_param(param)
+                full = out.setdefault(host, torch.zeros(base[host].shape, dtype=torch.float32,
+                                                        device=base[host].device))
+                place(route, full, delta)
+        return out
+
+
+def route_view(route: "Route", host_params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The canonical module's parameters as views (copies when swapped) of the host's rows."""
+    view = {}
+    for param in ("weight", "bias"):
+        host = host_params.get(route.host_param(param))
+        if host is not None:
+            rows = swap_halves(host) if route.swap else host
+            view[param] = rows[route.start:route.stop]
+    return view
+
+
+def place(route: "Route", host: Tensor, value: Tensor) -> None:
+    """Write a canonical module's value into its rows of the host tensor."""
+    if route.swap:
+        value = swap_halves(value)
+    host[route.start:route.stop].copy_(value)
