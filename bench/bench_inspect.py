@@ -36,7 +36,8 @@ from safetensors.torch import load_file, save_file
 import lora_compat
 
 CORPUS = Path(os.environ.get("LORA_COMPAT_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
-LAYOUTS = {"sd15": "derived_sd15_kohya_lora_full.json", "sdxl": "derived_sdxl_kohya_lora_full_sgm_names.json"}
+LAYOUTS = {"sd15": "derived_sd15_kohya_lora_full.json", "sdxl": "derived_sdxl_kohya_lora_full_sgm_names.json",
+           "flux": "derived_flux1_kohya_lora_full.json"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 NOMINAL_RANK = 16  # the corpus's linear rank (3x3 convs use half of it)
 TARGET_MS = 30.0
@@ -130,7 +131,7 @@ def write_lora(path: Path, layout: str, target_bytes: int, dtype: torch.dtype) -
                for key, shape in keys.items()}
     metadata = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
-        "ss_base_model_version": "sd_v1" if layout == "sd15" else "sdxl_base_v1-0",
+        "ss_base_model_version": {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}[layout],
         "ss_output_name": "bench", "ss_training_comment": "lora_compat benchmark file",
         "ss_tag_frequency": json.dumps({"1_bench": {f"tag{i}": 100 - i for i in range(50)}}),
     }

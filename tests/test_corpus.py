@@ -122,7 +122,7 @@ def test_shipped_architecture_tables_match_a_fresh_build():
     from lora_compat.archs.base import TABLES
     from lora_compat.archs.generate_tables import table_for
 
-    for base in ("sd15", "sd2", "sdxl"):
+    for base in ("sd15", "sd2", "sdxl", "flux1"):
         with gzip.open(TABLES / f"{base}.json.gz", "rt") as f:
             shipped = json.load(f)
         assert shipped == json.loads(json.dumps(table_for(base))), base

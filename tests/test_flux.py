@@ -536,3 +536,17 @@ def test_control_lora_in_hot_mode_is_refused_and_nothing_changes(tmp_path: Path)
     assert patcher.active == [] and model.x_embedder.in_features == 16
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert torch.equal(_flux_forward(model, 16), _flux_forward(make_flux(), 16))  # no hook left behind
+
+
+@pytest.mark.parametrize("prefix", ["", "base_model.model."])
+def test_bare_and_peft_prefixed_flux_names_equal_the_transformer_prefix(tmp_path: Path, prefix: str) -> None:
+    model = make_flux()
+    reference = diffusers_file(tmp_path / "ref.safetensors", model, PARTIAL)
+    from safetensors.torch import load_file
+
+    renamed = {prefix + k[len("transformer."):]: v for k, v in load_file(str(reference)).items()}
+    save_file(renamed, str(tmp_path / "other.safetensors"))
+    assert lora_compat.inspect(tmp_path / "other.safetensors").dialect == "diffusers"
+    a = lora_compat.patched_weights(tmp_path / "other.safetensors", {"transformer": model}, strict=True)
+    b = lora_compat.patched_weights(reference, {"transformer": model}, strict=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

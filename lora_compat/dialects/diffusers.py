@@ -29,9 +29,20 @@ def normalise_legacy(key: str) -> str:
     return _PROCESSOR.sub(repl, key)
 
 
+PEFT_PREFIX = "base_model.model."
+
+
+def strip_peft_prefix(key: str) -> str:
+    """``base_model.model.<Flux transformer name>`` (diffusers Flux LoRAs saved through PEFT) → the bare name."""
+    if key.startswith(PEFT_PREFIX) and key[len(PEFT_PREFIX):].startswith(DIFFUSERS_FLUX_HEADS):
+        return key[len(PEFT_PREFIX):]
+    return key
+
+
 def is_diffusers_key(key: str) -> bool:
     if key.startswith(("transformer.double_blocks.", "transformer.single_blocks.")):
         return False  # OneTrainer's numbered BFL parts
+    key = strip_peft_prefix(key)
     if not key.startswith(COMPONENT_PREFIXES) and not key.startswith(DIFFUSERS_FLUX_HEADS):
         return False
     split = split_key(normalise_legacy(key), True)
@@ -88,4 +99,9 @@ class DiffusersDialect(Dialect):
             return scaling.scale(path) if scaling else None
 
         reader = ModuleReader(resolve, scale_for, extra_warnings=warnings)
-        return widen_inputs(reader.read(file, index, self.id, dotted=True, rename=normalise_legacy), index)
+        rename = _rename
+        return widen_inputs(reader.read(file, index, self.id, dotted=True, rename=rename), index)
+
+
+def _rename(key: str) -> str:
+    return normalise_legacy(strip_peft_prefix(key))

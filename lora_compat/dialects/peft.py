@@ -49,6 +49,9 @@ class PeftDialect(Dialect):
         fraction = claimed_fraction(header, is_peft_key)
         if fraction == 0:
             return None
+        if header.path is None or not (header.path.parent / "adapter_config.json").is_file():
+            # without a PEFT config, base_model.model. + Flux names is a diffusers Flux file: let diffusers win
+            fraction *= 0.5
         return Match(self.id, fraction, ("base_model.model. prefix with PEFT LoRA tensors",))
 
     def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
