@@ -42,6 +42,20 @@ def guess_base(index: ModuleIndex) -> str | None:
     return None
 
 
+def describe_components(index: ModuleIndex) -> str | None:
+    """Which base the components are: a registered base at full size, else the family by structure."""
+    from .archs.flux import is_bfl_transformer, is_flux_transformer
+
+    base = guess_base(index)
+    if base is not None:
+        return base
+    if any(is_flux_transformer(m) or is_bfl_transformer(m) for m in index.components.values()):
+        return "a flux1-family model"
+    if index.has_component("unet"):
+        return "a Stable Diffusion UNet model"
+    return None
+
+
 def resolve_patchset(source: Source | PatchSet, index: ModuleIndex, base: str | None = None) -> PatchSet:
     """The source's patches on ``index`` 's real modules (a PatchSet's targets are re-resolved and re-checked)."""
     if isinstance(source, PatchSet):
@@ -49,6 +63,7 @@ def resolve_patchset(source: Source | PatchSet, index: ModuleIndex, base: str | 
     detection = detect(source, base)
     patchset = detection.dialect.read(detection.file, index).fitted(index)
     patchset.base = detection.base
+    patchset.base_candidates = list(detection.base_candidates)
     patchset.warnings[:0] = detection.warnings
     return patchset
 
@@ -57,17 +72,22 @@ def check_patchset(patchset: PatchSet, index: ModuleIndex, strict: bool) -> None
     """Raise on a wrong base or (with ``strict``) unmatched keys; warn loudly otherwise."""
     applied_keys = sum(len(p.refs()) for p in patchset.values())
     lost_share = len(patchset.unmatched) / max(1, len(patchset.unmatched) + applied_keys)
+    models = describe_components(index)
+    looks = f"; the components look like {models}" if models else ""
+    if patchset.base:
+        made_for = f"made for {patchset.base}"
+    elif patchset.base_candidates:
+        made_for = f"made for {' or '.join(patchset.base_candidates)} (by its names)"
+    else:
+        made_for = "made for another model"
     if patchset.misfits and (lost_share >= 0.25 or not patchset):
         target, reason = next(iter(patchset.misfits.items()))
-        models = guess_base(index)
-        made_for = f"made for {patchset.base}" if patchset.base else "made for another model"
-        looks = f"; the components look like {models}" if models else ""
         raise BaseMismatchError(f"{patchset.source}: this LoRA is {made_for}{looks}: {len(patchset.misfits)} modules "
                                 f"do not fit and {lost_share:.0%} of its keys map to nothing "
                                 f"(e.g. {target}: {reason})")
     if not patchset and patchset.unmatched:
         raise BaseMismatchError(f"{patchset.source}: none of its {len(patchset.unmatched)} keys maps to a module of "
-                                f"these components ({', '.join(index.components)}); "
+                                f"these components ({', '.join(index.components)}): the LoRA is {made_for}{looks}; "
                                 f"e.g. {next(iter(patchset.unmatched))}")
     if patchset.unmatched:
         keys = sorted(patchset.unmatched)

@@ -25,6 +25,8 @@ class PatchSet(Mapping[str, Patch]):
     source: str = "<memory>"
     dialect: str | None = None
     base: str | None = None
+    #: bases whose names the file matches when its shapes decided none
+    base_candidates: list[str] = field(default_factory=list)
     unmatched: dict[str, str] = field(default_factory=dict)
     #: targets found by name whose shapes do not fit the patch (also listed key by key in ``unmatched``)
     misfits: dict[str, str] = field(default_factory=dict)
@@ -35,7 +37,8 @@ class PatchSet(Mapping[str, Patch]):
         """A copy keyed by ``index`` 's real module names, without the patches whose shapes do not fit
         (those go to ``misfits`` and their keys to ``unmatched``). With ``index.check_shapes`` False,
         names alone decide."""
-        fitted = PatchSet(source=self.source, dialect=self.dialect, base=self.base, unmatched=dict(self.unmatched),
+        fitted = PatchSet(source=self.source, dialect=self.dialect, base=self.base,
+                          base_candidates=list(self.base_candidates), unmatched=dict(self.unmatched),
                           misfits=dict(self.misfits), warnings=list(self.warnings), metadata=self.metadata)
         fused: dict[tuple[str, str], list] = {}
         for target, patch in self.patches.items():

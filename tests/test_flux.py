@@ -376,7 +376,9 @@ def _flux_forward(model: torch.nn.Module, channels: int) -> torch.Tensor:
 def test_flux_lora_on_sd_components_is_a_base_mismatch(tmp_path: Path) -> None:
     file = kohya_flux_file(tmp_path / "flux.safetensors", make_flux())
     with pytest.raises(BaseMismatchError, match=r"flux\.safetensors: none of its \d+ keys maps to a module of "
-                                                r"these components \(unet, text_encoder\)"):
+                                                r"these components \(unet, text_encoder\): the LoRA is made for "
+                                                r"flux1 \(by its names\); the components look like a Stable "
+                                                r"Diffusion UNet model"):
         Patcher(make_sd15_components()).set([(file, 1.0)])
 
 
@@ -388,14 +390,16 @@ def test_sd_lora_on_flux_is_a_base_mismatch(tmp_path: Path) -> None:
                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight":
                torch.randn(conv.weight.shape[0], 2)}, str(tmp_path / "sd.safetensors"))
     with pytest.raises(BaseMismatchError, match=r"sd\.safetensors: none of its 2 keys maps to a module of these "
-                                                r"components \(transformer\)"):
+                                                r"components \(transformer\): the LoRA is made for sd15 or sd2 "
+                                                r"\(by its names\); the components look like a flux1-family"):
         Patcher(make_flux()).set([(tmp_path / "sd.safetensors", 1.0)])
 
 
 def test_flux_lora_for_another_width_is_a_base_mismatch(tmp_path: Path) -> None:
     file = kohya_flux_file(tmp_path / "narrow.safetensors", make_flux())
     wide = make_flux(num_attention_heads=6)  # width 96 instead of 64
-    with pytest.raises(BaseMismatchError, match=r"narrow\.safetensors: this LoRA is made for another model: \d+ "
+    with pytest.raises(BaseMismatchError, match=r"narrow\.safetensors: this LoRA is made for flux1 \(by its names\); "
+                                                r"the components look like a flux1-family model: \d+ "
                                                 r"modules do not fit .*implies a weight \[\d+, 64 per row\], "
                                                 r"module weight is \[\d+, 96\]"):
         Patcher(wide).set([(file, 1.0)])
