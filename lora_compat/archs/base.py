@@ -63,11 +63,9 @@ class ModuleIndex:
 
         table, routes = {}, {}
         for component, module in modules.items():
-            table[component] = {
-                name: {p: tuple(t.shape) for p, t in sub.named_parameters(recurse=False)}
-                for name, sub in module.named_modules()
-                if any(True for _ in sub.parameters(recurse=False))
-            }
+            table[component], wrapped = _module_table(module)
+            if wrapped:
+                routes[component] = wrapped
             if is_bfl_transformer(table[component]):
                 host = table[component]
                 table[component], routes[component] = canonical_from_bfl(host)
@@ -123,7 +121,13 @@ class ModuleIndex:
         for candidate in _text_model_variants(path):
             if candidate in modules:
                 return component, candidate
-        return None
+        wrapped = self._wrapped_hosts.get(component, {}).get(path)  # a PEFT ``base_layer`` named directly
+        return (component, wrapped) if wrapped else None
+
+    @cached_property
+    def _wrapped_hosts(self) -> dict[str, dict[str, str]]:
+        return {c: {r.host: path for path, r in routes.items() if r.host.endswith(".base_layer")}
+                for c, routes in self.routes.items()}
 
     def shapes(self, target: str) -> ParamShapes | None:
         found = self.resolve(target)
@@ -150,6 +154,30 @@ class ModuleIndex:
                     flat.setdefault(alias.replace(".", "_"), path)
             maps[component] = flat
         return maps
+
+
+def _module_table(module: torch.nn.Module) -> tuple[dict[str, ParamShapes], dict[str, "Route"]]:
+    """``{module path: {param: shape}}`` of the modules that hold parameters. Modules wrapped by a PEFT tuner
+    layer (``to_q.base_layer`` next to ``to_q.lora_A``...) are listed under their own name with a route to the
+    ``base_layer``; the adapters' own parameters are not model modules and are left out."""
+    from .flux import Route
+
+    named = dict(module.named_modules())
+    wrappers = {name[: -len(".base_layer")] for name in named if name.endswith(".base_layer")}
+    table: dict[str, ParamShapes] = {}
+    routes: dict[str, Route] = {}
+    for name, sub in named.items():
+        params = {p: tuple(t.shape) for p, t in sub.named_parameters(recurse=False)}
+        if not params:
+            continue
+        parts = name.split(".")
+        owner = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in wrappers), None)
+        if owner is None:
+            table[name] = params
+        elif name == f"{owner}.base_layer":
+            table[owner] = params
+            routes[owner] = Route(name, 0, next(iter(params.values()))[0] if params else 0)
+    return table, routes
 
 
 @dataclass
