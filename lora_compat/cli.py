@@ -11,7 +11,8 @@ from .errors import LoraCompatError
 from .inspection import Inspection, inspect
 
 
-def _table(result: Inspection) -> str:
+def format_inspection(result: Inspection) -> str:
+    """The human-readable `inspect` table."""
     rank = f"{result.rank['min']}-{result.rank['max']}" if result.rank else "-"
     if result.rank and result.rank["min"] == result.rank["max"]:
         rank = str(result.rank["min"])
@@ -54,7 +55,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if args.json:
             print(result.to_json())
         else:
-            print(("\n" if index else "") + _table(result))
+            print(("\n" if index else "") + format_inspection(result))
     return status
 
 
@@ -95,6 +96,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if status == 2 else 1
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    from .install_host import install
+
+    try:
+        target, state = install(args.host, args.dir, copy=args.copy)
+    except LoraCompatError as exc:
+        print(f"lora-compat install: {exc}", file=sys.stderr)
+        return 2
+    print(f"{state}: {target}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-compat", description="Read, detect and apply every LoRA dialect.")
     parser.add_argument("--version", action="version", version=f"lora-compat {__version__}")
@@ -118,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "be refused, and inspect them all.")
     p.add_argument("--dir", help="where to write the examples (default: a new temporary directory)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("install", help="add lora-compat to a webui (extensions/) or ComfyUI (custom_nodes/)",
+                       description="Link (or copy) lora-compat's host folder into a webui's extensions/ "
+                                   "(AUTOMATIC1111, Forge, SD.Next) or ComfyUI's custom_nodes/. Idempotent.")
+    p.add_argument("host", choices=["webui", "comfyui"])
+    p.add_argument("dir", metavar="DIR", help="the webui or ComfyUI directory")
+    p.add_argument("--copy", action="store_true", help="copy the folder instead of linking it")
+    p.set_defaults(func=cmd_install)
     return parser
 
 

@@ -97,3 +97,44 @@ def test_help_everywhere(args):
 def test_console_script_is_installed():
     done = subprocess.run(["lora-compat", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("lora-compat ")
+
+
+def _fake_host(root, host):
+    root.mkdir()
+    names = {"webui": ["launch.py", "webui.py", "modules/"], "comfyui": ["main.py", "nodes.py", "comfy/"]}[host]
+    for name in names:
+        (root / name.rstrip("/")).mkdir() if name.endswith("/") else (root / name).write_text("")
+    return root
+
+
+@pytest.mark.parametrize("host,folder,marker", [("webui", "extensions", "scripts/lora_compat_script.py"),
+                                                ("comfyui", "custom_nodes", "__init__.py")])
+def test_install_links_then_is_idempotent_then_copies(tmp_path, capsys, host, folder, marker):
+    root = _fake_host(tmp_path / host, host)
+    target = root / folder / "lora-compat"
+    assert main(["install", host, str(root)]) == 0
+    assert target.is_symlink() and (target / marker).is_file()
+    assert capsys.readouterr().out.startswith("linked: ")
+    assert main(["install", host, str(root)]) == 0
+    assert capsys.readouterr().out.startswith("already installed: ")
+    assert main(["install", host, str(root), "--copy"]) == 0
+    assert not target.is_symlink() and (target / marker).is_file()
+    assert main(["install", host, str(root), "--copy"]) == 0  # a copy is refreshed
+    assert capsys.readouterr().out.splitlines()[-1].startswith("updated: ")
+
+
+@pytest.mark.parametrize("host", ["webui", "comfyui"])
+def test_install_refuses_a_directory_that_is_not_the_host(tmp_path, capsys, host):
+    other = "comfyui" if host == "webui" else "webui"
+    root = _fake_host(tmp_path / "x", other)
+    assert main(["install", host, str(root)]) == 2
+    err = capsys.readouterr().err
+    assert f"{root} is not a" in err and "missing" in err
+    assert not (root / "extensions").exists() and not (root / "custom_nodes").exists()
+
+
+def test_install_never_replaces_a_folder_it_did_not_create(tmp_path, capsys):
+    root = _fake_host(tmp_path / "webui", "webui")
+    (root / "extensions" / "lora-compat").mkdir(parents=True)
+    assert main(["install", "webui", str(root)]) == 2
+    assert "was not installed by lora-compat" in capsys.readouterr().err

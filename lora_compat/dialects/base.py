@@ -205,7 +205,13 @@ def component_parts(index: ModuleIndex, component: str, bfl_name: str) -> Resolv
 
 
 def index_prefixes(index: ModuleIndex) -> dict[str, str]:
-    return index.kohya_prefixes or DEFAULT_KOHYA_PREFIXES
+    if index.kohya_prefixes:
+        return index.kohya_prefixes
+    if index.has_component("transformer") and not index.has_component("unet"):
+        from ..archs.flux import FLUX_KOHYA_PREFIXES  # lora_unet_ names the Flux transformer
+
+        return FLUX_KOHYA_PREFIXES
+    return DEFAULT_KOHYA_PREFIXES
 
 
 def claimed_fraction(header: Header, claims: Callable[[str], bool]) -> float:

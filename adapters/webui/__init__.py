@@ -1,0 +1,293 @@
+"""The code behind the webui extension folder (AUTOMATIC1111, SD.Next, Forge).
+
+- A1111 and SD.Next: a ``module_types`` entry inserted first computes ``calc_updown`` from lora_compat's
+  patches (every kind, DoRA with the right math), and a wrapper around the LoRA file read pre-converts
+  dialects the host cannot parse (diffusers/PEFT, OneTrainer, BFL...) into the flat names it maps.
+- Forge: its ``load_lora_state_dict`` read is pre-converted into the names Forge's (ComfyUI-style) key map
+  accepts; kinds Forge lacks or computes differently become ``lora_compat`` patches computed here through
+  ``extra_weight_calculators``.
+- SD.Next: an empty LoRA request always counts as a change, so removing every LoRA restores the model.
+
+Each host object is passed in (``install_a1111(networks, network)`` ...), so the logic runs without a webui.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from lora_compat.errors import LoraCompatError
+from lora_compat.hostkeys import Conversion, HostName, convert, host_native, patch_from_weights, updown
+from lora_compat.patches import Patch
+
+SETTING = "lora_compat_enabled"
+_ids = itertools.count(1)
+
+
+#: filename → its conversion (the module type looks the patches up by module name)
+CONVERTED: dict[str, Conversion] = {}
+#: the loaded model's own modules, when the host script knows them (set on model load); else the file's base
+MODEL_INDEX: dict[str, Any] = {"index": None}
+#: Forge ``lora_compat`` patch ids → (patch, host name)
+FORGE_PATCHES: dict[int, tuple[Patch, HostName | None]] = {}
+
+
+def _opts_enabled() -> bool:
+    shared = sys.modules.get("modules.shared")
+    opts = getattr(shared, "opts", None)
+    return bool(getattr(opts, SETTING, True)) if opts is not None else True
+
+
+enabled: Callable[[], bool] = _opts_enabled
+
+
+def report(filename: str, conversion: Conversion) -> None:
+    """The loud console line: what was read and which keys map to nothing."""
+    if conversion.unmatched:
+        keys = ", ".join(conversion.unmatched[:8]) + (" ..." if len(conversion.unmatched) > 8 else "")
+        print(f"[lora_compat] {Path(filename).name}: {len(conversion.unmatched)} keys match no module of "
+              f"{conversion.base or 'any known base'} and are ignored: {keys}", file=sys.stderr)
+
+
+# -- A1111 and SD.Next -------------------------------------------------------------------------------------------
+def make_module_type(network: Any) -> Any:
+    """A ``network.ModuleType`` (built on the host's own classes) that handles every module lora_compat can
+    read: its ``calc_updown`` uses lora_compat's math."""
+
+    class LoraCompatModule(network.NetworkModule):
+        def __init__(self, net: Any, weights: Any, patch: Patch):
+            super().__init__(net, weights)
+            self.lora_compat_patch = patch
+
+        def calc_updown(self, orig_weight: torch.Tensor):
+            bias = getattr(self.sd_module, "bias", None)
+            return updown(self.lora_compat_patch, orig_weight, bias, self.multiplier())
+
+    class LoraCompatModuleType(network.ModuleType):
+        lora_compat = True
+
+        def create_module(self, net: Any, weights: Any):
+            if not enabled():
+                return None
+            filename = getattr(getattr(net, "network_on_disk", None), "filename", None)
+            converted = CONVERTED.get(filename)
+            found = converted.patches.get(weights.network_key) if converted else None
+            patch = found[0] if found else patch_from_weights(weights.network_key, weights.w)
+            return LoraCompatModule(net, weights, patch) if patch is not None else None
+
+    return LoraCompatModuleType()
+
+
+def _read_converted(holder: Any, filename: str, layout: str) -> Callable[[], None] | None:
+    """Make ``holder.read_state_dict(filename)`` return the converted tensors for this one call (returns the
+    restore function). Every dialect is converted, kohya's too: the names are then always the host's own, and
+    lora_compat's module type finds each module's patch by the name it wrote."""
+    if not enabled():
+        return None
+    try:
+        conversion = convert(filename, layout, MODEL_INDEX["index"])
+    except LoraCompatError as exc:
+        print(f"[lora_compat] {Path(filename).name}: {exc}", file=sys.stderr)
+        return None
+    CONVERTED[filename] = conversion
+    report(filename, conversion)
+    original = holder.read_state_dict
+
+    def read_state_dict(path, *args, **kwargs):
+        if str(path) == str(filename):
+            return dict(conversion.tensors)
+        return original(path, *args, **kwargs)
+
+    holder.read_state_dict = read_state_dict
+
+    def restore() -> None:
+        holder.read_state_dict = original
+    return restore
+
+
+def install_a1111(networks: Any, network: Any, sd_models: Any | None = None, host: str = "a1111") -> None:
+    """Insert the module type first and wrap ``networks.load_network`` (idempotent)."""
+    if not any(getattr(t, "lora_compat", False) for t in networks.module_types):
+        networks.module_types.insert(0, make_module_type(network))
+    if getattr(networks.load_network, "lora_compat", False):
+        return
+    original = networks.load_network
+    holder = sd_models or networks.sd_models
+
+    def load_network(name, network_on_disk):
+        restore = _read_converted(holder, network_on_disk.filename, "compvis" if host == "a1111" else "diffusers")
+        try:
+            return original(name, network_on_disk)
+        finally:
+            if restore:
+                restore()
+
+    load_network.lora_compat = True
+    load_network.__wrapped__ = original
+    networks.load_network = load_network
+
+
+def install_sdnext(lora_common: Any, lora_load: Any, network: Any, extra_networks_lora: Any | None = None,
+                   sd_models: Any | None = None) -> None:
+    """SD.Next: module type first, pre-conversion around ``lora_load.load_safetensors``, and an empty request
+    always counted as a change."""
+    if not any(getattr(t, "lora_compat", False) for t in lora_common.module_types):
+        lora_common.module_types.insert(0, make_module_type(network))
+    if not getattr(lora_load.load_safetensors, "lora_compat", False):
+        original = lora_load.load_safetensors
+        holder = sd_models or lora_load.sd_models
+
+        def load_safetensors(name, network_on_disk, *args, **kwargs):
+            restore = _read_converted(holder, network_on_disk.filename, "diffusers")
+            try:
+                return original(name, network_on_disk, *args, **kwargs)
+            finally:
+                if restore:
+                    restore()
+
+        load_safetensors.lora_compat = True
+        load_safetensors.__wrapped__ = original
+        lora_load.load_safetensors = load_safetensors
+    if extra_networks_lora is not None:
+        fix_empty_request(extra_networks_lora.ExtraNetworkLora)
+
+
+def fix_empty_request(cls: Any) -> None:
+    """``changed()`` returns True for an empty request while LoRAs are loaded (SD.Next issue #3670)."""
+    original = cls.changed
+    if getattr(original, "lora_compat", False):
+        return
+
+    def changed(self, requested, *args, **kwargs):
+        result = original(self, requested, *args, **kwargs)
+        if not result and len(requested) == 0 and _anything_loaded(self):
+            return True
+        return result
+
+    changed.lora_compat = True
+    changed.__wrapped__ = original
+    cls.changed = changed
+
+
+def _anything_loaded(extra_network: Any) -> bool:
+    common = sys.modules.get("modules.lora.lora_common")
+    for holder in (common, extra_network):
+        for attr in ("previously_loaded_networks", "loaded_networks"):
+            if getattr(holder, attr, None):
+                return True
+    return False
+
+
+# -- Forge -------------------------------------------------------------------------------------------------------
+def forge_state_dict(filename: str) -> dict[str, torch.Tensor]:
+    """The file under names Forge's key map accepts; modules whose kind Forge lacks or computes differently
+    carry a ``<module>.lora_compat`` id tensor that the wrapped ``load_lora`` turns into our own patch."""
+    conversion = convert(filename, "comfy", MODEL_INDEX["index"])
+    CONVERTED[filename] = conversion
+    report(filename, conversion)
+    tensors = {}
+    for name, (patch, host) in conversion.patches.items():
+        own = {k: v for k, v in conversion.tensors.items() if k.startswith(name + ".")}
+        if own and host_native(patch):
+            tensors.update(own)
+        else:
+            patch_id = next(_ids)
+            FORGE_PATCHES[patch_id] = (patch, host)
+            tensors[f"{name}.lora_compat"] = torch.tensor(patch_id)
+    return tensors
+
+
+def forge_weight_calculator(weight: torch.Tensor, strength: float, value: Any) -> torch.Tensor:
+    """``extra_weight_calculators["lora_compat"]``: the patched parameter from our patch, in fp32. ``value``
+    is ``(patch id, "weight" | "bias", the module's weight when patching its bias)``."""
+    patch, _ = FORGE_PATCHES[int(value[0])]
+    param = value[1] if len(value) > 1 else "weight"
+    if param == "bias":
+        module_weight = value[2] if len(value) > 2 and value[2] is not None else torch.zeros(weight.shape[0])
+        _, change = updown(patch, module_weight, weight, strength)
+        return weight if change is None else (weight.float() + change).to(weight.dtype)
+    change, _ = updown(patch, weight, None, strength)
+    return (weight.float() + change).to(weight.dtype)
+
+
+def install_forge(networks: Any, lora_backend: Any, weights_of: Callable[[str], torch.Tensor | None] = lambda k: None
+                  ) -> None:
+    """Wrap Forge's ``networks.load_lora_state_dict`` and ``networks.load_lora``; register the calculator.
+    ``weights_of(key)`` gives the loaded model's weight for a key (needed only for bias changes that depend
+    on the weight, e.g. norms)."""
+    lora_backend.extra_weight_calculators["lora_compat"] = forge_weight_calculator
+    if getattr(networks.load_lora_state_dict, "lora_compat", False):
+        return
+    original_read, original_load = networks.load_lora_state_dict, networks.load_lora
+
+    def load_lora_state_dict(filename, *args, **kwargs):
+        if not enabled():
+            return original_read(filename, *args, **kwargs)
+        try:
+            return forge_state_dict(filename)
+        except LoraCompatError as exc:
+            print(f"[lora_compat] {Path(filename).name}: {exc}; Forge reads it itself", file=sys.stderr)
+            return original_read(filename, *args, **kwargs)
+
+    def load_lora(lora, to_load, *args, **kwargs):
+        """Forge's own ``load_lora`` for its native tensors, plus ``lora_compat`` patches on the weight (and the
+        bias, when the patch changes it) of each module we compute ourselves."""
+        ours = {k: v for k, v in lora.items() if k.endswith(".lora_compat")}
+        rest = {k: v for k, v in lora.items() if k not in ours}
+        result = original_load(rest, to_load, *args, **kwargs)
+        patch_dict = result[0] if isinstance(result, tuple) else result
+        for key, value in ours.items():
+            module = key[: -len(".lora_compat")]
+            target = to_load.get(module)
+            if target is None:
+                print(f"[lora_compat] {module}: no module of this model", file=sys.stderr)
+                continue
+            patch_dict[target] = ("lora_compat", (int(value), "weight"))
+            patch, _ = FORGE_PATCHES[int(value)]
+            if "bias" in patch.params and target.endswith(".weight"):
+                weight = weights_of(target)
+                patch_dict[target[: -len(".weight")] + ".bias"] = ("lora_compat", (int(value), "bias", weight))
+        return result
+
+    load_lora_state_dict.lora_compat = load_lora.lora_compat = True
+    networks.load_lora_state_dict, networks.load_lora = load_lora_state_dict, load_lora
+
+
+def set_model(state_dict_shapes: Mapping[str, tuple[int, ...]] | None = None, components: Any = None) -> None:
+    """Tell the hooks which model is loaded: Forge's BFL-named state dict shapes, or diffusers components
+    (SD.Next); row ranges of fused Flux modules then come from this model's shapes."""
+    from lora_compat.archs import ModuleIndex
+    from lora_compat.hostkeys import index_from_state_dict
+
+    if components is not None:
+        MODEL_INDEX["index"] = ModuleIndex.from_modules(components)
+    elif state_dict_shapes is not None:
+        MODEL_INDEX["index"] = index_from_state_dict(state_dict_shapes)
+    else:
+        MODEL_INDEX["index"] = None
+
+
+def install(host_modules: Mapping[str, Any] | None = None) -> str | None:
+    """Detect the running webui and install the hooks for it; returns ``a1111``, ``sdnext``, ``forge`` or
+    ``None`` (not inside a webui)."""
+    found = dict(host_modules or sys.modules)
+    networks = found.get("networks")
+    if networks is not None and hasattr(networks, "load_lora_state_dict"):
+        install_forge(networks, found["backend.patcher.lora"])
+        return "forge"
+    if "modules.lora.lora_common" in found:
+        install_sdnext(found["modules.lora.lora_common"], found["modules.lora.lora_load"],
+                       found["modules.lora.network"], found.get("modules.lora.extra_networks_lora"))
+        return "sdnext"
+    if networks is not None and hasattr(networks, "module_types"):
+        install_a1111(networks, found["network"])
+        return "a1111"
+    return None
+
+
+__all__ = ["install", "install_a1111", "install_sdnext", "install_forge", "convert", "make_module_type",
+           "patch_from_weights", "updown", "fix_empty_request", "forge_state_dict", "forge_weight_calculator", "set_model",
+           "CONVERTED"]

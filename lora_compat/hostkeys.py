@@ -1,0 +1,361 @@
+"""Patches back into host-readable form: the kohya/LyCORIS tensors of each kind, and the flat module names the
+webui family and ComfyUI map (``lora_unet_<SGM or BFL name>``, ``lora_te[12]_text_model_...``).
+
+Canonical targets are diffusers names; a UNet target is written with its SGM (compvis) name, a Flux target
+with its BFL name and, for a part of a fused module, the rows it occupies.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+import torch
+
+from . import plugins
+from .archs import ModuleIndex
+from .core import detect
+from .errors import LoraCompatError
+from .archs.flux import bfl_parts, is_flux_transformer
+from .archs.sd import sgm_aliases
+from .patches import (BoftPatch, DoraPatch, FullPatch, GloraPatch, Ia3Patch, LohaPatch, LokrPatch, LoraPatch,
+                      NormPatch, OftPatch, Patch, Ref, Scale, SetPatch)
+from .patches.build import SUFFIX_ROLES, IncompletePatch, build_patch
+
+#: component → kohya prefix, per text-encoder layout (SD1/SD2 have one text encoder)
+TE_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+@dataclass(frozen=True)
+class HostName:
+    """Where a canonical target lives under host names: a flat module name and, for a part of a fused
+    module, its rows ``(start, stop)`` and whether the halves swap (Flux ``final_layer.adaLN_modulation.1``)."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+    swap: bool = False
+
+
+def _raw(ref: Ref) -> torch.Tensor:
+    return ref.loader()
+
+
+def _alpha(scale: Scale) -> torch.Tensor | None:
+    if scale.alpha is None or scale.rank == 0:
+        return None
+    if isinstance(scale.alpha, Ref) and not scale.rs:
+        return _raw(scale.alpha)
+    return torch.tensor(scale.value() * scale.rank, dtype=torch.float32)
+
+
+def kohya_tensors(patch: Patch) -> dict[str, torch.Tensor]:
+    """The tensors of a patch under kohya/LyCORIS suffixes (``lora_down.weight``, ``hada_w1_a``, ``diff``...),
+    in their stored dtype. Raises ``ValueError`` for kinds with no kohya form."""
+    out: dict[str, torch.Tensor] = {}
+
+    def put(suffix: str, ref: Ref | None) -> None:
+        if ref is not None:
+            out[suffix] = _raw(ref)
+
+    if isinstance(patch, DoraPatch):
+        out.update(kohya_tensors(patch.inner))
+        put("lora_magnitude_vector" if patch.convention == "peft" else "dora_scale", patch.magnitude)
+        return out
+    if isinstance(patch, LoraPatch):
+        put("lora_down.weight", patch.down)
+        put("lora_up.weight", patch.up)
+        put("lora_mid.weight", patch.mid)
+        put("lora_B.bias", patch.bias)
+        scale = patch.scale
+    elif isinstance(patch, LohaPatch):
+        for suffix, ref in (("hada_w1_a", patch.w1a), ("hada_w1_b", patch.w1b), ("hada_w2_a", patch.w2a),
+                            ("hada_w2_b", patch.w2b), ("hada_t1", patch.t1), ("hada_t2", patch.t2)):
+            put(suffix, ref)
+        scale = patch.scale
+    elif isinstance(patch, LokrPatch):
+        for suffix, ref in (("lokr_w1", patch.w1), ("lokr_w1_a", patch.w1a), ("lokr_w1_b", patch.w1b),
+                            ("lokr_w2", patch.w2), ("lokr_w2_a", patch.w2a), ("lokr_w2_b", patch.w2b),
+                            ("lokr_t2", patch.t2)):
+            put(suffix, ref)
+        scale = patch.scale
+    elif isinstance(patch, GloraPatch):
+        for suffix, ref in (("a1.weight", patch.a1), ("a2.weight", patch.a2), ("b1.weight", patch.b1),
+                            ("b2.weight", patch.b2)):
+            put(suffix, ref)
+        scale = patch.scale
+    elif isinstance(patch, (OftPatch, BoftPatch)):
+        put("oft_diag" if getattr(patch, "style", "") == "rotation" else "oft_blocks", patch.blocks)
+        put("rescale", patch.rescale)
+        if isinstance(patch.constraint, Ref):
+            put("alpha", patch.constraint)
+        elif patch.constraint is not None:
+            out["alpha"] = torch.tensor(float(patch.constraint))
+        return out
+    elif isinstance(patch, Ia3Patch):
+        put("weight", patch.weight)
+        out["on_input"] = _raw(patch.on_input) if isinstance(patch.on_input, Ref) else torch.tensor(patch.on_input)
+        return out
+    elif isinstance(patch, FullPatch):
+        put("diff", patch.diff)
+        put("diff_b", patch.diff_b)
+        return out
+    elif isinstance(patch, NormPatch):
+        put("w_norm", patch.w_norm)
+        put("b_norm", patch.b_norm)
+        return out
+    elif isinstance(patch, SetPatch) and patch.param == "weight":
+        put("scale", patch.value)
+        return out
+    else:
+        raise ValueError(f"a {patch.kind} patch has no kohya/LyCORIS tensor form")
+    alpha = _alpha(scale)
+    if alpha is not None:
+        out["alpha"] = alpha
+    return out
+
+
+#: ComfyUI's generic text-encoder names (``text_encoders.<clip state-dict prefix>``), per component and layout
+COMFY_TEXT_ENCODERS = {("text_encoder", False): "text_encoders.clip_l.transformer.",
+                       ("text_encoder_2", False): "text_encoders.clip_g.transformer.",
+                       ("text_encoder_2", True): "text_encoders.t5xxl.transformer."}
+
+
+def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False) -> dict[str, HostName]:
+    """Canonical target → flat kohya-style host name (SGM names for a UNet, BFL names for a Flux transformer,
+    ``text_model_`` paths for CLIP, transformers paths for T5). ``comfy``: text encoders under ComfyUI's
+    generic ``text_encoders.clip_l.transformer.`` names."""
+    names: dict[str, HostName] = {}
+    components = {t.partition(".")[0] for t in targets}
+    te_prefixes = TE_PREFIXES if "text_encoder_2" in index.components and \
+        not _is_t5(index, "text_encoder_2") else {"text_encoder": "lora_te_"}
+    maps: dict[str, dict[str, HostName]] = {}
+    for component in components:
+        modules = index.components.get(component, {})
+        if component == "unet":
+            maps[component] = {path: HostName("lora_unet_" + sgm.replace(".", "_"))
+                               for sgm, path in sgm_aliases(modules).items()}
+        elif is_flux_transformer(modules):
+            maps[component] = {}
+            for bfl, parts in bfl_parts(modules).items():
+                flat = "lora_unet_" + bfl.replace(".", "_")
+                for part in parts:
+                    whole = len(parts) == 1 and not part.swap
+                    maps[component][part.target] = HostName(flat, None if whole else (part.start, part.stop), part.swap)
+        elif comfy and component.startswith("text_encoder"):
+            prefix = COMFY_TEXT_ENCODERS.get((component, _is_t5(index, component)), f"text_encoders.{component}.")
+            maps[component] = {path: HostName(prefix + (path if _is_t5(index, component) else _clip_path(path)))
+                               for path in modules}
+        elif _is_t5(index, component):
+            maps[component] = {path: HostName("lora_te3_" + path.replace(".", "_")) for path in modules}
+        else:
+            prefix = te_prefixes.get(component, TE_PREFIXES.get(component, f"lora_{component}_"))
+            maps[component] = {path: HostName(prefix + _clip_path(path).replace(".", "_")) for path in modules}
+    for target in targets:
+        component, _, path = target.partition(".")
+        found = maps.get(component, {}).get(path.removesuffix(".base_layer"))
+        if found is not None:
+            names[target] = found
+    return names
+
+
+def _clip_path(path: str) -> str:
+    return path if path.startswith("text_model.") else f"text_model.{path}"
+
+
+def _is_t5(index: ModuleIndex, component: str) -> bool:
+    return any(p.startswith("encoder.block.") for p in index.components.get(component, {}))
+
+
+def fused_lora(parts: list[tuple[tuple[int, int], LoraPatch]], total_rows: int) -> dict[str, torch.Tensor]:
+    """LoRA parts on row ranges of one fused module → one exact LoRA for the fused module (fp32):
+    ``down = [down_1; down_2; ...]``, ``up`` block-diagonal with each part's scale folded in, alpha = rank;
+    rows no part covers are zero."""
+    downs, blocks = [], []
+    for (start, stop), patch in parts:
+        up, down, scale = patch.factors()
+        downs.append(down)
+        blocks.append(((start, stop), up * scale))
+    down = torch.cat(downs)
+    up = torch.zeros(total_rows, down.shape[0])
+    col = 0
+    for (start, stop), block in blocks:
+        up[start:stop, col:col + block.shape[1]] = block
+        col += block.shape[1]
+    return {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(float(down.shape[0]))}
+
+
+@dataclass
+class Conversion:
+    """A file converted for a host: tensors under host names, the patch behind each module name, and the
+    keys that map to nothing (reported loudly)."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    patches: dict[str, tuple[Patch, HostName | None]] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)
+    dialect: str = ""
+    base: str | None = None
+
+
+# -- converting a whole file -------------------------------------------------------------------------------------------------
+def convert(filename: str, layout: str, index: ModuleIndex | None = None) -> Conversion:
+    """Read ``filename`` (any dialect) and name its patches for a host. ``layout``: ``compvis`` (A1111: SGM
+    UNet names), ``diffusers`` (SD.Next: ``lora_unet_<diffusers name>``, ``lora_transformer_``) or ``comfy``
+    (Forge/ComfyUI: SGM / BFL names, fused Flux modules). ``index``: the host model's own modules (canonical
+    names), when known; otherwise the detected base's full-size table."""
+    detection = detect(filename)
+    if index is not None:
+        patchset = detection.dialect.read(detection.file, index).fitted(index)
+        base = detection.base or "the host's model"
+    else:
+        # shapes may decide no base (tiny or pruned models); names then decide, as detect() resolved them
+        base = detection.base or next(iter(detection.base_candidates), None)
+        if base is None:
+            raise LoraCompatError(f"{filename}: no known base model has these module names "
+                                  f"({detection.base_reason}); cannot name its modules for the host")
+        patchset, index = detection.patchset, plugins.archs()[base].index
+    conversion = Conversion(dialect=detection.dialect.id, base=base, unmatched=sorted(patchset.unmatched))
+    if layout == "diffusers":
+        names = {t: HostName(_diffusers_flat(t)) for t in patchset}
+    else:
+        names = kohya_names(index, list(patchset), comfy=layout == "comfy")
+    fused: dict[str, list[tuple[HostName, Patch]]] = {}
+    for target, patch in patchset.items():
+        name = names.get(target)
+        if name is None:
+            conversion.unmatched += sorted(ref.name for ref in patch.refs().values())
+            continue
+        if name.rows is None and not name.swap:
+            _put(conversion, name.name, patch, name)
+        else:
+            fused.setdefault(name.name, []).append((name, patch))
+    for module, parts in fused.items():
+        _put_fused(conversion, module, parts, index)
+    return conversion
+
+
+def _diffusers_flat(target: str) -> str:
+    component, _, path = target.partition(".")
+    prefix = {"unet": "lora_unet_", "transformer": "lora_transformer_", "text_encoder": "lora_te1_",
+              "text_encoder_2": "lora_te2_"}.get(component, f"lora_{component}_")
+    if component.startswith("text_encoder") and not path.startswith(("text_model.", "encoder.block.")):
+        path = "text_model." + path
+    return prefix + path.replace(".", "_")
+
+
+def _put(conversion: Conversion, name: str, patch: Patch, host: HostName | None) -> None:
+    conversion.patches[name] = (patch, host)
+    try:
+        tensors = kohya_tensors(patch)
+    except ValueError:
+        tensors = {}
+    for suffix, tensor in tensors.items():
+        conversion.tensors[f"{name}.{suffix}"] = tensor
+
+
+def _put_fused(conversion: Conversion, module: str, parts: list[tuple[HostName, Patch]], index) -> None:
+    """Patches on parts of a fused Flux module: one exact fused LoRA when all parts are plain LoRA; otherwise
+    the module is left to lora_compat's own patch (its tensors cannot be written for the host)."""
+    total = _fused_rows(module, parts, index)
+    if all(_plain(p) for _, p in parts) and not any(h.swap for h, _ in parts):
+        for suffix, tensor in fused_lora([(h.rows or (0, total), p) for h, p in parts], total).items():
+            conversion.tensors[f"{module}.{suffix}"] = tensor
+    conversion.patches[module] = (FusedParts(parts, total), None)
+
+
+def _plain(patch: Patch) -> bool:
+    return type(patch) is LoraPatch and patch.mid is None and patch.bias is None
+
+
+def _fused_rows(module: str, parts: list[tuple[HostName, Patch]], index: ModuleIndex) -> int:
+    bfl = module[len("lora_unet_"):]
+    for component in index.components:
+        group = index.split_names(component).get(bfl)
+        if group:
+            return group[-1].stop
+    return max(h.rows[1] if h.rows else 0 for h, _ in parts)
+
+
+def index_from_state_dict(shapes: Mapping[str, tuple[int, ...]], prefix: str = "diffusion_model.") -> ModuleIndex | None:
+    """The canonical index of a BFL-layout Flux model known by its state dict (``diffusion_model.<name>.<param>``
+    → shape), as ComfyUI and Forge hold it; ``None`` for other models."""
+    from .archs.flux import canonical_from_bfl, is_bfl_transformer
+
+    host: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        if key.startswith(prefix):
+            module, _, param = key[len(prefix):].rpartition(".")
+            host.setdefault(module, {})[param] = tuple(shape)
+    if not is_bfl_transformer(host):
+        return None
+    table, _ = canonical_from_bfl(host)
+    return ModuleIndex({"transformer": table})
+
+
+class FusedParts(Patch):
+    """Patches on row ranges of one fused host module (the host passes the fused weight)."""
+
+    kind = "fused"
+    linear_in_strength = False
+
+    def __init__(self, parts: list[tuple[HostName, Patch]], total: int):
+        self.parts, self.total = parts, total
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p for _, patch in self.parts for p in patch.params))
+
+    def refs(self) -> dict[str, Ref]:
+        return {f"{i}:{k}": r for i, (_, p) in enumerate(self.parts) for k, r in p.refs().items()}
+
+    def misfit(self, shapes):
+        return None
+
+    def delta(self, base, strength=1.0):
+        from lora_compat.patches.rows import swap_halves
+
+        out: dict[str, torch.Tensor] = {}
+        for host, patch in self.parts:
+            start, stop = host.rows or (0, self.total)
+            view = {k: (swap_halves(v) if host.swap else v)[start:stop] for k, v in base.items() if v.dim() >= 1}
+            for param, delta in patch.delta(view, strength).items():
+                full = out.setdefault(param, torch.zeros_like(base[param], dtype=torch.float32))
+                full[start:stop] = swap_halves(delta) if host.swap else delta
+        return out
+
+
+# -- patches rebuilt from a host's weights dict -----------------------------------------------------------------
+def patch_from_weights(network_key: str, w: Mapping[str, torch.Tensor]) -> Patch | None:
+    """The patch a module's tensors (grouped by the host under ``network_key``) describe, or ``None``."""
+    parts = {}
+    for suffix, tensor in w.items():
+        role = "weight" if suffix == "weight" else SUFFIX_ROLES.get(suffix)
+        if role is None:
+            return None
+        parts[role] = Ref.of(tensor, f"{network_key}.{suffix}")
+    try:
+        return build_patch(parts, oft_style="kohya" if network_key.startswith("oft_unet_") else "lycoris")
+    except IncompletePatch:
+        return None
+
+
+def updown(patch: Patch, weight: torch.Tensor, bias: torch.Tensor | None, strength: float
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The change of a module's weight (and bias) at ``strength``, computed in fp32 with lora_compat's math."""
+    base = {"weight": weight.detach().float()}
+    if bias is not None:
+        base["bias"] = bias.detach().float()
+    delta = patch.delta(base, strength)
+    return delta.get("weight", torch.zeros_like(base["weight"])), delta.get("bias")
+
+
+
+
+def host_native(patch: Patch) -> bool:
+    """Whether ComfyUI-style hosts (ComfyUI, Forge) compute this patch exactly as lora_compat does at every
+    strength: plain LoRA (no Tucker mid, no bias), LoHa without Tucker, full diffs, and fused modules made
+    of plain LoRA parts. Everything else is handed over as an exact diff or computed by lora_compat."""
+    if isinstance(patch, FusedParts):
+        return all(_plain(p) for _, p in patch.parts) and not any(h.swap for h, _ in patch.parts)
+    if type(patch) is LoraPatch:
+        return _plain(patch)
+    if type(patch) is LohaPatch:
+        return patch.t1 is None and patch.t2 is None
+    return type(patch) is FullPatch
