@@ -54,8 +54,8 @@ class _State:
     strengths: dict[str, float] = field(default_factory=dict)
     patcher_entries: dict[str, Entry] = field(default_factory=dict)
     patcher: Patcher | None = None
-    #: parameter → its value before a PEFT route first wrapped it (diffusers' fuse/unfuse drifts; ``unload``
-    #: of the last adapter puts these back, so the round trip is exact)
+    #: parameter → its value before diffusers' ``fuse_lora`` first wrote into it (``unfuse_lora`` drifts;
+    #: ``unload`` of the last adapter puts these back, so the round trip is exact)
     originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -118,11 +118,12 @@ def to_diffusers_state_dict(patchset: PatchSet) -> dict[str, torch.Tensor]:
         target = target.removesuffix(".base_layer")  # a module PEFT already wraps: address the wrapper
         if not _is_plain_lora(patch):
             raise LoraCompatError(f"{patchset.source}: {target} is a {patch.kind} patch, not a plain LoRA")
-        down, up, scale = patch.down.load(), patch.up.load(), patch.scale.value()
+        down, up, scale = patch.down.loader(), patch.up.loader(), patch.scale.value()
         if len(down.shape) == 4 and len(up.shape) == 2:
             up = up[:, :, None, None]
-        tensors[f"{target}.lora_A.weight"] = down.contiguous()
-        tensors[f"{target}.lora_B.weight"] = (up * scale).contiguous()
+        # down as stored (PEFT copies it into its own parameter); the scale is folded into up in fp32
+        tensors[f"{target}.lora_A.weight"] = down
+        tensors[f"{target}.lora_B.weight"] = up if scale == 1.0 else torch.mul(up.float(), scale)
         if patch.bias is not None:
             tensors[f"{target}.lora_B.bias"] = patch.bias.load() * scale
     return tensors
@@ -169,7 +170,7 @@ def load(pipe: Any, source: Any, adapter_name: str | None = None, strength: floa
         if chosen not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, not {chosen!r}")
         if chosen in ("diffusers", "peft"):
-            _remember_originals(pipe, state, patchset)
+            _guard_fuse(pipe, state)
         if chosen == "diffusers":
             _load_through_diffusers(pipe, patchset, name)
         elif chosen == "peft":
@@ -184,16 +185,27 @@ def load(pipe: Any, source: Any, adapter_name: str | None = None, strength: floa
         return Loaded(name, chosen, sorted(patchset.unmatched))
 
 
-def _remember_originals(pipe: Any, state: _State, patchset: PatchSet) -> None:
-    modules = component_modules(pipe)
-    for target in patchset:
-        component, _, path = target.partition(".")
-        for param in modules[component].get_submodule(path).parameters(recurse=False):
-            if id(param) not in state.originals:
-                state.originals[id(param)] = (param, param.detach().to("cpu", copy=True))
+def _guard_fuse(pipe: Any, state: _State) -> None:
+    """Before diffusers' ``fuse_lora`` writes into the base weights (and ``unfuse_lora`` subtracts, inexactly),
+    keep a copy of each base weight it is about to change; ``unload`` of the last adapter puts them back.
+    Nothing is copied unless the pipeline is fused."""
+    if "fuse_lora" in pipe.__dict__:
+        return
+    fuse = getattr(pipe, "fuse_lora")
+
+    @functools.wraps(fuse)
+    def fuse_lora(*args, **kwargs):
+        for layer in _tuner_layers(pipe):
+            for param in layer.get_base_layer().parameters(recurse=False):
+                if id(param) not in state.originals:
+                    state.originals[id(param)] = (param, param.detach().to("cpu", copy=True))
+        return fuse(*args, **kwargs)
+
+    pipe.__dict__["fuse_lora"] = fuse_lora
 
 
-def _restore_originals(state: _State) -> None:
+def _restore_originals(pipe: Any, state: _State) -> None:
+    pipe.__dict__.pop("fuse_lora", None)
     with torch.no_grad():
         for param, value in state.originals.values():
             if param.shape == value.shape and not torch.equal(param.detach().cpu(), value):
@@ -209,7 +221,8 @@ def _original(method_name: str, pipe: Any):
 
 def _load_through_diffusers(pipe: Any, patchset: PatchSet, name: str) -> None:
     tensors = to_diffusers_state_dict(patchset)
-    _original("load_lora_weights", pipe)(pipe, tensors, adapter_name=name)
+    # low_cpu_mem_usage: PEFT creates the adapter weights empty instead of random-initialising them first
+    _original("load_lora_weights", pipe)(pipe, tensors, adapter_name=name, low_cpu_mem_usage=True)
     if name not in _peft_adapter_names(pipe):
         raise LoraCompatError(f"{patchset.source}: diffusers did not create adapter {name!r} from the converted "
                               "state dict")
@@ -305,7 +318,7 @@ def unload(pipe: Any, adapter_name: str | None = None) -> None:
         if not _peft_adapter_names(pipe):
             if any(True for _ in _tuner_layers(pipe)):
                 _original("unload_lora_weights", pipe)(pipe)  # no adapter left anywhere: drop the empty wrappers
-            _restore_originals(state)
+            _restore_originals(pipe, state)
         if state.patcher is not None and not state.patcher_entries:
             state.patcher.close()
             state.patcher = None
