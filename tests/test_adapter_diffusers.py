@@ -264,3 +264,49 @@ def test_flux_pipeline_load_kohya_partial_and_control(tmp_path: Path) -> None:
         now = base_params(model)
         assert now.keys() == pristine.keys() and all(torch.equal(now[k], v) for k, v in pristine.items())
         assert model.config.in_channels == 16
+
+
+def _tiny_tokenizer(root: Path):
+    import json
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "cat</w>": 3, "in</w>": 4, "snow</w>": 5}
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=8,
+                         pad_token="<|endoftext|>")
+
+
+def _full_pipe(components: dict, tokenizer):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(11)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=16)
+    return StableDiffusionPipeline(vae=vae, text_encoder=components["text_encoder"], tokenizer=tokenizer,
+                                   unet=components["unet"], scheduler=DDIMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def _two_steps(pipe) -> torch.Tensor:
+    out = pipe("a cat in snow", num_inference_steps=2, generator=torch.Generator().manual_seed(0), height=16,
+               width=16, output_type="pt", guidance_scale=3.0)
+    return out.images
+
+
+@pytest.mark.parametrize("variant", ["lora", "loha", "boft"])
+def test_two_step_pipeline_call_matches_the_reference_library(tmp_path: Path, variant: str) -> None:
+    """A whole 2-step StableDiffusionPipeline call after ``load`` equals the same call with the weights the
+    reference library's forward implies; after ``unload`` it equals the unpatched call exactly."""
+    tokenizer = _tiny_tokenizer(tmp_path)
+    components = make_sd15_components(seed=100)
+    pipe = _full_pipe(components, tokenizer)
+    before = _two_steps(pipe)
+    path, expected = write_lycoris_file(tmp_path, components, variant, seed=12)
+    reference = _two_steps(_full_pipe(with_values(components, expected), tokenizer))
+    name = adapter.load(pipe, path)
+    assert name.route == EXPECTED_ROUTE.get(variant, "patcher")
+    assert_close(_two_steps(pipe), reference)
+    adapter.unload(pipe, name)
+    assert torch.equal(_two_steps(pipe), before)

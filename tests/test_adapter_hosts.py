@@ -162,13 +162,14 @@ def test_sdnext_flux_files(kind: str, tmp_path: Path) -> None:
         assert_close(got[key], new, key, base=want.base[key])
 
 
-def test_sdnext_empty_request_counts_as_a_change() -> None:
-    """SD.Next issue #3670: with no LoRAs requested, changed() returned False and the last LoRA stayed."""
+def _sdnext_extra_network(module: torch.nn.Linear, change: torch.Tensor):
+    """SD.Next's bookkeeping as of issue #3670: ``changed()`` ignores an empty request; ``activate`` restores
+    the backup and re-applies only when ``changed()`` says so."""
+    backup = module.weight.detach().clone()
 
-    class ExtraNetworkLora:  # the buggy bookkeeping of that version
+    class ExtraNetworkLora:
         def __init__(self):
-            self.loaded = []
-            self.loaded_networks = []
+            self.loaded, self.loaded_networks = [], []
 
         def changed(self, requested):
             if len(requested) == 0:
@@ -178,15 +179,35 @@ def test_sdnext_empty_request_counts_as_a_change() -> None:
                 return True
             return False
 
-    webui.fix_empty_request(ExtraNetworkLora)
-    webui.fix_empty_request(ExtraNetworkLora)  # idempotent
-    extra = ExtraNetworkLora()
-    assert extra.changed(["a:1:1"]) is True
-    extra.loaded_networks = ["a"]  # activated
-    assert extra.changed(["a:1:1"]) is False  # unchanged request: nothing to do
-    assert extra.changed([]) is True  # removing everything must deactivate
-    extra.loaded_networks = []
-    assert extra.changed([]) is False  # nothing loaded, nothing to do
+        def activate(self, requested):
+            if self.changed(requested):
+                with torch.no_grad():
+                    module.weight.copy_(backup)  # deactivate the previous set
+                    if requested:
+                        module.weight.copy_(backup + change)
+                self.loaded_networks = list(requested)
+
+    return ExtraNetworkLora, backup
+
+
+def test_sdnext_empty_request_restores_the_model(sd15, sd_files) -> None:
+    """The seed bug: removing every LoRA left the last one applied. With the extension it restores."""
+    changes = run_webui("sdnext", sd15, sd_files["lora"], 1.0)
+    key = next(k for k in changes if k.startswith("unet.") and k.endswith(".weight") and changes[k].dim() == 2)
+    module = torch.nn.Linear(changes[key].shape[1], changes[key].shape[0])
+    for fixed in (False, True):
+        cls, backup = _sdnext_extra_network(module, changes[key])
+        if fixed:
+            webui.fix_empty_request(cls)
+            webui.fix_empty_request(cls)  # idempotent
+        extra = cls()
+        extra.activate(["lora:1:1"])
+        assert not torch.equal(module.weight, backup)
+        extra.activate(["lora:1:1"])  # unchanged request: nothing to do
+        extra.activate([])
+        assert torch.equal(module.weight, backup) is fixed  # the host alone keeps the LoRA applied
+        with torch.no_grad():
+            module.weight.copy_(backup)
 
 
 def test_webui_setting_turns_the_extension_off(sd15, sd_files, monkeypatch) -> None:
