@@ -157,12 +157,28 @@ def _peft_adapter_names(pipe: Any) -> set[str]:
 
 
 def load(pipe: Any, source: Any, adapter_name: str | None = None, strength: float = 1.0, *,
-         strict: bool = False, base: str | None = None, route: str | None = None) -> Loaded:
+         strict: bool = False, base: str | None = None, route: str | None = None, hotswap: bool = False) -> Loaded:
     """Load a LoRA file of any dialect into a diffusers pipeline; returns the adapter name (``.route`` tells
-    how it was applied). ``route`` forces ``"patcher"`` (or a route the file allows)."""
+    how it was applied). ``route`` forces ``"patcher"`` (or a route the file allows). ``hotswap``: replace
+    the weights of the existing diffusers-route adapter ``adapter_name`` in place (diffusers' hotswap)."""
     with _lock:
         state = _state(pipe)
         name = adapter_name or _default_name(pipe, source)
+        if hotswap:
+            if state.routes.get(name) != "diffusers":
+                raise LoraCompatError(f"hotswap needs an adapter {name!r} loaded through the diffusers route")
+            patchset, _ = _pipeline_patchset(pipe, source, strict, base)
+            if choose_route(patchset, pipe) != "diffusers":
+                raise LoraCompatError(f"{patchset.source}: only plain LoRA can be hot-swapped (diffusers' hotswap)")
+            encoders = sorted({t.partition(".")[0] for t in patchset if t.startswith("text_encoder")})
+            if encoders:
+                raise LoraCompatError(f"{patchset.source}: diffusers cannot hot-swap text-encoder LoRAs "
+                                      f"({', '.join(encoders)}); unload and load instead")
+            _original("load_lora_weights", pipe)(pipe, to_diffusers_state_dict(patchset), adapter_name=name,
+                                                 hotswap=True)
+            _scale_peft_adapter(pipe, name, strength)
+            state.strengths[name] = strength
+            return Loaded(name, "diffusers", sorted(patchset.unmatched))
         if name in state.routes or name in _peft_adapter_names(pipe):
             raise LoraCompatError(f"adapter name {name!r} is already in use; unload it first or pick another")
         patchset, _ = _pipeline_patchset(pipe, source, strict, base)

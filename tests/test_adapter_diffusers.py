@@ -310,3 +310,32 @@ def test_two_step_pipeline_call_matches_the_reference_library(tmp_path: Path, va
     assert_close(_two_steps(pipe), reference)
     adapter.unload(pipe, name)
     assert torch.equal(_two_steps(pipe), before)
+
+
+def test_hotswap_replaces_a_diffusers_route_adapter_in_place(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    pipe, components = sd15_pipe()
+    full_a, full_b = _two_loras(tmp_path, components)
+    a, b = tmp_path / "unet_a.safetensors", tmp_path / "unet_b.safetensors"
+    for source, target in ((full_a, a), (full_b, b)):
+        save_file({k: v for k, v in load_file(str(source)).items() if k.startswith("lora_unet_")}, str(target),
+                  metadata={"ss_base_model_version": "sd_v1"})
+    want_b = {k: copy.deepcopy(m) for k, m in components.items()}
+    lora_compat.Patcher(want_b).set([(b, 0.9)])
+    adapter.load(pipe, a, "x")
+    wrappers = [m for m in _peft_layers(components)]
+    assert adapter.load(pipe, b, "x", strength=0.9, hotswap=True).route == "diffusers"
+    assert _peft_layers(components) == wrappers  # the same layer objects: swapped in place
+    for got, want in zip(forward(components), forward(want_b)):
+        assert_close(got, want)
+    with pytest.raises(LoraCompatError, match=r"hotswap needs an adapter 'y' loaded through the diffusers route"):
+        adapter.load(pipe, b, "y", hotswap=True)
+    with pytest.raises(LoraCompatError, match=r"diffusers cannot hot-swap text-encoder LoRAs \(text_encoder\)"):
+        adapter.load(pipe, full_b, "x", hotswap=True)
+
+
+def _peft_layers(components: dict) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for c in components.values() for m in c.modules() if isinstance(m, BaseTunerLayer)]
