@@ -5,8 +5,12 @@ Public API::
     lora_compat.inspect(path) -> Inspection          # header only
     lora_compat.read(path, base=None) -> PatchSet    # canonical targets -> patches (lazy tensors)
     lora_compat.patched_weights(source, components, strength=1.0) -> {"unet.<param>": tensor, ...}
+    lora_compat.convert(source, to="diffusers", out="out.safetensors", rank=None) -> ConvertReport
 """
+__version__ = "0.1.0"
+
 from .apply import LoraCompatWarning, patched_weights
+from .conversion import ConvertReport, convert, convert_state_dict
 from .core import detect, read
 from .errors import (BaseMismatchError, CorruptFileError, LoraCompatError, NotALoraError, UnknownDialectError,
                      UnmatchedKeysError, UnsafeFileError)
@@ -15,10 +19,9 @@ from .inspection import Inspection, inspect
 from .patcher import Entry, Patcher, SetReport
 from .patchset import PatchSet
 
-__version__ = "0.1.0"
-
 __all__ = [
     "inspect", "read", "detect", "patched_weights", "Patcher", "Entry", "SetReport", "Inspection", "PatchSet", "LoraFile", "LoraCompatWarning",
+    "convert", "convert_state_dict", "ConvertReport",
     "LoraCompatError", "CorruptFileError", "UnsafeFileError", "NotALoraError", "UnknownDialectError",
     "BaseMismatchError", "UnmatchedKeysError", "__version__",
 ]

@@ -96,6 +96,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if status == 2 else 1
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .conversion import convert
+
+    try:
+        report = convert(args.src, args.to, args.out, base=args.base, rank=args.rank)
+    except (LoraCompatError, FileNotFoundError) as exc:
+        print(f"lora-compat convert: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {report.path}: {report.source_dialect} -> {report.target}, base {report.base}, "
+          f"{report.modules} modules, {report.tensors} tensors")
+    if report.svd_errors:
+        for module, error in sorted(report.svd_errors.items()):
+            print(f"  svd rank {args.rank}: {module}: relative error {error:.3e}")
+        print(f"  svd overall relative error {report.overall_error:.3e} over {len(report.svd_errors)} modules")
+    if report.unmatched:
+        print(f"  {len(report.unmatched)} keys of the source matched no module and were left out", file=sys.stderr)
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from .install_host import install
 
@@ -131,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "be refused, and inspect them all.")
     p.add_argument("--dir", help="where to write the examples (default: a new temporary directory)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="write a LoRA in another dialect (exact; --rank R compresses by SVD)",
+                       description="Write SRC in another dialect. Exact where the target can hold the patches; "
+                                   "kinds diffusers/PEFT cannot hold are refused unless --rank R compresses them "
+                                   "by truncated SVD (the error per module and overall is printed).")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("--to", required=True, choices=["kohya", "webui", "diffusers", "peft", "bfl"])
+    p.add_argument("-o", "--out", required=True, help="output file (peft: a folder)")
+    p.add_argument("--base", help="read against this base instead of detecting it")
+    p.add_argument("--rank", type=int, help="compress kinds the target cannot hold to LoRAs of this rank")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("install", help="add lora-compat to a webui (extensions/) or ComfyUI (custom_nodes/)",
                        description="Link (or copy) lora-compat's host folder into a webui's extensions/ "

@@ -1,0 +1,333 @@
+"""``convert``: write a LoRA in another dialect, exactly where the target can hold the patches.
+
+Targets: ``kohya`` (sd-scripts names: diffusers-style for SD1/SD2, SGM for SDXL, BFL for Flux), ``webui``
+(AUTOMATIC1111's compvis/SGM names), ``diffusers`` (``<component>.<module>.lora_A/lora_B`` with
+``lora_adapter_metadata``), ``peft`` (``base_model.model.`` + ``adapter_config.json``), ``bfl``
+(``diffusion_model.<BFL name>``, Flux). kohya/webui/bfl keep every LyCORIS kind; diffusers/peft hold LoRA
+(and PEFT DoRA) only: other kinds are refused, or with ``rank`` compressed by truncated SVD of each delta.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import plugins
+from .archs import ModuleIndex
+from .archs.flux import is_flux_transformer
+from .core import Source, detect
+from .errors import LoraCompatError
+from .hostkeys import HostName, fused_lora, kohya_names, kohya_tensors
+from .patches import DoraPatch, FactorisedPatch, FullPatch, LoraPatch, Patch
+from .patches.rows import RowsOf
+from .patchset import PatchSet
+
+TARGETS = ("kohya", "webui", "diffusers", "peft", "bfl")
+#: metadata carried over from the source file (trigger words, names, training notes)
+KEPT_METADATA = ("ss_tag_frequency", "ss_output_name", "ss_dataset_dirs", "ss_training_comment",
+                 "modelspec.title", "modelspec.trigger_phrase", "modelspec.description", "modelspec.architecture")
+
+
+@dataclass
+class ConvertReport:
+    """What ``convert`` wrote: counts, and the SVD errors when ``rank`` compressed some modules."""
+
+    target: str
+    source_dialect: str
+    base: str | None
+    modules: int = 0
+    tensors: int = 0
+    path: str | None = None
+    #: module → relative Frobenius error of its compressed delta (only modules that were compressed)
+    svd_errors: dict[str, float] = field(default_factory=dict)
+    #: ‖ΔW − ΔW_r‖ / ‖ΔW‖ over all compressed modules together
+    overall_error: float | None = None
+    unmatched: list[str] = field(default_factory=list)
+
+
+def convert_state_dict(source: Source, to: str, *, base: str | None = None, rank: int | None = None,
+                       components: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertReport]:
+    """The converted tensors, the safetensors metadata and the report (nothing written). ``components``
+    (a mapping or a diffusers pipeline): name and shape the modules after this model instead of the
+    detected base's full-size table (models of another width or depth)."""
+    if to not in TARGETS:
+        raise LoraCompatError(f"unknown target dialect {to!r}; choose from {', '.join(TARGETS)}")
+    detection = detect(source, base)
+    chosen = detection.base or next(iter(detection.base_candidates), None)
+    if components is not None:
+        from .apply import component_modules, resolve_patchset
+
+        index = ModuleIndex.from_modules(component_modules(components))
+        patchset = resolve_patchset(detection.file, index, base)
+    elif chosen is None:
+        raise LoraCompatError(f"{detection.file.header.display_name}: no known base has these module names "
+                              f"({detection.base_reason})")
+    else:
+        patchset, index = detection.patchset, plugins.archs()[chosen].index
+    report = ConvertReport(to, detection.dialect.id, chosen, unmatched=sorted(patchset.unmatched))
+    writer = _LoraWriter(patchset, index, rank, report) if to in ("diffusers", "peft") else \
+        _KohyaWriter(patchset, index, to, report)
+    tensors = writer.write()
+    metadata = _metadata(detection.file.metadata, report, writer.extra_metadata())
+    report.modules, report.tensors = writer.modules, len(tensors)
+    if report.svd_errors:
+        report.overall_error = writer.overall_error()
+    return tensors, metadata, report
+
+
+def convert(source: Source, to: str, out: str | Path, *, base: str | None = None, rank: int | None = None,
+            components: Any = None) -> ConvertReport:
+    """Write ``source`` in dialect ``to`` at ``out`` (``peft``: ``out`` is a folder with
+    ``adapter_model.safetensors`` and ``adapter_config.json``)."""
+    from safetensors.torch import save_file
+
+    tensors, metadata, report = convert_state_dict(source, to, base=base, rank=rank, components=components)
+    out = Path(out)
+    if to == "peft":
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adapter_config.json").write_text(json.dumps(json.loads(metadata.pop("lora_compat.peft_config")),
+                                                            indent=2))
+        path = out / "adapter_model.safetensors"
+    else:
+        path = out
+        path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    report.path = str(path)
+    return report
+
+
+def _metadata(source: dict, report: ConvertReport, extra: dict[str, str]) -> dict[str, str]:
+    from . import __version__
+
+    metadata = {k: v for k, v in source.items() if k in KEPT_METADATA}
+    metadata.update({"lora_compat.version": __version__, "lora_compat.source_dialect": report.source_dialect,
+                     "lora_compat.base": report.base or ""})
+    metadata.update(extra)
+    return metadata
+
+
+class _KohyaWriter:
+    """kohya / webui / bfl: every kind keeps its own tensors; fused Flux modules are assembled exactly."""
+
+    def __init__(self, patchset: PatchSet, index: ModuleIndex, to: str, report: ConvertReport):
+        self.patchset, self.index, self.to, self.report = patchset, index, to, report
+        self.modules = 0
+        self.ranks: list[int] = []
+        self.alphas: list[float] = []
+
+    def names(self) -> dict[str, HostName]:
+        targets = list(self.patchset)
+        if self.to == "bfl":
+            if not any(is_flux_transformer(m) for m in self.index.components.values()):
+                raise LoraCompatError("the bfl dialect names Flux modules; this LoRA is for "
+                                      f"{self.report.base}")
+            names = kohya_names(self.index, targets, comfy=True)
+            return {t: HostName(_bfl_name(n.name), n.rows, n.swap) if n.name.startswith("lora_unet_") else n
+                    for t, n in names.items()}
+        names = kohya_names(self.index, targets)
+        if self.to == "kohya" and self.report.base in ("sd15", "sd2"):  # sd-scripts: diffusers-style names
+            names = {t: (HostName("lora_unet_" + t.partition(".")[2].replace(".", "_")) if t.startswith("unet.")
+                         else n) for t, n in names.items()}
+        return names
+
+    def write(self) -> dict[str, torch.Tensor]:
+        names = self.names()
+        tensors: dict[str, torch.Tensor] = {}
+        fused: dict[str, list[tuple[HostName, Patch, str]]] = {}
+        for target, patch in self.patchset.items():
+            name = names.get(target)
+            if name is None:
+                raise LoraCompatError(f"{self.patchset.source}: {target} has no name in the {self.to} dialect")
+            if name.rows is None and not name.swap:
+                self._put(tensors, name.name, patch, target)
+            else:
+                fused.setdefault(name.name, []).append((name, patch, target))
+        for module, parts in fused.items():
+            self._put_fused(tensors, module, parts)
+        return tensors
+
+    def _put(self, tensors: dict, name: str, patch: Patch, target: str) -> None:
+        try:
+            own = kohya_tensors(patch)
+        except ValueError as exc:
+            raise LoraCompatError(f"{self.patchset.source}: {target}: {exc}") from None
+        if self.to == "bfl":
+            own = {_bfl_suffix(k): v for k, v in own.items()}
+        for suffix, tensor in own.items():
+            tensors[f"{name}.{suffix}"] = tensor
+        self.modules += 1
+        if patch.rank:
+            self.ranks.append(patch.rank)
+
+    def _put_fused(self, tensors: dict, module: str, parts: list[tuple[HostName, Patch, str]]) -> None:
+        inners = {id(p.inner) for _, p, _ in parts if isinstance(p, RowsOf)}
+        if len(inners) == 1 and all(isinstance(p, RowsOf) for _, p, _ in parts):
+            self._put(tensors, module, parts[0][1].inner, parts[0][2])  # the fused source patch, unsplit
+            return
+        total = _fused_rows(self.index, module)
+        if not all(type(p) is LoraPatch and p.mid is None and p.bias is None for _, p, _ in parts):
+            kinds = sorted({p.kind for _, p, _ in parts})
+            raise LoraCompatError(f"{self.patchset.source}: {module} fuses parts of kinds {kinds}; only plain "
+                                  "LoRA parts can be assembled into one fused module")
+        if any(h.swap for h, _, _ in parts):  # whole module with swapped halves: swap the up rows back
+            (host, patch, target), = parts
+            up, down, scale = patch.factors()
+            own = {"lora_down.weight": down, "lora_up.weight": torch.cat([up[up.shape[0] // 2:],
+                                                                          up[: up.shape[0] // 2]]) * scale,
+                   "alpha": torch.tensor(float(down.shape[0]))}
+        else:
+            own = fused_lora([(h.rows or (0, total), p) for h, p, _ in parts], total)
+        if self.to == "bfl":
+            own = {_bfl_suffix(k): v for k, v in own.items()}
+        for suffix, tensor in own.items():
+            tensors[f"{module}.{suffix}"] = tensor
+        self.modules += 1
+        self.ranks.append(int(own.get("lora_down.weight", own.get("lora_A.weight")).shape[0]))
+
+    def extra_metadata(self) -> dict[str, str]:
+        if not self.ranks:
+            return {}
+        return {"ss_network_module": "networks.lora" if self.to != "bfl" else "", "ss_network_dim": str(max(self.ranks))}
+
+
+def _bfl_name(kohya: str) -> str:
+    """``lora_unet_double_blocks_0_img_attn_qkv`` → ``diffusion_model.double_blocks.0.img_attn.qkv``."""
+    from .archs.flux import DOUBLE_BLOCK, SINGLE_BLOCK, TOP_LEVEL
+
+    flat = kohya[len("lora_unet_"):]
+    for table, head in ((DOUBLE_BLOCK, "double_blocks"), (SINGLE_BLOCK, "single_blocks")):
+        if flat.startswith(head + "_"):
+            number, _, rest = flat[len(head) + 1:].partition("_")
+            for name in table:
+                if name.replace(".", "_") == rest:
+                    return f"diffusion_model.{head}.{number}.{name}"
+    for name in TOP_LEVEL:
+        if name.replace(".", "_") == flat:
+            return f"diffusion_model.{name}"
+    raise LoraCompatError(f"{kohya}: not a Flux BFL module name")
+
+
+def _bfl_suffix(suffix: str) -> str:
+    return {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}.get(suffix, suffix)
+
+
+def _fused_rows(index: ModuleIndex, module: str) -> int:
+    flat = module[len("lora_unet_"):] if module.startswith("lora_unet_") else \
+        module[len("diffusion_model."):].replace(".", "_")
+    for component in index.components:
+        parts = index.split_names(component).get(flat)
+        if parts:
+            return parts[-1].stop
+    raise LoraCompatError(f"{module}: not a fused module of this base")
+
+
+class _LoraWriter:
+    """diffusers / peft: LoRA (and PEFT DoRA) tensors, scales in ``lora_adapter_metadata`` / the PEFT config."""
+
+    def __init__(self, patchset: PatchSet, index: ModuleIndex, rank: int | None, report: ConvertReport):
+        self.patchset, self.index, self.rank, self.report = patchset, index, rank, report
+        self.to = report.target
+        self.modules = 0
+        self.configs: dict[str, dict[str, Any]] = {}
+        self._error_sums = [0.0, 0.0]
+
+    def write(self) -> dict[str, torch.Tensor]:
+        components = sorted({t.partition(".")[0] for t in self.patchset})
+        if self.to == "peft" and len(components) > 1:
+            raise LoraCompatError(f"{self.patchset.source}: a PEFT adapter holds one model; this LoRA patches "
+                                  f"{', '.join(components)} (use --to diffusers)")
+        tensors: dict[str, torch.Tensor] = {}
+        for target, patch in self.patchset.items():
+            component, _, path = target.partition(".")
+            key = f"base_model.model.{path}" if self.to == "peft" else target
+            up, down, alpha, extra = self._factors(target, patch)
+            tensors[f"{key}.lora_A.weight"] = down
+            tensors[f"{key}.lora_B.weight"] = up
+            for suffix, tensor in extra.items():
+                tensors[f"{key}.{suffix}"] = tensor
+            config = self.configs.setdefault(component, {"rank_pattern": {}, "alpha_pattern": {},
+                                                         "target_modules": [], "use_dora": False,
+                                                         "lora_bias": False})
+            config["rank_pattern"][path] = int(down.shape[0])
+            config["alpha_pattern"][path] = alpha
+            config["target_modules"].append(path)
+            config["use_dora"] |= "lora_magnitude_vector" in extra
+            config["lora_bias"] |= "lora_B.bias" in extra
+            self.modules += 1
+        return tensors
+
+    def _factors(self, target: str, patch: Patch) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
+        extra: dict[str, torch.Tensor] = {}
+        if isinstance(patch, DoraPatch) and patch.convention == "peft" and type(patch.inner) is LoraPatch:
+            extra["lora_magnitude_vector"] = patch.magnitude.loader()
+            patch = patch.inner
+        if type(patch) is LoraPatch and patch.mid is None:
+            scale = patch.scale.value()
+            if patch.bias is not None:
+                extra["lora_B.bias"] = patch.bias.load() * scale
+            return patch.up.loader(), patch.down.loader(), scale * patch.rank, extra
+        if self.rank is None:
+            raise LoraCompatError(f"{self.patchset.source}: {target} is a {patch.kind} patch, which the {self.to} "
+                                  f"dialect cannot hold; pass rank=R (--rank R) to compress it to a LoRA by SVD")
+        delta = _additive_delta(patch, self.index, target)
+        if delta is None:
+            raise LoraCompatError(f"{self.patchset.source}: {target}: a {patch.kind} patch depends on the base "
+                                  "weights, so it has no weight-independent delta to compress")
+        up, down, error = _svd(delta, self.rank)
+        weight = (self.index.shapes(target) or {})["weight"]
+        if len(weight) == 4:  # a conv LoRA: down is the kernel, up a 1x1 conv
+            down, up = down.reshape(down.shape[0], *weight[1:]), up.reshape(*up.shape, 1, 1)
+        norm = float(delta.norm())
+        self.report.svd_errors[target] = error
+        self._error_sums[0] += (error * norm) ** 2
+        self._error_sums[1] += norm ** 2
+        return up, down, float(down.shape[0]), extra
+
+    def overall_error(self) -> float:
+        return math.sqrt(self._error_sums[0] / self._error_sums[1]) if self._error_sums[1] else 0.0
+
+    def extra_metadata(self) -> dict[str, str]:
+        flat: dict[str, Any] = {}
+        for component, config in self.configs.items():
+            ranks = config["rank_pattern"]
+            default_rank = max(set(ranks.values()), key=list(ranks.values()).count)
+            peft = {"r": default_rank, "lora_alpha": float(default_rank), "rank_pattern": ranks,
+                    "alpha_pattern": config["alpha_pattern"], "target_modules": sorted(config["target_modules"]),
+                    "use_dora": config["use_dora"], "lora_bias": config["lora_bias"], "use_rslora": False}
+            if self.to == "peft":
+                peft.update({"peft_type": "LORA", "bias": "none", "init_lora_weights": True})
+                return {"lora_compat.peft_config": json.dumps(peft)}
+            for key, value in peft.items():
+                flat[f"{component}.{key}"] = value
+        return {"lora_adapter_metadata": json.dumps(flat)} if flat else {}
+
+
+def _additive_delta(patch: Patch, index: ModuleIndex, target: str) -> torch.Tensor | None:
+    """``ΔW`` (2-D, out x in·k·k) of a patch that does not depend on the base weights, else ``None``."""
+    full = isinstance(patch, FullPatch) and patch.diff is not None and patch.diff_b is None
+    if not isinstance(patch, FactorisedPatch) and not full:
+        return None
+    shapes = index.shapes(target) or {}
+    weight = shapes.get("weight")
+    if weight is None:
+        return None
+    if patch.misfit(shapes):
+        raise LoraCompatError(f"{target}: {patch.misfit(shapes)}; the file is not for the full-size base: pass "
+                              "the model (components=...) to name and shape its modules")
+    delta = patch.weight_delta(torch.Size(weight)) if not full else patch.diff.load().reshape(weight)
+    return delta.reshape(delta.shape[0], -1)
+
+
+def _svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``up @ down`` of rank ≤ ``rank`` closest to ``delta`` (Frobenius), and the relative error."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = min(rank, s.shape[0])
+    up = (u[:, :r] * s[:r]).float()
+    down = vh[:r].float()
+    norm = float(delta.norm())
+    error = float((delta - up @ down).norm()) / norm if norm else 0.0
+    return up, down, error
