@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 import lora_compat
@@ -179,3 +180,41 @@ def test_cli_convert(tmp_path: Path, sd15, capsys) -> None:
     assert out.startswith(f"wrote {tmp_path / 'o.safetensors'}: kohya -> diffusers, base sd15")
     same_weights(lora, tmp_path / "o.safetensors", sd15)
 
+
+
+@pytest.mark.parametrize("variant", ["lora", "loha", "lokr"])
+def test_converted_kohya_file_loads_with_lycoris_own_loader(tmp_path: Path, sd15, variant: str) -> None:
+    """The UNet part of a converted kohya file, loaded by lycoris-lora's kohya loader, gives our weights."""
+    import copy
+
+    from lycoris.kohya import create_network_from_weights
+
+    from oracle_lycoris import _isolated_preset_state
+    from oracle_models import one_thread
+
+    source, _ = write_lycoris_file(tmp_path, sd15, variant, seed=8)
+    unet_only = tmp_path / "unet_only.safetensors"
+    save_file({k: v for k, v in load_file(str(source)).items() if k.startswith("lora_unet_")}, str(unet_only),
+              metadata={"ss_base_model_version": "sd_v1"})
+    out = tmp_path / "kohya.safetensors"
+    lora_compat.convert(unet_only, "kohya", out)
+    want_model = copy.deepcopy(sd15["unet"])
+    lora_compat.Patcher({"unet": want_model}).set([(out, 1.0)])
+    theirs = copy.deepcopy(sd15["unet"])
+    with one_thread(), _isolated_preset_state():
+        # lycoris' default preset targets time_embedding.linear_1 by name and by module type, and then asserts
+        # on the duplicate it made (in the throw-away network the loader builds first); target no names
+        from lycoris.kohya import LycorisNetworkKohya
+
+        LycorisNetworkKohya.UNET_TARGET_REPLACE_NAME = []
+        network, _ = create_network_from_weights(1.0, str(out), None, None, theirs, for_inference=True)
+        network.apply_to(None, theirs, apply_text_encoder=False, apply_unet=True)
+        network.load_weights(str(out))
+        network.eval()
+    assert len(network.unet_loras) == lora_compat.inspect(out).targets
+    g = torch.Generator().manual_seed(0)
+    sample, hidden = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 7, 16, generator=g)
+    with torch.no_grad():
+        got = theirs(sample, torch.tensor([10]), encoder_hidden_states=hidden).sample
+        want = want_model(sample, torch.tensor([10]), encoder_hidden_states=hidden).sample
+    assert float((got - want).norm() / want.norm()) < 1e-5
