@@ -115,6 +115,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bake(args: argparse.Namespace) -> int:
+    from .bake import bake
+
+    loras = []
+    for spec in args.loras:
+        path, sep, strength = spec.rpartition(":")
+        try:
+            loras.append((path, float(strength)) if sep and path else (spec, 1.0))
+        except ValueError:
+            loras.append((spec, 1.0))
+    try:
+        report = bake(args.checkpoint, loras, args.out, strict=args.strict)
+    except (LoraCompatError, FileNotFoundError) as exc:
+        print(f"lora-compat bake: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {report.path}: {report.patched} of {report.tensors} tensors patched by {len(loras)} LoRA(s)")
+    for source, keys in report.unmatched.items():
+        print(f"  {source}: {len(keys)} keys matched no module", file=sys.stderr)
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from .install_host import install
 
@@ -161,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="read against this base instead of detecting it")
     p.add_argument("--rank", type=int, help="compress kinds the target cannot hold to LoRAs of this rank")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bake", help="merge LoRAs into a checkpoint (diffusers folder or single-file safetensors)",
+                       description="Merge one or more LoRAs into a full checkpoint, computed in fp32 and written in "
+                                   "the checkpoint's dtype, streamed tensor by tensor.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]")
+    p.add_argument("-o", "--out", required=True, help="output folder or file")
+    p.add_argument("--strict", action="store_true", help="refuse LoRAs with unmatched keys")
+    p.set_defaults(func=cmd_bake)
 
     p = sub.add_parser("install", help="add lora-compat to a webui (extensions/) or ComfyUI (custom_nodes/)",
                        description="Link (or copy) lora-compat's host folder into a webui's extensions/ "

@@ -1,0 +1,281 @@
+"""``bake``: merge LoRAs into a full checkpoint, streamed tensor by tensor.
+
+Each patched parameter is computed from the checkpoint's value in fp32 (all LoRAs summed in a fixed order,
+the patcher's own computation) and written in the checkpoint's dtype; everything else is copied as is. The
+output is written while reading, so peak memory stays near one module, not one checkpoint.
+
+Checkpoints: a diffusers folder (``unet/``, ``transformer/``, ``text_encoder*/`` safetensors, sharded or not)
+or a single-file safetensors (SD UNet under ``model.diffusion_model.`` with SGM names, SD1 CLIP under
+``cond_stage_model.transformer.``, SDXL CLIP-L under ``conditioner.embedders.0.transformer.``, Flux BFL names
+bare or under ``model.diffusion_model.``).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from . import plugins
+from .apply import check_patchset, resolve_patchset
+from .archs import ModuleIndex
+from .archs.flux import Route, canonical_from_bfl, is_bfl_transformer
+from .archs.sd import sgm_aliases
+from .errors import LoraCompatError
+from .files import SAFETENSORS_DTYPES, LoraFile
+from .patcher.merge import merged_values
+from .patcher.entries import source_key
+
+#: single-file prefixes → component
+SINGLE_FILE_PREFIXES = {"model.diffusion_model.": "unet", "cond_stage_model.transformer.": "text_encoder",
+                        "conditioner.embedders.0.transformer.": "text_encoder"}
+COMPONENT_FOLDERS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+@dataclass
+class BakeReport:
+    path: str
+    tensors: int = 0
+    patched: int = 0
+    unmatched: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class _Part:
+    """One component of a checkpoint: its tensors (key → file holding it) and how keys map to modules."""
+
+    component: str
+    prefix: str
+    files: dict[str, LoraFile] = field(default_factory=dict)
+
+    def host_table(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        table: dict[str, dict[str, tuple[int, ...]]] = {}
+        for key, file in self.files.items():
+            module, _, param = key[len(self.prefix):].rpartition(".")
+            table.setdefault(module, {})[param] = file.header.shapes[key]
+        return table
+
+
+def bake(checkpoint: str | Path, loras: Sequence[tuple[object, float]], out: str | Path, *,
+         strict: bool = False, progress: bool = True) -> BakeReport:
+    """Merge ``loras`` (``(source, strength)`` pairs) into ``checkpoint`` and write the result at ``out``."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"{checkpoint}: no such file or folder")
+    if checkpoint.resolve() == out.resolve():
+        raise LoraCompatError(f"{out}: refusing to overwrite the checkpoint being read")
+    if checkpoint.is_dir():
+        files = {p: LoraFile.open(p) for p in sorted(checkpoint.rglob("*.safetensors"))}
+        parts = _folder_parts(checkpoint, files)
+    else:
+        files = {checkpoint: LoraFile.open(checkpoint)}
+        parts = _single_file_parts(files[checkpoint])
+    index = _index(parts)
+    report = BakeReport(str(out))
+    contributions = _contributions(loras, index, strict, report)
+    by_file: dict[Path, dict[str, tuple[str, str]]] = {}
+    for part in parts:
+        for key, file in part.files.items():
+            module, _, param = key[len(part.prefix):].rpartition(".")
+            by_file.setdefault(file.header.path, {})[key] = (f"{part.component}.{module}", param)
+    if checkpoint.is_dir():
+        out.mkdir(parents=True, exist_ok=True)
+        for item in checkpoint.rglob("*"):
+            target = out / item.relative_to(checkpoint)
+            if item.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif item.suffix != ".safetensors" or item not in by_file:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(item, target)
+        jobs = [(files[p], out / p.relative_to(checkpoint)) for p in by_file]
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        jobs = [(files[checkpoint], out)]
+    total = sum(len(f.header.shapes) for f, _ in jobs)
+    done = 0
+    for file, target in jobs:
+        modules = by_file.get(file.header.path, {})
+        cache = _ModuleValues(contributions, params_by_module(parts))
+        with _StreamWriter(target, file) as writer:
+            for key in writer.keys:
+                module, param = modules.get(key, (None, None))
+                if module is not None and module in contributions:
+                    writer.write(key, cache.value(module, param, file.header.dtypes[key]))
+                    report.patched += 1
+                else:
+                    writer.write(key, file.tensor(key))
+                done += 1
+                report.tensors += 1
+                if progress and (done % 64 == 0 or done == total):
+                    print(f"\rbake: {done}/{total} tensors", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return report
+
+
+def params_by_module(parts: Sequence[_Part]) -> dict[str, dict[str, tuple[LoraFile, str]]]:
+    """host module → param → (file, key), over every file of the checkpoint (a module may span shards)."""
+    found: dict[str, dict[str, tuple[LoraFile, str]]] = {}
+    for part in parts:
+        for key, file in part.files.items():
+            module_path, _, param = key[len(part.prefix):].rpartition(".")
+            found.setdefault(f"{part.component}.{module_path}", {})[param] = (file, key)
+    return found
+
+
+class _ModuleValues:
+    """New values of a module's parameters, computed once when its first parameter is written."""
+
+    def __init__(self, contributions: Mapping[str, list], params: Mapping[str, dict[str, tuple[LoraFile, str]]]):
+        self.contributions, self.params = contributions, params
+        self.current: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def value(self, module: str, param: str, dtype_name: str) -> torch.Tensor:
+        if self.current is None or self.current[0] != module:
+            base = {p: f.tensor(k) for p, (f, k) in self.params[module].items()}
+            self.current = (module, merged_values(base, self.contributions[module]))
+        new = self.current[1].get(param)
+        if new is None:
+            file, key = self.params[module][param]
+            return file.tensor(key)
+        return new.to(SAFETENSORS_DTYPES[dtype_name][0])
+
+
+def _contributions(loras: Sequence[tuple[object, float]], index: ModuleIndex, strict: bool,
+                   report: BakeReport) -> dict[str, list]:
+    order = sorted(range(len(loras)), key=lambda i: (source_key(loras[i][0]), loras[i][1], i))
+    found: dict[str, list] = {}
+    for i in order:
+        source, strength = loras[i]
+        patchset = resolve_patchset(source, index)
+        check_patchset(patchset, index, strict)
+        if patchset.unmatched:
+            report.unmatched[patchset.source] = sorted(patchset.unmatched)
+        for target, patch in patchset.items():
+            found.setdefault(target, []).append((patch, strength))
+    return found
+
+
+def _folder_parts(root: Path, files: Mapping[Path, LoraFile]) -> list[_Part]:
+    parts: dict[str, _Part] = {}
+    for path, file in files.items():
+        component = path.relative_to(root).parts[0] if len(path.relative_to(root).parts) > 1 else None
+        if component not in COMPONENT_FOLDERS:
+            continue
+        part = parts.setdefault(component, _Part(component, ""))
+        for key in file.header.shapes:
+            part.files[key] = file
+    if not parts:
+        raise LoraCompatError(f"{root}: no unet/, transformer/ or text_encoder*/ safetensors weights found")
+    return list(parts.values())
+
+
+def _single_file_parts(file: LoraFile) -> list[_Part]:
+    parts: dict[str, _Part] = {}
+    keys = list(file.header.shapes)
+    bare_flux = any(k.startswith(("double_blocks.", "single_blocks.")) for k in keys)
+    for key in keys:
+        for prefix, component in SINGLE_FILE_PREFIXES.items():
+            if key.startswith(prefix):
+                break
+        else:
+            prefix, component = ("", "transformer") if bare_flux else (None, None)
+        if prefix is None:
+            continue
+        part = parts.setdefault(prefix, _Part(component, prefix))
+        part.files[key] = file
+    if not parts:
+        raise LoraCompatError(f"{file.header.display_name}: no known checkpoint layout (expected "
+                              "model.diffusion_model.*, cond_stage_model.*, or Flux double_blocks.*)")
+    return list(parts.values())
+
+
+def _index(parts: Iterable[_Part]) -> ModuleIndex:
+    """The canonical (diffusers-named) index of the checkpoint, with routes to its own module names."""
+    tables, routes = {}, {}
+    for part in parts:
+        host = part.host_table()
+        component = part.component
+        if is_bfl_transformer(host):
+            component = part.component = "transformer"
+            tables[component], routes[component] = canonical_from_bfl(host)
+        elif "input_blocks.0.0" in host:  # SGM UNet: canonical names from the base whose UNet it is
+            tables[component], routes[component] = _sgm_unet(host)
+        else:
+            tables[component] = host
+    index = ModuleIndex(tables, None, routes)
+    from .archs.flux import FLUX_KOHYA_PREFIXES
+
+    if "transformer" in tables:
+        index.kohya_prefixes = dict(FLUX_KOHYA_PREFIXES)
+    return index
+
+
+def _sgm_unet(host: Mapping[str, Mapping[str, tuple[int, ...]]]) -> tuple[dict, dict]:
+    """Diffusers names for an SGM-named UNet: the registered base whose UNet layout has exactly these SGM
+    names (shapes preferred, names alone for models of another width)."""
+    candidates = []
+    for arch in plugins.archs().values():
+        unet = arch.index.components.get("unet")
+        if not unet:
+            continue
+        aliases = {s: p for s, p in sgm_aliases(unet).items() if s in host}
+        covered = len(aliases) / max(1, len(host))
+        if covered >= 0.9:  # names alone decide for models of another width (a few shortcut convs may differ)
+            exact = all(unet[p] == host[s] for s, p in aliases.items())
+            candidates.append((exact, covered, aliases))
+    if not candidates:
+        raise LoraCompatError("the checkpoint's UNet (SGM names) matches none of the registered bases")
+    aliases = max(candidates, key=lambda c: (c[0], c[1]))[2]
+    table = {path: dict(host[sgm]) for sgm, path in aliases.items()}
+    routes = {path: Route(sgm, 0, next(iter(host[sgm].values()))[0]) for sgm, path in aliases.items()}
+    return table, routes
+
+
+class _StreamWriter:
+    """Writes a safetensors file tensor by tensor, in the source's key order, dtypes and shapes."""
+
+    def __init__(self, path: Path, source: LoraFile):
+        self.path, self.source = path, source
+        shapes, dtypes = source.header.shapes, source.header.dtypes
+        self.keys = list(shapes)
+        header, offset = {}, 0
+        for key in self.keys:
+            size = SAFETENSORS_DTYPES[dtypes[key]][1] * _numel(shapes[key])
+            header[key] = {"dtype": dtypes[key], "shape": list(shapes[key]), "data_offsets": [offset, offset + size]}
+            offset += size
+        if source.metadata:
+            header["__metadata__"] = dict(source.metadata)
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.header, self.sizes = raw, {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                                        if k != "__metadata__"}
+
+    def __enter__(self) -> "_StreamWriter":
+        self.handle = open(self.path, "wb")
+        self.handle.write(struct.pack("<Q", len(self.header)))
+        self.handle.write(self.header)
+        return self
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes != self.sizes[key]:
+            raise LoraCompatError(f"{self.path}: {key} has {data.nbytes} bytes, the header says {self.sizes[key]}")
+        self.handle.write(memoryview(data))
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+        if exc[0] is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
