@@ -96,11 +96,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if status == 2 else 1
 
 
+def _convert_control(args: argparse.Namespace, kind: str) -> int:
+    """ControlNet / Control-LoRA / T2I-Adapter checkpoints → a diffusers model folder."""
+    from . import controlnet
+
+    if args.to != "diffusers":
+        print(f"lora-compat convert: a {kind} checkpoint converts --to diffusers only", file=sys.stderr)
+        return 2
+    try:
+        if kind == "t2i-adapter":
+            model = controlnet.t2i_adapter_to_diffusers(args.src)
+        else:
+            unet = None
+            if args.unet:
+                from diffusers import UNet2DConditionModel
+
+                unet = UNet2DConditionModel.from_pretrained(args.unet)
+            model = controlnet.to_diffusers(args.src, base_unet=unet)
+        model.save_pretrained(args.out, safe_serialization=True)
+    except (LoraCompatError, FileNotFoundError, OSError) as exc:
+        print(f"lora-compat convert: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {kind} -> diffusers {type(model).__name__}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .conversion import convert
+    from .errors import NotALoraError
 
     try:
         report = convert(args.src, args.to, args.out, base=args.base, rank=args.rank)
+    except NotALoraError as exc:
+        if exc.kind in ("controlnet", "control-lora", "t2i-adapter"):
+            return _convert_control(args, exc.kind)
+        print(f"lora-compat convert: {exc}", file=sys.stderr)
+        return 2
     except (LoraCompatError, FileNotFoundError) as exc:
         print(f"lora-compat convert: {exc}", file=sys.stderr)
         return 2
@@ -172,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="where to write the examples (default: a new temporary directory)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("convert", help="write a LoRA in another dialect (exact; --rank R compresses by SVD)",
+    p = sub.add_parser("convert", help="write a LoRA in another dialect (exact; --rank R compresses by SVD); "
+                                       "ControlNet / Control-LoRA / T2I-Adapter to diffusers",
                        description="Write SRC in another dialect. Exact where the target can hold the patches; "
                                    "kinds diffusers/PEFT cannot hold are refused unless --rank R compresses them "
                                    "by truncated SVD (the error per module and overall is printed).")
@@ -181,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="output file (peft: a folder)")
     p.add_argument("--base", help="read against this base instead of detecting it")
     p.add_argument("--rank", type=int, help="compress kinds the target cannot hold to LoRAs of this rank")
+    p.add_argument("--unet", help="a diffusers UNet folder: the base a Control-LoRA is built on")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("bake", help="merge LoRAs into a checkpoint (diffusers folder or single-file safetensors)",
