@@ -167,6 +167,30 @@ def cmd_bake(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import matrix
+
+    corpus = Path(args.corpus) if args.corpus else matrix.default_corpus()
+    if not (corpus / "INDEX.json").is_file():
+        print(f"lora-compat matrix: {corpus}: no corpus INDEX.json (set --corpus or LORA_COMPAT_CORPUS)",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if args.check:
+        stale = matrix.check(out, corpus)
+        if stale:
+            print(f"lora-compat matrix: {', '.join(stale)} in {out} differ from a fresh run; run "
+                  "`lora-compat matrix` and commit the result", file=sys.stderr)
+            return 1
+        print(f"{out}: up to date")
+        return 0
+    matrix.write(out, corpus)
+    print(f"wrote {out / 'MATRIX.md'} and {out / 'matrix.json'}")
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from .install_host import install
 
@@ -224,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="output folder or file")
     p.add_argument("--strict", action="store_true", help="refuse LoRAs with unmatched keys")
     p.set_defaults(func=cmd_bake)
+
+    p = sub.add_parser("matrix", help="generate the compatibility matrix (compat_matrix/MATRIX.md, matrix.json)",
+                       description="Run every corpus layout through detection, full-size mapping and each host "
+                                   "adapter's route; write MATRIX.md and matrix.json. --check: fail if the "
+                                   "committed files differ from a fresh run.")
+    p.add_argument("--out", default="compat_matrix", help="output folder (default: compat_matrix)")
+    p.add_argument("--corpus", help="corpus folder (default: ../shared/corpus or $LORA_COMPAT_CORPUS)")
+    p.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
+    p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("install", help="add lora-compat to a webui (extensions/) or ComfyUI (custom_nodes/)",
                        description="Link (or copy) lora-compat's host folder into a webui's extensions/ "
