@@ -58,7 +58,7 @@ def _header_file(data: dict) -> LoraFile:
     return LoraFile(Header(shapes, {k: "F16" for k in shapes}, data.get("metadata") or {}, None), no_reads, "memory")
 
 
-def _routes(dialect: str, base: str | None, kinds: list[str]) -> dict[str, str]:
+def _routes(base: str | None, kinds: list[str]) -> dict[str, str]:
     """What each host does with a file of this dialect, base and kinds, per the adapters' rules."""
     flux = base == "flux1"
     plain = set(kinds) <= {"lora"}
@@ -122,7 +122,7 @@ def corpus_rows(corpus: Path) -> list[Row]:
         else:
             mapping = "partial: " + detection.base_reason
         rows.append(Row(name, provenance, detection.dialect.id, base, patchset.kinds, len(patchset),
-                        len(patchset.unmatched), mapping, _routes(detection.dialect.id, base, patchset.kinds),
+                        len(patchset.unmatched), mapping, _routes(base, patchset.kinds),
                         CHECKED_BY.get(detection.dialect.id, "")))
     return rows
 

@@ -122,12 +122,10 @@ def run_webui(host: str, components: dict, path: Path, strength: float) -> dict[
     changes = {}
     for sd_key, module in net.modules.items():
         assert module.calc_updown is not network.NetworkModule.calc_updown
-        bias = getattr(module.sd_module, "bias", None)
         weight_change, bias_change = module.calc_updown(module.sd_module.weight)
         changes[f"{names[sd_key]}.weight"] = weight_change
         if bias_change is not None:
             changes[f"{names[sd_key]}.bias"] = bias_change
-        del bias
     return changes
 
 
