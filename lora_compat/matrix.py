@@ -8,6 +8,7 @@ for each row is named in the ``checked_by`` column.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,8 @@ class Row:
     mapping: str = ""
     hosts: dict[str, str] = field(default_factory=dict)
     checked_by: str = ""
+    #: measured agreement with the reference library ("< 1e-5 vs ..."), for generated files
+    error: str = "-"
 
 
 def default_corpus() -> Path:
@@ -58,25 +61,26 @@ def _header_file(data: dict) -> LoraFile:
     return LoraFile(Header(shapes, {k: "F16" for k in shapes}, data.get("metadata") or {}, None), no_reads, "memory")
 
 
-def _routes(base: str | None, kinds: list[str]) -> dict[str, str]:
-    """What each host does with a file of this dialect, base and kinds, per the adapters' rules."""
-    flux = base == "flux1"
-    plain = set(kinds) <= {"lora"}
-    loha = set(kinds) == {"loha"}
-    hosts = {"diffusers": "works: " + ("diffusers route (PEFT LoRA)" if plain else "PEFT LoHa route" if loha
-                                       else "patcher route (exact merge)")}
-    hosts["a1111"] = "refused: AUTOMATIC1111 has no Flux" if flux else "works: lora_compat module type"
+def _routes(base: str | None, patchset) -> dict[str, str]:
+    """What each host adapter does with this PatchSet (the adapters' own routing rules)."""
+    from .adapters.diffusers import choose_route
+    from .hostkeys import host_native
+
+    if base is None:
+        return {h: "partial: base undetermined from the header; names resolved, shapes unchecked" for h in HOSTS}
+    kinds = patchset.kinds
+    route = choose_route(patchset)
+    hosts = {"diffusers": "works: " + {"diffusers": "diffusers route (PEFT LoRA)", "peft": "PEFT LoHa route",
+                                       "patcher": "patcher route (exact merge)"}[route]}
+    hosts["a1111"] = "refused: AUTOMATIC1111 has no Flux" if base == "flux1" else "works: lora_compat module type"
     hosts["sdnext"] = "works: lora_compat module type (diffusers names)"
     if "widen" in kinds:
-        hosts["forge"] = "works: Forge's own Control LoRA path" if flux else "works"
+        hosts["forge"] = "works: Forge reads Control LoRAs itself"
         hosts["comfyui"] = "works: handed to ComfyUI's own Control LoRA loader"
-    else:
-        native = set(kinds) <= {"lora", "loha", "full"}
-        hosts["forge"] = "works: " + ("native patches" if native else "lora_compat patches (exact)")
-        hosts["comfyui"] = "works: " + ("native patches" if native else "exact diffs at the chosen strength")
-    if base is None:
-        hosts = {h: "partial: base undetermined from the header; names resolved, shapes unchecked"
-                 for h in hosts}
+        return hosts
+    native = all(host_native(p) for p in patchset.values())
+    hosts["forge"] = "works: " + ("native patches" if native else "lora_compat patches (exact)")
+    hosts["comfyui"] = "works: " + ("native patches" if native else "exact diffs at the chosen strength")
     return hosts
 
 
@@ -105,24 +109,23 @@ def corpus_rows(corpus: Path) -> list[Row]:
         patchset = detection.patchset
         base = detection.base
         generating = _generating_model(data)
-        if detection.base and not patchset.unmatched:
-            mapping = f"works: {len(patchset)} targets at full size"
-        elif detection.base:
-            mapping = f"partial: {len(patchset.unmatched)} keys unmatched"
-        elif generating is not None:  # a file written on a tiny config: map it onto that model
+        if generating is not None:  # written on a tiny config: map it onto that model, shapes checked
             from .apply import resolve_patchset
             from .archs import ModuleIndex
 
-            index = ModuleIndex.from_modules(generating)
-            fitted = resolve_patchset(detection.file, index)
+            fitted = resolve_patchset(detection.file, ModuleIndex.from_modules(generating))
             base = entry.get("base")
             mapping = (f"works: {len(fitted)} targets on its generating (tiny) {base} model"
                        if not fitted.unmatched and not fitted.misfits
                        else f"partial: {len(fitted.unmatched)} keys unmatched on its generating model")
+        elif detection.base and not patchset.unmatched:
+            mapping = f"works: {len(patchset)} targets at full size"
+        elif detection.base:
+            mapping = f"partial: {len(patchset.unmatched)} keys unmatched"
         else:
             mapping = "partial: " + detection.base_reason
         rows.append(Row(name, provenance, detection.dialect.id, base, patchset.kinds, len(patchset),
-                        len(patchset.unmatched), mapping, _routes(base, patchset.kinds),
+                        len(patchset.unmatched), mapping, _routes(base, patchset),
                         CHECKED_BY.get(detection.dialect.id, "")))
     return rows
 
@@ -153,23 +156,84 @@ def _generating_model(data: dict) -> dict[str, torch.nn.Module] | None:
     return built or None
 
 
+#: the tests' oracles (real lycoris-lora / peft files on tiny models): found when run from a source checkout
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+TOLERANCE = 1e-5
+
+
+def generated_rows() -> list[Row]:
+    """Files written by the reference libraries on tiny SD1.5 models (the tests' oracles), applied with
+    ``patched_weights`` and compared with what the library itself computes. Errors are reported against the
+    project's tolerance (fp32 relative error < 1e-5), so the matrix does not depend on the machine's BLAS.
+    Empty when the oracles are not importable (an installed package without the tests)."""
+    import sys
+    import tempfile
+    import warnings
+
+    if not (TESTS / "oracle_lycoris.py").is_file():
+        return []
+    sys.path.insert(0, str(TESTS))
+    try:
+        from oracle_lycoris import ALGOS, write_lycoris_file
+        from oracle_models import make_sd15_components
+        from oracle_peft import VARIANTS, write_peft_file
+    except ImportError:
+        return []
+    finally:
+        sys.path.remove(str(TESTS))
+    from .apply import LoraCompatWarning, patched_weights
+    from .core import read
+    from .inspection import inspect
+
+    components = make_sd15_components(seed=100)
+    rows = []
+    sources = [("lycoris-lora 4.1.3", v, write_lycoris_file, "lycoris forward") for v in ALGOS] + \
+        [("peft 0.21", v, write_peft_file, "peft merge") for v in VARIANTS]
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", LoraCompatWarning)
+        for library, variant, writer, oracle in sources:
+            folder = Path(tmp) / f"{library.split()[0]}-{variant}"
+            folder.mkdir()
+            path, expected = writer(folder, components, variant)
+            info = inspect(path)
+            patchset = read(path)
+            got = patched_weights(path, components)
+            worst = max(float((got[k] - v).norm() / v.norm()) for k, v in expected.items())
+            same_keys = got.keys() == expected.keys()
+            error = (f"< 1e-5 vs {oracle}" if worst < TOLERANCE and same_keys
+                     else f"FAIL: {worst:.1e} vs {oracle}" + ("" if same_keys else " (different parameters)"))
+            rows.append(Row(f"generated: {library} {variant}", "generated-real-library", info.dialect, "sd15",
+                            info.kinds, info.targets, len(info.unmatched),
+                            f"works: {info.targets} targets on the tiny sd15 model it was written on",
+                            _routes("sd15", patchset), "test_parity.py", error))
+    return rows
+
+
 def build(corpus: Path) -> dict:
-    rows = corpus_rows(corpus)
-    return {"hosts": list(HOSTS), "rows": [asdict(r) for r in rows]}
+    return json.loads(_build(str(Path(corpus).resolve())))
+
+
+@functools.lru_cache(maxsize=4)
+def _build(corpus: str) -> str:
+    """The matrix as JSON text, built once per process and corpus (generating the files takes a while)."""
+    rows = corpus_rows(Path(corpus)) + generated_rows()
+    return json.dumps({"hosts": list(HOSTS), "rows": [asdict(r) for r in rows]})
 
 
 def markdown(matrix: dict) -> str:
     lines = ["# Compatibility matrix", "",
              "Generated by `lora-compat matrix` (do not edit): every layout of the shared corpus read from its",
-             "header at full size, and what each host does with it. `works` / `partial` (with the reason) /",
-             "`refused` (with the reason). Numbers are checked by the tests named in the last column.", "",
-             "| layout | dialect | base | kinds | targets | mapping | " + " | ".join(matrix["hosts"]) + " | checked by |",
-             "|" + "---|" * (7 + len(matrix["hosts"]))]
+             "header at full size, then every file the tests generate with the reference libraries (lycoris-lora,",
+             "peft) applied and compared with the library's own result, and what each host does with each.",
+             "`works` / `partial` (with the reason) / `refused` (with the reason).", "",
+             "| layout | dialect | base | kinds | targets | mapping | " + " | ".join(matrix["hosts"])
+             + " | numerical error | checked by |",
+             "|" + "---|" * (8 + len(matrix["hosts"]))]
     for row in matrix["rows"]:
         cells = [row["layout"].removesuffix(".json"), row["dialect"], row["base"] or "-",
                  ", ".join(row["kinds"]) or "-", str(row["targets"]), row["mapping"]]
         cells += [row["hosts"].get(h, "-") for h in matrix["hosts"]]
-        cells.append(row["checked_by"] or "-")
+        cells += [row.get("error", "-"), row["checked_by"] or "-"]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -28,5 +28,7 @@ def test_every_corpus_layout_has_a_row() -> None:
 
     rows = json.loads((ROOT / "compat_matrix" / "matrix.json").read_text())["rows"]
     listed = {entry["file"] for entry in json.loads((CORPUS / "INDEX.json").read_text())}
-    assert {row["layout"] for row in rows} == listed
+    assert {row["layout"] for row in rows if not row["layout"].startswith("generated: ")} == listed
     assert all(row["mapping"].startswith(("works", "partial", "refused")) for row in rows)
+    generated = [row for row in rows if row["layout"].startswith("generated: ")]
+    assert len(generated) >= 28 and all(row["error"].startswith("< 1e-5 vs ") for row in generated)
