@@ -191,6 +191,52 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from .library import Library
+
+    with Library(args.db) as library:
+        report = library.index(args.dirs, hashes=not args.no_hash, progress=not args.quiet)
+    print(f"{library.path}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+          f"{report.removed} removed, {report.failed} not indexed ({report.seconds:.1f} s)")
+    for path, error in sorted(report.errors.items())[:20]:
+        print(f"  {path}: {error}", file=sys.stderr)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .library import Library
+
+    with Library(args.db) as library:
+        results = library.search(args.prompt, base=args.base, k=args.k)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results]))
+        return 0
+    if not results:
+        print("no match" + (f" for base {args.base}" if args.base else ""))
+    for rank, r in enumerate(results, 1):
+        print(f"{rank}. {r.path}  [{r.base or '?'}, {r.dialect}]  score {r.score:.2f}, strength {r.strength:g}")
+        if r.triggers:
+            print(f"   triggers: {', '.join(r.triggers[:8])}")
+        print(f"   why: {'; '.join(r.why) or '-'}")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from .library import Library
+
+    with Library(args.db) as library:
+        stack = library.recommend(args.prompt, base=args.base, k=args.k)
+    if args.json:
+        print(json.dumps(stack))
+        return 0
+    print(f"prompt: {stack['prompt']}")
+    for entry in stack["stack"]:
+        print(f"  {entry['path']}:{entry['strength']:g}")
+    if not stack["stack"]:
+        print(f"  (no LoRA for {args.base} matches)")
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from .install_host import install
 
@@ -257,6 +303,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", help="corpus folder (default: ../shared/corpus or $LORA_COMPAT_CORPUS)")
     p.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
     p.set_defaults(func=cmd_matrix)
+
+    p = sub.add_parser("index", help="index folders of LoRA files into a searchable library (header only)",
+                       description="Index LoRA files (recursively) into a SQLite library: dialect, base, kinds, "
+                                   "triggers, tags, sidecars, AutoV2 hash. Incremental; resumes after interruption.")
+    p.add_argument("dirs", nargs="+", metavar="DIR")
+    p.add_argument("--db", help="library database (default: ~/.cache/lora-compat/library.sqlite or $LORA_COMPAT_DB)")
+    p.add_argument("--no-hash", action="store_true", help="skip the AutoV2 hash (reads every file whole)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="find LoRAs for a prompt (BM25 over triggers, tags, titles...)",
+                       description="Find indexed LoRAs for a prompt; --base keeps only LoRAs for that base.")
+    p.add_argument("prompt")
+    p.add_argument("--base")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--db")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("recommend", help="a ready LoRA stack for a prompt and a base",
+                       description="Search the library and print a stack (paths:strengths) and the prompt with "
+                                   "the trigger words added; --json for the patcher / host adapters.")
+    p.add_argument("prompt")
+    p.add_argument("--base", required=True)
+    p.add_argument("-k", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--db")
+    p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("install", help="add lora-compat to a webui (extensions/) or ComfyUI (custom_nodes/)",
                        description="Link (or copy) lora-compat's host folder into a webui's extensions/ "
