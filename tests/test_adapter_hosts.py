@@ -323,3 +323,14 @@ def test_comfyui_nodes_are_registered() -> None:
                                                   "LoraCompatInfo": "LoRA info (lora_compat)"}
     node = comfyui.NODE_CLASS_MAPPINGS["LoraCompatLoader"]
     assert (node.RETURN_TYPES, node.FUNCTION) == (("MODEL", "CLIP"), "load_lora")
+
+
+def test_forge_converts_a_file_once_per_version(sd15, sd_files) -> None:
+    """Forge reads the LoRA file at every generation: the conversion (and its patch ids) is reused."""
+    model, clip, _ = comfy_sd_models(sd15)
+    path = sd_files["diag_oft"]  # a kind Forge lacks: it becomes lora_compat patches
+    first = run_comfy(model, clip, path, STRENGTH, forge=True)
+    count = len(webui.FORGE_PATCHES)
+    second = run_comfy(model, clip, path, STRENGTH, forge=True)
+    assert len(webui.FORGE_PATCHES) == count
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

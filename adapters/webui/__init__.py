@@ -182,9 +182,27 @@ def _anything_loaded(extra_network: Any) -> bool:
 
 
 # -- Forge -------------------------------------------------------------------------------------------------------
+_FORGE_READS: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
 def forge_state_dict(filename: str) -> dict[str, torch.Tensor]:
     """The file under names Forge's key map accepts; modules whose kind Forge lacks or computes differently
-    carry a ``<module>.lora_compat`` id tensor that the wrapped ``load_lora`` turns into our own patch."""
+    carry a ``<module>.lora_compat`` id tensor that the wrapped ``load_lora`` turns into our own patch.
+    Converted once per file version and model (Forge reads the file at every generation)."""
+    stat = Path(filename).stat()
+    key = (str(filename), stat.st_size, stat.st_mtime_ns, id(MODEL_INDEX["index"]))
+    if key in _FORGE_READS:
+        return dict(_FORGE_READS[key])
+    tensors = _forge_convert(filename)
+    for old in [k for k in _FORGE_READS if k[0] == str(filename)]:
+        for name, value in _FORGE_READS.pop(old).items():
+            if name.endswith(".lora_compat"):
+                FORGE_PATCHES.pop(int(value), None)
+    _FORGE_READS[key] = tensors
+    return dict(tensors)
+
+
+def _forge_convert(filename: str) -> dict[str, torch.Tensor]:
     conversion = convert(filename, "comfy", MODEL_INDEX["index"])
     CONVERTED[filename] = conversion
     report(filename, conversion)
