@@ -237,6 +237,30 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .fuse import merge
+
+    sources = []
+    for spec in args.loras:
+        path, sep, weight = spec.rpartition(":")
+        try:
+            sources.append((path, float(weight)) if sep and path else (spec, 1.0))
+        except ValueError:
+            sources.append((spec, 1.0))
+    try:
+        report = merge(sources, args.out, args.method, to=args.to, rank=args.rank, density=args.density,
+                       seed=args.seed, base=args.base)
+    except (LoraCompatError, FileNotFoundError) as exc:
+        print(f"lora-compat merge: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {report.path}: {args.method} of {len(sources)} LoRAs, {report.modules} modules, dialect {args.to}")
+    if report.svd_errors:
+        for module, error in sorted(report.svd_errors.items()):
+            print(f"  svd rank {args.rank}: {module}: relative error {error:.3e}")
+        print(f"  svd overall relative error {report.overall_error:.3e}")
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from .install_host import install
 
@@ -331,6 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--db")
     p.set_defaults(func=cmd_recommend)
+
+    p = sub.add_parser("merge", help="merge LoRAs into one (concat exact, svd, ties, dare, linear where exact)",
+                       description="Merge LoRAs with weights into one file: concat (exact, ranks add up), svd to "
+                                   "--rank (errors printed), ties/dare on full deltas (PEFT's definitions, "
+                                   "seeded), linear only where exact.")
+    p.add_argument("loras", nargs="+", metavar="LORA[:WEIGHT]")
+    p.add_argument("-o", "--out", required=True)
+    p.add_argument("--method", choices=["concat", "svd", "ties", "dare", "linear"], default="concat")
+    p.add_argument("--to", choices=["kohya", "webui", "diffusers", "peft", "bfl"], default="kohya")
+    p.add_argument("--rank", type=int, help="svd rank (required for svd; ties/dare: compress to a LoRA)")
+    p.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction kept (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="dare: random seed")
+    p.add_argument("--base", help="read against this base instead of detecting it")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("install", help="add lora-compat to a webui (extensions/) or ComfyUI (custom_nodes/)",
                        description="Link (or copy) lora-compat's host folder into a webui's extensions/ "

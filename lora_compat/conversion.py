@@ -69,23 +69,27 @@ def convert_state_dict(source: Source, to: str, *, base: str | None = None, rank
     else:
         patchset, index = detection.patchset, plugins.archs()[chosen].index
     report = ConvertReport(to, detection.dialect.id, chosen, unmatched=sorted(patchset.unmatched))
+    return write_patchset(patchset, index, to, report, detection.file.metadata, rank)
+
+
+def write_patchset(patchset: PatchSet, index: ModuleIndex, to: str, report: ConvertReport,
+                   source_metadata: dict | None = None, rank: int | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertReport]:
+    """Tensors and metadata of ``patchset`` (canonical targets of ``index``) in dialect ``to``."""
     writer = _LoraWriter(patchset, index, rank, report) if to in ("diffusers", "peft") else \
         _KohyaWriter(patchset, index, to, report)
     tensors = writer.write()
-    metadata = _metadata(detection.file.metadata, report, writer.extra_metadata())
+    metadata = _metadata(dict(source_metadata or {}), report, writer.extra_metadata())
     report.modules, report.tensors = writer.modules, len(tensors)
     if report.svd_errors:
         report.overall_error = writer.overall_error()
     return tensors, metadata, report
 
 
-def convert(source: Source, to: str, out: str | Path, *, base: str | None = None, rank: int | None = None,
-            components: Any = None) -> ConvertReport:
-    """Write ``source`` in dialect ``to`` at ``out`` (``peft``: ``out`` is a folder with
-    ``adapter_model.safetensors`` and ``adapter_config.json``)."""
+def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], to: str, out: str | Path) -> Path:
+    """Write converted tensors (``peft``: a folder with ``adapter_config.json``); returns the weights file."""
     from safetensors.torch import save_file
 
-    tensors, metadata, report = convert_state_dict(source, to, base=base, rank=rank, components=components)
     out = Path(out)
     if to == "peft":
         out.mkdir(parents=True, exist_ok=True)
@@ -96,6 +100,15 @@ def convert(source: Source, to: str, out: str | Path, *, base: str | None = None
         path = out
         path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    return path
+
+
+def convert(source: Source, to: str, out: str | Path, *, base: str | None = None, rank: int | None = None,
+            components: Any = None) -> ConvertReport:
+    """Write ``source`` in dialect ``to`` at ``out`` (``peft``: ``out`` is a folder with
+    ``adapter_model.safetensors`` and ``adapter_config.json``)."""
+    tensors, metadata, report = convert_state_dict(source, to, base=base, rank=rank, components=components)
+    path = save(tensors, metadata, to, out)
     report.path = str(path)
     return report
 

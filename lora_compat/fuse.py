@@ -1,0 +1,190 @@
+"""Merging several LoRAs into one file: ``concat`` (exact, ranks add up), ``svd`` (to rank R, with the error
+it makes), ``ties`` and ``dare`` on full deltas (PEFT's definitions, seeded), ``linear`` only where it is exact.
+
+Definitions (``w_i`` the weights, ``ΔW_i`` each LoRA's full delta with its own scale):
+
+- concat: ``down = [down_1; ...]``, ``up = [w_1·s_1·up_1 | ...]``, so ``up @ down = Σ w_i ΔW_i`` exactly.
+- svd: the best rank-R approximation of ``Σ w_i ΔW_i`` (Eckart-Young); relative Frobenius error reported.
+- ties (PEFT ``merge_utils.ties``, sign election "total"): keep each ``ΔW_i`` 's top ``density`` fraction by
+  magnitude, weight it, elect the sign of the weighted sum per element, and average the weighted entries that
+  agree with it (``Σ agreeing / #agreeing``).
+- dare (PEFT ``dare_linear``): keep each element of ``ΔW_i`` with probability ``density`` and divide by it,
+  then ``Σ w_i ·``. Source ``i`` 's mask for a module is ``torch.rand(shape, generator=g) < density`` with
+  ``g = torch.Generator().manual_seed((seed * 1_000_003 + i) ^ zlib.crc32(target))``: reproducible, and one
+  module's masks do not depend on the others.
+- linear: ``Σ w_i·s_i·up_i`` on the shared down, only when every LoRA has the same down for a module.
+
+``ties``/``dare`` results are full deltas: written as LyCORIS ``diff`` tensors (kohya/webui/bfl dialects) or,
+with ``rank``, compressed to a LoRA by SVD.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import plugins
+from .archs import ModuleIndex
+from .conversion import ConvertReport, _additive_delta, _svd, save, write_patchset
+from .core import detect
+from .errors import LoraCompatError
+from .patches import FullPatch, LoraPatch, Patch, Ref
+from .patchset import PatchSet
+
+METHODS = ("concat", "svd", "ties", "dare", "linear")
+
+
+@dataclass
+class MergeReport:
+    method: str
+    path: str | None = None
+    modules: int = 0
+    svd_errors: dict[str, float] = field(default_factory=dict)
+    overall_error: float | None = None
+    convert: ConvertReport | None = None
+
+
+def _read_all(sources: Sequence[tuple[Any, float]], base: str | None, components: Any
+              ) -> tuple[list[tuple[PatchSet, float]], ModuleIndex, str | None]:
+    if components is not None:
+        from .apply import component_modules, resolve_patchset
+
+        index = ModuleIndex.from_modules(component_modules(components))
+        first = detect(sources[0][0], base)  # the base only names the output (sd-scripts style per base)
+        named = base or first.base or next(iter(first.base_candidates), None)
+        return [(resolve_patchset(src, index, base), w) for src, w in sources], index, named
+    detections = [detect(src, base) for src, _ in sources]
+    bases = {d.base or next(iter(d.base_candidates), None) for d in detections}
+    if len(bases) != 1 or None in bases:
+        raise LoraCompatError(f"the LoRAs are for different or unknown bases ({', '.join(map(str, bases))}); "
+                              "merge LoRAs of one base (or pass base=)")
+    chosen = bases.pop()
+    return [(d.patchset, w) for d, (_, w) in zip(detections, sources)], plugins.archs()[chosen].index, chosen
+
+
+def merged_patchset(sources: Sequence[tuple[Any, float]], method: str, *, rank: int | None = None,
+                    density: float = 0.5, seed: int = 0, base: str | None = None, components: Any = None
+                    ) -> tuple[PatchSet, ModuleIndex, MergeReport]:
+    """The merged patches on canonical targets, the index they live on, and the report."""
+    if method not in METHODS:
+        raise LoraCompatError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "svd" and rank is None:
+        raise LoraCompatError("the svd method needs a rank (--rank R)")
+    if not 0 < density <= 1:
+        raise LoraCompatError(f"density must be in (0, 1], not {density}")
+    patchsets, index, chosen = _read_all(sources, base, components)
+    report = MergeReport(method)
+    targets = sorted({t for ps, _ in patchsets for t in ps})
+    result = PatchSet(source=f"merge:{method}", dialect="merge", base=chosen)
+    squared = [0.0, 0.0]
+    for target in targets:
+        parts = [(ps[target], w, i) for i, (ps, w) in enumerate(patchsets) if target in ps]
+        if method == "concat":
+            result.patches[target] = _concat(target, parts)
+        elif method == "linear":
+            result.patches[target] = _linear(target, parts)
+        else:
+            deltas = [(_delta(target, p, index), w, i) for p, w, i in parts]
+            if method == "svd":
+                total = sum(w * d for d, w, _ in deltas)
+            elif method == "ties":
+                total = ties([d for d, _, _ in deltas], [w for _, w, _ in deltas], density)
+            else:
+                total = dare(target, deltas, density, seed)
+            if rank is not None:
+                up, down, error = _svd(total.reshape(total.shape[0], -1), rank)
+                weight = (index.shapes(target) or {})["weight"]
+                if len(weight) == 4:
+                    down, up = down.reshape(down.shape[0], *weight[1:]), up.reshape(*up.shape, 1, 1)
+                result.patches[target] = LoraPatch(Ref.of(up, f"{target}.up"), Ref.of(down, f"{target}.down"))
+                report.svd_errors[target] = error
+                squared[0] += (error * float(total.norm())) ** 2
+                squared[1] += float(total.norm()) ** 2
+            else:
+                result.patches[target] = FullPatch(Ref.of(total, f"{target}.diff"))
+    if report.svd_errors:
+        report.overall_error = math.sqrt(squared[0] / squared[1]) if squared[1] else 0.0
+    report.modules = len(result)
+    return result, index, report
+
+
+def _plain(target: str, patch: Patch, method: str) -> LoraPatch:
+    if type(patch) is not LoraPatch or patch.mid is not None or patch.bias is not None:
+        raise LoraCompatError(f"{target}: {method} needs plain LoRA factors, this is a {patch.kind} patch; "
+                              "use --method svd (or ties/dare) on full deltas")
+    return patch
+
+
+def _concat(target: str, parts) -> LoraPatch:
+    ups, downs = [], []
+    for patch, weight, _ in parts:
+        up, down, scale = _plain(target, patch, "concat").factors()
+        ups.append(up * (scale * weight))
+        downs.append(down)
+    up, down = torch.cat(ups, 1), torch.cat(downs, 0)
+    original = parts[0][0].down.shape
+    if len(original) == 4:
+        down, up = down.reshape(down.shape[0], *original[1:]), up.reshape(*up.shape, 1, 1)
+    return LoraPatch(Ref.of(up, f"{target}.up"), Ref.of(down, f"{target}.down"))
+
+
+def _linear(target: str, parts) -> LoraPatch:
+    downs = [_plain(target, p, "linear").down.load() for p, _, _ in parts]
+    if any(not torch.equal(downs[0], d) for d in downs[1:]):
+        raise LoraCompatError(f"{target}: linear merging of LoRA factors is exact only when the LoRAs share "
+                              "their down matrix; use --method concat (exact) or svd")
+    up = sum(p.up.load() * (p.scale.value() * w) for p, w, _ in parts)
+    return LoraPatch(Ref.of(up, f"{target}.up"), Ref.of(downs[0], f"{target}.down"))
+
+
+def _delta(target: str, patch: Patch, index: ModuleIndex) -> torch.Tensor:
+    delta = _additive_delta(patch, index, target)
+    if delta is None:
+        raise LoraCompatError(f"{target}: a {patch.kind} patch depends on the base weights; it has no full "
+                              "delta to merge")
+    weight = (index.shapes(target) or {})["weight"]
+    return delta.reshape(weight)
+
+
+def ties(deltas: Sequence[torch.Tensor], weights: Sequence[float], density: float) -> torch.Tensor:
+    """TIES-merging as PEFT ``merge_utils.ties`` (magnitude trim, "total" sign election, disjoint mean)."""
+    trimmed = []
+    for delta in deltas:
+        k = int(density * delta.numel())
+        mask = torch.zeros(delta.numel(), dtype=delta.dtype)
+        if k:
+            mask[torch.topk(delta.abs().reshape(-1), k=k).indices] = 1
+        trimmed.append(delta * mask.reshape(delta.shape))
+    weighted = torch.stack([t * w for t, w in zip(trimmed, weights)])
+    sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = weighted.sign() == sign
+    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def dare(target: str, deltas, density: float, seed: int) -> torch.Tensor:
+    """DARE-linear: random drop with keep probability ``density``, rescale by 1/density, weighted sum."""
+    total = None
+    for delta, weight, index in deltas:
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + index) ^ zlib.crc32(target.encode()))
+        keep = torch.rand(delta.shape, generator=generator) < density
+        term = delta * keep / density * weight
+        total = term if total is None else total + term
+    return total
+
+
+def merge(sources: Sequence[tuple[Any, float]], out: str | Path, method: str = "concat", *, to: str = "kohya",
+          rank: int | None = None, density: float = 0.5, seed: int = 0, base: str | None = None,
+          components: Any = None) -> MergeReport:
+    """Merge ``sources`` (``(path, weight)`` pairs) with ``method`` and write the result in dialect ``to``."""
+    patchset, index, report = merged_patchset(sources, method, rank=rank, density=density, seed=seed, base=base,
+                                              components=components)
+    convert_report = ConvertReport(to, "merge", patchset.base)
+    tensors, metadata, convert_report = write_patchset(patchset, index, to, convert_report)
+    metadata["lora_compat.merge"] = f"{method}: " + ", ".join(f"{Path(str(s)).name}:{w:g}" for s, w in sources)
+    report.path = str(save(tensors, metadata, to, out))
+    report.convert = convert_report
+    return report
