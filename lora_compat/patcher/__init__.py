@@ -21,6 +21,7 @@ import torch
 
 from ..apply import check_patchset, component_modules, resolve_patchset
 from ..archs import ModuleIndex
+from ..blocks import factors as block_factors
 from ..errors import LoraCompatError
 from ..patches import Patch
 from ..patchset import PatchSet
@@ -56,6 +57,8 @@ class _Loaded:
     entry: Entry
     key: str
     patchset: PatchSet
+    #: target → block-weight multiplier (``Entry.blocks``)
+    blocks: dict[str, float] = field(default_factory=dict)
 
 
 def sync_config(component: torch.nn.Module) -> None:
@@ -199,7 +202,8 @@ class Patcher:
         if patchset is None:
             patchset = self._read(entry.source, index)
             self._cache[cache_key] = patchset
-        return _Loaded(entry, key, patchset)
+        blocks = block_factors(patchset, index, entry.blocks) if entry.blocks is not None else {}
+        return _Loaded(entry, key, patchset, blocks)
 
     def _read(self, source: SourceLike, index: ModuleIndex) -> PatchSet:
         patchset = resolve_patchset(source, index)
@@ -216,6 +220,7 @@ class Patcher:
                 strength = item.entry.strength_for(target.partition(".")[0])
                 if strength is None:
                     continue
+                strength *= item.blocks.get(target, 1.0)
                 signature, contributions = desired.setdefault(target, ([], []))
                 signature.append((item.key, strength))
                 contributions.append((patch, strength))

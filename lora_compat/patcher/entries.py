@@ -16,11 +16,14 @@ ComponentFilter = Union[Collection[str], Mapping[str, float], None]
 @dataclass(frozen=True)
 class Entry:
     """One LoRA in a stack. ``components`` limits it to some components (a collection of names) or gives
-    per-component strength multipliers (``{"unet": 1.0, "text_encoder": 0.5}``)."""
+    per-component strength multipliers (``{"unet": 1.0, "text_encoder": 0.5}``). ``blocks``: per-block
+    weights in the LoRA Block Weight syntax (a preset name like ``"INS"``, 12/17/20/26 values for SD, 61 for
+    Flux, or ``{"IN04": 0.5, ...}``; see :mod:`lora_compat.blocks`)."""
 
     source: SourceLike
     strength: float = 1.0
     components: ComponentFilter = None
+    blocks: object = None
 
     def strength_for(self, component: str) -> float | None:
         """The effective strength on ``component``, or ``None`` when the entry does not apply there."""
@@ -37,7 +40,7 @@ def as_entries(entries: Iterable[Entry | tuple]) -> list[Entry]:
     for item in entries:
         if isinstance(item, Entry):
             out.append(item)
-        elif isinstance(item, tuple) and 1 <= len(item) <= 3:
+        elif isinstance(item, tuple) and 1 <= len(item) <= 4:
             out.append(Entry(*item))
         elif isinstance(item, (str, os.PathLike, LoraFile, PatchSet)):
             out.append(Entry(item))
