@@ -121,6 +121,27 @@ def _convert_control(args: argparse.Namespace, kind: str) -> int:
     return 0
 
 
+def _weighted(specs: Sequence[str]) -> list[tuple[str, float]]:
+    """``PATH[:NUMBER]`` arguments → ``(path, number)``; a path without a number (or with a colon of its
+    own) gets 1.0."""
+    out = []
+    for spec in specs:
+        path, sep, number = spec.rpartition(":")
+        try:
+            out.append((path, float(number)) if sep and path else (spec, 1.0))
+        except ValueError:
+            out.append((spec, 1.0))
+    return out
+
+
+def _print_svd(errors: dict[str, float], overall: float | None, rank: int | None) -> None:
+    if not errors:
+        return
+    for module, error in sorted(errors.items()):
+        print(f"  svd rank {rank}: {module}: relative error {error:.3e}")
+    print(f"  svd overall relative error {overall:.3e} over {len(errors)} modules")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .conversion import convert
     from .errors import NotALoraError
@@ -137,10 +158,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {report.path}: {report.source_dialect} -> {report.target}, base {report.base}, "
           f"{report.modules} modules, {report.tensors} tensors")
-    if report.svd_errors:
-        for module, error in sorted(report.svd_errors.items()):
-            print(f"  svd rank {args.rank}: {module}: relative error {error:.3e}")
-        print(f"  svd overall relative error {report.overall_error:.3e} over {len(report.svd_errors)} modules")
+    _print_svd(report.svd_errors, report.overall_error, args.rank)
     if report.unmatched:
         print(f"  {len(report.unmatched)} keys of the source matched no module and were left out", file=sys.stderr)
     return 0
@@ -149,13 +167,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_bake(args: argparse.Namespace) -> int:
     from .bake import bake
 
-    loras = []
-    for spec in args.loras:
-        path, sep, strength = spec.rpartition(":")
-        try:
-            loras.append((path, float(strength)) if sep and path else (spec, 1.0))
-        except ValueError:
-            loras.append((spec, 1.0))
+    loras = _weighted(args.loras)
     try:
         report = bake(args.checkpoint, loras, args.out, strict=args.strict)
     except (LoraCompatError, FileNotFoundError) as exc:
@@ -240,13 +252,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .fuse import merge
 
-    sources = []
-    for spec in args.loras:
-        path, sep, weight = spec.rpartition(":")
-        try:
-            sources.append((path, float(weight)) if sep and path else (spec, 1.0))
-        except ValueError:
-            sources.append((spec, 1.0))
+    sources = _weighted(args.loras)
     try:
         report = merge(sources, args.out, args.method, to=args.to, rank=args.rank, density=args.density,
                        seed=args.seed, base=args.base)
@@ -254,10 +260,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"lora-compat merge: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {report.path}: {args.method} of {len(sources)} LoRAs, {report.modules} modules, dialect {args.to}")
-    if report.svd_errors:
-        for module, error in sorted(report.svd_errors.items()):
-            print(f"  svd rank {args.rank}: {module}: relative error {error:.3e}")
-        print(f"  svd overall relative error {report.overall_error:.3e}")
+    _print_svd(report.svd_errors, report.overall_error, args.rank)
     return 0
 
 

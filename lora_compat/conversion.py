@@ -21,7 +21,7 @@ from .archs import ModuleIndex
 from .archs.flux import is_flux_transformer
 from .core import Source, detect
 from .errors import LoraCompatError
-from .hostkeys import HostName, fused_lora, kohya_names, kohya_tensors
+from .hostkeys import HostName, fused_lora, fused_rows, kohya_names, kohya_tensors
 from .patches import DoraPatch, FactorisedPatch, FullPatch, LoraPatch, Patch
 from .patches.rows import RowsOf
 from .patchset import PatchSet
@@ -229,13 +229,11 @@ def _bfl_suffix(suffix: str) -> str:
 
 
 def _fused_rows(index: ModuleIndex, module: str) -> int:
-    flat = module[len("lora_unet_"):] if module.startswith("lora_unet_") else \
-        module[len("diffusion_model."):].replace(".", "_")
-    for component in index.components:
-        parts = index.split_names(component).get(flat)
-        if parts:
-            return parts[-1].stop
-    raise LoraCompatError(f"{module}: not a fused module of this base")
+    name = module[len("lora_unet_"):] if module.startswith("lora_unet_") else module[len("diffusion_model."):]
+    rows = fused_rows(index, name)
+    if rows is None:
+        raise LoraCompatError(f"{module}: not a fused module of this base")
+    return rows
 
 
 class _LoraWriter:
@@ -286,11 +284,11 @@ class _LoraWriter:
         if self.rank is None:
             raise LoraCompatError(f"{self.patchset.source}: {target} is a {patch.kind} patch, which the {self.to} "
                                   f"dialect cannot hold; pass rank=R (--rank R) to compress it to a LoRA by SVD")
-        delta = _additive_delta(patch, self.index, target)
+        delta = additive_delta(patch, self.index, target)
         if delta is None:
             raise LoraCompatError(f"{self.patchset.source}: {target}: a {patch.kind} patch depends on the base "
                                   "weights, so it has no weight-independent delta to compress")
-        up, down, error = _svd(delta, self.rank)
+        up, down, error = svd_factors(delta, self.rank)
         weight = (self.index.shapes(target) or {})["weight"]
         if len(weight) == 4:  # a conv LoRA: down is the kernel, up a 1x1 conv
             down, up = down.reshape(down.shape[0], *weight[1:]), up.reshape(*up.shape, 1, 1)
@@ -319,7 +317,7 @@ class _LoraWriter:
         return {"lora_adapter_metadata": json.dumps(flat)} if flat else {}
 
 
-def _additive_delta(patch: Patch, index: ModuleIndex, target: str) -> torch.Tensor | None:
+def additive_delta(patch: Patch, index: ModuleIndex, target: str) -> torch.Tensor | None:
     """``ΔW`` (2-D, out x in·k·k) of a patch that does not depend on the base weights, else ``None``."""
     full = isinstance(patch, FullPatch) and patch.diff is not None and patch.diff_b is None
     if not isinstance(patch, FactorisedPatch) and not full:
@@ -335,7 +333,7 @@ def _additive_delta(patch: Patch, index: ModuleIndex, target: str) -> torch.Tens
     return delta.reshape(delta.shape[0], -1)
 
 
-def _svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``up @ down`` of rank ≤ ``rank`` closest to ``delta`` (Frobenius), and the relative error."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     r = min(rank, s.shape[0])

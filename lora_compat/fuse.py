@@ -29,7 +29,7 @@ import torch
 
 from . import plugins
 from .archs import ModuleIndex
-from .conversion import ConvertReport, _additive_delta, _svd, save, write_patchset
+from .conversion import ConvertReport, additive_delta, svd_factors, save, write_patchset
 from .core import detect
 from .errors import LoraCompatError
 from .patches import FullPatch, LoraPatch, Patch, Ref
@@ -96,7 +96,7 @@ def merged_patchset(sources: Sequence[tuple[Any, float]], method: str, *, rank: 
             else:
                 total = dare(target, deltas, density, seed)
             if rank is not None:
-                up, down, error = _svd(total.reshape(total.shape[0], -1), rank)
+                up, down, error = svd_factors(total.reshape(total.shape[0], -1), rank)
                 weight = (index.shapes(target) or {})["weight"]
                 if len(weight) == 4:
                     down, up = down.reshape(down.shape[0], *weight[1:]), up.reshape(*up.shape, 1, 1)
@@ -142,7 +142,7 @@ def _linear(target: str, parts) -> LoraPatch:
 
 
 def _delta(target: str, patch: Patch, index: ModuleIndex) -> torch.Tensor:
-    delta = _additive_delta(patch, index, target)
+    delta = additive_delta(patch, index, target)
     if delta is None:
         raise LoraCompatError(f"{target}: a {patch.kind} patch depends on the base weights; it has no full "
                               "delta to merge")

@@ -253,7 +253,7 @@ def _put(conversion: Conversion, name: str, patch: Patch, host: HostName | None)
 def _put_fused(conversion: Conversion, module: str, parts: list[tuple[HostName, Patch]], index) -> None:
     """Patches on parts of a fused Flux module: one exact fused LoRA when all parts are plain LoRA; otherwise
     the module is left to lora_compat's own patch (its tensors cannot be written for the host)."""
-    total = _fused_rows(module, parts, index)
+    total = fused_rows(index, module[len("lora_unet_"):]) or max(h.rows[1] if h.rows else 0 for h, _ in parts)
     if all(_plain(p) for _, p in parts) and not any(h.swap for h, _ in parts):
         for suffix, tensor in fused_lora([(h.rows or (0, total), p) for h, p in parts], total).items():
             conversion.tensors[f"{module}.{suffix}"] = tensor
@@ -264,13 +264,13 @@ def _plain(patch: Patch) -> bool:
     return type(patch) is LoraPatch and patch.mid is None and patch.bias is None
 
 
-def _fused_rows(module: str, parts: list[tuple[HostName, Patch]], index: ModuleIndex) -> int:
-    bfl = module[len("lora_unet_"):]
+def fused_rows(index: ModuleIndex, bfl_name: str) -> int | None:
+    """Rows of a fused Flux module (BFL name, dotted or ``_``-flattened) in the model ``index`` describes."""
     for component in index.components:
-        group = index.split_names(component).get(bfl)
+        group = index.split_names(component).get(bfl_name)
         if group:
             return group[-1].stop
-    return max(h.rows[1] if h.rows else 0 for h, _ in parts)
+    return None
 
 
 def index_from_state_dict(shapes: Mapping[str, tuple[int, ...]], prefix: str = "diffusion_model.") -> ModuleIndex | None:
