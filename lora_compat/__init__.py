@@ -15,13 +15,14 @@ from .core import detect, read
 from .errors import (BaseMismatchError, CorruptFileError, LoraCompatError, NotALoraError, UnknownDialectError,
                      UnmatchedKeysError, UnsafeFileError)
 from .files import LoraFile
+from .fusion_gate import FusionGates
 from .inspection import Inspection, inspect
 from .patcher import Entry, Patcher, SetReport
 from .patchset import PatchSet
 
 __all__ = [
     "inspect", "read", "detect", "patched_weights", "Patcher", "Entry", "SetReport", "Inspection", "PatchSet", "LoraFile", "LoraCompatWarning",
-    "convert", "convert_state_dict", "ConvertReport",
+    "convert", "convert_state_dict", "ConvertReport", "FusionGates",
     "LoraCompatError", "CorruptFileError", "UnsafeFileError", "NotALoraError", "UnknownDialectError",
     "BaseMismatchError", "UnmatchedKeysError", "__version__",
 ]

@@ -16,6 +16,9 @@ Definitions (``w_i`` the weights, ``ΔW_i`` each LoRA's full delta with its own 
 
 ``ties``/``dare`` results are full deltas: written as LyCORIS ``diff`` tensors (kohya/webui/bfl dialects) or,
 with ``rank``, compressed to a LoRA by SVD.
+
+The AutoLoRA learned gate (input-dependent fusion, hot mode only) lives in :mod:`lora_compat.fusion_gate`
+and is re-exported here: ``Patcher(target, mode="hot", fusion=FusionGates.load(path, target))``.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from .archs import ModuleIndex
 from .conversion import ConvertReport, additive_delta, svd_factors, save, write_patchset
 from .core import detect
 from .errors import LoraCompatError
+from .fusion_gate import FusionGates, gate
 from .patches import FullPatch, LoraPatch, Patch, Ref
 from .patchset import PatchSet
 
@@ -188,3 +192,6 @@ def merge(sources: Sequence[tuple[Any, float]], out: str | Path, method: str = "
     report.path = str(save(tensors, metadata, to, out))
     report.convert = convert_report
     return report
+
+
+__all__ = ["METHODS", "MergeReport", "merge", "merged_patchset", "ties", "dare", "FusionGates", "gate"]

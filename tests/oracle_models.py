@@ -6,6 +6,7 @@ the same module topology as the real SD1.5 / SDXL models, with tiny widths.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -82,3 +83,28 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def tiny_tokenizer(root: Path):
+    """A 6-word CLIP tokenizer written into ``root`` (no hub)."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "cat</w>": 3, "in</w>": 4, "snow</w>": 5}
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=8,
+                         pad_token="<|endoftext|>")
+
+
+def tiny_sd15_pipeline(components: dict, tokenizer):
+    """A runnable StableDiffusionPipeline around the tiny SD1.5 components (tiny VAE, DDIM)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(11)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=16)
+    return StableDiffusionPipeline(vae=vae, text_encoder=components["text_encoder"], tokenizer=tokenizer,
+                                   unet=components["unet"], scheduler=DDIMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)

@@ -14,7 +14,7 @@ from lora_compat import LoraCompatError
 from lora_compat.adapters import diffusers as adapter
 
 from oracle_lycoris import ALGOS, write_lycoris_file
-from oracle_models import make_sd15_components, make_sdxl_components
+from oracle_models import make_sd15_components, make_sdxl_components, tiny_sd15_pipeline, tiny_tokenizer
 from oracle_peft import VARIANTS as PEFT_VARIANTS
 from oracle_peft import write_peft_file
 
@@ -266,29 +266,6 @@ def test_flux_pipeline_load_kohya_partial_and_control(tmp_path: Path) -> None:
         assert model.config.in_channels == 16
 
 
-def _tiny_tokenizer(root: Path):
-    import json
-
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "cat</w>": 3, "in</w>": 4, "snow</w>": 5}
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=8,
-                         pad_token="<|endoftext|>")
-
-
-def _full_pipe(components: dict, tokenizer):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-
-    torch.manual_seed(11)
-    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=16)
-    return StableDiffusionPipeline(vae=vae, text_encoder=components["text_encoder"], tokenizer=tokenizer,
-                                   unet=components["unet"], scheduler=DDIMScheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-
-
 def _two_steps(pipe) -> torch.Tensor:
     out = pipe("a cat in snow", num_inference_steps=2, generator=torch.Generator().manual_seed(0), height=16,
                width=16, output_type="pt", guidance_scale=3.0)
@@ -299,12 +276,12 @@ def _two_steps(pipe) -> torch.Tensor:
 def test_two_step_pipeline_call_matches_the_reference_library(tmp_path: Path, variant: str) -> None:
     """A whole 2-step StableDiffusionPipeline call after ``load`` equals the same call with the weights the
     reference library's forward implies; after ``unload`` it equals the unpatched call exactly."""
-    tokenizer = _tiny_tokenizer(tmp_path)
+    tokenizer = tiny_tokenizer(tmp_path)
     components = make_sd15_components(seed=100)
-    pipe = _full_pipe(components, tokenizer)
+    pipe = tiny_sd15_pipeline(components, tokenizer)
     before = _two_steps(pipe)
     path, expected = write_lycoris_file(tmp_path, components, variant, seed=12)
-    reference = _two_steps(_full_pipe(with_values(components, expected), tokenizer))
+    reference = _two_steps(tiny_sd15_pipeline(with_values(components, expected), tokenizer))
     name = adapter.load(pipe, path)
     assert name.route == EXPECTED_ROUTE.get(variant, "patcher")
     assert_close(_two_steps(pipe), reference)

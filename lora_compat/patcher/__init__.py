@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -23,10 +24,11 @@ from ..apply import check_patchset, component_modules, resolve_patchset
 from ..archs import ModuleIndex
 from ..blocks import factors as block_factors
 from ..errors import LoraCompatError
+from ..fusion_gate import FusionGates
 from ..patches import Patch
 from ..patchset import PatchSet
 from .entries import Entry, SourceLike, as_entries, source_key, source_name
-from .hot import HotBackend
+from .hot import HotBackend, StepClock, TermSource
 from .merged import MergeBackend, PristineMode
 
 Mode = Literal["merge", "hot"]
@@ -78,16 +80,27 @@ class Patcher:
     ``target`` is an ``nn.Module`` (its component name is guessed from its class, or give ``component``),
     a mapping ``{"unet": unet, "text_encoder": te}``, or a diffusers pipeline (its components are re-read
     at every ``set``, so a swapped ``pipe.unet`` is noticed).
+
+    ``fusion`` (hot mode, FLUX.1): a LoRAFusion gate file (or loaded ``FusionGates``); the LoRAs' outputs in
+    every gated layer are then combined by the AutoLoRA gate instead of summed (see
+    :mod:`lora_compat.fusion_gate`).
     """
 
     def __init__(self, target: object, mode: Mode = "merge", pristine: PristineMode = "cpu", *,
-                 strict: bool = False, component: str | None = None):
+                 strict: bool = False, component: str | None = None,
+                 fusion: "FusionGates | str | os.PathLike[str] | None" = None):
         if mode not in ("merge", "hot"):
             raise ValueError(f"mode must be 'merge' or 'hot', not {mode!r}")
         if pristine not in ("cpu", "same-device"):
             raise ValueError(f"pristine must be 'cpu' or 'same-device', not {pristine!r}")
         self.mode, self.strict, self._target, self._component = mode, strict, target, component
-        self._backend = MergeBackend(pristine) if mode == "merge" else HotBackend()
+        if fusion is not None and mode != "hot":
+            raise LoraCompatError("the AutoLoRA gate depends on each input, so it cannot be merged into the "
+                                  "weights: use Patcher(target, mode='hot', fusion=...)")
+        if fusion is not None and not isinstance(fusion, FusionGates):
+            fusion = FusionGates.load(fusion, self._current_modules())
+        self.fusion = fusion
+        self._backend = MergeBackend(pristine) if mode == "merge" else HotBackend(fusion)
         self._lock = threading.RLock()
         self._modules: dict[str, torch.nn.Module] = {}
         self._applied: dict[str, tuple[tuple, list[tuple[Patch, float]]]] = {}
@@ -107,7 +120,15 @@ class Patcher:
         with self._lock:
             start = time.perf_counter()
             wanted = as_entries(entries)
+            if self.mode == "merge":
+                for entry in wanted:
+                    if entry.scheduled:
+                        raise LoraCompatError(f"{source_name(entry.source)}: start/stop step fractions run the "
+                                              "LoRA in part of the denoising only, which needs "
+                                              "Patcher(mode='hot') and callback_on_step_end=step_callback()")
             modules = self._refresh_modules()
+            if isinstance(self._backend, HotBackend):
+                self._backend.bind(modules)
             index = ModuleIndex.from_modules(modules)
             loaded = [self._load(entry, index) for entry in wanted]  # may raise: nothing touched yet
             report = SetReport()
@@ -154,6 +175,17 @@ class Patcher:
                 for module in self._modules.values():
                     if _owners.get(module) is not None and _owners[module]() is self:
                         del _owners[module]
+
+    def step_callback(self, num_steps: int | None = None) -> "StepCallback":
+        """A diffusers ``callback_on_step_end`` that moves the step clock of entries with ``start``/``stop``:
+        ``pipe(..., callback_on_step_end=patcher.step_callback())``. The step count is read from the
+        pipeline (``num_timesteps``), else ``num_steps``. The clock is at step 0 when this is called and
+        goes back to step 0 after the last step, so one callback serves several pipeline calls."""
+        if not isinstance(self._backend, HotBackend):
+            raise LoraCompatError("start/stop step fractions need Patcher(mode='hot'): merge mode would rewrite "
+                                  "the weights at every step")
+        self._backend.clock.fraction = 0.0
+        return StepCallback(self._backend.clock, num_steps)
 
     def memory(self) -> dict[str, int]:
         """Bytes held for restoring: ``pristine_copies`` (copies) and ``buffers`` (patched values written
@@ -210,21 +242,24 @@ class Patcher:
         check_patchset(patchset, index, self.strict)  # raises on a wrong base; warns loudly on unmatched keys
         return patchset
 
-    def _desired(self, loaded: list[_Loaded]) -> dict[str, tuple[tuple, list[tuple[Patch, float]]]]:
-        """target → (signature, contributions), summed in a fixed order independent of the list order."""
+    def _desired(self, loaded: list[_Loaded]) -> dict[str, tuple[tuple, list[tuple[Patch, float]], list]]:
+        """target → (signature, contributions, their sources), summed in a fixed order independent of the
+        list order."""
         order = sorted(range(len(loaded)), key=lambda i: (loaded[i].key, loaded[i].entry.strength, i))
-        desired: dict[str, tuple[list, list]] = {}
+        desired: dict[str, tuple[list, list, list]] = {}
         for i in order:
             item = loaded[i]
+            entry = item.entry
             for target, patch in item.patchset.items():
-                strength = item.entry.strength_for(target.partition(".")[0])
+                strength = entry.strength_for(target.partition(".")[0])
                 if strength is None:
                     continue
                 strength *= item.blocks.get(target, 1.0)
-                signature, contributions = desired.setdefault(target, ([], []))
-                signature.append((item.key, strength))
+                signature, contributions, sources = desired.setdefault(target, ([], [], []))
+                signature.append((item.key, strength, entry.start, entry.stop))
                 contributions.append((patch, strength))
-        return {t: (tuple(sig), contribs) for t, (sig, contribs) in desired.items()}
+                sources.append(TermSource(item.key, entry.start, entry.stop))
+        return {t: (tuple(sig), contribs, sources) for t, (sig, contribs, sources) in desired.items()}
 
     def _adopt_external_changes(self, modules: Mapping[str, torch.nn.Module]) -> set[str]:
         stale = set()
@@ -244,7 +279,7 @@ class Patcher:
                 previous = self._applied.get(target)
                 done.append((target, previous))
                 wanted = desired.get(target)
-                self._backend.apply(target, module, wanted[1] if wanted else [])
+                self._backend.apply(target, module, wanted[1] if wanted else [], wanted[2] if wanted else None)
                 if wanted:
                     self._applied[target] = wanted
                 else:
@@ -254,7 +289,7 @@ class Patcher:
             if isinstance(exc, LoraCompatError):
                 raise
             target = done[-1][0] if done else "?"
-            sources = ", ".join(names[key] for key, _ in desired.get(target, ((), []))[0]) or "(restoring)"
+            sources = ", ".join(names[key] for key, *_ in desired.get(target, ((), []))[0]) or "(restoring)"
             raise LoraCompatError(f"applying {sources} failed at {target}: {type(exc).__name__}: {exc}; "
                                   "every parameter was restored to its state before set()") from exc
 
@@ -265,7 +300,7 @@ class Patcher:
             component, _, path = target.partition(".")
             module = modules[component].get_submodule(path)
             try:
-                self._backend.apply(target, module, previous[1] if previous else [])
+                self._backend.apply(target, module, previous[1] if previous else [], previous[2] if previous else None)
             except Exception:
                 self._backend.apply(target, module, [])
                 previous = None
@@ -275,4 +310,22 @@ class Patcher:
                 self._applied.pop(target, None)
 
 
-__all__ = ["Patcher", "Entry", "SetReport"]
+class StepCallback:
+    """``callback_on_step_end`` for diffusers pipelines: after step ``i`` of ``n`` the clock moves to
+    ``(i + 1) / n``; after the last step it goes back to 0."""
+
+    def __init__(self, clock: StepClock, num_steps: int | None = None):
+        self.clock = clock
+        self.num_steps = num_steps
+
+    def __call__(self, pipe: object, step: int, timestep: object, callback_kwargs: dict) -> dict:
+        total = getattr(pipe, "num_timesteps", None) or self.num_steps
+        if not total:
+            raise LoraCompatError("the step callback cannot tell the number of steps: the pipeline has no "
+                                  "num_timesteps; pass step_callback(num_steps=N)")
+        done = step + 1
+        self.clock.fraction = done / total if done < total else 0.0
+        return callback_kwargs
+
+
+__all__ = ["Patcher", "Entry", "SetReport", "StepCallback"]

@@ -18,12 +18,26 @@ class Entry:
     """One LoRA in a stack. ``components`` limits it to some components (a collection of names) or gives
     per-component strength multipliers (``{"unet": 1.0, "text_encoder": 0.5}``). ``blocks``: per-block
     weights in the LoRA Block Weight syntax (a preset name like ``"INS"``, 12/17/20/26 values for SD, 61 for
-    Flux, or ``{"IN04": 0.5, ...}``; see :mod:`lora_compat.blocks`)."""
+    Flux, or ``{"IN04": 0.5, ...}``; see :mod:`lora_compat.blocks`). ``start``/``stop``: the fraction of the
+    denoising steps the LoRA runs in (hot mode, with ``Patcher.step_callback()``); it runs at step ``i`` of
+    ``n`` when ``start <= i / n < stop``."""
 
     source: SourceLike
     strength: float = 1.0
     components: ComponentFilter = None
     blocks: object = None
+    start: float = 0.0
+    stop: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start < self.stop <= 1.0:
+            raise ValueError(f"{source_name(self.source)}: start/stop must satisfy 0 <= start < stop <= 1 "
+                             f"(fractions of the denoising steps), got start={self.start}, stop={self.stop}")
+
+    @property
+    def scheduled(self) -> bool:
+        """True when the entry runs only in part of the denoising steps."""
+        return (self.start, self.stop) != (0.0, 1.0)
 
     def strength_for(self, component: str) -> float | None:
         """The effective strength on ``component``, or ``None`` when the entry does not apply there."""
@@ -40,7 +54,7 @@ def as_entries(entries: Iterable[Entry | tuple]) -> list[Entry]:
     for item in entries:
         if isinstance(item, Entry):
             out.append(item)
-        elif isinstance(item, tuple) and 1 <= len(item) <= 4:
+        elif isinstance(item, tuple) and 1 <= len(item) <= 6:
             out.append(Entry(*item))
         elif isinstance(item, (str, os.PathLike, LoraFile, PatchSet)):
             out.append(Entry(item))

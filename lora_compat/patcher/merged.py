@@ -62,7 +62,8 @@ class MergeBackend:
         return lost
 
     @torch.no_grad()
-    def apply(self, target: str, module: torch.nn.Module, contributions: Sequence[Contribution]) -> None:
+    def apply(self, target: str, module: torch.nn.Module, contributions: Sequence[Contribution],
+              sources: Sequence[object] | None = None) -> None:
         records = self.records.setdefault(target, {})
         params = dict(module.named_parameters(recurse=False))
         new: dict[str, torch.Tensor] = {}
