@@ -203,12 +203,30 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_index(args: argparse.Namespace) -> int:
+def _semantic_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"{what} (default: when the [semantic] extra is installed)")
+
+
+def _with_library(args: argparse.Namespace, command: str, call):
+    """``call(library)`` on the library of ``--db``; ``None`` after printing a ``LoraCompatError``."""
     from .library import Library
 
-    with Library(args.db) as library:
-        report = library.index(args.dirs, hashes=not args.no_hash, progress=not args.quiet)
-    print(f"{library.path}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
+    try:
+        with Library(args.db, semantic=args.semantic) as library:
+            return call(library)
+    except LoraCompatError as exc:
+        print(f"lora-compat {command}: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    done = _with_library(args, "index", lambda library: (library.path, library.index(
+        args.dirs, hashes=not args.no_hash, progress=not args.quiet)))
+    if done is None:
+        return 2
+    path, report = done
+    print(f"{path}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
           f"{report.removed} removed, {report.failed} not indexed ({report.seconds:.1f} s)")
     for path, error in sorted(report.errors.items())[:20]:
         print(f"  {path}: {error}", file=sys.stderr)
@@ -216,10 +234,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .library import Library
-
-    with Library(args.db) as library:
-        results = library.search(args.prompt, base=args.base, k=args.k)
+    results = _with_library(args, "search", lambda library: library.search(args.prompt, base=args.base, k=args.k))
+    if results is None:
+        return 2
     if args.json:
         print(json.dumps([r.to_dict() for r in results]))
         return 0
@@ -234,10 +251,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from .library import Library
-
-    with Library(args.db) as library:
-        stack = library.recommend(args.prompt, base=args.base, k=args.k)
+    stack = _with_library(args, "recommend", lambda library: library.recommend(args.prompt, base=args.base, k=args.k))
+    if stack is None:
+        return 2
     if args.json:
         print(json.dumps(stack))
         return 0
@@ -338,15 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="library database (default: ~/.cache/lora-compat/library.sqlite or $LORA_COMPAT_DB)")
     p.add_argument("--no-hash", action="store_true", help="skip the AutoV2 hash (reads every file whole)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    _semantic_option(p, "embed new files for semantic search")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="find LoRAs for a prompt (BM25 over triggers, tags, titles...)",
-                       description="Find indexed LoRAs for a prompt; --base keeps only LoRAs for that base.")
+                       description="Find indexed LoRAs for a prompt; --base keeps only LoRAs for that base. "
+                                   "With the [semantic] extra, BM25 is fused with MiniLM similarity.")
     p.add_argument("prompt")
     p.add_argument("--base")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--json", action="store_true")
     p.add_argument("--db")
+    _semantic_option(p, "fuse BM25 with semantic similarity")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("recommend", help="a ready LoRA stack for a prompt and a base",
@@ -357,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=3)
     p.add_argument("--json", action="store_true")
     p.add_argument("--db")
+    _semantic_option(p, "fuse BM25 with semantic similarity")
     p.set_defaults(func=cmd_recommend)
 
     p = sub.add_parser("merge", help="merge LoRAs into one (concat exact, svd, ties, dare, linear where exact)",
