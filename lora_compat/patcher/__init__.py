@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 import time
 import weakref
 from contextlib import contextmanager
@@ -37,6 +38,9 @@ Mode = Literal["merge", "hot"]
 COMPONENT_BY_CLASS = {"UNet2DConditionModel": "unet", "FluxTransformer2DModel": "transformer",
                       "CLIPTextModel": "text_encoder", "CLIPTextModelWithProjection": "text_encoder_2",
                       "T5EncoderModel": "text_encoder_2"}
+
+#: PatchSets of recently used sources kept (header parsed and mapped once; tensors stay on disk until used)
+RECENT_SOURCES = 8
 
 _owners: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 _owners_lock = threading.Lock()
@@ -105,8 +109,9 @@ class Patcher:
         self._modules: dict[str, torch.nn.Module] = {}
         self._applied: dict[str, tuple[tuple, list[tuple[Patch, float]]]] = {}
         self._loaded: list[_Loaded] = []
-        self._cache: dict[tuple[str, tuple[int, ...]], PatchSet] = {}
+        self._cache: "OrderedDict[tuple[str, tuple[int, ...]], PatchSet]" = OrderedDict()
         self._warned: set[str] = set()
+        self._submodules: dict[str, torch.nn.Module] = {}
         self._claim(self._current_modules())
 
     # -- public API ---------------------------------------------------------------------------------
@@ -136,6 +141,7 @@ class Patcher:
                 if item.patchset.unmatched:
                     report.unmatched[source_name(item.entry.source)] = sorted(item.patchset.unmatched)
             desired = self._desired(loaded)
+            self._submodules = {}
             stale = self._adopt_external_changes(modules)
             changed = sorted(t for t in set(desired) | set(self._applied)
                              if t in stale or desired.get(t, ((), []))[0] != self._applied.get(t, ((), []))[0])
@@ -144,7 +150,7 @@ class Patcher:
             for component in {t.partition(".")[0] for t in changed}:
                 sync_config(modules[component])
             self._loaded = loaded
-            self._cache = {k: v for k, v in self._cache.items() if k[0] in {item.key for item in loaded}}
+            self._keep_recent({item.key for item in loaded})
             report.targets = len(desired)
             report.recomputed = sum(1 for t in changed if t in desired)
             report.restored = len(changed) - report.recomputed
@@ -219,7 +225,7 @@ class Patcher:
                 for target in [t for t in self._applied if t.partition(".")[0] == name]:
                     self._backend.apply(target, old.get_submodule(target.partition(".")[2]), [])
                     del self._applied[target]
-                self._cache = {}
+                self._cache.clear()
                 with _owners_lock:
                     if _owners.get(old) is not None and _owners[old]() is self:
                         del _owners[old]
@@ -236,6 +242,14 @@ class Patcher:
             self._cache[cache_key] = patchset
         blocks = block_factors(patchset, index, entry.blocks) if entry.blocks is not None else {}
         return _Loaded(entry, key, patchset, blocks)
+
+    def _keep_recent(self, active: set[str]) -> None:
+        """Keep the active sources' PatchSets and the most recently used others, so switching back and forth
+        does not parse and map a file again (a changed file has another key: size and mtime are in it)."""
+        for cache_key in [k for k in self._cache if k[0] in active]:
+            self._cache.move_to_end(cache_key)
+        while len(self._cache) > max(RECENT_SOURCES, len(active)):
+            self._cache.popitem(last=False)
 
     def _read(self, source: SourceLike, index: ModuleIndex) -> PatchSet:
         patchset = resolve_patchset(source, index)
@@ -261,11 +275,18 @@ class Patcher:
                 sources.append(TermSource(item.key, entry.start, entry.stop))
         return {t: (tuple(sig), contribs, sources) for t, (sig, contribs, sources) in desired.items()}
 
+    def _submodule(self, modules: Mapping[str, torch.nn.Module], target: str) -> torch.nn.Module:
+        """The module of ``target``, looked up once per ``set``."""
+        module = self._submodules.get(target)
+        if module is None:
+            component, _, path = target.partition(".")
+            module = self._submodules[target] = modules[component].get_submodule(path)
+        return module
+
     def _adopt_external_changes(self, modules: Mapping[str, torch.nn.Module]) -> set[str]:
         stale = set()
         for target in list(self._applied):
-            component, _, path = target.partition(".")
-            if self._backend.adopt_external_changes(target, modules[component].get_submodule(path), self._warned):
+            if self._backend.adopt_external_changes(target, self._submodule(modules, target), self._warned):
                 stale.add(target)
         return stale
 
@@ -274,8 +295,7 @@ class Patcher:
         done: list[tuple[str, tuple[tuple, list] | None]] = []
         try:
             for target in changed:
-                component, _, path = target.partition(".")
-                module = modules[component].get_submodule(path)
+                module = self._submodule(modules, target)
                 previous = self._applied.get(target)
                 done.append((target, previous))
                 wanted = desired.get(target)
