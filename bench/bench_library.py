@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_library import BASES, PARAPHRASES, QUERIES, TOPICS, write_lora  # noqa: E402
 
 from lora_compat import library as library_module  # noqa: E402
+from lora_compat import retrieval  # noqa: E402
 from lora_compat.library import Library, semantic_available  # noqa: E402
 
 #: a fresh process: open the library, run one search (the BM25 index comes from the saved copy), report timings
@@ -105,7 +106,7 @@ def bench_bm25(db: Path, cold_runs: int) -> None:
 def bench_semantic(db: Path, encoded_rows: int, cold_runs: int) -> None:
     loads = [_fresh_process(MODEL_LOAD) for _ in range(2)]
     start = time.perf_counter()
-    library_module.file_sha256(library_module._model_folder() / "model.safetensors")
+    library_module.file_sha256(retrieval._model_folder() / "model.safetensors")
     check = time.perf_counter() - start
     print(f"semantic model load, fresh process (imports torch, sentence-transformers; checks the weights' SHA-256 in "
           f"{check:.2f} s): {min(run['load'] for run in loads):.2f}-{max(run['load'] for run in loads):.2f} s")

@@ -18,6 +18,7 @@ from lora_compat import plugins
 from lora_compat.archs.flux import bfl_parts
 from lora_compat.cli import main
 from lora_compat import library as library_module
+from lora_compat import retrieval
 from lora_compat.errors import LoraCompatError
 from lora_compat.library import MIGRATIONS, Library
 
@@ -453,9 +454,9 @@ def test_semantic_without_the_extra_is_a_clear_error(tmp_path: Path, monkeypatch
 
 
 def test_weights_with_another_hash_are_refused(monkeypatch) -> None:
-    monkeypatch.setattr(library_module, "SEMANTIC_WEIGHTS_SHA256", "0" * 64)
+    monkeypatch.setattr(retrieval, "SEMANTIC_WEIGHTS_SHA256", "0" * 64)
     with pytest.raises(LoraCompatError, match="refusing to load"):
-        library_module.Embedder()
+        retrieval.Embedder()
 
 
 def test_cli_semantic_search(tmp_path: Path, small_dir: Path, embedder, capsys) -> None:
