@@ -9,16 +9,50 @@ Public API::
 """
 __version__ = "0.1.0"
 
-from .apply import LoraCompatWarning, patched_weights
-from .conversion import ConvertReport, convert, convert_state_dict
-from .core import detect, read
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from .errors import (BaseMismatchError, CorruptFileError, LoraCompatError, NotALoraError, UnknownDialectError,
                      UnmatchedKeysError, UnsafeFileError)
-from .files import LoraFile
-from .fusion_gate import FusionGates
-from .inspection import Inspection, inspect
-from .patcher import Entry, Patcher, SetReport
-from .patchset import PatchSet
+
+# the rest is imported on first use, so commands that need no tensors (``lora-compat search``) start without
+# importing torch
+_LAZY = {
+    "LoraCompatWarning": ".apply", "patched_weights": ".apply",
+    "ConvertReport": ".conversion", "convert": ".conversion", "convert_state_dict": ".conversion",
+    "detect": ".core", "read": ".core", "LoraFile": ".files", "FusionGates": ".fusion_gate",
+    "Inspection": ".inspection", "inspect": ".inspection",
+    "Entry": ".patcher", "Patcher": ".patcher", "SetReport": ".patcher", "PatchSet": ".patchset",
+}
+
+if TYPE_CHECKING:
+    from .apply import LoraCompatWarning, patched_weights
+    from .conversion import ConvertReport, convert, convert_state_dict
+    from .core import detect, read
+    from .files import LoraFile
+    from .fusion_gate import FusionGates
+    from .inspection import Inspection, inspect
+    from .patcher import Entry, Patcher, SetReport
+    from .patchset import PatchSet
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(import_module(module, __name__), name)
+    else:  # a submodule (``lora_compat.plugins``) not imported yet
+        try:
+            value = import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'lora_compat' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "inspect", "read", "detect", "patched_weights", "Patcher", "Entry", "SetReport", "Inspection", "PatchSet", "LoraFile", "LoraCompatWarning",

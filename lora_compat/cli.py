@@ -6,9 +6,13 @@ import json
 import sys
 from typing import Sequence
 
-from . import __version__, plugins
+from typing import TYPE_CHECKING
+
+from . import __version__
 from .errors import LoraCompatError
-from .inspection import Inspection, inspect
+
+if TYPE_CHECKING:
+    from .inspection import Inspection
 
 
 def format_inspection(result: Inspection) -> str:
@@ -43,6 +47,8 @@ def format_inspection(result: Inspection) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect
+
     status = 0
     for index, path in enumerate(args.paths):
         try:
@@ -60,6 +66,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_dialects(args: argparse.Namespace) -> int:
+    from . import plugins
+
     registry = plugins.registry()
     if args.json:
         print(json.dumps({
