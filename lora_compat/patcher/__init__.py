@@ -223,7 +223,7 @@ class Patcher:
         for name, old in list(self._modules.items()):
             if modules.get(name) is not old:
                 for target in [t for t in self._applied if t.partition(".")[0] == name]:
-                    self._backend.apply(target, old.get_submodule(target.partition(".")[2]), [])
+                    self._backend.apply(target, old.get_submodule(target.partition(".")[2]), [], [])
                     del self._applied[target]
                 self._cache.clear()
                 with _owners_lock:
@@ -260,7 +260,7 @@ class Patcher:
         """target → (signature, contributions, their sources), summed in a fixed order independent of the
         list order."""
         order = sorted(range(len(loaded)), key=lambda i: (loaded[i].key, loaded[i].entry.strength, i))
-        desired: dict[str, tuple[list, list, list]] = {}
+        desired: dict[str, tuple[list, list]] = {}
         for i in order:
             item = loaded[i]
             entry = item.entry
@@ -269,11 +269,10 @@ class Patcher:
                 if strength is None:
                     continue
                 strength *= item.blocks.get(target, 1.0)
-                signature, contributions, sources = desired.setdefault(target, ([], [], []))
-                signature.append((item.key, strength, entry.start, entry.stop))
+                contributions, sources = desired.setdefault(target, ([], []))
                 contributions.append((patch, strength))
                 sources.append(TermSource(item.key, entry.start, entry.stop))
-        return {t: (tuple(sig), contribs, sources) for t, (sig, contribs, sources) in desired.items()}
+        return {t: (_signature(contribs, sources), contribs, sources) for t, (contribs, sources) in desired.items()}
 
     def _submodule(self, modules: Mapping[str, torch.nn.Module], target: str) -> torch.nn.Module:
         """The module of ``target``, looked up once per ``set``."""
@@ -299,7 +298,7 @@ class Patcher:
                 previous = self._applied.get(target)
                 done.append((target, previous))
                 wanted = desired.get(target)
-                self._backend.apply(target, module, wanted[1] if wanted else [], wanted[2] if wanted else None)
+                self._backend.apply(target, module, *(wanted[1:] if wanted else ([], [])))
                 if wanted:
                     self._applied[target] = wanted
                 else:
@@ -320,14 +319,19 @@ class Patcher:
             component, _, path = target.partition(".")
             module = modules[component].get_submodule(path)
             try:
-                self._backend.apply(target, module, previous[1] if previous else [], previous[2] if previous else None)
+                self._backend.apply(target, module, *(previous[1:] if previous else ([], [])))
             except Exception:
-                self._backend.apply(target, module, [])
+                self._backend.apply(target, module, [], [])
                 previous = None
             if previous:
                 self._applied[target] = previous
             else:
                 self._applied.pop(target, None)
+
+
+def _signature(contributions: list[tuple[Patch, float]], sources: list[TermSource]) -> tuple:
+    """What decides whether a module must be recomputed: each source with its strength and step window."""
+    return tuple((src.key, strength, src.start, src.stop) for (_, strength), src in zip(contributions, sources))
 
 
 class StepCallback:

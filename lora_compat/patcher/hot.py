@@ -263,7 +263,7 @@ class HotBackend:
         return False  # hooks read the live weights: nothing to adopt
 
     def apply(self, target: str, module: torch.nn.Module, contributions: Sequence[Contribution],
-              sources: Sequence[TermSource] | None = None) -> None:
+              sources: Sequence[TermSource]) -> None:
         old = self.hooks.pop(target, None)
         if old is not None:
             old.remove()
@@ -271,7 +271,6 @@ class HotBackend:
             raise LoraCompatError(f"{target}: this LoRA widens the module's input (a FLUX.1 Control LoRA); "
                                   "hot mode never changes weights or shapes, use Patcher(mode='merge')")
         if contributions:
-            sources = list(sources) if sources is not None else [TermSource(str(i)) for i in range(len(contributions))]
             self.hooks[target] = HotPatch(module, contributions, sources, self.clock, self._groups.get(target))
 
     def release(self) -> None:

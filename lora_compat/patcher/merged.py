@@ -63,7 +63,7 @@ class MergeBackend:
 
     @torch.no_grad()
     def apply(self, target: str, module: torch.nn.Module, contributions: Sequence[Contribution],
-              sources: Sequence[object] | None = None) -> None:
+              sources: Sequence[object] = ()) -> None:
         records = self.records.setdefault(target, {})
         params = dict(module.named_parameters(recurse=False))
         new: dict[str, torch.Tensor] = {}
