@@ -116,12 +116,15 @@ def kohya_tensors(patch: Patch) -> dict[str, torch.Tensor]:
 COMFY_TEXT_ENCODERS = {("text_encoder", False): "text_encoders.clip_l.transformer.",
                        ("text_encoder_2", False): "text_encoders.clip_g.transformer.",
                        ("text_encoder_2", True): "text_encoders.t5xxl.transformer."}
+#: bases whose text encoder ComfyUI holds under another name (SD2's OpenCLIP-H is ``clip_h``)
+COMFY_TEXT_ENCODERS_BY_BASE = {("sd2", "text_encoder"): "text_encoders.clip_h.transformer."}
 
 
-def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False) -> dict[str, HostName]:
+def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, base: str | None = None
+                ) -> dict[str, HostName]:
     """Canonical target → flat kohya-style host name (SGM names for a UNet, BFL names for a Flux transformer,
     ``text_model_`` paths for CLIP, transformers paths for T5). ``comfy``: text encoders under ComfyUI's
-    generic ``text_encoders.clip_l.transformer.`` names."""
+    generic ``text_encoders.clip_l.transformer.`` names (``clip_h`` for SD2's, given ``base``)."""
     names: dict[str, HostName] = {}
     components = {t.partition(".")[0] for t in targets}
     te_prefixes = TE_PREFIXES if "text_encoder_2" in index.components and \
@@ -140,7 +143,8 @@ def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False) -> 
                     whole = len(parts) == 1 and not part.swap
                     maps[component][part.target] = HostName(flat, None if whole else (part.start, part.stop), part.swap)
         elif comfy and component.startswith("text_encoder"):
-            prefix = COMFY_TEXT_ENCODERS.get((component, _is_t5(index, component)), f"text_encoders.{component}.")
+            prefix = COMFY_TEXT_ENCODERS_BY_BASE.get((base, component)) or \
+                COMFY_TEXT_ENCODERS.get((component, _is_t5(index, component)), f"text_encoders.{component}.")
             maps[component] = {path: HostName(prefix + (path if _is_t5(index, component) else _clip_path(path)))
                                for path in modules}
         elif _is_t5(index, component):
@@ -195,15 +199,21 @@ class Conversion:
 
 
 # -- converting a whole file -------------------------------------------------------------------------------------------------
-def convert(filename: str, layout: str, index: ModuleIndex | None = None) -> Conversion:
+def convert(filename: str, layout: str, index: ModuleIndex | None = None, base: str | None = None) -> Conversion:
     """Read ``filename`` (any dialect) and name its patches for a host. ``layout``: ``compvis`` (A1111: SGM
     UNet names), ``diffusers`` (SD.Next: ``lora_unet_<diffusers name>``, ``lora_transformer_``) or ``comfy``
     (Forge/ComfyUI: SGM / BFL names, fused Flux modules). ``index``: the host model's own modules (canonical
-    names), when known; otherwise the detected base's full-size table."""
+    names), when known; otherwise the detected base's full-size table. ``base``: the host model's base, when
+    the host knows it: it decides where the header alone cannot (instead of the file's first candidate)."""
     detection = detect(filename)
     if index is not None:
         patchset = detection.dialect.read(detection.file, index).fitted(index)
         base = detection.base or "the host's model"
+    elif detection.base is None and base in plugins.archs():
+        # the names fit several bases (or the shapes none): the loaded model's base decides, by name
+        index = plugins.archs()[base].index
+        names_only = index.names_only()
+        patchset = detection.dialect.read(detection.file, names_only).fitted(names_only)
     else:
         # shapes may decide no base (tiny or pruned models); names then decide, as detect() resolved them
         base = detection.base or next(iter(detection.base_candidates), None)
@@ -215,7 +225,7 @@ def convert(filename: str, layout: str, index: ModuleIndex | None = None) -> Con
     if layout == "diffusers":
         names = {t: HostName(_diffusers_flat(t)) for t in patchset}
     else:
-        names = kohya_names(index, list(patchset), comfy=layout == "comfy")
+        names = kohya_names(index, list(patchset), comfy=layout == "comfy", base=base)
     fused: dict[str, list[tuple[HostName, Patch]]] = {}
     for target, patch in patchset.items():
         name = names.get(target)

@@ -3,8 +3,9 @@
 The loader converts any dialect into the names ComfyUI's own ``comfy.lora`` key map accepts (SGM UNet names,
 BFL Flux names with fused q/k/v LoRAs assembled exactly, ``text_encoders.clip_l.transformer...``) and calls
 ``comfy.sd.load_lora_for_models``. Kinds ComfyUI lacks or computes differently (DoRA conventions, OFT/BOFT,
-IA3, norms, set, LoRA bias, non-LoRA parts of fused modules) are computed here against the model's own
-weights at the requested strength and handed to ComfyUI as exact ``diff`` patches.
+IA3, norms, set, LoRA bias, non-LoRA parts of fused modules) are handed to ComfyUI's ModelPatcher as weight
+adapters that compute lora_compat's exact math when ComfyUI patches the weights: on the weight as the LoRAs
+before them in the chain left it, exactly as ComfyUI applies its own chained LoRAs.
 """
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from lora_compat.hostkeys import Conversion, convert, host_native, index_from_st
 from lora_compat.patches import Patch
 
 def comfy_native(patch: Patch) -> bool:
-    """Kinds whose ComfyUI math equals lora_compat's at every strength (the rest become exact diffs)."""
+    """Kinds whose ComfyUI math equals lora_compat's at every strength (the rest become lora_compat adapters)."""
     return host_native(patch)
 
 
 def split_for_comfy(conversion: Conversion) -> tuple[dict[str, torch.Tensor], dict[str, Patch]]:
-    """(tensors ComfyUI applies itself, patches we compute as diffs), by module name."""
+    """(tensors ComfyUI applies itself, patches lora_compat computes), by module name."""
     native, own = {}, {}
     for name, (patch, _) in conversion.patches.items():
         tensors = {k: v for k, v in conversion.tensors.items() if k.startswith(name + ".")}
@@ -34,32 +35,83 @@ def split_for_comfy(conversion: Conversion) -> tuple[dict[str, torch.Tensor], di
     return native, own
 
 
-def exact_diffs(own: Mapping[str, Patch], key_map: Mapping[str, str], weights: Mapping[str, torch.Tensor],
-                strength: float) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``<name>.diff`` / ``.diff_b`` tensors with our patches' change at ``strength``, computed from the
-    model's current weights (found through ComfyUI's key map); and the names no module matched."""
-    tensors, missing = {}, []
+#: ComfyUI's model configs (``comfy.supported_models``, subclasses included) → lora_compat base
+MODEL_CONFIG_BASES = {"SD15": "sd15", "SD20": "sd2", "SDXL": "sdxl", "Flux": "flux1"}
+#: ComfyUI's text-encoder models (``clip.cond_stage_model``, subclasses included) → lora_compat base
+CLIP_MODEL_BASES = {"SD1ClipModel": "sd15", "SD2ClipModel": "sd2", "SDXLClipModel": "sdxl", "FluxClipModel": "flux1"}
+
+
+def loaded_base(model: Any, clip: Any) -> str | None:
+    """The base of the loaded model: its ``model_config`` class, else its CLIP's class (``None``: unknown)."""
+    holders = ((getattr(getattr(model, "model", None), "model_config", None), MODEL_CONFIG_BASES),
+               (getattr(clip, "cond_stage_model", None), CLIP_MODEL_BASES))
+    for holder, table in holders:
+        for cls in type(holder).__mro__ if holder is not None else ():
+            if cls.__name__ in table:
+                return table[cls.__name__]
+    return None
+
+
+_ADAPTER_CLASSES: dict[type, type] = {}
+
+
+def adapter_class(weight_adapter_base: type) -> type:
+    """A ``comfy.weight_adapter.WeightAdapterBase`` that applies one lora_compat patch to one parameter.
+
+    ComfyUI calls ``calculate_weight`` when it patches the model (and at every low-VRAM cast), with the weight
+    as the patches before it in the chain left it; the change is added in place, because ComfyUI hands a
+    narrowed view for offset keys."""
+    if weight_adapter_base not in _ADAPTER_CLASSES:
+        class LoraCompatAdapter(weight_adapter_base):
+            name = "lora_compat"
+
+            def __init__(self, patch: Patch, param: str, weight_shape: tuple[int, ...]):
+                self.patch, self.param, self.weight_shape = patch, param, weight_shape
+                self.loaded_keys: set[str] = set()
+                self.weights: list[torch.Tensor] = []
+
+            def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                                 intermediate_dtype=torch.float32, original_weight=None):
+                if strength == 0:
+                    return weight
+                if self.param == "weight":
+                    change, _ = updown(self.patch, weight, None, strength)
+                else:  # a bias change depends on the weight's shape only
+                    _, change = updown(self.patch, torch.zeros(self.weight_shape), weight, strength)
+                if change is not None:
+                    weight += function(change.to(weight.dtype))
+                return weight
+
+        _ADAPTER_CLASSES[weight_adapter_base] = LoraCompatAdapter
+    return _ADAPTER_CLASSES[weight_adapter_base]
+
+
+def adapter_patches(own: Mapping[str, Patch], key_map: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                    adapter: type) -> tuple[dict[str, Any], list[str]]:
+    """``{ComfyUI key: adapter}`` for the weight (and bias) of every module of ``own`` the key map knows;
+    and the module names it does not know."""
+    patches, missing = {}, []
     for name, patch in own.items():
         key = key_map.get(name)
-        weight = weights.get(key) if key else None
-        if weight is None:
+        if not isinstance(key, str) or key not in state:
             missing.append(name)
             continue
-        bias = weights.get(key[: -len(".weight")] + ".bias") if key.endswith(".weight") else None
-        change, bias_change = updown(patch, weight, bias, strength)
-        tensors[f"{name}.diff"] = change
-        if bias_change is not None:
-            tensors[f"{name}.diff_b"] = bias_change
-    return tensors, missing
+        shape = tuple(state[key].shape)
+        if "weight" in patch.params:
+            patches[key] = adapter(patch, "weight", shape)
+        if "bias" in patch.params and key.endswith(".weight"):
+            patches[key[: -len(".weight")] + ".bias"] = adapter(patch, "bias", shape)
+    return patches, missing
 
 
 def load_for_models(model: Any, clip: Any, path: str, strength_model: float, strength_clip: float,
                     comfy_modules: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
-    """What the loader node runs: convert, let ComfyUI apply what it computes exactly, add our exact diffs."""
+    """What the loader node runs: convert, let ComfyUI apply what it computes exactly itself, and hand it
+    lora_compat adapters for the rest."""
     found = dict(comfy_modules or sys.modules)
     comfy_sd, comfy_lora = found["comfy.sd"], found["comfy.lora"]
     shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()} if model is not None else {}
-    conversion = convert(path, "comfy", index_from_state_dict(shapes))
+    conversion = convert(path, "comfy", index_from_state_dict(shapes), base=loaded_base(model, clip))
     if conversion.dialect == "bfl-control":  # ComfyUI reads FLUX.1 Control LoRAs itself (input widening included)
         from safetensors.torch import load_file
 
@@ -70,19 +122,35 @@ def load_for_models(model: Any, clip: Any, path: str, strength_model: float, str
     native, own = split_for_comfy(conversion)
     if native:
         model, clip = comfy_sd.load_lora_for_models(model, clip, native, strength_model, strength_clip)
-    if own:
-        unet_keys = comfy_lora.model_lora_keys_unet(model.model, {}) if model is not None else {}
-        clip_keys = comfy_lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
-        unet_diffs, missing = exact_diffs({k: p for k, p in own.items() if k in unet_keys}, unet_keys,
-                                          model.model.state_dict() if model is not None else {}, strength_model)
-        clip_diffs, _ = exact_diffs({k: p for k, p in own.items() if k in clip_keys}, clip_keys,
-                                    clip.cond_stage_model.state_dict() if clip is not None else {}, strength_clip)
-        missing = sorted(set(own) - set(unet_keys) - set(clip_keys)) + missing
-        if missing:
-            print(f"[lora_compat] {path}: no module for {', '.join(missing[:8])}", file=sys.stderr)
-        if unet_diffs or clip_diffs:
-            model, clip = comfy_sd.load_lora_for_models(model, clip, {**unet_diffs, **clip_diffs}, 1.0, 1.0)
+    if not own:
+        return model, clip
+    weight_adapter = found.get("comfy.weight_adapter") or getattr(comfy_lora, "weight_adapter", None)
+    if weight_adapter is None:
+        raise LoraCompatError(f"{path}: this ComfyUI has no comfy.weight_adapter (added in 2025); update ComfyUI "
+                              "to load the DoRA/OFT/IA3/norm/... parts of this file exactly")
+    adapter = adapter_class(weight_adapter.WeightAdapterBase)
+    missing = set(own)
+    if model is not None:
+        model, unknown = _with_adapters(model, model.model, comfy_lora.model_lora_keys_unet, own, strength_model, adapter)
+        missing &= unknown
+    if clip is not None:
+        clip, unknown = _with_adapters(clip, clip.cond_stage_model, comfy_lora.model_lora_keys_clip, own, strength_clip,
+                                       adapter)
+        missing &= unknown
+    if missing:
+        print(f"[lora_compat] {path}: no module for {', '.join(sorted(missing)[:8])}", file=sys.stderr)
     return model, clip
+
+
+def _with_adapters(patcher: Any, holder: Any, key_map_of: Any, own: Mapping[str, Patch], strength: float,
+                   adapter: type) -> tuple[Any, set[str]]:
+    """A clone of ``patcher`` (a ModelPatcher or CLIP) with the adapters of the modules ``holder`` has, as
+    ``comfy.sd.load_lora_for_models`` adds patches; and the names ``holder`` does not have."""
+    patches, unknown = adapter_patches(own, key_map_of(holder, {}), holder.state_dict(), adapter)
+    if patches and strength != 0:
+        patcher = patcher.clone()
+        patcher.add_patches(patches, strength)
+    return patcher, set(unknown)
 
 
 def _lora_names() -> list[str]:
@@ -94,23 +162,32 @@ def _lora_names() -> list[str]:
 def _lora_path(name: str) -> str:
     import folder_paths
 
-    return folder_paths.get_full_path("loras", name)
+    finder = getattr(folder_paths, "get_full_path_or_raise", folder_paths.get_full_path)
+    return finder("loras", name)
 
 
 class LoraCompatLoader:
     """Load LoRA (lora_compat): the inputs of ComfyUI's LoraLoader, any dialect."""
 
     RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The modified diffusion model.", "The modified CLIP model.")
     FUNCTION = "load_lora"
     CATEGORY = "loaders"
-    DESCRIPTION = "Loads a LoRA of any dialect (kohya, LyCORIS, diffusers/PEFT, Flux variants) exactly."
+    DESCRIPTION = ("Loads a LoRA of any dialect (kohya, LyCORIS, diffusers/PEFT, Flux variants) exactly. Multiple "
+                   "LoRA nodes can be linked together: each applies to the weights the nodes before it produced.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
+        strength = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
         return {"required": {
-            "model": ("MODEL",), "clip": ("CLIP",), "lora_name": (_lora_names(),),
-            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
-            "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}),
+            "model": ("MODEL", {"tooltip": "The diffusion model the LoRA will be applied to."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP model the LoRA will be applied to."}),
+            "lora_name": (_lora_names(), {"tooltip": "The name of the LoRA (any dialect: kohya, LyCORIS, "
+                                                     "diffusers/PEFT, Flux variants)."}),
+            "strength_model": ("FLOAT", {**strength, "tooltip": "How strongly to modify the diffusion model. "
+                                                                "This value can be negative."}),
+            "strength_clip": ("FLOAT", {**strength, "tooltip": "How strongly to modify the CLIP model. "
+                                                               "This value can be negative."}),
         }}
 
     def load_lora(self, model, clip, lora_name, strength_model, strength_clip):
@@ -126,13 +203,15 @@ class LoraCompatInfo:
     """LoRA info (lora_compat): what ``lora-compat inspect`` says about a file."""
 
     RETURN_TYPES = ("STRING",)
+    OUTPUT_TOOLTIPS = ("What lora-compat inspect says about the file: dialect, base, kinds, modules.",)
     FUNCTION = "info"
     CATEGORY = "loaders"
     OUTPUT_NODE = True
+    DESCRIPTION = "Shows the dialect, base model, patch kinds and modules of a LoRA file."
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"lora_name": (_lora_names(),)}}
+        return {"required": {"lora_name": (_lora_names(), {"tooltip": "The name of the LoRA."})}}
 
     def info(self, lora_name):
         from lora_compat.cli import format_inspection

@@ -156,16 +156,19 @@ def install_sdnext(lora_common: Any, lora_load: Any, network: Any, extra_network
 
 
 def fix_empty_request(cls: Any) -> None:
-    """``changed()`` returns True for an empty request while LoRAs are loaded (SD.Next issue #3670)."""
+    """``changed()`` reports a change for an empty request while LoRAs are still applied (SD.Next issue #3670),
+    so that removing every LoRA restores the model. SD.Next master returns ``(bool, reason)`` and its callers
+    unpack it; older releases return a bare bool: the answer keeps the form the host returned."""
     original = cls.changed
     if getattr(original, "lora_compat", False):
         return
 
     def changed(self, requested, *args, **kwargs):
         result = original(self, requested, *args, **kwargs)
-        if not result and len(requested) == 0 and _anything_loaded(self):
-            return True
-        return result
+        pair = isinstance(result, tuple)
+        if (result[0] if pair else result) or len(requested) != 0 or not _anything_loaded(self):
+            return result
+        return (True, "lora_compat: empty request while LoRAs are applied") if pair else True
 
     changed.lora_compat = True
     changed.__wrapped__ = original
@@ -220,26 +223,59 @@ def _forge_convert(filename: str) -> dict[str, torch.Tensor]:
 
 def forge_weight_calculator(weight: torch.Tensor, strength: float, value: Any) -> torch.Tensor:
     """``extra_weight_calculators["lora_compat"]``: the patched parameter from our patch, in fp32. ``value``
-    is ``(patch id, "weight" | "bias", the module's weight when patching its bias)``."""
+    is ``(patch id, "weight")`` or ``(patch id, "bias", shape of the module's weight)``: a bias change never
+    depends on the weight's values, only on its shape."""
     patch, _ = FORGE_PATCHES[int(value[0])]
     param = value[1] if len(value) > 1 else "weight"
     if param == "bias":
-        module_weight = value[2] if len(value) > 2 and value[2] is not None else torch.zeros(weight.shape[0])
-        _, change = updown(patch, module_weight, weight, strength)
+        shape = value[2] if len(value) > 2 and value[2] is not None else (weight.shape[0],)
+        _, change = updown(patch, torch.zeros(shape), weight, strength)
         return weight if change is None else (weight.float() + change).to(weight.dtype)
     change, _ = updown(patch, weight, None, strength)
     return (weight.float() + change).to(weight.dtype)
 
 
-def install_forge(networks: Any, lora_backend: Any, weights_of: Callable[[str], torch.Tensor | None] = lambda k: None
-                  ) -> None:
-    """Wrap Forge's ``networks.load_lora_state_dict`` and ``networks.load_lora``; register the calculator.
-    ``weights_of(key)`` gives the loaded model's weight for a key (needed only for bias changes that depend
-    on the weight, e.g. norms)."""
+#: parameter shapes of the models the running ``load_lora_for_models`` call patches (Forge key → shape)
+_FORGE_SHAPES: dict[str, tuple[int, ...]] = {}
+
+
+def _model_shapes(*holders: Any) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for holder in holders:
+        if holder is not None and hasattr(holder, "state_dict"):
+            shapes.update({k: tuple(v.shape) for k, v in holder.state_dict().items()})
+    return shapes
+
+
+def _generic_text_encoder_names(lora: Mapping[str, Any], to_load: Mapping[str, Any]) -> dict[str, str]:
+    """ComfyUI's generic ``text_encoders.<model key>`` names (which lora_compat writes for every text-encoder
+    module) for the model this ``load_lora`` call loads: Forge's key map (an older ComfyUI one) lacks them and
+    knows only the encoder layers' linear modules under kohya names."""
+    sides = {v.split(".", 1)[0] for v in to_load.values() if isinstance(v, str)} - {"diffusion_model"}
+    if not sides:
+        return {}
+    names = {k.rsplit(".", n)[0] for k in lora if k.startswith("text_encoders.") for n in (1, 2)}
+    extra = {}
+    for key in _FORGE_SHAPES:
+        if key.endswith(".weight") and key.split(".", 1)[0] in sides:
+            name = "text_encoders." + key[: -len(".weight")]
+            if name in names and name not in to_load:
+                extra[name] = key
+    return extra
+
+
+def install_forge(networks: Any, lora_backend: Any) -> None:
+    """Wrap Forge's ``networks.load_lora_state_dict``, ``networks.load_lora`` and
+    ``networks.load_lora_for_models``; register the calculator.
+
+    Forge's ``load_lora_for_models`` calls ``load_lora(lora, unet_keys)`` and then ``load_lora(remaining,
+    clip_keys)``: a ``lora_compat`` key the first call does not use goes back into its remainder, so the
+    second call finds every text-encoder module."""
     lora_backend.extra_weight_calculators["lora_compat"] = forge_weight_calculator
     if getattr(networks.load_lora_state_dict, "lora_compat", False):
         return
     original_read, original_load = networks.load_lora_state_dict, networks.load_lora
+    original_for_models = networks.load_lora_for_models
 
     def load_lora_state_dict(filename, *args, **kwargs):
         if not enabled():
@@ -252,26 +288,38 @@ def install_forge(networks: Any, lora_backend: Any, weights_of: Callable[[str], 
 
     def load_lora(lora, to_load, *args, **kwargs):
         """Forge's own ``load_lora`` for its native tensors, plus ``lora_compat`` patches on the weight (and the
-        bias, when the patch changes it) of each module we compute ourselves."""
+        bias, when the patch changes it) of each module in ``to_load`` that we compute ourselves."""
+        to_load = {**to_load, **_generic_text_encoder_names(lora, to_load)}
         ours = {k: v for k, v in lora.items() if k.endswith(".lora_compat")}
         rest = {k: v for k, v in lora.items() if k not in ours}
         result = original_load(rest, to_load, *args, **kwargs)
-        patch_dict = result[0] if isinstance(result, tuple) else result
+        patch_dict, remaining = result if isinstance(result, tuple) else (result, None)
         for key, value in ours.items():
-            module = key[: -len(".lora_compat")]
-            target = to_load.get(module)
-            if target is None:
-                print(f"[lora_compat] {module}: no module of this model", file=sys.stderr)
+            target = to_load.get(key[: -len(".lora_compat")])
+            if not isinstance(target, str):
+                if remaining is not None:
+                    remaining[key] = value  # for the next call (the text encoder's keys), or Forge's own report
                 continue
             patch_dict[target] = ("lora_compat", (int(value), "weight"))
             patch, _ = FORGE_PATCHES[int(value)]
             if "bias" in patch.params and target.endswith(".weight"):
-                weight = weights_of(target)
-                patch_dict[target[: -len(".weight")] + ".bias"] = ("lora_compat", (int(value), "bias", weight))
+                patch_dict[target[: -len(".weight")] + ".bias"] = \
+                    ("lora_compat", (int(value), "bias", _FORGE_SHAPES.get(target)))
         return result
 
-    load_lora_state_dict.lora_compat = load_lora.lora_compat = True
+    def load_lora_for_models(model, clip, *args, **kwargs):
+        saved = dict(_FORGE_SHAPES)
+        _FORGE_SHAPES.clear()
+        _FORGE_SHAPES.update(_model_shapes(getattr(model, "model", None), getattr(clip, "cond_stage_model", None)))
+        try:
+            return original_for_models(model, clip, *args, **kwargs)
+        finally:
+            _FORGE_SHAPES.clear()
+            _FORGE_SHAPES.update(saved)
+
+    load_lora_state_dict.lora_compat = load_lora.lora_compat = load_lora_for_models.lora_compat = True
     networks.load_lora_state_dict, networks.load_lora = load_lora_state_dict, load_lora
+    networks.load_lora_for_models = load_lora_for_models
 
 
 def set_model(state_dict_shapes: Mapping[str, tuple[int, ...]] | None = None, components: Any = None) -> None:

@@ -1,11 +1,20 @@
 """webui script: installs lora_compat's hooks once the host's LoRA modules are loaded (A1111, SD.Next, Forge),
-and adds a settings entry to turn them off."""
+and registers the setting that turns them off.
+
+Everything here also runs on an API-only server (``--api --nowebui``): A1111 v1.8.0's ``api_only()`` runs the
+``before_ui`` and ``model_loaded`` callbacks but never ``ui_settings``, so the setting is registered in
+``shared.options_templates`` when this script is imported (as the built-in Lora extension registers its own),
+which makes it readable and writable through ``/sdapi/v1/options`` in both modes.
+"""
 from __future__ import annotations
 
 try:
     from modules import script_callbacks, shared
 except ImportError:  # not inside a webui
     script_callbacks = shared = None
+
+SETTING = "lora_compat_enabled"
+LABEL = "Read every LoRA dialect with lora_compat (exact math for DoRA, OFT, diffusers/PEFT files...)"
 
 
 def _install() -> None:
@@ -15,11 +24,16 @@ def _install() -> None:
     print(f"[lora_compat] {'hooks installed for ' + host if host else 'no webui LoRA module found'}")
 
 
-def _settings() -> None:
+def _register_setting() -> None:
+    """The on/off setting, in the options every server mode reads (idempotent)."""
+    info = shared.OptionInfo(True, LABEL)
     section = ("lora_compat", "lora_compat")
-    shared.opts.add_option("lora_compat_enabled", shared.OptionInfo(
-        True, "Read every LoRA dialect with lora_compat (exact math for DoRA, OFT, diffusers/PEFT files...)",
-        section=section))
+    templates = getattr(shared, "options_templates", None)
+    if templates is not None and hasattr(shared, "options_section"):
+        templates.update(shared.options_section(section, {SETTING: info}))
+    else:  # a host without options templates: add it to the live options
+        info.section = section
+        shared.opts.add_option(SETTING, info)
 
 
 def _model_loaded(sd_model) -> None:
@@ -42,6 +56,6 @@ def _model_loaded(sd_model) -> None:
 
 
 if script_callbacks is not None:
-    script_callbacks.on_before_ui(_install)  # the host's own Lora extension has loaded by then
-    script_callbacks.on_ui_settings(_settings)
+    _register_setting()
+    script_callbacks.on_before_ui(_install)  # the host's own Lora extension has loaded by then, in every mode
     script_callbacks.on_model_loaded(_model_loaded)
