@@ -17,9 +17,10 @@ SD_FILES = [("lycoris", v) for v in (
 VARIANTS = [v for _, v in SD_FILES]
 
 
-def tree(leaves: dict[str, nn.Module]) -> nn.Module:
-    """An ``nn.Module`` whose submodule at each dotted name is the given (shared, not copied) leaf module."""
-    root = nn.Module()
+def tree(leaves: dict[str, nn.Module], root: nn.Module | None = None) -> nn.Module:
+    """``root`` (a new ``nn.Module`` by default) whose submodule at each dotted name is the given (shared, not
+    copied) leaf module."""
+    root = nn.Module() if root is None else root
     for name, leaf in leaves.items():
         parent = root
         *parts, last = name.split(".")

@@ -35,6 +35,13 @@ class HostEnv:
         sys.path.insert(0, str(self.root))
         sys.modules.update(self.stubs)
 
+    def bind(self) -> None:
+        """Make each stub an attribute of its (imported) parent package, as an import would."""
+        for name, module in self.stubs.items():
+            parent, _, child = name.rpartition(".")
+            if parent in sys.modules:
+                setattr(sys.modules[parent], child, module)
+
     def _ours(self, name: str, module: Any) -> bool:
         if name in self.stubs:
             return True
@@ -140,6 +147,7 @@ def comfy_env(hosts: Path) -> tuple[HostEnv, types.SimpleNamespace]:
                            "model_management": comfy.model_management}, "comfy.sd")
     sys.modules["comfy.sd"] = sd
     env.stubs["comfy.sd"] = sd
+    env.bind()
     nodes = host_definitions(root / "nodes.py", ["LoraLoader"],
                              {"comfy": sys.modules["comfy"], "folder_paths": sys.modules["folder_paths"]}, "nodes")
     return env, types.SimpleNamespace(lora=comfy.lora, weight_adapter=comfy.weight_adapter, sd=sd, nodes=nodes,
@@ -199,7 +207,7 @@ def webui_core(lora_dir: Path, sd_model: Any = None, modules_path: Iterable[str]
         "modules.shared", options_templates=templates, options_section=options_section, OptionInfo=OptionInfo,
         opts=_Opts(templates, lora_functional=False, lora_in_memory_limit=0, lora_not_found_warning_console=False,
                    lora_not_found_gradio_warning=False, lora_preferred_name="Alias from file",
-                   lora_force_reload=False, sd_model_checkpoint="tiny"),
+                   lora_force_reload=False, sd_model_checkpoint="tiny", extra_networks_default_multiplier=1.0),
         cmd_opts=types.SimpleNamespace(lora_dir=str(lora_dir), lyco_dir_backcompat=str(lora_dir)),
         walk_files=lambda *a, **k: [], sd_model=sd_model, sd_loaded=sd_model is not None)
     errors = stub("modules.errors", display=lambda e, task: (_ for _ in ()).throw(e), report=lambda *a, **k: None)
@@ -225,6 +233,7 @@ def a1111_env(hosts: Path, lora_dir: Path, sd_model: Any) -> tuple[HostEnv, type
     root = hosts / "a1111" / "extensions-builtin" / "Lora"
     # gradio is not installed here; networks.py only raises gr.Warning when a LoRA is missing
     env = HostEnv(root, [*webui_core(lora_dir, sd_model), stub("gradio", Warning=Warning)])
+    env.bind()
     import network
     import networks
 
@@ -254,6 +263,7 @@ def forge_env(hosts: Path, lora_dir: Path) -> tuple[HostEnv, types.SimpleNamespa
         stub("packages_3rdparty.webui_lora_collection.lora"),
     ])
     sys.path.insert(0, str(root / "extensions-builtin" / "sd_forge_lora"))
+    env.bind()
     import backend.patcher.lora as backend_lora
     import network
     import networks
@@ -291,11 +301,12 @@ def sdnext_env(hosts: Path, lora_dir: Path) -> tuple[HostEnv, types.SimpleNamesp
         stub("modules.errorlimiter", limit_errors=None),
         stub("modules.sd_checkpoint"), stub("modules.sd_models_compile"), stub("modules.files_cache"),
         stub("modules.sd_models_utils"),
-        # rich is not installed here; networks.py imports its progress bar module
-        stub("rich", path=[]), stub("rich.progress"),
     ])
+    env.bind()
     import modules.lora.extra_networks_lora as extra_networks_lora
     import modules.lora.lora_common as lora_common
+    import modules.lora.lora_load as lora_load
+    import modules.lora.network as network
 
     return env, types.SimpleNamespace(extra_networks_lora=extra_networks_lora, lora_common=lora_common,
-                                      shared=sys.modules["modules.shared"])
+                                      lora_load=lora_load, network=network, shared=sys.modules["modules.shared"])
