@@ -223,7 +223,8 @@ def convert(filename: str, layout: str, index: ModuleIndex | None = None, base: 
         patchset, index = detection.patchset, plugins.archs()[base].index
     conversion = Conversion(dialect=detection.dialect.id, base=base, unmatched=sorted(patchset.unmatched))
     if layout == "diffusers":
-        names = {t: HostName(_diffusers_flat(t)) for t in patchset}
+        one_te = "text_encoder_2" not in index.components
+        names = {t: HostName(_diffusers_flat(t, one_te)) for t in patchset}
     else:
         names = kohya_names(index, list(patchset), comfy=layout == "comfy", base=base)
     fused: dict[str, list[tuple[HostName, Patch]]] = {}
@@ -241,9 +242,12 @@ def convert(filename: str, layout: str, index: ModuleIndex | None = None, base: 
     return conversion
 
 
-def _diffusers_flat(target: str) -> str:
+def _diffusers_flat(target: str, one_text_encoder: bool) -> str:
+    """SD.Next's flat name of a diffusers module: ``lora_te_`` for the text encoder of a one-encoder model,
+    ``lora_te1_`` / ``lora_te2_`` with two (its ``assign_network_names_to_compvis_modules``)."""
     component, _, path = target.partition(".")
-    prefix = {"unet": "lora_unet_", "transformer": "lora_transformer_", "text_encoder": "lora_te1_",
+    prefix = {"unet": "lora_unet_", "transformer": "lora_transformer_",
+              "text_encoder": "lora_te_" if one_text_encoder else "lora_te1_",
               "text_encoder_2": "lora_te2_"}.get(component, f"lora_{component}_")
     if component.startswith("text_encoder") and not path.startswith(("text_model.", "encoder.block.")):
         path = "text_model." + path

@@ -207,13 +207,14 @@ def webui_core(lora_dir: Path, sd_model: Any = None, modules_path: Iterable[str]
         "modules.shared", options_templates=templates, options_section=options_section, OptionInfo=OptionInfo,
         opts=_Opts(templates, lora_functional=False, lora_in_memory_limit=0, lora_not_found_warning_console=False,
                    lora_not_found_gradio_warning=False, lora_preferred_name="Alias from file",
-                   lora_force_reload=False, sd_model_checkpoint="tiny", extra_networks_default_multiplier=1.0),
+                   lora_force_reload=False, sd_model_checkpoint="tiny", extra_networks_default_multiplier=1.0,
+                   lora_fuse_native=False, lora_fuse_diffusers=False),
         cmd_opts=types.SimpleNamespace(lora_dir=str(lora_dir), lyco_dir_backcompat=str(lora_dir)),
         walk_files=lambda *a, **k: [], sd_model=sd_model, sd_loaded=sd_model is not None)
     errors = stub("modules.errors", display=lambda e, task: (_ for _ in ()).throw(e), report=lambda *a, **k: None)
     return [
         stub("modules", path=modules_path), shared, errors, ScriptCallbacks(),
-        stub("modules.sd_models", read_state_dict=lambda filename: load_file(str(filename)),
+        stub("modules.sd_models", read_state_dict=lambda filename, **kwargs: load_file(str(filename)),
              read_metadata_from_safetensors=lambda filename: {}),
         stub("modules.devices", cpu=torch.device("cpu"), device=torch.device("cpu"), dtype=torch.float32,
              torch_gc=lambda: None, cond_cast_unet=lambda x: x),
@@ -299,7 +300,8 @@ def sdnext_env(hosts: Path, lora_dir: Path) -> tuple[HostEnv, types.SimpleNamesp
         stub("modules.logger", log=log, console=None),
         stub("modules.extra_networks", ExtraNetwork=type("ExtraNetwork", (), {"__init__": lambda self, name: None})),
         stub("modules.errorlimiter", limit_errors=None),
-        stub("modules.sd_checkpoint"), stub("modules.sd_models_compile"), stub("modules.files_cache"),
+        stub("modules.sd_checkpoint", read_metadata_from_safetensors=lambda filename: {}),
+        stub("modules.sd_models_compile"), stub("modules.files_cache"),
         stub("modules.sd_models_utils"),
     ])
     env.bind()
