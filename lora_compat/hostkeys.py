@@ -352,12 +352,15 @@ def patch_from_weights(network_key: str, w: Mapping[str, torch.Tensor]) -> Patch
 
 def updown(patch: Patch, weight: torch.Tensor, bias: torch.Tensor | None, strength: float
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The change of a module's weight (and bias) at ``strength``, computed in fp32 with lora_compat's math."""
-    base = {"weight": weight.detach().float()}
+    """The change of a module's weight (and bias) at ``strength``, computed in fp32 with lora_compat's math,
+    on the device of the patch's tensors (the CPU: files load there) and returned on the weight's device."""
+    base = {"weight": weight.detach().float().cpu()}
     if bias is not None:
-        base["bias"] = bias.detach().float()
+        base["bias"] = bias.detach().float().cpu()
     delta = patch.delta(base, strength)
-    return delta.get("weight", torch.zeros_like(base["weight"])), delta.get("bias")
+    change = delta.get("weight", torch.zeros_like(base["weight"])).to(weight.device)
+    bias_change = delta.get("bias")
+    return change, None if bias_change is None else bias_change.to(weight.device)
 
 
 

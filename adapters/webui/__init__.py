@@ -4,8 +4,9 @@
   patches (every kind, DoRA with the right math), and a wrapper around the LoRA file read pre-converts
   dialects the host cannot parse (diffusers/PEFT, OneTrainer, BFL...) into the flat names it maps.
 - Forge: its ``load_lora_state_dict`` read is pre-converted into the names Forge's (ComfyUI-style) key map
-  accepts; kinds Forge lacks or computes differently become ``lora_compat`` patches computed here through
-  ``extra_weight_calculators``.
+  accepts (its missing generic ``text_encoders.`` names are supplied); kinds Forge lacks or computes
+  differently become ``lora_compat`` patches computed here through ``extra_weight_calculators``. Every module
+  reaches its component: what the UNet's ``load_lora`` call does not take is left for the text encoder's.
 - SD.Next: an empty LoRA request always counts as a change, so removing every LoRA restores the model.
 
 Each host object is passed in (``install_a1111(networks, network)`` ...), so the logic runs without a webui.
