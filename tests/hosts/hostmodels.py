@@ -62,6 +62,28 @@ def expected(path: Path, components: dict[str, nn.Module], strength: float = STR
     return {k: v.float() for k, v in lora_compat.patched_weights(path, components, strength).items()}
 
 
+def set_values(components: dict[str, nn.Module], values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for key, value in values.items():
+            component, _, name = key.partition(".")
+            components[component].get_parameter(name).copy_(value)
+
+
+def sequential(components: dict[str, nn.Module], paths: list[Path], strength: float = STRENGTH
+               ) -> dict[str, torch.Tensor]:
+    """lora_compat's answer for LoRAs applied one after the other, as every host chains them: each file's
+    ``patched_weights`` computed on the weights the previous ones produced. Every parameter, fp32."""
+    base = parameters_by_name(components)
+    state = {k: v.float() for k, v in base.items()}
+    try:
+        for path in paths:
+            set_values(components, state)
+            state.update(expected(path, components, strength))
+    finally:
+        set_values(components, base)
+    return state
+
+
 def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     """The host's weight equals lora_compat's (fp32 relative error < 1e-5)."""
     error = float((got.float() - want).norm()) / max(float(want.norm()), 1e-12)

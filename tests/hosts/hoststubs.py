@@ -169,6 +169,12 @@ class _Opts(types.SimpleNamespace):
             raise AttributeError(name)
         return info.default
 
+    def add_option(self, key: str, info: "OptionInfo") -> None:
+        """modules/options.py: the template, and the value when none was saved."""
+        self.data_labels[key] = info
+        if key not in vars(self):
+            setattr(self, key, info.default)
+
 
 class OptionInfo:
     """modules/options.py's OptionInfo (default, label, section)."""

@@ -2,7 +2,6 @@
 ``calculate_weight``, ``ModelPatcher`` (patch / unpatch), ``comfy.sd.load_lora_for_models`` and ``CLIP``."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from torch import nn
 
 import lora_compat
 from hostmodels import (STRENGTH, VARIANTS, assert_close, assert_restored, assert_state, comfy_unet_config,
-                        expected, parameters_by_name, sgm_unet, text_model, tree)
+                        expected, parameters_by_name, sequential, sgm_unet, text_model, tree)
 from hoststubs import comfy_env
 from lora_compat.adapters import comfyui
 from lora_compat.hostkeys import convert
@@ -72,33 +71,13 @@ def test_comfyui_node_applies_every_variant_exactly_and_restores(variant, comfy,
     assert_restored(sd15, base)
 
 
-def _apply(components, values) -> None:
-    with torch.no_grad():
-        for key, value in values.items():
-            component, _, name = key.partition(".")
-            components[component].get_parameter(name).copy_(value)
-
-
-def sequential(components, base, paths) -> dict[str, torch.Tensor]:
-    """lora_compat's answer for LoRAs applied one after the other: each file's ``patched_weights`` computed on
-    the weights the previous ones produced."""
-    state = dict(base)
-    try:
-        for path in paths:
-            _apply(components, state)
-            state.update(expected(path, components))
-    finally:
-        _apply(components, base)
-    return state
-
-
 def test_comfyui_chained_nodes_apply_in_order(comfy, sd15, sd_files) -> None:
     """Two chained nodes whose kinds lora_compat computes (DoRA, then OFT): the second one applies to the
     weights the first produced, as ComfyUI chains its own LoRAs."""
     first, second = sd_files["dora_out"], sd_files["diag_oft"]
     base = parameters_by_name(sd15)
-    want = sequential(sd15, base, [first, second])
-    other_order = sequential(sd15, base, [second, first])
+    want = sequential(sd15, [first, second])
+    other_order = sequential(sd15, [second, first])
     model, clip = comfy_models(comfy, sd15)
     model, clip = node(comfy, model, clip, first)
     model, clip = node(comfy, model, clip, second)
@@ -114,8 +93,7 @@ def test_comfyui_chain_with_comfyuis_own_loader(comfy, sd15, sd_files) -> None:
     """ComfyUI's own loader (LoRA tensors under the names its key map reads) followed by the lora_compat node
     (DoRA)."""
     first, second = sd_files["lora"], sd_files["dora_in"]
-    base = parameters_by_name(sd15)
-    want = sequential(sd15, base, [first, second])
+    want = sequential(sd15, [first, second])
     model, clip = comfy_models(comfy, sd15)
     tensors = convert(str(first), "comfy").tensors
     model, clip = comfy.sd.load_lora_for_models(model, clip, tensors, STRENGTH, STRENGTH)
@@ -225,5 +203,3 @@ def test_comfyui_flux_control_loras_are_read_by_comfyui_itself(comfy, tmp_path) 
         (s1, v1, *rest1), (s2, v2, *rest2) = ours.patches[key][0], theirs.patches[key][0]
         assert s1 == s2 == 0.5 and rest1 == rest2 and type(v1) is type(v2)
 
-
-warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)

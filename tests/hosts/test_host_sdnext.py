@@ -6,9 +6,9 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
-import lora_compat
 from hostmodels import STRENGTH, VARIANTS, assert_close, expected
 from hoststubs import sdnext_env
 from lora_compat.adapters import webui
@@ -49,7 +49,7 @@ def test_sdnext_module_type_comes_first(sdnext) -> None:
 
 
 def sdnext_load(sdnext, components: dict[str, nn.Module], path: Path, model_type: str, strength: float = STRENGTH
-                ) -> dict[str, "torch.Tensor"]:
+                ) -> dict[str, torch.Tensor]:
     """SD.Next's own ``lora_load.load_safetensors`` on a diffusers pipeline holding ``components``; the value
     each loaded module's ``calc_updown`` gives its weight (and bias), keyed ``<component>.<parameter>``."""
     sdnext.shared.sd_model = types.SimpleNamespace(**components)

@@ -25,15 +25,16 @@ def _install() -> None:
 
 
 def _register_setting() -> None:
-    """The on/off setting, in the options every server mode reads (idempotent)."""
+    """The on/off setting, in the options every server mode reads (idempotent): the templates (what the
+    settings page and ``POST /sdapi/v1/options`` accept) and the live options' values (what ``GET`` lists)."""
     info = shared.OptionInfo(True, LABEL)
-    section = ("lora_compat", "lora_compat")
+    info.section = ("lora_compat", "lora_compat")
     templates = getattr(shared, "options_templates", None)
-    if templates is not None and hasattr(shared, "options_section"):
-        templates.update(shared.options_section(section, {SETTING: info}))
-    else:  # a host without options templates: add it to the live options
-        info.section = section
-        shared.opts.add_option(SETTING, info)
+    if templates is not None:
+        templates[SETTING] = info
+    opts = getattr(shared, "opts", None)
+    if opts is not None and hasattr(opts, "add_option"):
+        opts.add_option(SETTING, info)
 
 
 def _model_loaded(sd_model) -> None:
