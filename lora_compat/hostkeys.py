@@ -308,6 +308,10 @@ class FusedParts(Patch):
     def misfit(self, shapes):
         return None
 
+    def with_dora_strength(self, mode: str) -> "FusedParts":
+        parts = [(host, patch.with_dora_strength(mode)) for host, patch in self.parts]
+        return self if all(new is old for (_, new), (_, old) in zip(parts, self.parts)) else FusedParts(parts, self.total)
+
     def delta(self, base, strength=1.0):
         from lora_compat.patches.rows import swap_halves
 
@@ -336,13 +340,15 @@ def patch_from_weights(network_key: str, w: Mapping[str, torch.Tensor]) -> Patch
         return None
 
 
-def updown(patch: Patch, weight: torch.Tensor, bias: torch.Tensor | None, strength: float
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The change of a module's weight (and bias) at ``strength``, computed in fp32 with lora_compat's math."""
+def updown(patch: Patch, weight: torch.Tensor, bias: torch.Tensor | None, strength: float, *,
+           dora_strength: str = "interpolate") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The change of a module's weight (and bias) at ``strength``, computed in fp32 with lora_compat's math.
+    ``dora_strength``: how DoRA reads the strength (``"interpolate"``, the hosts' own convention, or
+    ``"library"``; see :mod:`lora_compat.patches.dora`)."""
     base = {"weight": weight.detach().float()}
     if bias is not None:
         base["bias"] = bias.detach().float()
-    delta = patch.delta(base, strength)
+    delta = patch.with_dora_strength(dora_strength).delta(base, strength)
     return delta.get("weight", torch.zeros_like(base["weight"])), delta.get("bias")
 
 
