@@ -390,3 +390,40 @@ def test_diffusers_adapter_load_and_set_strength(files):
     assert any(not torch.equal(now[k], base[k]) for k in want)
     adapter.unload(pipe, name)
     assert all(torch.equal(v, base[k]) for k, v in params(components).items())
+
+
+# -- a DoRA part of a fused host weight (BFL qkv) --------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["interpolate", "library"])
+@pytest.mark.parametrize("strength", [0.0, 0.5])
+def test_dora_part_of_a_fused_bfl_weight(tmp_path, mode, strength):
+    """OneTrainer DoRA (``dora_scale [1, in]``) on ``to_q``, applied to a BFL host where to_q is rows of
+    ``double_blocks.0.img_attn.qkv``: the rows follow the chosen convention (closed forms in float64), the
+    other rows stay as they were."""
+    from safetensors.torch import save_file
+
+    from test_flux import make_bfl_host, make_flux
+
+    model = make_flux()
+    host = make_bfl_host(model)
+    weight = model.transformer_blocks[0].attn.to_q.weight.detach().double()
+    g = torch.Generator().manual_seed(3)
+    down, up = torch.randn(4, weight.shape[1], generator=g), torch.randn(weight.shape[0], 4, generator=g) * 0.1
+    magnitude = weight.float().norm(dim=0, keepdim=True) * (1 + 0.1 * torch.rand(1, weight.shape[1], generator=g))
+    key = "lora_transformer_transformer_blocks_0_attn_to_q"
+    save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(2.0),
+               f"{key}.dora_scale": magnitude}, str(tmp_path / "dora.safetensors"))
+    merged = weight + 0.5 * up.double() @ down.double()
+    factor = magnitude.double() / (merged.norm(dim=0, keepdim=True) + EPS32)
+    if mode == "interpolate":
+        want = weight + strength * (merged * factor - weight)
+    else:
+        want = merged * (1 + strength * (factor - 1))
+    qkv = host.get_submodule("double_blocks.0.img_attn.qkv").weight
+    before = qkv.detach().clone()
+    Patcher({"transformer": host}, dora_strength=mode).set([(tmp_path / "dora.safetensors", strength)])
+    rows = weight.shape[0]
+    if mode == "interpolate" and strength == 0.0:
+        assert torch.equal(qkv, before)
+    else:
+        assert float((qkv[:rows].double() - want).norm() / want.norm()) < 1e-6
+        assert torch.equal(qkv[rows:], before[rows:])
