@@ -12,6 +12,7 @@ Routes (``load`` returns the adapter name; its ``.route`` says which was taken):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import threading
@@ -26,6 +27,7 @@ from lora_compat.archs import ModuleIndex
 from lora_compat.errors import LoraCompatError
 from lora_compat.patcher import Entry, Patcher
 from lora_compat.patches import LohaPatch, LoraPatch
+from lora_compat.patches.dora import check_dora_strength
 from lora_compat.patchset import PatchSet
 
 __all__ = ["load", "set_strength", "unload", "adapters", "enable", "disable", "enabled", "to_diffusers_state_dict",
@@ -157,10 +159,15 @@ def _peft_adapter_names(pipe: Any) -> set[str]:
 
 
 def load(pipe: Any, source: Any, adapter_name: str | None = None, strength: float = 1.0, *,
-         strict: bool = False, base: str | None = None, route: str | None = None, hotswap: bool = False) -> Loaded:
+         strict: bool = False, base: str | None = None, route: str | None = None, hotswap: bool = False,
+         dora_strength: str = "interpolate") -> Loaded:
     """Load a LoRA file of any dialect into a diffusers pipeline; returns the adapter name (``.route`` tells
     how it was applied). ``route`` forces ``"patcher"`` (or a route the file allows). ``hotswap``: replace
-    the weights of the existing diffusers-route adapter ``adapter_name`` in place (diffusers' hotswap)."""
+    the weights of the existing diffusers-route adapter ``adapter_name`` in place (diffusers' hotswap).
+    ``dora_strength``: how DoRA files (patcher route) read ``strength``: ``"interpolate"``
+    (``W + s·(W_dora − W)``: 0 is off, as in the webuis and ComfyUI) or ``"library"`` (LyCORIS' multiplier,
+    PEFT's scaling)."""
+    check_dora_strength(dora_strength)
     with _lock:
         state = _state(pipe)
         name = adapter_name or _default_name(pipe, source)
@@ -192,7 +199,7 @@ def load(pipe: Any, source: Any, adapter_name: str | None = None, strength: floa
         elif chosen == "peft":
             _load_through_peft(pipe, patchset, name)
         else:
-            state.patcher_entries[name] = Entry(patchset, strength)
+            state.patcher_entries[name] = Entry(patchset, strength, dora_strength=dora_strength)
             _reconcile_patcher(pipe, state)
         state.routes[name] = chosen
         if chosen != "patcher":
@@ -305,7 +312,7 @@ def set_strength(pipe: Any, adapter_name: str, strength: float) -> None:
                                   f"(loaded: {', '.join(state.routes) or 'none'})")
         if route == "patcher":
             entry = state.patcher_entries[adapter_name]
-            state.patcher_entries[adapter_name] = Entry(entry.source, strength, entry.components)
+            state.patcher_entries[adapter_name] = dataclasses.replace(entry, strength=strength)
             _reconcile_patcher(pipe, state)
         else:
             _scale_peft_adapter(pipe, adapter_name, strength)

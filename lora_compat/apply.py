@@ -10,6 +10,7 @@ from . import plugins
 from .archs import ModuleIndex
 from .core import Source, detect
 from .errors import BaseMismatchError, UnmatchedKeysError
+from .patches.dora import check_dora_strength
 from .patchset import PatchSet
 
 Components = Union[Mapping[str, torch.nn.Module], object]
@@ -102,16 +103,19 @@ def check_patchset(patchset: PatchSet, index: ModuleIndex, strict: bool) -> None
 
 @torch.no_grad()
 def patched_weights(source: Source | PatchSet, components: Components, strength: float = 1.0, *,
-                    strict: bool = False, base: str | None = None) -> dict[str, torch.Tensor]:
+                    strict: bool = False, base: str | None = None,
+                    dora_strength: str = "interpolate") -> dict[str, torch.Tensor]:
     """New value of every parameter the LoRA touches, keyed ``"<component>.<state_dict name>"``.
 
     Computed in fp32 from the components' current weights, returned in each parameter's dtype.
     ``components`` is a mapping like ``{"unet": unet, "text_encoder": te}`` or a diffusers pipeline.
-    Nothing is modified.
+    ``dora_strength``: how DoRA modules read ``strength``: ``"interpolate"`` (``W + s·(W_dora − W)``, as the
+    webuis and ComfyUI do) or ``"library"`` (LyCORIS' multiplier / PEFT's scaling). Nothing is modified.
     """
+    check_dora_strength(dora_strength)
     modules = component_modules(components)
     index = ModuleIndex.from_modules(modules)
-    patchset = resolve_patchset(source, index, base)
+    patchset = resolve_patchset(source, index, base).with_dora_strength(dora_strength)
     check_patchset(patchset, index, strict)
     from .patcher.merge import merged_values  # the patcher's own computation, so both agree bit for bit
 

@@ -29,6 +29,7 @@ from .archs.sd import sgm_aliases
 from .errors import LoraCompatError
 from .files import SAFETENSORS_DTYPES, LoraFile
 from .patcher.merge import merged_values
+from .patches.dora import check_dora_strength
 from .patcher.entries import source_key
 
 #: single-file prefixes → component
@@ -62,8 +63,11 @@ class _Part:
 
 
 def bake(checkpoint: str | Path, loras: Sequence[tuple[object, float]], out: str | Path, *,
-         strict: bool = False, progress: bool = True) -> BakeReport:
-    """Merge ``loras`` (``(source, strength)`` pairs) into ``checkpoint`` and write the result at ``out``."""
+         strict: bool = False, progress: bool = True, dora_strength: str = "interpolate") -> BakeReport:
+    """Merge ``loras`` (``(source, strength)`` pairs) into ``checkpoint`` and write the result at ``out``.
+    ``dora_strength``: how DoRA modules read the strength (``"interpolate"``: ``W + s·(W_dora − W)``, as the
+    webuis and ComfyUI do; ``"library"``: LyCORIS' multiplier / PEFT's scaling)."""
+    check_dora_strength(dora_strength)
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.exists():
         raise FileNotFoundError(f"{checkpoint}: no such file or folder")
@@ -77,7 +81,7 @@ def bake(checkpoint: str | Path, loras: Sequence[tuple[object, float]], out: str
         parts = _single_file_parts(files[checkpoint])
     index = _index(parts)
     report = BakeReport(str(out))
-    contributions = _contributions(loras, index, strict, report)
+    contributions = _contributions(loras, index, strict, report, dora_strength)
     by_file: dict[Path, dict[str, tuple[str, str]]] = {}
     for part in parts:
         for key, file in part.files.items():
@@ -147,12 +151,12 @@ class _ModuleValues:
 
 
 def _contributions(loras: Sequence[tuple[object, float]], index: ModuleIndex, strict: bool,
-                   report: BakeReport) -> dict[str, list]:
+                   report: BakeReport, dora_strength: str = "interpolate") -> dict[str, list]:
     order = sorted(range(len(loras)), key=lambda i: (source_key(loras[i][0]), loras[i][1], i))
     found: dict[str, list] = {}
     for i in order:
         source, strength = loras[i]
-        patchset = resolve_patchset(source, index)
+        patchset = resolve_patchset(source, index).with_dora_strength(dora_strength)
         check_patchset(patchset, index, strict)
         if patchset.unmatched:
             report.unmatched[patchset.source] = sorted(patchset.unmatched)

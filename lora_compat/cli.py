@@ -177,7 +177,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
 
     loras = _weighted(args.loras)
     try:
-        report = bake(args.checkpoint, loras, args.out, strict=args.strict)
+        report = bake(args.checkpoint, loras, args.out, strict=args.strict, dora_strength=args.dora_strength)
     except (LoraCompatError, FileNotFoundError) as exc:
         print(f"lora-compat bake: {exc}", file=sys.stderr)
         return 2
@@ -344,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]")
     p.add_argument("-o", "--out", required=True, help="output folder or file")
     p.add_argument("--strict", action="store_true", help="refuse LoRAs with unmatched keys")
+    p.add_argument("--dora-strength", choices=["interpolate", "library"], default="interpolate",
+                   help="how DoRA modules read STRENGTH: interpolate (default) W + s*(W_dora - W) as the webuis and "
+                        "ComfyUI do (0 = off); library: LyCORIS' multiplier / PEFT's scaling")
     p.set_defaults(func=cmd_bake)
 
     p = sub.add_parser("matrix", help="generate the compatibility matrix (compat_matrix/MATRIX.md, matrix.json)",

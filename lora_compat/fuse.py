@@ -17,6 +17,12 @@ Definitions (``w_i`` the weights, ``ΔW_i`` each LoRA's full delta with its own 
 ``ties``/``dare`` results are full deltas: written as LyCORIS ``diff`` tensors (kohya/webui/bfl dialects) or,
 with ``rank``, compressed to a LoRA by SVD.
 
+DoRA's change depends on the base weights, so svd/ties/dare merge DoRA LoRAs only with the model given
+(``components``). Its weight is read like a strength (``dora_strength``): ``"interpolate"`` (default)
+``ΔW_i = W_dora,i − W`` weighted by ``w_i`` like any LoRA, so ``W + w_i·ΔW_i`` is what the webuis and ComfyUI
+apply at strength ``w_i``; ``"library"``: ``ΔW_i`` is the library's change at strength ``w_i`` (LyCORIS'
+multiplier, PEFT's scaling), merged with weight 1.
+
 The AutoLoRA learned gate (input-dependent fusion, hot mode only) lives in :mod:`lora_compat.fusion_gate`
 and is re-exported here: ``Patcher(target, mode="hot", fusion=FusionGates.load(path, target))``.
 """
@@ -36,7 +42,8 @@ from .conversion import ConvertReport, additive_delta, svd_factors, save, write_
 from .core import detect
 from .errors import LoraCompatError
 from .fusion_gate import FusionGates, gate
-from .patches import FullPatch, LoraPatch, Patch, Ref
+from .patches import DoraPatch, FullPatch, LoraPatch, Patch, Ref
+from .patches.dora import check_dora_strength
 from .patchset import PatchSet
 
 METHODS = ("concat", "svd", "ties", "dare", "linear")
@@ -71,9 +78,12 @@ def _read_all(sources: Sequence[tuple[Any, float]], base: str | None, components
 
 
 def merged_patchset(sources: Sequence[tuple[Any, float]], method: str, *, rank: int | None = None,
-                    density: float = 0.5, seed: int = 0, base: str | None = None, components: Any = None
-                    ) -> tuple[PatchSet, ModuleIndex, MergeReport]:
-    """The merged patches on canonical targets, the index they live on, and the report."""
+                    density: float = 0.5, seed: int = 0, base: str | None = None, components: Any = None,
+                    dora_strength: str = "interpolate") -> tuple[PatchSet, ModuleIndex, MergeReport]:
+    """The merged patches on canonical targets, the index they live on, and the report. DoRA LoRAs need
+    ``components`` (their change depends on the base weights); ``dora_strength`` says how their weight is
+    read (module docstring)."""
+    check_dora_strength(dora_strength)
     if method not in METHODS:
         raise LoraCompatError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
     if method == "svd" and rank is None:
@@ -92,7 +102,7 @@ def merged_patchset(sources: Sequence[tuple[Any, float]], method: str, *, rank: 
         elif method == "linear":
             result.patches[target] = _linear(target, parts)
         else:
-            deltas = [(_delta(target, p, index), w, i) for p, w, i in parts]
+            deltas = [(*_weighted_delta(target, p, w, index, components, dora_strength), i) for p, w, i in parts]
             if method == "svd":
                 total = sum(w * d for d, w, _ in deltas)
             elif method == "ties":
@@ -145,6 +155,27 @@ def _linear(target: str, parts) -> LoraPatch:
     return LoraPatch(Ref.of(up, f"{target}.up"), Ref.of(downs[0], f"{target}.down"))
 
 
+def _weighted_delta(target: str, patch: Patch, weight: float, index: ModuleIndex, components: Any,
+                    dora_strength: str) -> tuple[torch.Tensor, float]:
+    """A patch's full delta and the weight it is merged with. DoRA's is computed from the model's weights:
+    ``W_dora − W`` with the LoRA's weight (``interpolate``), or the library's change at that weight, then
+    merged with weight 1 (``library``)."""
+    if not isinstance(patch, DoraPatch):
+        return _delta(target, patch, index), weight
+    if components is None:
+        raise LoraCompatError(f"{target}: a DoRA patch's change depends on the base weights; pass the model "
+                              "(components=...) to merge it")
+    from .apply import component_modules
+
+    component, _, path = target.partition(".")
+    module = component_modules(components)[component].get_submodule(path)
+    params = {name: p.detach().float() for name, p in module.named_parameters(recurse=False)}
+    patch = patch.with_dora_strength(dora_strength)
+    if dora_strength == "interpolate":
+        return patch.delta(params, 1.0)["weight"], weight
+    return patch.delta(params, weight)["weight"], 1.0
+
+
 def _delta(target: str, patch: Patch, index: ModuleIndex) -> torch.Tensor:
     delta = additive_delta(patch, index, target)
     if delta is None:
@@ -182,10 +213,10 @@ def dare(target: str, deltas, density: float, seed: int) -> torch.Tensor:
 
 def merge(sources: Sequence[tuple[Any, float]], out: str | Path, method: str = "concat", *, to: str = "kohya",
           rank: int | None = None, density: float = 0.5, seed: int = 0, base: str | None = None,
-          components: Any = None) -> MergeReport:
+          components: Any = None, dora_strength: str = "interpolate") -> MergeReport:
     """Merge ``sources`` (``(path, weight)`` pairs) with ``method`` and write the result in dialect ``to``."""
     patchset, index, report = merged_patchset(sources, method, rank=rank, density=density, seed=seed, base=base,
-                                              components=components)
+                                              components=components, dora_strength=dora_strength)
     convert_report = ConvertReport(to, "merge", patchset.base)
     tensors, metadata, convert_report = write_patchset(patchset, index, to, convert_report)
     metadata["lora_compat.merge"] = f"{method}: " + ", ".join(f"{Path(str(s)).name}:{w:g}" for s, w in sources)

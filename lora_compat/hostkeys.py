@@ -322,6 +322,10 @@ class FusedParts(Patch):
     def misfit(self, shapes):
         return None
 
+    def with_dora_strength(self, mode: str) -> "FusedParts":
+        parts = [(host, patch.with_dora_strength(mode)) for host, patch in self.parts]
+        return self if all(new is old for (_, new), (_, old) in zip(parts, self.parts)) else FusedParts(parts, self.total)
+
     def delta(self, base, strength=1.0):
         from lora_compat.patches.rows import swap_halves
 
@@ -350,14 +354,16 @@ def patch_from_weights(network_key: str, w: Mapping[str, torch.Tensor]) -> Patch
         return None
 
 
-def updown(patch: Patch, weight: torch.Tensor, bias: torch.Tensor | None, strength: float
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def updown(patch: Patch, weight: torch.Tensor, bias: torch.Tensor | None, strength: float, *,
+           dora_strength: str = "interpolate") -> tuple[torch.Tensor, torch.Tensor | None]:
     """The change of a module's weight (and bias) at ``strength``, computed in fp32 with lora_compat's math,
-    on the device of the patch's tensors (the CPU: files load there) and returned on the weight's device."""
+    on the device of the patch's tensors (the CPU: files load there) and returned on the weight's device.
+    ``dora_strength``: how DoRA reads the strength (``"interpolate"``, the hosts' own convention, or
+    ``"library"``; see :mod:`lora_compat.patches.dora`)."""
     base = {"weight": weight.detach().float().cpu()}
     if bias is not None:
         base["bias"] = bias.detach().float().cpu()
-    delta = patch.delta(base, strength)
+    delta = patch.with_dora_strength(dora_strength).delta(base, strength)
     change = delta.get("weight", torch.zeros_like(base["weight"])).to(weight.device)
     bias_change = delta.get("bias")
     return change, None if bias_change is None else bias_change.to(weight.device)

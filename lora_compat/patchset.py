@@ -1,7 +1,7 @@
 """PatchSet: the canonical form of a LoRA file (canonical target → patch) with what did not map."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Mapping
 
 from typing import TYPE_CHECKING
@@ -62,6 +62,15 @@ class PatchSet(Mapping[str, Patch]):
             whole = len(parts) == 1 and not route.swap and not route.param_names and route.stop - route.start == rows
             fitted.patches[f"{component}.{host}"] = patch if whole else FusedPatch(parts)
         return fitted
+
+    def with_dora_strength(self, mode: str) -> "PatchSet":
+        """This PatchSet with its DoRA patches reading the strength by ``mode`` (``"interpolate"``:
+        ``W + s·(W_dora − W)``, or ``"library"``; see :mod:`lora_compat.patches.dora`): itself when nothing
+        changes, else a copy sharing every other patch."""
+        patches = {target: patch.with_dora_strength(mode) for target, patch in self.patches.items()}
+        if all(patches[t] is p for t, p in self.patches.items()):
+            return self
+        return replace(self, patches=patches)
 
     def __getitem__(self, target: str) -> Patch:
         return self.patches[target]

@@ -133,6 +133,18 @@ def _changed(component: str, original: nn.Module, merged: dict[str, torch.Tensor
             if not torch.equal(v.float(), before[k].float())}
 
 
+def _set_scale(model: nn.Module, scale: float) -> None:
+    """PEFT's own strength: `LoraLayer.set_scale` (scaling = scale * alpha / r) on every adapted layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if scale == 1.0:
+        return
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for adapter in list(getattr(module, "scaling", {})):
+                module.set_scale(adapter, scale)
+
+
 def _merge_in_place(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT's `LoraLayer.merge()` on every adapted layer; the base layers' parameters under their original names."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -168,8 +180,8 @@ def _pipeline_class(components: dict[str, nn.Module]) -> type:
     return StableDiffusionXLPipeline if "text_encoder_2" in components else StableDiffusionPipeline
 
 
-def _write_pipeline_file(out: Path, components: dict[str, nn.Module], spec: _Spec, gen: torch.Generator
-                         ) -> tuple[Path, dict[str, torch.Tensor]]:
+def _write_pipeline_file(out: Path, components: dict[str, nn.Module], spec: _Spec, gen: torch.Generator,
+                         scale: float = 1.0) -> tuple[Path, dict[str, torch.Tensor]]:
     """diffusers / legacy / kohya layouts: one adapter per component, saved through `save_lora_weights`."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
@@ -184,6 +196,7 @@ def _write_pipeline_file(out: Path, components: dict[str, nn.Module], spec: _Spe
         kwargs[f"{name}_lora_layers"] = {k: v.detach().clone() for k, v in layers.items()}
         if spec.metadata:
             kwargs[f"{name}_lora_adapter_metadata"] = _metadata(config)
+        _set_scale(model, scale)
         expected.update(_changed(name, module, _merge_in_place(model)))
     save_dir = out / "diffusers" if spec.layout == "kohya" else out
     _pipeline_class(components).save_lora_weights(save_dir, **kwargs)
@@ -202,7 +215,7 @@ def _convert_to_kohya(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _write_peft_raw(out: Path, unet: nn.Module, spec: _Spec, gen: torch.Generator
+def _write_peft_raw(out: Path, unet: nn.Module, spec: _Spec, gen: torch.Generator, scale: float = 1.0
                     ) -> tuple[Path, dict[str, torch.Tensor]]:
     """`get_peft_model(unet).save_pretrained(out)`; expected from `merge_and_unload()`."""
     from peft import get_peft_model
@@ -210,16 +223,18 @@ def _write_peft_raw(out: Path, unet: nn.Module, spec: _Spec, gen: torch.Generato
     model = get_peft_model(copy.deepcopy(unet).float(), _lora_config(spec, "unet"))
     _randomize_adapter(model, gen)
     model.save_pretrained(out)
+    _set_scale(model, scale)
     merged = model.merge_and_unload().state_dict()
     return out / "adapter_model.safetensors", _changed("unet", unet, merged)
 
 
-def write_peft_file(tmp_dir: Path, components: dict[str, nn.Module], variant: str, seed: int = 0
-                    ) -> tuple[Path, dict[str, torch.Tensor]]:
+def write_peft_file(tmp_dir: Path, components: dict[str, nn.Module], variant: str, seed: int = 0,
+                    scale: float = 1.0) -> tuple[Path, dict[str, torch.Tensor]]:
     """Attach a PEFT LoRA adapter to (deep copies of) the components, give lora_A/lora_B (and magnitude / lora bias
     where used) random non-zero seeded values, write the file in the variant's format, and return (path, expected)
     where expected maps "<component>.<parameter name in component.state_dict()>" to the fp32 value PEFT's own
-    merge gives (merge_and_unload / layer.merge / fuse_lora), for every parameter the adapter changes.
+    merge gives (merge_and_unload / layer.merge / fuse_lora), for every parameter the adapter changes, at PEFT's
+    strength `scale` (`set_scale` before merging; the file does not depend on it).
     `components` must be left unmodified."""
     if variant not in _SPECS:
         raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
@@ -229,6 +244,6 @@ def write_peft_file(tmp_dir: Path, components: dict[str, nn.Module], variant: st
     gen = torch.Generator().manual_seed(seed)
     with one_thread():
         if spec.layout == "peft":
-            return _write_peft_raw(out, components["unet"], spec, gen)
-        return _write_pipeline_file(out, components, spec, gen)
+            return _write_peft_raw(out, components["unet"], spec, gen, scale)
+        return _write_pipeline_file(out, components, spec, gen, scale)
 

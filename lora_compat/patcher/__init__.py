@@ -27,6 +27,7 @@ from ..blocks import factors as block_factors
 from ..errors import LoraCompatError
 from ..fusion_gate import FusionGates
 from ..patches import Patch
+from ..patches.dora import DoraStrength, check_dora_strength
 from ..patchset import PatchSet
 from .entries import Entry, SourceLike, as_entries, source_key, source_name
 from .hot import HotBackend, StepClock, TermSource
@@ -62,7 +63,9 @@ class SetReport:
 class _Loaded:
     entry: Entry
     key: str
+    #: the source's patches, DoRA reading the strength by ``dora_strength``
     patchset: PatchSet
+    dora_strength: str = "interpolate"
     #: target → block-weight multiplier (``Entry.blocks``)
     blocks: dict[str, float] = field(default_factory=dict)
 
@@ -88,15 +91,22 @@ class Patcher:
     ``fusion`` (hot mode, FLUX.1): a LoRAFusion gate file (or loaded ``FusionGates``); the LoRAs' outputs in
     every gated layer are then combined by the AutoLoRA gate instead of summed (see
     :mod:`lora_compat.fusion_gate`).
+
+    ``dora_strength``: how DoRA modules read an entry's strength (an ``Entry`` may override it):
+    ``"interpolate"`` (default) ``W + s·(W_dora − W)``, as A1111, SD.Next, Forge and ComfyUI do: 0 is off,
+    1 the whole LoRA; ``"library"``: the training library's own convention (LyCORIS' multiplier, PEFT's
+    scaling), under which strength 0 still changes the weights. See :mod:`lora_compat.patches.dora`.
     """
 
     def __init__(self, target: object, mode: Mode = "merge", pristine: PristineMode = "cpu", *,
                  strict: bool = False, component: str | None = None,
-                 fusion: "FusionGates | str | os.PathLike[str] | None" = None):
+                 fusion: "FusionGates | str | os.PathLike[str] | None" = None,
+                 dora_strength: DoraStrength = "interpolate"):
         if mode not in ("merge", "hot"):
             raise ValueError(f"mode must be 'merge' or 'hot', not {mode!r}")
         if pristine not in ("cpu", "same-device"):
             raise ValueError(f"pristine must be 'cpu' or 'same-device', not {pristine!r}")
+        self.dora_strength = check_dora_strength(dora_strength)
         self.mode, self.strict, self._target, self._component = mode, strict, target, component
         if fusion is not None and mode != "hot":
             raise LoraCompatError("the AutoLoRA gate depends on each input, so it cannot be merged into the "
@@ -241,7 +251,8 @@ class Patcher:
             patchset = self._read(entry.source, index)
             self._cache[cache_key] = patchset
         blocks = block_factors(patchset, index, entry.blocks) if entry.blocks is not None else {}
-        return _Loaded(entry, key, patchset, blocks)
+        dora_strength = entry.dora_strength or self.dora_strength
+        return _Loaded(entry, key, patchset.with_dora_strength(dora_strength), dora_strength, blocks)
 
     def _keep_recent(self, active: set[str]) -> None:
         """Keep the active sources' PatchSets and the most recently used others, so switching back and forth
@@ -271,7 +282,7 @@ class Patcher:
                 strength *= item.blocks.get(target, 1.0)
                 contributions, sources = desired.setdefault(target, ([], []))
                 contributions.append((patch, strength))
-                sources.append(TermSource(item.key, entry.start, entry.stop))
+                sources.append(TermSource(item.key, entry.start, entry.stop, item.dora_strength))
         return {t: (_signature(contribs, sources), contribs, sources) for t, (contribs, sources) in desired.items()}
 
     def _submodule(self, modules: Mapping[str, torch.nn.Module], target: str) -> torch.nn.Module:
@@ -330,8 +341,10 @@ class Patcher:
 
 
 def _signature(contributions: list[tuple[Patch, float]], sources: list[TermSource]) -> tuple:
-    """What decides whether a module must be recomputed: each source with its strength and step window."""
-    return tuple((src.key, strength, src.start, src.stop) for (_, strength), src in zip(contributions, sources))
+    """What decides whether a module must be recomputed: each source with its strength, step window and DoRA
+    strength convention."""
+    return tuple((src.key, strength, src.start, src.stop, src.dora_strength)
+                 for (_, strength), src in zip(contributions, sources))
 
 
 class StepCallback:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Collection, Iterable, Mapping, Union
 
 from ..files import LoraFile
+from ..patches.dora import check_dora_strength
 from ..patchset import PatchSet
 
 SourceLike = Union[str, "os.PathLike[str]", LoraFile, PatchSet]
@@ -20,7 +21,8 @@ class Entry:
     weights in the LoRA Block Weight syntax (a preset name like ``"INS"``, 12/17/20/26 values for SD, 61 for
     Flux, or ``{"IN04": 0.5, ...}``; see :mod:`lora_compat.blocks`). ``start``/``stop``: the fraction of the
     denoising steps the LoRA runs in (hot mode, with ``Patcher.step_callback()``); it runs at step ``i`` of
-    ``n`` when ``start <= i / n < stop``."""
+    ``n`` when ``start <= i / n < stop``. ``dora_strength``: how its DoRA modules read the strength
+    (``"interpolate"`` or ``"library"``, see :mod:`lora_compat.patches.dora`); ``None`` takes the Patcher's."""
 
     source: SourceLike
     strength: float = 1.0
@@ -28,8 +30,11 @@ class Entry:
     blocks: object = None
     start: float = 0.0
     stop: float = 1.0
+    dora_strength: str | None = None
 
     def __post_init__(self) -> None:
+        if self.dora_strength is not None:
+            check_dora_strength(self.dora_strength)
         if not 0.0 <= self.start < self.stop <= 1.0:
             raise ValueError(f"{source_name(self.source)}: start/stop must satisfy 0 <= start < stop <= 1 "
                              f"(fractions of the denoising steps), got start={self.start}, stop={self.stop}")

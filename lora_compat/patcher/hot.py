@@ -22,11 +22,13 @@ from .merge import Contribution
 
 @dataclass(frozen=True)
 class TermSource:
-    """Which entry a contribution comes from, and the fraction of the denoising steps it runs in."""
+    """Which entry a contribution comes from, the fraction of the denoising steps it runs in, and how its
+    DoRA modules read the strength (it changes the patch, so it is part of the recompute signature)."""
 
     key: str
     start: float = 0.0
     stop: float = 1.0
+    dora_strength: str = "interpolate"
 
 
 @dataclass

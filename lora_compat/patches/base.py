@@ -96,6 +96,11 @@ class Patch(ABC):
     def delta(self, base: Mapping[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
         """fp32 change of each parameter in :attr:`params`, given the fp32 base parameters."""
 
+    def with_dora_strength(self, mode: str) -> "Patch":
+        """This patch with its DoRA parts reading the strength by ``mode`` (see :mod:`.dora`); a kind
+        without DoRA returns itself, a wrapper maps the patches it holds."""
+        return self
+
 
 class FactorisedPatch(Patch):
     """A kind whose change is an additive ``ΔW`` built from factors (LoRA, LoHa, LoKr): DoRA can wrap it."""

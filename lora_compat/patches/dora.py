@@ -1,4 +1,16 @@
-"""DoRA: weight decomposition around a factorised patch (LoRA, LoHa, LoKr)."""
+"""DoRA: weight decomposition around a factorised patch (LoRA, LoHa, LoKr).
+
+How a strength ``s`` is read (``dora_strength``, equal at ``s = 1``):
+
+- ``"interpolate"`` (the default; the hosts' convention: A1111/SD.Next ``finalize_updown``, ComfyUI and Forge
+  ``weight_decompose``, InvokeAI): ``W' = W + s·(W_dora − W)``, ``W_dora`` being the file's full-strength DoRA
+  weight. 0 leaves the module exactly as it was, 1 is the whole LoRA, and the change is linear in ``s`` (so
+  block weights, per-component multipliers and merge weights scale it like any LoRA).
+- ``"library"`` (the convention of the library that wrote the file):
+  LyCORIS/kohya/OneTrainer ``dora_scale``: ``W' = V·(1 + s·(m/(‖V‖+eps) − 1))`` with ``V = W + ΔW``, ΔW not
+  scaled by ``s`` (at 0 the whole ΔW stays applied); PEFT ``lora_magnitude_vector``:
+  ``W' = m·(W + s·ΔW)/‖W + s·ΔW‖`` per output row (at 0: ``m·W/‖W‖``, not ``W``).
+"""
 from __future__ import annotations
 
 from typing import Literal, Mapping
@@ -9,7 +21,17 @@ from .base import FactorisedPatch, Patch, Ref, Shape, Tensor, numel
 
 Axis = Literal["out", "in"]
 Convention = Literal["lycoris", "peft"]
+DoraStrength = Literal["interpolate", "library"]
+DORA_STRENGTHS: tuple[str, ...] = ("interpolate", "library")
 EPS = torch.finfo(torch.float32).eps
+
+
+def check_dora_strength(mode: object) -> DoraStrength:
+    """``mode`` if it is a known DoRA strength convention, else ``ValueError``."""
+    if mode not in DORA_STRENGTHS:
+        raise ValueError(f"dora_strength must be 'interpolate' (W + s·(W_dora − W), the hosts' convention) or "
+                         f"'library' (the training library's own convention), not {mode!r}")
+    return mode  # type: ignore[return-value]
 
 
 def column_norm(weight: Tensor, axis: Axis) -> Tensor:
@@ -24,17 +46,22 @@ def column_norm(weight: Tensor, axis: Axis) -> Tensor:
 class DoraPatch(Patch):
     """``V = W + ΔW``; ``W_dora = m · V / ‖V‖`` with the norm per output row or input column.
 
-    Strength conventions (equal at strength 1):
-    - ``lycoris`` (kohya/LyCORIS/OneTrainer ``dora_scale``): ``W' = V · (1 + s·(m/(‖V‖+eps) − 1))``,
-      ΔW itself not scaled by s (LyCORIS' forward).
-    - ``peft`` (``lora_magnitude_vector``): ``W' = m · (W + s·ΔW) / ‖W + s·ΔW‖`` per output row.
+    ``convention`` is the file's (``lycoris``: ``dora_scale``, norm + eps; ``peft``: ``lora_magnitude_vector``);
+    ``strength_mode`` how a strength other than 1 is read (module docstring): ``interpolate`` or ``library``.
     """
 
     kind = "dora"
     linear_in_strength = False
 
-    def __init__(self, inner: FactorisedPatch, magnitude: Ref, axis: Axis, convention: Convention):
+    def __init__(self, inner: FactorisedPatch, magnitude: Ref, axis: Axis, convention: Convention,
+                 strength_mode: DoraStrength = "interpolate"):
         self.inner, self.magnitude, self.axis, self.convention = inner, magnitude, axis, convention
+        self.strength_mode = check_dora_strength(strength_mode)
+
+    def with_dora_strength(self, mode: str) -> "DoraPatch":
+        if check_dora_strength(mode) == self.strength_mode:
+            return self
+        return DoraPatch(self.inner, self.magnitude, self.axis, self.convention, mode)  # type: ignore[arg-type]
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -63,6 +90,14 @@ class DoraPatch(Patch):
         return None
 
     def delta(self, base: Mapping[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
+        if self.strength_mode == "library":
+            return self._library_delta(base, strength)
+        if strength == 0.0:  # exactly W, even where the DoRA weight is not finite
+            return {p: torch.zeros_like(base[p], dtype=torch.float32) for p in self.params if p in base}
+        full = self._library_delta(base, 1.0)
+        return full if strength == 1.0 else {p: d * strength for p, d in full.items()}
+
+    def _library_delta(self, base: Mapping[str, Tensor], strength: float) -> dict[str, Tensor]:
         weight = base["weight"]
         inner = self.inner.delta(base, 1.0 if self.convention == "lycoris" else strength)
         merged = weight + inner["weight"]

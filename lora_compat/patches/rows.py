@@ -143,6 +143,10 @@ class FusedPatch(Patch):
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         return None  # each part was checked against its canonical module's shapes
 
+    def with_dora_strength(self, mode: str) -> "FusedPatch":
+        parts = [(route, patch.with_dora_strength(mode)) for route, patch in self.parts]
+        return self if all(new is old for (_, new), (_, old) in zip(parts, self.parts)) else FusedPatch(parts)
+
     def delta(self, base: Mapping[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for route, patch in self.parts:

@@ -36,6 +36,10 @@ class WidenPatch(Patch):
     def refs(self) -> dict[str, Ref]:
         return self.inner.refs()
 
+    def with_dora_strength(self, mode: str) -> "WidenPatch":
+        inner = self.inner.with_dora_strength(mode)
+        return self if inner is self.inner else WidenPatch(inner, self.in_features)
+
     def widened(self, shapes: Mapping[str, Shape]) -> dict[str, Shape]:
         weight = shapes["weight"]
         return {**shapes, "weight": (weight[0], self.in_features, *weight[2:])}
