@@ -7,13 +7,17 @@
   previews). The file's SHA-256 (and from it the A1111/Civitai "AutoV2" hash, its first 10 hex digits) is
   computed once per file version. Corrupt and non-LoRA files are recorded with their error. Rows are committed
   as they are indexed, so an interrupted run resumes where it stopped, without duplicates. Every change bumps
-  the library's *generation* in the same transaction.
+  the library's *generation* in the same transaction. A new database is created with its schema under a
+  temporary name beside its path and linked into place when complete (an existing one is opened as is: its
+  rows are committed one by one, so an interrupted run leaves a consistent, resumable library). A folder
+  that does not exist is refused before anything changes.
 - ``Library.search(prompt, base=None, k=5, semantic=None)``: BM25 (``bm25s``) over triggers, tags, titles,
   descriptions, file names and sidecar prompts. With ``base``, only LoRAs for that base are returned. The BM25
   index is saved next to the database (``<db>.bm25/<library id>-<generation>/``) and loaded by the next
   process instead of being rebuilt. With the ``[semantic]`` extra, the BM25 ranking is fused (reciprocal rank
   fusion) with the cosine similarity of all-MiniLM-L6-v2 embeddings, so paraphrases with no shared word still
-  match; document embeddings are cached in SQLite.
+  match; document embeddings are cached in SQLite. A ``base`` that is neither registered nor in the
+  library is refused, naming the known bases.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 :func:`atomic_output` yields a temporary path beside the target (same folder, so the final rename never
 crosses a file system); the caller writes there; on success the temporary gets ordinary permissions
-(``0o666 & ~umask`` for a file, ``0o777 & ~umask`` for a folder) and is renamed into place; on any
+(``0o666 & ~umask`` for a file, ``0o777 & ~umask`` for a folder and, in an output folder, the same for
+everything inside) and is renamed into place; on any
 exception (``KeyboardInterrupt`` and :class:`Terminated` included) it is removed. The CLI turns SIGTERM into
 :class:`Terminated` (see :func:`terminate_by_exception`) so a killed command unwinds through these context
 managers instead of leaving a partial output.
@@ -89,8 +90,7 @@ def atomic_output(target: str | os.PathLike, *, directory: bool = False, replace
         temporary = Path(name)
     try:
         yield temporary
-        # mkstemp/mkdtemp create 0600/0700: give the output the permissions of any file the user creates
-        os.chmod(temporary, (0o777 if directory else 0o666) & ~current_umask())
+        _ordinary_permissions(temporary)
         _check_target(target, directory)  # written meanwhile by someone else: do not clobber a folder
         if not replace and not directory:
             os.link(temporary, target)  # fails if the target exists meanwhile; rename would replace it
@@ -102,6 +102,20 @@ def atomic_output(target: str | os.PathLike, *, directory: bool = False, replace
     except BaseException:
         remove(temporary)
         raise
+
+
+def _ordinary_permissions(path: Path) -> None:
+    """``0o666 & ~umask`` for files, ``0o777 & ~umask`` for folders, as for anything the user creates:
+    mkstemp/mkdtemp create 0600/0700, and safetensors' writer 0600."""
+    mask = current_umask()
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    if path.is_dir():
+        for root, folders, files in os.walk(path):
+            for name in folders:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                if not os.path.islink(os.path.join(root, name)):
+                    os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def remove(path: Path) -> None:
