@@ -418,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: errors that are the input's or the environment's, not lora-compat's: one line, no "internal error"
 def _expected(exc: BaseException) -> bool:
+    """Errors of the input or the environment, not lora-compat's own: one line, no "internal error"."""
     import sqlite3
 
     # safetensors' Rust errors (a full disk, a bad header) have no Python base class to import cheaply
@@ -431,8 +431,7 @@ def describe_error(exc: BaseException) -> str:
     """One line for an error: ``PATH: reason`` for an OS error, the message otherwise."""
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror}"
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _debug(args: argparse.Namespace | None) -> bool:

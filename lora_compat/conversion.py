@@ -26,7 +26,7 @@ from .errors import LoraCompatError, UnmatchedKeysError
 from .files import LoraFile
 from .outputs import atomic_output, refuse_inputs
 from .hostkeys import HostName, fused_lora, fused_rows, kohya_names, kohya_tensors
-from .patches import DoraPatch, FactorisedPatch, FullPatch, LoraPatch, Patch
+from .patches import DoraPatch, LoraPatch, Patch
 from .patches.rows import RowsOf
 from .patchset import PatchSet
 

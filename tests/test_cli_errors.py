@@ -6,13 +6,11 @@ all, with ordinary permissions, and never over one of their inputs.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -49,17 +47,6 @@ def one_error_line(capsys, command: str) -> str:
     assert len(lines) == 1, err
     assert lines[0].startswith(f"lora-compat {command}: ")
     return lines[0]
-
-
-def run_cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_compat", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, **kwargs)
-
-
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ def base(sd15) -> dict[str, torch.Tensor]:
 def files(sd15, tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
     """LyCORIS files on the tiny SD1.5 (shapes of no full-size base) and the weights LyCORIS' forward gives."""
     made = {}
-    for variant in ("lora", "loha", "lokr", "dora_out", "diag_oft", "ia3", "glora"):
+    for variant in ("lora", "loha", "lokr", "full", "dora_out", "diag_oft", "ia3", "glora"):
         made[variant] = write_lycoris_file(tmp_path_factory.mktemp(variant), sd15, variant, seed=11)
     return made
 
@@ -149,7 +149,7 @@ def hand_by_module(path: Path, expected, base) -> dict[str, torch.Tensor]:
 
 
 # -- from the files alone -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["loha", "lokr"])
+@pytest.mark.parametrize("variant", ["loha", "lokr", "full"])
 def test_convert_rank_works_from_the_file_alone(tmp_path, files, base, variant, capsys):
     path, expected = files[variant]
     out = tmp_path / "out.safetensors"
@@ -159,6 +159,11 @@ def test_convert_rank_works_from_the_file_alone(tmp_path, files, base, variant, 
     assert got.keys() == oracle.keys()
     for module, delta in oracle.items():
         assert float((got[module] - truncated(delta, 2)).norm()) <= 1e-4 * float(delta.norm()), module
+    biases = {_key(k[: -len(".lora_B.bias")]): v for k, v in load_file(str(out)).items() if k.endswith(".lora_B.bias")}
+    changed = {_key(k[: -len(".bias")]): v - base[k] for k, v in expected.items() if k.endswith(".bias")}
+    assert biases.keys() == changed.keys() and (variant == "full") == bool(biases)
+    for module, delta in changed.items():  # alpha = rank for compressed modules: lora_B.bias is Δb itself
+        assert torch.allclose(biases[module], delta, rtol=1e-5, atol=1e-7), module
 
 
 def test_merge_svd_works_from_the_files_alone(tmp_path, files, base):
