@@ -15,8 +15,8 @@ import json
 import shutil
 import struct
 import sys
-from os import PathLike
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 

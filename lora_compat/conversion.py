@@ -124,13 +124,14 @@ def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], to: str, ou
 
 
 def source_paths(sources: Iterable[Any]) -> list[Path]:
-    """The file paths among sources (paths, :class:`LoraFile` s; PatchSets and other objects have none)."""
+    """The file paths among inputs: paths, and the ``path`` of a :class:`LoraFile` or a checkpoint
+    (PatchSets, models and ``None`` have none)."""
     paths = []
     for source in sources:
         if isinstance(source, (str, os.PathLike)):
             paths.append(Path(source))
-        elif isinstance(source, LoraFile) and source.header.path is not None:
-            paths.append(Path(source.header.path))
+        elif isinstance(getattr(source, "path", None), Path):
+            paths.append(source.path)
     return paths
 
 
@@ -139,8 +140,8 @@ def convert(source: Source, to: str, out: str | Path, *, base: str | None = None
     """Write ``source`` in dialect ``to`` at ``out`` (``peft``: ``out`` is a folder with
     ``adapter_model.safetensors`` and ``adapter_config.json``). ``strict``: refuse (``UnmatchedKeysError``,
     nothing written) when some keys of the source map to no module instead of leaving them out (they are
-    listed in ``report.unmatched``). An ``out`` that is the source is refused."""
-    refuse_inputs(out, source_paths([source]))
+    listed in ``report.unmatched``). An ``out`` that is the source (or the checkpoint) is refused."""
+    refuse_inputs(out, source_paths([source, checkpoint]))
     tensors, metadata, report = convert_state_dict(source, to, base=base, rank=rank, components=components,
                                                    checkpoint=checkpoint)
     if strict and report.unmatched:

@@ -216,8 +216,8 @@ def merge(sources: Sequence[tuple[Any, float]], out: str | Path, method: str = "
           components: Any = None, checkpoint: Any = None) -> MergeReport:
     """Merge ``sources`` (``(path, weight)`` pairs) with ``method`` and write the result in dialect ``to``
     (under a temporary name beside ``out``, renamed into place when complete; an ``out`` that is one of the
-    sources is refused). ``checkpoint``: see :func:`merged_patchset`."""
-    refuse_inputs(out, source_paths(s for s, _ in sources))
+    sources or the checkpoint is refused). ``checkpoint``: see :func:`merged_patchset`."""
+    refuse_inputs(out, source_paths([*(s for s, _ in sources), checkpoint]))
     patchset, index, report = merged_patchset(sources, method, rank=rank, density=density, seed=seed, base=base,
                                               components=components, checkpoint=checkpoint)
     convert_report = ConvertReport(to, "merge", patchset.base)

@@ -93,8 +93,7 @@ def atomic_output(target: str | os.PathLike, *, directory: bool = False, replace
         _ordinary_permissions(temporary)
         _check_target(target, directory)  # written meanwhile by someone else: do not clobber a folder
         if not replace and not directory:
-            os.link(temporary, target)  # fails if the target exists meanwhile; rename would replace it
-            temporary.unlink()
+            _link_new(temporary, target)
             return
         if directory and target.is_dir():
             target.rmdir()  # empty (checked above); os.replace cannot replace a folder
@@ -102,6 +101,21 @@ def atomic_output(target: str | os.PathLike, *, directory: bool = False, replace
     except BaseException:
         remove(temporary)
         raise
+
+
+def _link_new(temporary: Path, target: Path) -> None:
+    """Move ``temporary`` to ``target`` unless ``target`` exists (``FileExistsError``): a hard link fails
+    if the target exists meanwhile, where a rename would replace it."""
+    try:
+        os.link(temporary, target)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename (a tiny window)
+        if target.exists():
+            raise FileExistsError(target) from None
+        os.replace(temporary, target)
+        return
+    temporary.unlink()
 
 
 def _ordinary_permissions(path: Path) -> None:

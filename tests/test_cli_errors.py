@@ -199,6 +199,17 @@ def test_merge_refuses_to_overwrite_one_of_its_inputs(tmp_path, lora, small_lora
     assert second.read_bytes() == lora.read_bytes()
 
 
+def test_convert_and_merge_refuse_to_overwrite_the_checkpoint(tmp_path, small_lora, capsys):
+    checkpoint = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight":
+               torch.zeros(320, 320)}, str(checkpoint))
+    before = checkpoint.read_bytes()
+    for command in (["convert", str(small_lora), "--to", "kohya"], ["merge", str(small_lora)]):
+        assert main([*command, "--checkpoint", str(checkpoint), "-o", str(checkpoint)]) == 2
+        assert "refusing to overwrite an input" in one_error_line(capsys, command[0])
+    assert checkpoint.read_bytes() == before
+
+
 def test_bake_refuses_to_overwrite_a_lora_it_reads(tmp_path, small_lora, capsys):
     checkpoint = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight":
