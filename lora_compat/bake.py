@@ -16,6 +16,7 @@ import shutil
 import struct
 import sys
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -28,9 +29,11 @@ from .archs.flux import Route, canonical_from_bfl, is_bfl_transformer
 from .archs.sd import sgm_aliases
 from .errors import LoraCompatError
 from .files import SAFETENSORS_DTYPES, LoraFile
+from .outputs import atomic_output, refuse_inputs
 from .patcher.merge import merged_values
 from .patches.dora import check_dora_strength
 from .patcher.entries import source_key
+from .patches.rows import route_view
 
 #: single-file prefixes → component
 SINGLE_FILE_PREFIXES = {"model.diffusion_model.": "unet", "cond_stage_model.transformer.": "text_encoder",
@@ -64,21 +67,19 @@ class _Part:
 
 def bake(checkpoint: str | Path, loras: Sequence[tuple[object, float]], out: str | Path, *,
          strict: bool = False, progress: bool = True, dora_strength: str = "interpolate") -> BakeReport:
-    """Merge ``loras`` (``(source, strength)`` pairs) into ``checkpoint`` and write the result at ``out``.
-    ``dora_strength``: how DoRA modules read the strength (``"interpolate"``: ``W + s·(W_dora − W)``, as the
-    webuis and ComfyUI do; ``"library"``: LyCORIS' multiplier / PEFT's scaling)."""
+    """Merge ``loras`` (``(source, strength)`` pairs) into ``checkpoint`` and write the result at ``out``
+    (written under a temporary name beside ``out`` and renamed into place when complete; an output that is
+    the checkpoint or one of the LoRAs is refused). ``dora_strength``: how DoRA modules read the strength
+    (``"interpolate"``: ``W + s·(W_dora − W)``, as the webuis and ComfyUI do; ``"library"``: LyCORIS'
+    multiplier / PEFT's scaling)."""
     check_dora_strength(dora_strength)
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.exists():
         raise FileNotFoundError(f"{checkpoint}: no such file or folder")
-    if checkpoint.resolve() == out.resolve():
-        raise LoraCompatError(f"{out}: refusing to overwrite the checkpoint being read")
-    if checkpoint.is_dir():
-        files = {p: LoraFile.open(p) for p in sorted(checkpoint.rglob("*.safetensors"))}
-        parts = _folder_parts(checkpoint, files)
-    else:
-        files = {checkpoint: LoraFile.open(checkpoint)}
-        parts = _single_file_parts(files[checkpoint])
+    refuse_inputs(out, [checkpoint, *(s for s, _ in loras if isinstance(s, (str, PathLike)))])
+    if checkpoint.is_dir() and checkpoint.resolve() in out.resolve().parents:
+        raise LoraCompatError(f"{out}: is inside the checkpoint folder {checkpoint}; write the output elsewhere")
+    files, parts = open_checkpoint(checkpoint)
     index = _index(parts)
     report = BakeReport(str(out))
     contributions = _contributions(loras, index, strict, report, dora_strength)
@@ -87,19 +88,25 @@ def bake(checkpoint: str | Path, loras: Sequence[tuple[object, float]], out: str
         for key, file in part.files.items():
             module, _, param = key[len(part.prefix):].rpartition(".")
             by_file.setdefault(file.header.path, {})[key] = (f"{part.component}.{module}", param)
-    if checkpoint.is_dir():
-        out.mkdir(parents=True, exist_ok=True)
-        for item in checkpoint.rglob("*"):
-            target = out / item.relative_to(checkpoint)
-            if item.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-            elif item.suffix != ".safetensors" or item not in by_file:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(item, target)
-        jobs = [(files[p], out / p.relative_to(checkpoint)) for p in by_file]
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        jobs = [(files[checkpoint], out)]
+    with atomic_output(out, directory=checkpoint.is_dir()) as written:
+        if checkpoint.is_dir():
+            for item in checkpoint.rglob("*"):
+                target = written / item.relative_to(checkpoint)
+                if item.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                elif item.suffix != ".safetensors" or item not in by_file:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(item, target)
+            jobs = [(files[p], written / p.relative_to(checkpoint)) for p in by_file]
+        else:
+            jobs = [(files[checkpoint], written)]
+        _write_jobs(jobs, by_file, contributions, parts, report, progress)
+    return report
+
+
+def _write_jobs(jobs: Sequence[tuple[LoraFile, Path]], by_file: Mapping[Path, Mapping[str, tuple[str, str]]],
+                contributions: Mapping[str, list], parts: Sequence[_Part], report: BakeReport,
+                progress: bool) -> None:
     total = sum(len(f.header.shapes) for f, _ in jobs)
     done = 0
     for file, target in jobs:
@@ -119,7 +126,42 @@ def bake(checkpoint: str | Path, loras: Sequence[tuple[object, float]], out: str
                     print(f"\rbake: {done}/{total} tensors", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
-    return report
+
+
+def open_checkpoint(checkpoint: Path) -> tuple[dict[Path, LoraFile], list[_Part]]:
+    """The checkpoint's safetensors files (headers only) and its components (see the module docstring)."""
+    if checkpoint.is_dir():
+        files = {p: LoraFile.open(p) for p in sorted(checkpoint.rglob("*.safetensors"))}
+        return files, _folder_parts(checkpoint, files)
+    files = {checkpoint: LoraFile.open(checkpoint)}
+    return files, _single_file_parts(files[checkpoint])
+
+
+class Checkpoint:
+    """A checkpoint's base weights by canonical target, read on demand: what ``convert --rank`` and the
+    ``svd``/``ties``/``dare`` merges need for kinds whose delta depends on the weight (DoRA, OFT, IA3...)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such checkpoint file or folder")
+        self.files, self.parts = open_checkpoint(self.path)
+        #: canonical names with routes to the checkpoint's own names (SGM, BFL fused rows)
+        self.routed = _index(self.parts)
+        self.params = params_by_module(self.parts)
+        #: the same modules without routes: the index LoRAs are read against (names and shapes)
+        self.index = ModuleIndex(self.routed.components, {"unet": sgm_aliases})
+        self.index.kohya_prefixes = dict(self.routed.kohya_prefixes)
+
+    def __call__(self, target: str) -> dict[str, torch.Tensor] | None:
+        """The fp32 parameters of the canonical module ``target`` (rows of a fused module), or ``None``."""
+        found = self.routed.resolve(target)
+        if found is None:
+            return None
+        route = self.routed.route(f"{found[0]}.{found[1]}")
+        host = f"{found[0]}.{route.host if route is not None else found[1]}"
+        params = {p: f.tensor(k).float() for p, (f, k) in self.params.get(host, {}).items()}
+        return route_view(route, params) if route is not None else params
 
 
 def params_by_module(parts: Sequence[_Part]) -> dict[str, dict[str, tuple[LoraFile, str]]]:

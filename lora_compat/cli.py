@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from . import __version__
 from .errors import LoraCompatError
@@ -53,9 +52,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for index, path in enumerate(args.paths):
         try:
             result = inspect(path, base=args.base, strict=args.strict)
-        except (LoraCompatError, FileNotFoundError) as exc:
+        except (LoraCompatError, OSError) as exc:  # one line per bad file; the other files are still read
             sys.stdout.flush()
-            print(f"lora-compat: {exc}", file=sys.stderr, flush=True)
+            print(f"lora-compat: {describe_error(exc)}", file=sys.stderr, flush=True)
             status = 2
             continue
         if args.json:
@@ -94,6 +93,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .examples import write_examples
 
     directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="lora-compat-demo-"))
+    if args.dir:
+        directory.mkdir(parents=True, exist_ok=True)
     paths = write_examples(directory)
     print(f"wrote {len(paths)} example files to {directory}; inspecting them "
           "(the last two must be refused: an embedding and a truncated download)\n")
@@ -107,24 +108,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _convert_control(args: argparse.Namespace, kind: str) -> int:
     """ControlNet / Control-LoRA / T2I-Adapter checkpoints → a diffusers model folder."""
     from . import controlnet
+    from .outputs import atomic_output, refuse_inputs
 
     if args.to != "diffusers":
-        print(f"lora-compat convert: a {kind} checkpoint converts --to diffusers only", file=sys.stderr)
-        return 2
-    try:
-        if kind == "t2i-adapter":
-            model = controlnet.t2i_adapter_to_diffusers(args.src)
-        else:
-            unet = None
-            if args.unet:
-                from diffusers import UNet2DConditionModel
+        raise LoraCompatError(f"a {kind} checkpoint converts --to diffusers only")
+    refuse_inputs(args.out, [args.src])
+    if kind == "t2i-adapter":
+        model = controlnet.t2i_adapter_to_diffusers(args.src)
+    else:
+        unet = None
+        if args.unet:
+            from diffusers import UNet2DConditionModel
 
-                unet = UNet2DConditionModel.from_pretrained(args.unet)
-            model = controlnet.to_diffusers(args.src, base_unet=unet)
-        model.save_pretrained(args.out, safe_serialization=True)
-    except (LoraCompatError, FileNotFoundError, OSError) as exc:
-        print(f"lora-compat convert: {exc}", file=sys.stderr)
-        return 2
+            unet = UNet2DConditionModel.from_pretrained(args.unet)
+        model = controlnet.to_diffusers(args.src, base_unet=unet)
+    with atomic_output(args.out, directory=True) as folder:
+        model.save_pretrained(folder, safe_serialization=True)
     print(f"wrote {args.out}: {kind} -> diffusers {type(model).__name__}")
     return 0
 
@@ -152,23 +151,23 @@ def _print_svd(errors: dict[str, float], overall: float | None, rank: int | None
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .conversion import convert
-    from .errors import NotALoraError
+    from .errors import NotALoraError, UnmatchedKeysError
 
     try:
-        report = convert(args.src, args.to, args.out, base=args.base, rank=args.rank)
+        report = convert(args.src, args.to, args.out, base=args.base, rank=args.rank, checkpoint=args.checkpoint,
+                         strict=not args.drop_unmatched)
     except NotALoraError as exc:
         if exc.kind in ("controlnet", "control-lora", "t2i-adapter"):
             return _convert_control(args, exc.kind)
-        print(f"lora-compat convert: {exc}", file=sys.stderr)
-        return 2
-    except (LoraCompatError, FileNotFoundError) as exc:
-        print(f"lora-compat convert: {exc}", file=sys.stderr)
-        return 2
+        raise
+    except UnmatchedKeysError as exc:
+        raise LoraCompatError(f"{exc}; nothing written (--drop-unmatched writes the file without them)") from exc
     print(f"wrote {report.path}: {report.source_dialect} -> {report.target}, base {report.base}, "
           f"{report.modules} modules, {report.tensors} tensors")
     _print_svd(report.svd_errors, report.overall_error, args.rank)
     if report.unmatched:
-        print(f"  {len(report.unmatched)} keys of the source matched no module and were left out", file=sys.stderr)
+        print(f"  {len(report.unmatched)} keys of the source matched no module and were left out "
+              "(--drop-unmatched)", file=sys.stderr)
     return 0
 
 
@@ -176,11 +175,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
     from .bake import bake
 
     loras = _weighted(args.loras)
-    try:
-        report = bake(args.checkpoint, loras, args.out, strict=args.strict, dora_strength=args.dora_strength)
-    except (LoraCompatError, FileNotFoundError) as exc:
-        print(f"lora-compat bake: {exc}", file=sys.stderr)
-        return 2
+    report = bake(args.checkpoint, loras, args.out, strict=args.strict, dora_strength=args.dora_strength)
     print(f"wrote {report.path}: {report.patched} of {report.tensors} tensors patched by {len(loras)} LoRA(s)")
     for source, keys in report.unmatched.items():
         print(f"  {source}: {len(keys)} keys matched no module", file=sys.stderr)
@@ -211,29 +206,49 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dora_strength_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--dora-strength", choices=["interpolate", "library"], default="interpolate",
+                        help=f"how DoRA modules read {what}: interpolate (default) W + s*(W_dora - W) as the webuis "
+                             "and ComfyUI do (0 = off); library: LyCORIS' multiplier / PEFT's scaling")
+
+
 def _semantic_option(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--semantic", action=argparse.BooleanOptionalAction, default=None,
                         help=f"{what} (default: when the [semantic] extra is installed)")
 
 
-def _with_library(args: argparse.Namespace, command: str, call):
-    """``call(library)`` on the library of ``--db``; ``None`` after printing a ``LoraCompatError``."""
+def _with_library(args: argparse.Namespace, call):
+    """``call(library)`` on the library of ``--db``."""
     from .library import Library
 
-    try:
-        with Library(args.db, semantic=args.semantic) as library:
-            return call(library)
-    except LoraCompatError as exc:
-        print(f"lora-compat {command}: {exc}", file=sys.stderr)
-        return None
+    with Library(args.db, semantic=args.semantic) as library:
+        return call(library)
+
+
+def _announce_semantic(library, args: argparse.Namespace) -> None:
+    """Say on stderr when the semantic model is about to be loaded: a cold start takes seconds (torch,
+    sentence-transformers and the MiniLM weights) and would otherwise pass in silence."""
+    from .retrieval import SEMANTIC_MODEL_ID, load_embedder
+
+    has_rows = library.db.execute("SELECT 1 FROM loras WHERE status = 'ok' LIMIT 1").fetchone() is not None
+    if has_rows and library._use_semantic(None) and load_embedder.cache_info().currsize == 0:
+        print(f"lora-compat {args.command}: loading the semantic search model ({SEMANTIC_MODEL_ID}, "
+              "sentence-transformers; --no-semantic skips it)...", file=sys.stderr, flush=True)
+
+
+def _search(library, args: argparse.Namespace):
+    _announce_semantic(library, args)
+    return library.search(args.prompt, base=args.base, k=args.k)
+
+
+def _recommend(library, args: argparse.Namespace) -> dict:
+    _announce_semantic(library, args)
+    return library.recommend(args.prompt, base=args.base, k=args.k)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    done = _with_library(args, "index", lambda library: (library.path, library.index(
+    path, report = _with_library(args, lambda library: (library.path, library.index(
         args.dirs, hashes=not args.no_hash, progress=not args.quiet)))
-    if done is None:
-        return 2
-    path, report = done
     print(f"{path}: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
           f"{report.removed} removed, {report.failed} not indexed ({report.seconds:.1f} s)")
     for path, error in sorted(report.errors.items())[:20]:
@@ -242,9 +257,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    results = _with_library(args, "search", lambda library: library.search(args.prompt, base=args.base, k=args.k))
-    if results is None:
-        return 2
+    results = _with_library(args, lambda library: _search(library, args))
     if args.json:
         print(json.dumps([r.to_dict() for r in results]))
         return 0
@@ -259,9 +272,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    stack = _with_library(args, "recommend", lambda library: library.recommend(args.prompt, base=args.base, k=args.k))
-    if stack is None:
-        return 2
+    stack = _with_library(args, lambda library: _recommend(library, args))
     if args.json:
         print(json.dumps(stack))
         return 0
@@ -277,12 +288,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .fuse import merge
 
     sources = _weighted(args.loras)
-    try:
-        report = merge(sources, args.out, args.method, to=args.to, rank=args.rank, density=args.density,
-                       seed=args.seed, base=args.base)
-    except (LoraCompatError, FileNotFoundError) as exc:
-        print(f"lora-compat merge: {exc}", file=sys.stderr)
-        return 2
+    report = merge(sources, args.out, args.method, to=args.to, rank=args.rank, density=args.density,
+                   seed=args.seed, base=args.base, checkpoint=args.checkpoint, dora_strength=args.dora_strength)
     print(f"wrote {report.path}: {args.method} of {len(sources)} LoRAs, {report.modules} modules, dialect {args.to}")
     _print_svd(report.svd_errors, report.overall_error, args.rank)
     return 0
@@ -291,11 +298,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_install(args: argparse.Namespace) -> int:
     from .install_host import install
 
-    try:
-        target, state = install(args.host, args.dir, copy=args.copy)
-    except LoraCompatError as exc:
-        print(f"lora-compat install: {exc}", file=sys.stderr)
-        return 2
+    target, state = install(args.host, args.dir, copy=args.copy)
     print(f"{state}: {target}")
     return 0
 
@@ -303,6 +306,8 @@ def cmd_install(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-compat", description="Read, detect and apply every LoRA dialect.")
     parser.add_argument("--version", action="version", version=f"lora-compat {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also: LORA_COMPAT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="describe LoRA files from their headers (dialect, base, kinds, ranks...)",
@@ -334,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="output file (peft: a folder)")
     p.add_argument("--base", help="read against this base instead of detecting it")
     p.add_argument("--rank", type=int, help="compress kinds the target cannot hold to LoRAs of this rank")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="the base model (diffusers folder or single-file safetensors): --rank needs its weights "
+                        "for DoRA, OFT/BOFT, IA3 and GLoRA; modules are named and shaped after it")
+    p.add_argument("--drop-unmatched", action="store_true",
+                   help="write the file without the source's keys that match no module (default: refuse)")
     p.add_argument("--unet", help="a diffusers UNet folder: the base a Control-LoRA is built on")
     p.set_defaults(func=cmd_convert)
 
@@ -344,9 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]")
     p.add_argument("-o", "--out", required=True, help="output folder or file")
     p.add_argument("--strict", action="store_true", help="refuse LoRAs with unmatched keys")
-    p.add_argument("--dora-strength", choices=["interpolate", "library"], default="interpolate",
-                   help="how DoRA modules read STRENGTH: interpolate (default) W + s*(W_dora - W) as the webuis and "
-                        "ComfyUI do (0 = off); library: LyCORIS' multiplier / PEFT's scaling")
+    _dora_strength_option(p, "STRENGTH")
     p.set_defaults(func=cmd_bake)
 
     p = sub.add_parser("matrix", help="generate the compatibility matrix (compat_matrix/MATRIX.md, matrix.json)",
@@ -402,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction kept (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="dare: random seed")
     p.add_argument("--base", help="read against this base instead of detecting it")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="the base model (diffusers folder or single-file safetensors): svd/ties/dare need its "
+                        "weights for DoRA, OFT/BOFT, IA3 and GLoRA; modules are named and shaped after it")
+    _dora_strength_option(p, "WEIGHT")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("install", help="add lora-compat to a webui (extensions/) or ComfyUI (custom_nodes/)",
@@ -414,9 +426,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected(exc: BaseException) -> bool:
+    """Errors of the input or the environment, not lora-compat's own: one line, no "internal error"."""
+    import sqlite3
+
+    # safetensors' Rust errors (a full disk, a bad header) have no Python base class to import cheaply
+    return isinstance(exc, (LoraCompatError, OSError, sqlite3.Error, MemoryError)) or \
+        type(exc).__name__ == "SafetensorError"
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an error: ``PATH: reason`` for an OS error, the message otherwise."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _debug(args: argparse.Namespace | None) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("LORA_COMPAT_DEBUG", "") not in ("", "0")
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush does not complain
+    (the recipe of the Python docs, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # stdout is not a real file (captured, closed)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Every error ends here: one line on stderr and exit 2 (``--debug`` or
+    ``LORA_COMPAT_DEBUG=1`` adds the traceback); Ctrl-C exits 130, SIGTERM 143 (outputs in progress are
+    removed either way), a closed stdout pipe (``| head``) 141 in silence."""
+    from .outputs import Terminated, terminate_by_exception
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    command = f"lora-compat {args.command}"
+    try:
+        with terminate_by_exception():
+            status = args.func(args)
+            sys.stdout.flush()  # inside: a closed pipe is noticed here, not at exit
+        return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+    except KeyboardInterrupt:
+        _report(args, f"{command}: interrupted")
+        return 130
+    except Terminated as exc:
+        _report(args, f"{command}: terminated")
+        return 128 + exc.signum
+    except Exception as exc:  # noqa: BLE001 - the single error path: no traceback reaches the user
+        if _expected(exc):
+            _report(args, f"{command}: {describe_error(exc)}")
+        else:
+            _report(args, f"{command}: internal error: {type(exc).__name__}: {describe_error(exc)} (run with "
+                          "--debug or LORA_COMPAT_DEBUG=1 for the traceback, and please report it)")
+        return 2
+
+
+def _report(args: argparse.Namespace, line: str) -> None:
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        _silence_stdout()
+    if _debug(args):
+        import traceback
+
+        traceback.print_exc()
+    print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -20,9 +21,12 @@ from . import plugins
 from .archs import ModuleIndex
 from .archs.flux import is_flux_transformer
 from .core import Source, detect
-from .errors import LoraCompatError
+from .deltas import BaseWeights, module_delta
+from .errors import LoraCompatError, UnmatchedKeysError
+from .files import LoraFile
+from .outputs import atomic_output, refuse_inputs
 from .hostkeys import HostName, fused_lora, fused_rows, kohya_names, kohya_tensors
-from .patches import DoraPatch, FactorisedPatch, FullPatch, LoraPatch, Patch
+from .patches import DoraPatch, LoraPatch, Patch
 from .patches.rows import RowsOf
 from .patchset import PatchSet
 
@@ -50,15 +54,29 @@ class ConvertReport:
 
 
 def convert_state_dict(source: Source, to: str, *, base: str | None = None, rank: int | None = None,
-                       components: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertReport]:
+                       components: Any = None, checkpoint: Any = None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertReport]:
     """The converted tensors, the safetensors metadata and the report (nothing written). ``components``
     (a mapping or a diffusers pipeline): name and shape the modules after this model instead of the
-    detected base's full-size table (models of another width or depth)."""
+    detected base's full-size table (models of another width or depth). ``checkpoint`` (a diffusers folder
+    or single-file safetensors, or a :class:`lora_compat.bake.Checkpoint`): the same from a checkpoint's
+    headers, and the base weights that ``rank`` needs to compress kinds whose delta depends on the weight
+    (DoRA, OFT/BOFT, IA3, GLoRA)."""
     if to not in TARGETS:
         raise LoraCompatError(f"unknown target dialect {to!r}; choose from {', '.join(TARGETS)}")
+    if components is not None and checkpoint is not None:
+        raise LoraCompatError("pass components= or checkpoint=, not both")
     detection = detect(source, base)
     chosen = detection.base or next(iter(detection.base_candidates), None)
-    if components is not None:
+    weights = None
+    if checkpoint is not None:
+        from .apply import resolve_patchset
+        from .bake import Checkpoint
+
+        weights = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+        index = weights.index
+        patchset = resolve_patchset(detection.file, index, base)
+    elif components is not None:
         from .apply import component_modules, resolve_patchset
 
         index = ModuleIndex.from_modules(component_modules(components))
@@ -69,14 +87,15 @@ def convert_state_dict(source: Source, to: str, *, base: str | None = None, rank
     else:
         patchset, index = detection.patchset, plugins.archs()[chosen].index
     report = ConvertReport(to, detection.dialect.id, chosen, unmatched=sorted(patchset.unmatched))
-    return write_patchset(patchset, index, to, report, detection.file.metadata, rank)
+    return write_patchset(patchset, index, to, report, detection.file.metadata, rank, weights)
 
 
 def write_patchset(patchset: PatchSet, index: ModuleIndex, to: str, report: ConvertReport,
-                   source_metadata: dict | None = None, rank: int | None = None
+                   source_metadata: dict | None = None, rank: int | None = None, weights: BaseWeights | None = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertReport]:
-    """Tensors and metadata of ``patchset`` (canonical targets of ``index``) in dialect ``to``."""
-    writer = _LoraWriter(patchset, index, rank, report) if to in ("diffusers", "peft") else \
+    """Tensors and metadata of ``patchset`` (canonical targets of ``index``) in dialect ``to``; ``weights``:
+    the base weights for compressing kinds whose delta depends on them."""
+    writer = _LoraWriter(patchset, index, rank, report, weights) if to in ("diffusers", "peft") else \
         _KohyaWriter(patchset, index, to, report)
     tensors = writer.write()
     metadata = _metadata(dict(source_metadata or {}), report, writer.extra_metadata())
@@ -87,30 +106,58 @@ def write_patchset(patchset: PatchSet, index: ModuleIndex, to: str, report: Conv
 
 
 def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], to: str, out: str | Path) -> Path:
-    """Write converted tensors (``peft``: a folder with ``adapter_config.json``); returns the weights file."""
+    """Write converted tensors (``peft``: a folder with ``adapter_config.json``); returns the weights file.
+    Written under a temporary name beside ``out`` and renamed into place when complete."""
     from safetensors.torch import save_file
 
     out = Path(out)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
     if to == "peft":
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "adapter_config.json").write_text(json.dumps(json.loads(metadata.pop("lora_compat.peft_config")),
-                                                            indent=2))
-        path = out / "adapter_model.safetensors"
-    else:
-        path = out
-        path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    return path
+        config = json.dumps(json.loads(metadata.pop("lora_compat.peft_config")), indent=2)
+        with atomic_output(out, directory=True) as folder:
+            (folder / "adapter_config.json").write_text(config)
+            save_file(contiguous, str(folder / "adapter_model.safetensors"), metadata=metadata)
+        return out / "adapter_model.safetensors"
+    with atomic_output(out) as path:
+        save_file(contiguous, str(path), metadata=metadata)
+    return out
+
+
+def source_paths(sources: Iterable[Any]) -> list[Path]:
+    """The file paths among inputs: paths, and the ``path`` of a :class:`LoraFile` or a checkpoint
+    (PatchSets, models and ``None`` have none)."""
+    paths = []
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)):
+            paths.append(Path(source))
+        elif isinstance(getattr(source, "path", None), Path):
+            paths.append(source.path)
+    return paths
 
 
 def convert(source: Source, to: str, out: str | Path, *, base: str | None = None, rank: int | None = None,
-            components: Any = None) -> ConvertReport:
+            components: Any = None, checkpoint: Any = None, strict: bool = False) -> ConvertReport:
     """Write ``source`` in dialect ``to`` at ``out`` (``peft``: ``out`` is a folder with
-    ``adapter_model.safetensors`` and ``adapter_config.json``)."""
-    tensors, metadata, report = convert_state_dict(source, to, base=base, rank=rank, components=components)
+    ``adapter_model.safetensors`` and ``adapter_config.json``). ``strict``: refuse (``UnmatchedKeysError``,
+    nothing written) when some keys of the source map to no module instead of leaving them out (they are
+    listed in ``report.unmatched``). An ``out`` that is the source (or the checkpoint) is refused."""
+    refuse_inputs(out, source_paths([source, checkpoint]))
+    tensors, metadata, report = convert_state_dict(source, to, base=base, rank=rank, components=components,
+                                                   checkpoint=checkpoint)
+    if strict and report.unmatched:
+        keys = report.unmatched
+        raise UnmatchedKeysError(f"{_display(source)}: {len(keys)} keys map to no module and would be left out "
+                                 f"of the converted file: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}",
+                                 keys)
     path = save(tensors, metadata, to, out)
     report.path = str(path)
     return report
+
+
+def _display(source: Any) -> str:
+    if isinstance(source, LoraFile):
+        return source.header.display_name
+    return str(source)
 
 
 def _metadata(source: dict, report: ConvertReport, extra: dict[str, str]) -> dict[str, str]:
@@ -239,8 +286,9 @@ def _fused_rows(index: ModuleIndex, module: str) -> int:
 class _LoraWriter:
     """diffusers / peft: LoRA (and PEFT DoRA) tensors, scales in ``lora_adapter_metadata`` / the PEFT config."""
 
-    def __init__(self, patchset: PatchSet, index: ModuleIndex, rank: int | None, report: ConvertReport):
-        self.patchset, self.index, self.rank, self.report = patchset, index, rank, report
+    def __init__(self, patchset: PatchSet, index: ModuleIndex, rank: int | None, report: ConvertReport,
+                 weights: BaseWeights | None = None):
+        self.patchset, self.index, self.rank, self.report, self.weights = patchset, index, rank, report, weights
         self.to = report.target
         self.modules = 0
         self.configs: dict[str, dict[str, Any]] = {}
@@ -284,14 +332,13 @@ class _LoraWriter:
         if self.rank is None:
             raise LoraCompatError(f"{self.patchset.source}: {target} is a {patch.kind} patch, which the {self.to} "
                                   f"dialect cannot hold; pass rank=R (--rank R) to compress it to a LoRA by SVD")
-        delta = additive_delta(patch, self.index, target)
-        if delta is None:
-            raise LoraCompatError(f"{self.patchset.source}: {target}: a {patch.kind} patch depends on the base "
-                                  "weights, so it has no weight-independent delta to compress")
+        weight, bias = module_delta(patch, self.index, target, self.weights)
+        delta = weight.reshape(weight.shape[0], -1)
         up, down, error = svd_factors(delta, self.rank)
-        weight = (self.index.shapes(target) or {})["weight"]
-        if len(weight) == 4:  # a conv LoRA: down is the kernel, up a 1x1 conv
-            down, up = down.reshape(down.shape[0], *weight[1:]), up.reshape(*up.shape, 1, 1)
+        if weight.dim() == 4:  # a conv LoRA: down is the kernel, up a 1x1 conv
+            down, up = down.reshape(down.shape[0], *weight.shape[1:]), up.reshape(*up.shape, 1, 1)
+        if bias is not None:  # carried exactly (scale alpha/rank = 1)
+            extra["lora_B.bias"] = bias
         norm = float(delta.norm())
         self.report.svd_errors[target] = error
         self._error_sums[0] += (error * norm) ** 2
@@ -315,22 +362,6 @@ class _LoraWriter:
             for key, value in peft.items():
                 flat[f"{component}.{key}"] = value
         return {"lora_adapter_metadata": json.dumps(flat)} if flat else {}
-
-
-def additive_delta(patch: Patch, index: ModuleIndex, target: str) -> torch.Tensor | None:
-    """``ΔW`` (2-D, out x in·k·k) of a patch that does not depend on the base weights, else ``None``."""
-    full = isinstance(patch, FullPatch) and patch.diff is not None and patch.diff_b is None
-    if not isinstance(patch, FactorisedPatch) and not full:
-        return None
-    shapes = index.shapes(target) or {}
-    weight = shapes.get("weight")
-    if weight is None:
-        return None
-    if patch.misfit(shapes):
-        raise LoraCompatError(f"{target}: {patch.misfit(shapes)}; the file is not for the full-size base: pass "
-                              "the model (components=...) to name and shape its modules")
-    delta = patch.weight_delta(torch.Size(weight)) if not full else patch.diff.load().reshape(weight)
-    return delta.reshape(delta.shape[0], -1)
 
 
 def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

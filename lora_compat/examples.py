@@ -103,5 +103,14 @@ EXAMPLES = {
 
 
 def write_examples(directory: Path) -> list[Path]:
+    """Write every example into ``directory`` (each under a temporary name, renamed into place when complete;
+    existing example files are replaced)."""
+    from .outputs import atomic_output
+
     directory.mkdir(parents=True, exist_ok=True)
-    return [make(directory / name) for name, make in EXAMPLES.items()]
+    paths = []
+    for name, make in EXAMPLES.items():
+        with atomic_output(directory / name) as temporary:
+            make(temporary)
+        paths.append(directory / name)
+    return paths

@@ -17,8 +17,13 @@ Definitions (``w_i`` the weights, ``ΔW_i`` each LoRA's full delta with its own 
 ``ties``/``dare`` results are full deltas: written as LyCORIS ``diff`` tensors (kohya/webui/bfl dialects) or,
 with ``rank``, compressed to a LoRA by SVD.
 
+svd/ties/dare work on full deltas (:mod:`lora_compat.deltas`): LoRA, LoHa, LoKr and full patches give theirs
+from the files alone, on any shapes; DoRA, OFT/BOFT, IA3 and GLoRA need the base weights (``checkpoint=``,
+``--checkpoint PATH``). A bias delta (full ``diff_b``, ``lora_B.bias``) is merged by the same method as the
+weights (dare: its masks seeded with ``target + ".bias"``) and written exactly beside them.
+
 DoRA's change depends on the base weights, so svd/ties/dare merge DoRA LoRAs only with the model given
-(``components``). Its weight is read like a strength (``dora_strength``): ``"interpolate"`` (default)
+(``components`` or ``checkpoint``). Its weight is read like a strength (``dora_strength``): ``"interpolate"`` (default)
 ``ΔW_i = W_dora,i − W`` weighted by ``w_i`` like any LoRA, so ``W + w_i·ΔW_i`` is what the webuis and ComfyUI
 apply at strength ``w_i``; ``"library"``: ``ΔW_i`` is the library's change at strength ``w_i`` (LyCORIS'
 multiplier, PEFT's scaling), merged with weight 1.
@@ -38,10 +43,12 @@ import torch
 
 from . import plugins
 from .archs import ModuleIndex
-from .conversion import ConvertReport, additive_delta, svd_factors, save, write_patchset
+from .conversion import ConvertReport, save, source_paths, svd_factors, write_patchset
 from .core import detect
+from .deltas import BaseWeights, module_delta
 from .errors import LoraCompatError
 from .fusion_gate import FusionGates, gate
+from .outputs import refuse_inputs
 from .patches import DoraPatch, FullPatch, LoraPatch, Patch, Ref
 from .patches.dora import check_dora_strength
 from .patchset import PatchSet
@@ -59,30 +66,56 @@ class MergeReport:
     convert: ConvertReport | None = None
 
 
-def _read_all(sources: Sequence[tuple[Any, float]], base: str | None, components: Any
-              ) -> tuple[list[tuple[PatchSet, float]], ModuleIndex, str | None]:
-    if components is not None:
+def _read_all(sources: Sequence[tuple[Any, float]], base: str | None, components: Any, checkpoint: Any
+              ) -> tuple[list[tuple[PatchSet, float]], ModuleIndex, str | None, BaseWeights | None]:
+    if components is not None and checkpoint is not None:
+        raise LoraCompatError("pass components= or checkpoint=, not both")
+    if components is not None or checkpoint is not None:
         from .apply import component_modules, resolve_patchset
 
-        index = ModuleIndex.from_modules(component_modules(components))
+        weights = None
+        if checkpoint is not None:
+            from .bake import Checkpoint
+
+            weights = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+            index = weights.index
+        else:
+            modules = component_modules(components)
+            index = ModuleIndex.from_modules(modules)
+            weights = _model_weights(modules)
         first = detect(sources[0][0], base)  # the base only names the output (sd-scripts style per base)
         named = base or first.base or next(iter(first.base_candidates), None)
-        return [(resolve_patchset(src, index, base), w) for src, w in sources], index, named
+        return [(resolve_patchset(src, index, base), w) for src, w in sources], index, named, weights
     detections = [detect(src, base) for src, _ in sources]
     bases = {d.base or next(iter(d.base_candidates), None) for d in detections}
     if len(bases) != 1 or None in bases:
         raise LoraCompatError(f"the LoRAs are for different or unknown bases ({', '.join(map(str, bases))}); "
                               "merge LoRAs of one base (or pass base=)")
     chosen = bases.pop()
-    return [(d.patchset, w) for d, (_, w) in zip(detections, sources)], plugins.archs()[chosen].index, chosen
+    patchsets = [(d.patchset, w) for d, (_, w) in zip(detections, sources)]
+    return patchsets, plugins.archs()[chosen].index, chosen, None
+
+
+def _model_weights(modules: dict[str, torch.nn.Module]) -> BaseWeights:
+    """The base weights of a model's modules, by canonical target (fp32 copies)."""
+    def weights(target: str) -> dict[str, torch.Tensor] | None:
+        component, _, path = target.partition(".")
+        try:
+            module = modules[component].get_submodule(path)
+        except (KeyError, AttributeError):
+            return None
+        return {name: p.detach().float() for name, p in module.named_parameters(recurse=False)}
+    return weights
 
 
 def merged_patchset(sources: Sequence[tuple[Any, float]], method: str, *, rank: int | None = None,
                     density: float = 0.5, seed: int = 0, base: str | None = None, components: Any = None,
-                    dora_strength: str = "interpolate") -> tuple[PatchSet, ModuleIndex, MergeReport]:
-    """The merged patches on canonical targets, the index they live on, and the report. DoRA LoRAs need
-    ``components`` (their change depends on the base weights); ``dora_strength`` says how their weight is
-    read (module docstring)."""
+                    checkpoint: Any = None, dora_strength: str = "interpolate"
+                    ) -> tuple[PatchSet, ModuleIndex, MergeReport]:
+    """The merged patches on canonical targets, the index they live on, and the report. ``checkpoint`` (a
+    diffusers folder or single-file safetensors) or ``components`` (the model): read the LoRAs against its
+    modules, and take from it the base weights that svd/ties/dare need for DoRA, OFT/BOFT, IA3 and GLoRA
+    patches. ``dora_strength`` says how a DoRA LoRA's weight is read (module docstring)."""
     check_dora_strength(dora_strength)
     if method not in METHODS:
         raise LoraCompatError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
@@ -90,7 +123,7 @@ def merged_patchset(sources: Sequence[tuple[Any, float]], method: str, *, rank: 
         raise LoraCompatError("the svd method needs a rank (--rank R)")
     if not 0 < density <= 1:
         raise LoraCompatError(f"density must be in (0, 1], not {density}")
-    patchsets, index, chosen = _read_all(sources, base, components)
+    patchsets, index, chosen, weights = _read_all(sources, base, components, checkpoint)
     report = MergeReport(method)
     targets = sorted({t for ps, _ in patchsets for t in ps})
     result = PatchSet(source=f"merge:{method}", dialect="merge", base=chosen)
@@ -102,28 +135,49 @@ def merged_patchset(sources: Sequence[tuple[Any, float]], method: str, *, rank: 
         elif method == "linear":
             result.patches[target] = _linear(target, parts)
         else:
-            deltas = [(*_weighted_delta(target, p, w, index, components, dora_strength), i) for p, w, i in parts]
-            if method == "svd":
-                total = sum(w * d for d, w, _ in deltas)
-            elif method == "ties":
-                total = ties([d for d, _, _ in deltas], [w for _, w, _ in deltas], density)
-            else:
-                total = dare(target, deltas, density, seed)
+            deltas = [(*_weighted_delta(target, p, w, index, weights, dora_strength), i) for p, w, i in parts]
+            total = _combine(method, target, [(d, w, i) for (d, _), w, i in deltas], density, seed)
+            bias = None
+            if any(b is not None for (_, b), _, _ in deltas):
+                rows = total.shape[0]
+                biases = [(b if b is not None else torch.zeros(rows), w, i) for (_, b), w, i in deltas]
+                bias = _combine(method, f"{target}.bias", biases, density, seed)
             if rank is not None:
                 up, down, error = svd_factors(total.reshape(total.shape[0], -1), rank)
-                weight = (index.shapes(target) or {})["weight"]
-                if len(weight) == 4:
-                    down, up = down.reshape(down.shape[0], *weight[1:]), up.reshape(*up.shape, 1, 1)
-                result.patches[target] = LoraPatch(Ref.of(up, f"{target}.up"), Ref.of(down, f"{target}.down"))
+                if total.dim() == 4:
+                    down, up = down.reshape(down.shape[0], *total.shape[1:]), up.reshape(*up.shape, 1, 1)
+                result.patches[target] = LoraPatch(Ref.of(up, f"{target}.up"), Ref.of(down, f"{target}.down"),
+                                                   bias=None if bias is None else Ref.of(bias, f"{target}.bias"))
                 report.svd_errors[target] = error
                 squared[0] += (error * float(total.norm())) ** 2
                 squared[1] += float(total.norm()) ** 2
             else:
-                result.patches[target] = FullPatch(Ref.of(total, f"{target}.diff"))
+                result.patches[target] = FullPatch(Ref.of(total, f"{target}.diff"),
+                                                   None if bias is None else Ref.of(bias, f"{target}.diff_b"))
     if report.svd_errors:
         report.overall_error = math.sqrt(squared[0] / squared[1]) if squared[1] else 0.0
     report.modules = len(result)
     return result, index, report
+
+
+def _combine(method: str, target: str, deltas: Sequence[tuple[torch.Tensor, float, int]], density: float,
+             seed: int) -> torch.Tensor:
+    """The merged delta of one tensor (``(delta, weight, source number)`` per LoRA) by ``method``."""
+    shapes = {tuple(d.shape) for d, _, _ in deltas}
+    if len(shapes) > 1 and len({(s[0], math.prod(s)) for s in shapes}) == 1:
+        # the same weight, one file storing it flattened (a linear-shaped delta of a 1x1 conv): take the
+        # shape with the kernel
+        shape = max(shapes, key=len)
+        deltas = [(d.reshape(shape), w, i) for d, w, i in deltas]
+        shapes = {shape}
+    if len(shapes) > 1:
+        raise LoraCompatError(f"{target}: the LoRAs change weights of different shapes "
+                              f"({', '.join(str(list(s)) for s in sorted(shapes))}); merge LoRAs of one model")
+    if method == "svd":
+        return sum(w * d for d, w, _ in deltas)
+    if method == "ties":
+        return ties([d for d, _, _ in deltas], [w for _, w, _ in deltas], density)
+    return dare(target, deltas, density, seed)
 
 
 def _plain(target: str, patch: Patch, method: str) -> LoraPatch:
@@ -155,34 +209,14 @@ def _linear(target: str, parts) -> LoraPatch:
     return LoraPatch(Ref.of(up, f"{target}.up"), Ref.of(downs[0], f"{target}.down"))
 
 
-def _weighted_delta(target: str, patch: Patch, weight: float, index: ModuleIndex, components: Any,
-                    dora_strength: str) -> tuple[torch.Tensor, float]:
-    """A patch's full delta and the weight it is merged with. DoRA's is computed from the model's weights:
-    ``W_dora − W`` with the LoRA's weight (``interpolate``), or the library's change at that weight, then
-    merged with weight 1 (``library``)."""
-    if not isinstance(patch, DoraPatch):
-        return _delta(target, patch, index), weight
-    if components is None:
-        raise LoraCompatError(f"{target}: a DoRA patch's change depends on the base weights; pass the model "
-                              "(components=...) to merge it")
-    from .apply import component_modules
-
-    component, _, path = target.partition(".")
-    module = component_modules(components)[component].get_submodule(path)
-    params = {name: p.detach().float() for name, p in module.named_parameters(recurse=False)}
-    patch = patch.with_dora_strength(dora_strength)
-    if dora_strength == "interpolate":
-        return patch.delta(params, 1.0)["weight"], weight
-    return patch.delta(params, weight)["weight"], 1.0
-
-
-def _delta(target: str, patch: Patch, index: ModuleIndex) -> torch.Tensor:
-    delta = additive_delta(patch, index, target)
-    if delta is None:
-        raise LoraCompatError(f"{target}: a {patch.kind} patch depends on the base weights; it has no full "
-                              "delta to merge")
-    weight = (index.shapes(target) or {})["weight"]
-    return delta.reshape(weight)
+def _weighted_delta(target: str, patch: Patch, weight: float, index: ModuleIndex, weights: BaseWeights | None,
+                    dora_strength: str) -> tuple[tuple[torch.Tensor, torch.Tensor | None], float]:
+    """A patch's full ``(ΔW, Δb)`` and the weight it is merged with. A DoRA LoRA's is ``W_dora − W`` with the
+    LoRA's weight (``interpolate``), or the library's change at that weight, merged with weight 1
+    (``library``)."""
+    if isinstance(patch, DoraPatch) and dora_strength == "library":
+        return module_delta(patch.with_dora_strength("library"), index, target, weights, strength=weight), 1.0
+    return module_delta(patch.with_dora_strength(dora_strength), index, target, weights), weight
 
 
 def ties(deltas: Sequence[torch.Tensor], weights: Sequence[float], density: float) -> torch.Tensor:
@@ -213,10 +247,14 @@ def dare(target: str, deltas, density: float, seed: int) -> torch.Tensor:
 
 def merge(sources: Sequence[tuple[Any, float]], out: str | Path, method: str = "concat", *, to: str = "kohya",
           rank: int | None = None, density: float = 0.5, seed: int = 0, base: str | None = None,
-          components: Any = None, dora_strength: str = "interpolate") -> MergeReport:
-    """Merge ``sources`` (``(path, weight)`` pairs) with ``method`` and write the result in dialect ``to``."""
+          components: Any = None, checkpoint: Any = None, dora_strength: str = "interpolate") -> MergeReport:
+    """Merge ``sources`` (``(path, weight)`` pairs) with ``method`` and write the result in dialect ``to``
+    (under a temporary name beside ``out``, renamed into place when complete; an ``out`` that is one of the
+    sources or the checkpoint is refused). ``checkpoint``, ``dora_strength``: see :func:`merged_patchset`."""
+    refuse_inputs(out, source_paths([*(s for s, _ in sources), checkpoint]))
     patchset, index, report = merged_patchset(sources, method, rank=rank, density=density, seed=seed, base=base,
-                                              components=components, dora_strength=dora_strength)
+                                              components=components, checkpoint=checkpoint,
+                                              dora_strength=dora_strength)
     convert_report = ConvertReport(to, "merge", patchset.base)
     tensors, metadata, convert_report = write_patchset(patchset, index, to, convert_report)
     metadata["lora_compat.merge"] = f"{method}: " + ", ".join(f"{Path(str(s)).name}:{w:g}" for s, w in sources)

@@ -7,13 +7,17 @@
   previews). The file's SHA-256 (and from it the A1111/Civitai "AutoV2" hash, its first 10 hex digits) is
   computed once per file version. Corrupt and non-LoRA files are recorded with their error. Rows are committed
   as they are indexed, so an interrupted run resumes where it stopped, without duplicates. Every change bumps
-  the library's *generation* in the same transaction.
+  the library's *generation* in the same transaction. A new database is created with its schema under a
+  temporary name beside its path and linked into place when complete (an existing one is opened as is: its
+  rows are committed one by one, so an interrupted run leaves a consistent, resumable library). A folder
+  that does not exist is refused before anything changes.
 - ``Library.search(prompt, base=None, k=5, semantic=None)``: BM25 (``bm25s``) over triggers, tags, titles,
   descriptions, file names and sidecar prompts. With ``base``, only LoRAs for that base are returned. The BM25
   index is saved next to the database (``<db>.bm25/<library id>-<generation>/``) and loaded by the next
   process instead of being rebuilt. With the ``[semantic]`` extra, the BM25 ranking is fused (reciprocal rank
   fusion) with the cosine similarity of all-MiniLM-L6-v2 embeddings, so paraphrases with no shared word still
-  match; document embeddings are cached in SQLite.
+  match; document embeddings are cached in SQLite. A ``base`` that is neither registered nor in the
+  library is refused, naming the known bases.
 """
 from __future__ import annotations
 
@@ -156,11 +160,18 @@ class Library:
             raise LoraCompatError(f"semantic search needs the [semantic] extra: {SEMANTIC_INSTALL}")
         self.semantic = semantic
         self.path = Path(db) if db is not None else default_db()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise LoraCompatError(f"{self.path}: is a folder; --db names the library's database file")
+        if not self.path.exists():
+            _create(self.path)
         self.db = sqlite3.connect(self.path)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.row_factory = sqlite3.Row
-        self._migrate()
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.row_factory = sqlite3.Row
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise LoraCompatError(f"{self.path}: not a lora-compat library database ({exc})") from exc
         self._bm25: _Bm25Index | None = None
         self._vectors: tuple[str, np.ndarray] | None = None
         #: where the BM25 index in use came from: "built", "loaded" (from the saved copy) or None (not yet)
@@ -196,10 +207,7 @@ class Library:
         if version > len(MIGRATIONS):
             raise LoraCompatError(f"{self.path}: library schema {version} is newer than this lora-compat "
                                   f"({len(MIGRATIONS)}); upgrade lora-compat")
-        for number, statement in enumerate(MIGRATIONS[version:], start=version + 1):
-            with self.db:
-                self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {number}")
+        _apply_migrations(self.db, version)
 
     def _bump_generation(self) -> None:
         """Called inside the transaction that changes rows, so no reader sees the change without the bump."""
@@ -230,7 +238,12 @@ class Library:
     def index(self, dirs: Iterable[str | os.PathLike], *, hashes: bool = True, progress: bool = False,
               on_file: Callable[[Path], None] | None = None) -> IndexReport:
         """Index every LoRA file under ``dirs`` (recursively); only new or changed files are read. With semantic
-        search on, the new documents are embedded too."""
+        search on, the new documents are embedded too. A folder (or file) that does not exist is refused
+        before anything is read or changed."""
+        dirs = list(dirs)
+        missing = [str(d) for d in dirs if not Path(d).exists()]
+        if missing:
+            raise LoraCompatError(f"{', '.join(missing)}: no such folder or file; nothing indexed")
         start = time.perf_counter()
         report = IndexReport()
         known = {row["path"]: (row["size"], row["mtime_ns"]) for row in
@@ -396,6 +409,8 @@ class Library:
         ``[semantic]`` extra is installed."""
         use_semantic = self._use_semantic(semantic)
         index = self._index()
+        if base is not None and base not in set(index.bases):
+            self.check_base(base)
         if not index.paths:
             return []
         allowed = np.ones(len(index.paths), bool) if base is None else index.bases == base
@@ -408,6 +423,18 @@ class Library:
         words = set(_WORD.findall(prompt.lower()))
         return [_result(rows[index.paths[i]], score, words, None if similarity is None else float(similarity[i]))
                 for i, score in ranked if index.paths[i] in rows]
+
+    def check_base(self, base: str) -> None:
+        """Raise unless ``base`` is a registered base or a base of some indexed LoRA (checked on the rare path
+        only: the registry imports the architectures)."""
+        indexed = {row[0] for row in self.db.execute("SELECT DISTINCT base FROM loras WHERE base IS NOT NULL")}
+        if base in indexed:
+            return
+        from . import plugins
+
+        known = sorted(set(plugins.archs()) | indexed)
+        if base not in known:
+            raise LoraCompatError(f"unknown base {base!r}; known bases: {', '.join(known)}")
 
     def _rows_for(self, paths: list[str]) -> dict[str, sqlite3.Row]:
         if not paths:
@@ -422,6 +449,30 @@ class Library:
         share = 1.0 if len(results) <= 1 else 0.8  # several LoRAs together: a little less each
         return {"base": base, "prompt": ", ".join([prompt, *dict.fromkeys(triggers)]),
                 "stack": [{"path": r.path, "strength": round(r.strength * share, 3), "why": r.why} for r in results]}
+
+
+def _create(path: Path) -> None:
+    """A new, empty library database (schema applied), written under a temporary name beside ``path`` and
+    linked into place when complete; if another process created ``path`` meanwhile, its database is kept."""
+    from .outputs import atomic_output
+
+    try:
+        with atomic_output(path, replace=False) as temporary:
+            db = sqlite3.connect(temporary)
+            try:
+                _apply_migrations(db, 0)
+            finally:
+                db.close()
+    except FileExistsError:
+        pass
+
+
+def _apply_migrations(db: sqlite3.Connection, version: int) -> None:
+    """Apply the migrations after ``version``, each in its own transaction with its version number."""
+    for number, statement in enumerate(MIGRATIONS[version:], start=version + 1):
+        with db:
+            db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
 
 
 def _walk(dirs: Iterable[str | os.PathLike]) -> Iterator[Path]:
