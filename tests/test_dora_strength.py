@@ -359,7 +359,7 @@ def test_merge_uses_the_interpolated_full_delta(sd15, files, method):
 
 
 def test_merge_of_dora_needs_the_model(files):
-    with pytest.raises(lora_compat.LoraCompatError, match="DoRA patch's change depends on the base weights"):
+    with pytest.raises(lora_compat.LoraCompatError, match=r"its dora patch depends on the base weights, so its delta needs them: pass --checkpoint PATH"):
         merged_patchset([(files["dora_out"][0], 0.5)], "ties")
 
 
