@@ -14,9 +14,9 @@ from lora_compat.adapters import comfyui, webui
 from lora_compat.archs.sd import sgm_aliases
 
 import host_doubles as hd
-from oracle_lycoris import ALGOS, write_lycoris_file
-from oracle_models import make_sd15_components
-from oracle_peft import write_peft_file
+from lora_compat.oracles.lycoris_oracle import ALGOS, write_lycoris_file
+from lora_compat.oracles.models import make_sd15_components
+from lora_compat.oracles.peft_oracle import write_peft_file
 from test_flux import PARTIAL, control_file, diffusers_file, kohya_flux_file, make_bfl_host, make_flux
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
