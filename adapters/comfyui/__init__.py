@@ -8,6 +8,13 @@ weights at the requested strength and handed to ComfyUI as exact ``diff`` patche
 """
 from __future__ import annotations
 
+try:  # a ComfyUI whose Python lacks lora_compat: install it from this folder's own source (install.py)
+    import lora_compat  # noqa: F401
+except ImportError:
+    from .install import ensure
+
+    ensure()
+
 import sys
 from typing import Any, Mapping
 
