@@ -51,9 +51,13 @@ def write_source(dest: Path) -> Path:
     import lora_compat
 
     package = Path(lora_compat.__file__).resolve().parent
+
+    def ignore(folder: str, names: list[str]) -> set[str]:  # hooks/ and adapters/ go beside lora_compat/
+        nested = {"hooks", "adapters"} if Path(folder) == package else set()
+        return set(_IGNORE(folder, names)) | (nested & set(names))
+
     dest.mkdir(parents=True)
-    shutil.copytree(package, dest / "lora_compat", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "hooks",
-                                                                                 "adapters"))
+    shutil.copytree(package, dest / "lora_compat", ignore=ignore)
     for name in ("hooks", "adapters"):
         shutil.copytree(package / name, dest / name, ignore=_IGNORE)
     (dest / "pyproject.toml").write_text(minimal_pyproject(dest), encoding="utf-8")

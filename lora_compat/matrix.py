@@ -169,11 +169,13 @@ def generated_rows(progress: Progress | None = None) -> list[Row]:
     from .apply import patched_weights
     from .core import read
     from .inspection import inspect
-    from .oracles.lycoris_oracle import ALGOS, write_lycoris_file
-    from .oracles.models import make_sd15_components
-    from .oracles.peft_oracle import VARIANTS, write_peft_file
 
-    components = make_sd15_components(seed=100)
+    with quiet_libraries():
+        from .oracles.lycoris_oracle import ALGOS, write_lycoris_file
+        from .oracles.models import make_sd15_components
+        from .oracles.peft_oracle import VARIANTS, write_peft_file
+
+        components = make_sd15_components(seed=100)
     rows = []
     sources = [("lycoris-lora 4.1.3", v, write_lycoris_file, "lycoris forward") for v in ALGOS] + \
         [("peft 0.21", v, write_peft_file, "peft merge") for v in VARIANTS]
