@@ -89,16 +89,18 @@ def detect(source: Source, base: str | None = None) -> Detection:
             by_name[arch] = dialect.read(file, index).fitted(index)
         return by_name[arch]
 
-    def names_every_module(arch: str) -> bool:
-        return not any(reason.endswith(NO_MODULE) for reason in named_only(arch).unmatched.values())
+    def names_its_modules(arch: str) -> bool:
+        """``arch`` has a module of every name of the file but a few (at most one key in twenty unnamed)."""
+        unnamed = sum(reason.endswith(NO_MODULE) for reason in named_only(arch).unmatched.values())
+        return unnamed * 20 <= len(file.header)
 
-    chosen, reason, named = _decide_base(file.header, candidates, scores, names_every_module, forced=base is not None)
+    chosen, reason, named = _decide_base(file.header, candidates, scores, names_its_modules, forced=base is not None)
     if chosen is not None and (base is not None or _fits_by_shape(*scores[chosen])):
         patchset = results[chosen]
     elif chosen or named:  # no full-size base fits: map by name on the best-named candidate
         patchset = named_only(chosen or named[0])
         patchset.warnings.append("shapes not checked: no full-size base fits, targets resolved by name only")
-    else:  # no base names all of its modules: a base of a family lora_compat does not know; nothing matches
+    else:  # no base names its modules: a base of a family lora_compat does not know; nothing matches
         patchset = dialect.read(file, ModuleIndex({})).fitted(ModuleIndex({}))
     patchset.base = chosen
     if chosen is None and named:
@@ -128,8 +130,8 @@ def _decide_base(header: Header, archs: Mapping[str, Arch], scores: Mapping[str,
         if len(hinted) == 1:
             return hinted[0], "shapes fit several bases; metadata names this one", named
         return None, f"shapes fit {', '.join(winners)} equally", winners
-    # Without shapes, only a base that names every module of the file is a candidate: a partial match by name
-    # (Qwen-Image's transformer_blocks.N.attn.to_k are FLUX.1 names too) says nothing about the base.
+    # Without shapes, only a base that names (nearly) every module of the file is a candidate: a partial match by
+    # name (Qwen-Image's transformer_blocks.N.attn.to_k are FLUX.1 names too) says nothing about the base.
     named = [k for k in named if names_all(k)]
     if not named:
         return None, "no supported base has modules of these names and shapes", []

@@ -7,6 +7,7 @@ import pytest
 import lora_compat
 from lora_compat.apply import resolve_patchset
 from lora_compat.archs import ModuleIndex
+from lora_compat import corpus
 from lora_compat.errors import NotALoraError
 
 from corpus import DIALECT_IDS, expected_targets, header_only_file, index, load, meta_components, sd_layouts
@@ -105,6 +106,19 @@ def test_loras_of_unsupported_families_get_no_base_and_every_key_unmatched(name)
     assert sorted(result.unmatched) == sorted(data["keys"])
     assert all(reason.endswith("matches no module of the model") for reason in result.unmatched_reasons.values())
     assert result.warnings == []
+
+
+def test_a_few_unknown_modules_do_not_hide_the_base_its_names_fit():
+    """A tiny SD1.5 file (no full-size shape fits) with one module no SD model has: sd15 stays a candidate, its
+    modules map by name, and only the unknown module's keys are unmatched."""
+    data = load("gen_kohya_from_diffusers_sd15.json")
+    junk = {"lora_unet_not_a_module.lora_down.weight": [4, 16], "lora_unet_not_a_module.lora_up.weight": [16, 4]}
+    file = corpus.header_file({"keys": {**data["keys"], **junk}})
+    result = lora_compat.inspect(file)
+    assert (result.dialect, result.base) == ("kohya", None)
+    assert "sd15" in result.base_candidates
+    assert sorted(result.unmatched) == sorted(junk)
+    assert result.targets == len({k.split(".")[0] for k in data["keys"]})
 
 
 def test_lora_of_an_unsupported_family_is_refused_when_applied():
