@@ -34,8 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lora_compat
+from lora_compat import corpus
 
-CORPUS = Path(os.environ.get("LORA_COMPAT_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
 LAYOUTS = {"sd15": "derived_sd15_kohya_lora_full.json", "sdxl": "derived_sdxl_kohya_lora_full_sgm_names.json",
            "flux": "derived_flux1_kohya_lora_full.json"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -122,7 +122,7 @@ def rank_for_size(keys: dict[str, list[int]], target_bytes: int, itemsize: int) 
 
 def write_lora(path: Path, layout: str, target_bytes: int, dtype: torch.dtype) -> int:
     """A kohya LoRA with the layout's names at the rank that makes it ``target_bytes``; returns the rank."""
-    data = json.loads((CORPUS / LAYOUTS[layout]).read_text())
+    data = corpus.load(LAYOUTS[layout])
     keys: dict[str, list[int]] = data["keys"]
     itemsize = torch.empty((), dtype=dtype).element_size()
     rank = rank_for_size(keys, target_bytes, itemsize)

@@ -185,23 +185,34 @@ def cmd_bake(args: argparse.Namespace) -> int:
 def cmd_matrix(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from . import corpus as corpus_data
     from . import matrix
 
     corpus = Path(args.corpus) if args.corpus else matrix.default_corpus()
-    if not (corpus / "INDEX.json").is_file():
-        print(f"lora-compat matrix: {corpus}: no corpus INDEX.json (set --corpus or LORA_COMPAT_CORPUS)",
-              file=sys.stderr)
+    if not corpus_data.has_index(corpus):
+        print(f"lora-compat matrix: {corpus}: no corpus INDEX.json", file=sys.stderr)
         return 2
+    stream = sys.stderr  # bound now: the reference libraries' own output is silenced while the matrix is built
+
+    def progress(line: str) -> None:
+        print(f"lora-compat matrix: {line}", file=stream, flush=True)
+
     out = Path(args.out)
+    try:
+        if args.check:
+            stale = matrix.check(out, corpus, progress)
+        else:
+            matrix.write(out, corpus, progress)
+    except LoraCompatError as exc:
+        print(f"lora-compat matrix: {exc}", file=sys.stderr)
+        return 2
     if args.check:
-        stale = matrix.check(out, corpus)
         if stale:
             print(f"lora-compat matrix: {', '.join(stale)} in {out} differ from a fresh run; run "
                   "`lora-compat matrix` and commit the result", file=sys.stderr)
             return 1
         print(f"{out}: up to date")
         return 0
-    matrix.write(out, corpus)
     print(f"wrote {out / 'MATRIX.md'} and {out / 'matrix.json'}")
     return 0
 
@@ -362,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "adapter's route; write MATRIX.md and matrix.json. --check: fail if the "
                                    "committed files differ from a fresh run.")
     p.add_argument("--out", default="compat_matrix", help="output folder (default: compat_matrix)")
-    p.add_argument("--corpus", help="corpus folder (default: ../shared/corpus or $LORA_COMPAT_CORPUS)")
+    p.add_argument("--corpus", help="corpus folder with an INDEX.json (default: the corpus shipped in the package)")
     p.add_argument("--check", action="store_true", help="compare with the committed files instead of writing")
     p.set_defaults(func=cmd_matrix)
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import Callable, Mapping, Union
 
 from .archs import Arch, ModuleIndex
 from .dialects import Dialect, Match
+from .dialects.base import NO_MODULE
 from .errors import LoraCompatError, UnknownDialectError
 from .files import Header, LoraFile
 from .patchset import PatchSet
@@ -79,15 +80,28 @@ def detect(source: Source, base: str | None = None) -> Detection:
         candidates = {k: a for k, a in archs.items() if dialect.bases is None or k in dialect.bases}
     results = {k: dialect.read(file, a.index).fitted(a.index) for k, a in candidates.items()}
     scores = {k: _score(ps) for k, ps in results.items()}
-    chosen, reason, named = _decide_base(file.header, candidates, scores, forced=base is not None)
+    by_name: dict[str, PatchSet] = {}
+
+    def named_only(arch: str) -> PatchSet:
+        """The file mapped by name alone (no shape checks) on ``arch``."""
+        if arch not in by_name:
+            index = candidates[arch].index.names_only()
+            by_name[arch] = dialect.read(file, index).fitted(index)
+        return by_name[arch]
+
+    def names_its_modules(arch: str) -> bool:
+        """``arch`` has a module of every name of the file but a few (at most one key in twenty unnamed)."""
+        unnamed = sum(reason.endswith(NO_MODULE) for reason in named_only(arch).unmatched.values())
+        return unnamed * 20 <= len(file.header)
+
+    chosen, reason, named = _decide_base(file.header, candidates, scores, names_its_modules, forced=base is not None)
     if chosen is not None and (base is not None or _fits_by_shape(*scores[chosen])):
         patchset = results[chosen]
-    else:  # no full-size base fits: map by name on the best-named candidate so the report stays useful
-        fallback = chosen or (named[0] if named else next(iter(candidates)))
-        names_only = candidates[fallback].index.names_only()
-        patchset = dialect.read(file, names_only).fitted(names_only)
-        if named:
-            patchset.warnings.append("shapes not checked: no full-size base fits, targets resolved by name only")
+    elif chosen or named:  # no full-size base fits: map by name on the best-named candidate
+        patchset = named_only(chosen or named[0])
+        patchset.warnings.append("shapes not checked: no full-size base fits, targets resolved by name only")
+    else:  # no base names its modules: a base of a family lora_compat does not know; nothing matches
+        patchset = dialect.read(file, ModuleIndex({})).fitted(ModuleIndex({}))
     patchset.base = chosen
     if chosen is None and named:
         warnings.append(f"base undetermined ({reason}); candidates: {', '.join(named)}")
@@ -101,7 +115,7 @@ def _fits_by_shape(fit: int, named: int) -> bool:
 
 
 def _decide_base(header: Header, archs: Mapping[str, Arch], scores: Mapping[str, tuple[int, int]],
-                 forced: bool) -> tuple[str | None, str, list[str]]:
+                 names_all: Callable[[str], bool], forced: bool) -> tuple[str | None, str, list[str]]:
     named = sorted((k for k, (_, n) in scores.items() if n > 0), key=lambda k: -scores[k][1])
     if forced:
         only = next(iter(archs))
@@ -116,6 +130,11 @@ def _decide_base(header: Header, archs: Mapping[str, Arch], scores: Mapping[str,
         if len(hinted) == 1:
             return hinted[0], "shapes fit several bases; metadata names this one", named
         return None, f"shapes fit {', '.join(winners)} equally", winners
+    # Without shapes, only a base that names (nearly) every module of the file is a candidate: a partial match by
+    # name (Qwen-Image's transformer_blocks.N.attn.to_k are FLUX.1 names too) says nothing about the base.
+    named = [k for k in named if names_all(k)]
+    if not named:
+        return None, "no supported base has modules of these names and shapes", []
     hinted = [k for k in named if archs[k].metadata_hint(header.metadata)]
     if len(hinted) == 1:
         return hinted[0], "names match but shapes fit no full-size base; metadata names this one", named

@@ -1,4 +1,9 @@
-"""``lora-compat install webui|comfyui DIR``: link (or copy) the host folder shipped in the package into the host."""
+"""``lora-compat install webui|comfyui DIR``: link (or copy) the host folder shipped in the package into the host.
+
+A link resolves into the package's own folder (a checkout, for an editable install); a copy also carries an
+installable copy of the package source (``lora_compat_src/``). Either way the folder's ``install.py`` installs
+lora_compat into the host's own Python from that source, never from a package index.
+"""
 from __future__ import annotations
 
 import shutil
@@ -53,7 +58,10 @@ def install(host: str, root: str | Path, copy: bool = False) -> tuple[Path, str]
     else:
         state = "copied" if copy else "linked"
     if copy:
+        from .bundle import BUNDLE, write_source
+
         shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        write_source(target / BUNDLE)
         (target / ".lora-compat").write_text("installed by `lora-compat install`\n")
     else:
         target.symlink_to(source, target_is_directory=True)

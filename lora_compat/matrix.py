@@ -1,22 +1,30 @@
-"""The compatibility matrix, generated: every corpus layout (``../shared/corpus``, real and derived key lists at
-full size, header only) and a set of generated files per dialect and kind, run through detection, reading,
-full-size mapping and each host adapter's route. Writes ``compat_matrix/MATRIX.md`` and ``matrix.json``;
-``--check`` fails when the committed files differ from a fresh run.
+"""The compatibility matrix, generated: every corpus layout (``lora_compat/corpus``: real, derived and generated
+key lists, header only) and a set of files written by the reference libraries per dialect and kind, run through
+detection, reading, full-size mapping and each host adapter's route. Writes ``compat_matrix/MATRIX.md`` and
+``matrix.json``; ``--check`` fails when the committed files differ from a fresh run.
+
+Generating the files needs the ``[test]`` extra's libraries (lycoris-lora, peft, diffusers, transformers): without
+them :func:`build` raises :class:`LoraCompatError` naming what is missing. Their own log lines, warnings and
+progress bars are kept out of the output; :func:`build` reports its progress through a callback.
 
 Everything here is deterministic (no timings); numerical agreement is checked by the test suite, whose test
 for each row is named in the ``checked_by`` column.
 """
 from __future__ import annotations
 
-import functools
+import contextlib
+import io
 import json
-import os
+import logging
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-import torch
+from typing import Callable, Iterator
 
+from . import corpus as corpus_data
 from .errors import LoraCompatError, NotALoraError
-from .files import Header, LoraFile
+
+Progress = Callable[[str], None]
 
 HOSTS = ("diffusers", "a1111", "sdnext", "forge", "comfyui")
 #: which test checks each dialect's numbers against a reference library
@@ -49,16 +57,8 @@ class Row:
 
 
 def default_corpus() -> Path:
-    return Path(os.environ.get("LORA_COMPAT_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
-
-
-def _header_file(data: dict) -> LoraFile:
-    shapes = {k: tuple(v) for k, v in data["keys"].items()}
-
-    def no_reads(key: str) -> torch.Tensor:
-        raise LoraCompatError(f"{key}: the matrix reads headers only")
-
-    return LoraFile(Header(shapes, {k: "F16" for k in shapes}, data.get("metadata") or {}, None), no_reads, "memory")
+    """The corpus shipped in the package."""
+    return corpus_data.BUNDLED
 
 
 def _routes(base: str | None, patchset) -> dict[str, str]:
@@ -66,6 +66,9 @@ def _routes(base: str | None, patchset) -> dict[str, str]:
     from .adapters.diffusers import choose_route
     from .hostkeys import host_native
 
+    if base is None and not patchset:
+        return {h: "refused: no key maps to a module of a supported base (every key reported unmatched)"
+                for h in HOSTS}
     if base is None:
         return {h: "partial: base undetermined from the header; names resolved, shapes unchecked" for h in HOSTS}
     kinds = patchset.kinds
@@ -84,19 +87,21 @@ def _routes(base: str | None, patchset) -> dict[str, str]:
     return hosts
 
 
-def corpus_rows(corpus: Path) -> list[Row]:
+def corpus_rows(corpus: Path, progress: Progress | None = None) -> list[Row]:
     from .core import detect
 
-    index = json.loads((corpus / "INDEX.json").read_text())
+    entries = sorted(corpus_data.index(corpus), key=lambda e: e["file"])
     rows = []
-    for entry in sorted(index, key=lambda e: e["file"]):
+    for number, entry in enumerate(entries, 1):
         name = entry["file"]
-        data = json.loads((corpus / name).read_text())
+        if progress:
+            progress(f"corpus {number}/{len(entries)}: {name}")
+        data = corpus_data.load(name, corpus)
         if "keys" not in data or not isinstance(data["keys"], dict):
             continue
         provenance = entry.get("provenance", data.get("provenance", ""))
         try:
-            detection = detect(_header_file(data))
+            detection = detect(corpus_data.header_file(data))
         except NotALoraError as exc:
             rows.append(Row(name, provenance, exc.kind, entry.get("base"), mapping=f"refused: {exc.kind}",
                             hosts={h: f"refused: not a LoRA ({exc.kind})" for h in HOSTS},
@@ -108,7 +113,7 @@ def corpus_rows(corpus: Path) -> list[Row]:
             continue
         patchset = detection.patchset
         base = detection.base
-        generating = _generating_model(data)
+        generating = corpus_data.generating_model(data)
         if generating is not None:  # written on a tiny config: map it onto that model, shapes checked
             from .apply import resolve_patchset
             from .archs import ModuleIndex
@@ -122,82 +127,73 @@ def corpus_rows(corpus: Path) -> list[Row]:
             mapping = f"works: {len(patchset)} targets at full size"
         elif detection.base:
             mapping = f"partial: {len(patchset.unmatched)} keys unmatched"
+        elif not patchset:
+            mapping = (f"refused: unknown base: none of its {len(patchset.unmatched)} keys maps to a module of "
+                       "a supported base")
         else:
             mapping = "partial: " + detection.base_reason
+        checked_by = CHECKED_BY.get(detection.dialect.id, "") if patchset else "test_corpus.py"
         rows.append(Row(name, provenance, detection.dialect.id, base, patchset.kinds, len(patchset),
-                        len(patchset.unmatched), mapping, _routes(base, patchset),
-                        CHECKED_BY.get(detection.dialect.id, "")))
+                        len(patchset.unmatched), mapping, _routes(base, patchset), checked_by))
     return rows
 
 
-def _generating_model(data: dict) -> dict[str, torch.nn.Module] | None:
-    """The tiny model a ``generated-real-library`` layout was written on, built on the meta device from its
-    ``base_config`` (``None`` without diffusers/transformers or a config)."""
-    configs = data.get("base_config")
-    if not isinstance(configs, dict):
-        return None
-    try:
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    except ImportError:
-        return None
-    built = {}
-    with torch.device("meta"):
-        for component, config in configs.items():
-            if not isinstance(config, dict):
-                continue
-            clean = {k: v for k, v in config.items()
-                     if not k.startswith("_") and k not in ("transformers_version", "architectures", "dtype")}
-            if component == "unet":
-                built[component] = UNet2DConditionModel.from_config(clean)
-            elif component.startswith("text_encoder"):
-                cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
-                built[component] = cls(CLIPTextConfig(**clean))
-    return built or None
-
-
-#: the tests' oracles (real lycoris-lora / peft files on tiny models): found when run from a source checkout
-TESTS = Path(__file__).resolve().parents[1] / "tests"
 TOLERANCE = 1e-5
 
 
-def generated_rows() -> list[Row]:
-    """Files written by the reference libraries on tiny SD1.5 models (the tests' oracles), applied with
-    ``patched_weights`` and compared with what the library itself computes. Errors are reported against the
-    project's tolerance (fp32 relative error < 1e-5), so the matrix does not depend on the machine's BLAS.
-    Empty when the oracles are not importable (an installed package without the tests)."""
-    import sys
-    import tempfile
-    import warnings
-
-    if not (TESTS / "oracle_lycoris.py").is_file():
-        return []
-    sys.path.insert(0, str(TESTS))
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Keep the reference libraries' log lines (their own handlers included, e.g. lycoris' on stdout),
+    warnings and progress bars (tqdm) out of the output: logging is off, warnings are ignored, and what they
+    print goes nowhere."""
+    disabled = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    sink = io.StringIO()
     try:
-        from oracle_lycoris import ALGOS, write_lycoris_file
-        from oracle_models import make_sd15_components
-        from oracle_peft import VARIANTS, write_peft_file
-    except ImportError:
-        return []
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
     finally:
-        sys.path.remove(str(TESTS))
-    from .apply import LoraCompatWarning, patched_weights
+        logging.disable(disabled)
+
+
+def generated_rows(progress: Progress | None = None) -> list[Row]:
+    """Files written by the reference libraries on tiny SD1.5 models (:mod:`lora_compat.oracles`), applied with
+    ``patched_weights`` and compared with what the library itself computes. Errors are reported against the
+    project's tolerance (fp32 relative error < 1e-5), so the matrix does not depend on the machine's BLAS."""
+    import tempfile
+
+    from .oracles import require
+
+    require()
+    from .apply import patched_weights
     from .core import read
     from .inspection import inspect
 
-    components = make_sd15_components(seed=100)
+    with quiet_libraries():
+        from .oracles.lycoris_oracle import ALGOS, write_lycoris_file
+        from .oracles.models import make_sd15_components
+        from .oracles.peft_oracle import VARIANTS, write_peft_file
+
+        components = make_sd15_components(seed=100)
     rows = []
     sources = [("lycoris-lora 4.1.3", v, write_lycoris_file, "lycoris forward") for v in ALGOS] + \
         [("peft 0.21", v, write_peft_file, "peft merge") for v in VARIANTS]
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", LoraCompatWarning)
-        for library, variant, writer, oracle in sources:
+    with tempfile.TemporaryDirectory() as tmp:
+        for number, (library, variant, writer, oracle) in enumerate(sources, 1):
+            if progress:
+                progress(f"generated {number}/{len(sources)}: {library} {variant}")
             folder = Path(tmp) / f"{library.split()[0]}-{variant}"
             folder.mkdir()
-            path, expected = writer(folder, components, variant)
-            info = inspect(path)
-            patchset = read(path)
-            got = patched_weights(path, components)
+            with quiet_libraries():
+                try:
+                    path, expected = writer(folder, components, variant)
+                except (ImportError, ValueError, RuntimeError) as exc:
+                    raise LoraCompatError(f"{library.split()[0]} could not write its {variant} file: "
+                                          f"{type(exc).__name__}: {exc}") from exc
+                info = inspect(path)
+                patchset = read(path)
+                got = patched_weights(path, components)
             worst = max(float((got[k] - v).norm() / v.norm()) for k, v in expected.items())
             same_keys = got.keys() == expected.keys()
             error = (f"< 1e-5 vs {oracle}" if worst < TOLERANCE and same_keys
@@ -209,20 +205,27 @@ def generated_rows() -> list[Row]:
     return rows
 
 
-def build(corpus: Path) -> dict:
-    return json.loads(_build(str(Path(corpus).resolve())))
+_BUILT: dict[str, str] = {}
 
 
-@functools.lru_cache(maxsize=4)
-def _build(corpus: str) -> str:
-    """The matrix as JSON text, built once per process and corpus (generating the files takes a while)."""
-    rows = corpus_rows(Path(corpus)) + generated_rows()
-    return json.dumps({"hosts": list(HOSTS), "rows": [asdict(r) for r in rows]})
+def build(corpus: Path, progress: Progress | None = None) -> dict:
+    """The matrix of the corpus folder, built once per process and corpus (generating the files takes a while).
+    ``progress`` receives one line per layout and generated file."""
+    key = str(Path(corpus).resolve())
+    if key not in _BUILT:
+        from .oracles import require
+
+        require()  # before the corpus rows: a missing library should not cost the minute they take
+        with quiet_libraries():
+            rows = corpus_rows(Path(key), progress=progress)
+        rows += generated_rows(progress=progress)
+        _BUILT[key] = json.dumps({"hosts": list(HOSTS), "rows": [asdict(r) for r in rows]})
+    return json.loads(_BUILT[key])
 
 
 def markdown(matrix: dict) -> str:
     lines = ["# Compatibility matrix", "",
-             "Generated by `lora-compat matrix` (do not edit): every layout of the shared corpus read from its",
+             "Generated by `lora-compat matrix` (do not edit): every layout of the corpus (lora_compat/corpus) read from its",
              "header at full size, then every file the tests generate with the reference libraries (lycoris-lora,",
              "peft) applied and compared with the library's own result, and what each host does with each.",
              "`works` / `partial` (with the reason) / `refused` (with the reason).", "",
@@ -238,8 +241,8 @@ def markdown(matrix: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(out: Path, corpus: Path) -> tuple[str, str]:
-    matrix = build(corpus)
+def write(out: Path, corpus: Path, progress: Progress | None = None) -> tuple[str, str]:
+    matrix = build(corpus, progress)
     text_json = json.dumps(matrix, indent=1, sort_keys=True) + "\n"
     text_md = markdown(matrix)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,9 +251,9 @@ def write(out: Path, corpus: Path) -> tuple[str, str]:
     return text_json, text_md
 
 
-def check(out: Path, corpus: Path) -> list[str]:
+def check(out: Path, corpus: Path, progress: Progress | None = None) -> list[str]:
     """Names of the committed files that differ from a fresh run (empty: up to date)."""
-    matrix = build(corpus)
+    matrix = build(corpus, progress)
     fresh = {"matrix.json": json.dumps(matrix, indent=1, sort_keys=True) + "\n", "MATRIX.md": markdown(matrix)}
     return [name for name, text in fresh.items()
             if not (out / name).is_file() or (out / name).read_text() != text]

@@ -12,9 +12,9 @@ import torch
 import lora_compat
 from lora_compat.files import LoraFile
 
-from oracle_lycoris import write_lycoris_file
-from oracle_models import make_sd15_components
-from oracle_peft import write_peft_file
+from lora_compat.oracles.lycoris_oracle import write_lycoris_file
+from lora_compat.oracles.models import make_sd15_components
+from lora_compat.oracles.peft_oracle import write_peft_file
 
 KINDS = ["lora", "lora_tucker", "loha", "lokr", "lokr_tucker", "ia3", "glora", "diag_oft", "boft", "full", "norm",
          "dora_out", "dora_in", "loha_dora"]

@@ -13,10 +13,10 @@ import lora_compat
 from lora_compat import LoraCompatError
 from lora_compat.adapters import diffusers as adapter
 
-from oracle_lycoris import ALGOS, write_lycoris_file
-from oracle_models import make_sd15_components, make_sdxl_components, tiny_sd15_pipeline, tiny_tokenizer
-from oracle_peft import VARIANTS as PEFT_VARIANTS
-from oracle_peft import write_peft_file
+from lora_compat.oracles.lycoris_oracle import ALGOS, write_lycoris_file
+from lora_compat.oracles.models import make_sd15_components, make_sdxl_components, tiny_sd15_pipeline, tiny_tokenizer
+from lora_compat.oracles.peft_oracle import VARIANTS as PEFT_VARIANTS
+from lora_compat.oracles.peft_oracle import write_peft_file
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
 EXPECTED_ROUTE = {"lora": "diffusers", "loha": "peft"}

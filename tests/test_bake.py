@@ -16,8 +16,8 @@ from lora_compat.archs.sd import sgm_aliases
 from lora_compat.bake import bake
 from lora_compat.cli import main
 
-from oracle_lycoris import write_lycoris_file
-from oracle_models import make_sd15_components
+from lora_compat.oracles.lycoris_oracle import write_lycoris_file
+from lora_compat.oracles.models import make_sd15_components
 from test_flux import kohya_flux_file, make_bfl_host, make_flux
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)

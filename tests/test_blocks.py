@@ -13,8 +13,8 @@ import lora_compat
 from lora_compat import Entry, LoraCompatError, Patcher
 from lora_compat.blocks import BLOCKID26, parse
 
-from oracle_lycoris import write_lycoris_file
-from oracle_models import make_sd15_components, make_sdxl_components
+from lora_compat.oracles.lycoris_oracle import write_lycoris_file
+from lora_compat.oracles.models import make_sd15_components, make_sdxl_components
 from test_flux import kohya_flux_file, make_flux
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)

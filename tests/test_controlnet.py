@@ -14,7 +14,7 @@ from lora_compat import controlnet
 from lora_compat.cli import main
 
 from corpus import load
-from oracle_models import make_sd15_components
+from lora_compat.oracles.models import make_sd15_components
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}

@@ -14,9 +14,9 @@ import lora_compat
 from lora_compat import LoraCompatError
 from lora_compat.cli import main
 
-from oracle_lycoris import ALGOS, write_lycoris_file
-from oracle_models import make_sd15_components
-from oracle_peft import write_peft_file
+from lora_compat.oracles.lycoris_oracle import ALGOS, write_lycoris_file
+from lora_compat.oracles.models import make_sd15_components
+from lora_compat.oracles.peft_oracle import write_peft_file
 from test_flux import PARTIAL, diffusers_file, kohya_flux_file, make_bfl_host, make_flux, split_view
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
@@ -189,8 +189,8 @@ def test_converted_kohya_file_loads_with_lycoris_own_loader(tmp_path: Path, sd15
 
     from lycoris.kohya import create_network_from_weights
 
-    from oracle_lycoris import _isolated_preset_state
-    from oracle_models import one_thread
+    from lora_compat.oracles.lycoris_oracle import _isolated_preset_state
+    from lora_compat.oracles.models import one_thread
 
     source, _ = write_lycoris_file(tmp_path, sd15, variant, seed=8)
     unet_only = tmp_path / "unet_only.safetensors"

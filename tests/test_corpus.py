@@ -1,4 +1,5 @@
-"""Detection and full-size key mapping against every SD-family layout in ../shared/corpus (header only)."""
+"""Detection and full-size key mapping against every SD-family layout of the corpus (lora_compat/corpus, header only),
+and what happens to the layouts of families lora_compat does not support yet."""
 from __future__ import annotations
 
 import pytest
@@ -6,9 +7,10 @@ import pytest
 import lora_compat
 from lora_compat.apply import resolve_patchset
 from lora_compat.archs import ModuleIndex
+from lora_compat import corpus
 from lora_compat.errors import NotALoraError
 
-from corpus import DIALECT_IDS, expected_targets, header_only_file, load, meta_components, sd_layouts
+from corpus import DIALECT_IDS, expected_targets, header_only_file, index, load, meta_components, sd_layouts
 
 LORA_LAYOUTS = [n for n in sd_layouts() if load(n)["is_lora"] and load(n)["dialect"] != "sai_control_lora"]
 REFUSED_LAYOUTS = [n for n in sd_layouts() if n not in LORA_LAYOUTS]
@@ -68,6 +70,66 @@ def test_non_loras_are_refused_by_name(name):
     with pytest.raises(NotALoraError) as info:
         lora_compat.inspect(header_only_file(name))
     assert info.value.kind == DIALECT_IDS[load(name)["dialect"]]
+
+
+#: model files (not LoRAs) of families lora_compat does not support: the header alone says they are models
+UNSUPPORTED_MODEL_FILES = ["invokeai_anima_comfyui_keys.json", "invokeai_z_image_transformer_comfyui_keys.json"]
+#: LoRAs of families lora_compat does not support (Qwen-Image, Anima): no base, nothing matched
+UNSUPPORTED_LORAS = ["invokeai_anima_lora_kohya_format.json", "invokeai_qwen_image_lora_kohya_format.json"]
+
+
+def test_the_unsupported_family_layouts_are_in_the_corpus():
+    entries = {e["file"]: e for e in index()}
+    assert {entries[n]["base"] for n in UNSUPPORTED_MODEL_FILES + UNSUPPORTED_LORAS} == {"anima", "qwen_image", "z_image"}
+    assert [entries[n]["is_lora"] for n in UNSUPPORTED_MODEL_FILES + UNSUPPORTED_LORAS] == [False, False, True, True]
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED_MODEL_FILES)
+def test_model_files_of_unsupported_families_are_refused_as_checkpoints(name):
+    """A ComfyUI Z-Image transformer (keys without prefix) and an Anima checkpoint (``net.`` keys)."""
+    data = load(name)
+    expected = (rf"^<state dict>: is a full model checkpoint \({data['num_keys']} plain parameters, no LoRA "
+                r"tensors\), not a LoRA; load it as a model$")
+    with pytest.raises(NotALoraError, match=expected) as info:
+        lora_compat.inspect(header_only_file(name))
+    assert info.value.kind == DIALECT_IDS[data["dialect"]] == "checkpoint"
+
+
+@pytest.mark.parametrize("name", UNSUPPORTED_LORAS)
+def test_loras_of_unsupported_families_get_no_base_and_every_key_unmatched(name):
+    """Qwen-Image's ``transformer_blocks_N_attn_to_k`` are FLUX.1 names too, but its ``img_mlp``/``txt_mlp`` are not
+    and no shape fits: no base is named, not even as a candidate, and no key is mapped."""
+    data = load(name)
+    result = lora_compat.inspect(header_only_file(name))
+    assert result.dialect == DIALECT_IDS[data["dialect"]]
+    assert (result.base, result.base_candidates, result.targets, result.components) == (None, [], 0, {})
+    assert sorted(result.unmatched) == sorted(data["keys"])
+    assert all(reason.endswith("matches no module of the model") for reason in result.unmatched_reasons.values())
+    assert result.warnings == []
+
+
+def test_a_few_unknown_modules_do_not_hide_the_base_its_names_fit():
+    """A tiny SD1.5 file (no full-size shape fits) with one module no SD model has: sd15 stays a candidate, its
+    modules map by name, and only the unknown module's keys are unmatched."""
+    data = load("gen_kohya_from_diffusers_sd15.json")
+    junk = {"lora_unet_not_a_module.lora_down.weight": [4, 16], "lora_unet_not_a_module.lora_up.weight": [16, 4]}
+    file = corpus.header_file({"keys": {**data["keys"], **junk}})
+    result = lora_compat.inspect(file)
+    assert (result.dialect, result.base) == ("kohya", None)
+    assert "sd15" in result.base_candidates
+    assert sorted(result.unmatched) == sorted(junk)
+    assert result.targets == len({k.split(".")[0] for k in data["keys"]})
+
+
+def test_lora_of_an_unsupported_family_is_refused_when_applied():
+    from lora_compat.apply import check_patchset
+    from lora_compat.errors import BaseMismatchError
+
+    patchset = lora_compat.read(header_only_file("invokeai_qwen_image_lora_kohya_format.json"))
+    flux = ModuleIndex.from_modules({"transformer": meta_components("derived_flux1_kohya_lora_full.json")["transformer"]})
+    with pytest.raises(BaseMismatchError, match=r"none of its 24 keys maps to a module of these components "
+                                                r"\(transformer\): the LoRA is made for another model"):
+        check_patchset(patchset, flux, strict=False)
 
 
 def test_textual_inversion_message_names_what_it_is():

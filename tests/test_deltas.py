@@ -21,8 +21,8 @@ from lora_compat.archs.sd import sgm_aliases
 from lora_compat.cli import main
 from lora_compat.fuse import merge
 
-from oracle_lycoris import write_lycoris_file
-from oracle_models import make_sd15_components
+from lora_compat.oracles.lycoris_oracle import write_lycoris_file
+from lora_compat.oracles.models import make_sd15_components
 from test_fuse import dare_reference, ties_reference
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)

@@ -28,9 +28,9 @@ from lora_compat.cli import main
 from lora_compat.fuse import merged_patchset
 from lora_compat.hostkeys import patch_from_weights, updown
 
-from oracle_lycoris import write_lycoris_file
-from oracle_models import make_sd15_components
-from oracle_peft import write_peft_file
+from lora_compat.oracles.lycoris_oracle import write_lycoris_file
+from lora_compat.oracles.models import make_sd15_components
+from lora_compat.oracles.peft_oracle import write_peft_file
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
 STRENGTHS = [0.0, 0.5, 1.0, -0.7]

@@ -19,7 +19,7 @@ from lora_compat.archs import ModuleIndex
 from lora_compat.errors import BaseMismatchError
 
 from corpus import header_only_file, load
-from oracle_models import make_sd15_components
+from lora_compat.oracles.models import make_sd15_components
 
 FLUX_CORPUS = {
     "invokeai_flux_control_lora_format.json": "bfl-control",

@@ -19,7 +19,7 @@ from lora_compat import Patcher
 from lora_compat.errors import LoraCompatError
 from lora_compat.fusion_gate import FusionGates, gate, host_layers
 
-from oracle_models import make_sd15_components
+from lora_compat.oracles.models import make_sd15_components
 from test_flux import PARTIAL, _flux_forward, bfl_table, diffusers_file, kohya_flux_file, make_bfl_host, make_flux
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)

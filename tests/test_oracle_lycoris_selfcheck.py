@@ -1,4 +1,4 @@
-"""Self-checks of the LyCORIS oracle (tests/oracle_lycoris.py): files are real and `expected` is right."""
+"""Self-checks of the LyCORIS oracle (lora_compat/oracles/lycoris_oracle.py): files are real and `expected` is right."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from oracle_lycoris import ALGOS, write_lycoris_file
-from oracle_models import make_sd15_components, make_sdxl_components
+from lora_compat.oracles.lycoris_oracle import ALGOS, write_lycoris_file
+from lora_compat.oracles.models import make_sd15_components, make_sdxl_components
 
 
 @pytest.fixture(scope="module")

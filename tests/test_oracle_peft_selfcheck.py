@@ -1,4 +1,4 @@
-"""Self-checks of `oracle_peft`: the files are what their variants claim, and `expected` is what they mean.
+"""Self-checks of `lora_compat.oracles.peft_oracle`: the files are what their variants claim, and `expected` is what they mean.
 
 `_reference_merge` re-derives every merged weight from the written file alone (tensors + header / adapter_config /
 kohya alphas), independently of PEFT, and must agree with the merge PEFT computed.
@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from oracle_models import make_sd15_components, make_sdxl_components
-from oracle_peft import VARIANTS, write_peft_file
+from lora_compat.oracles.models import make_sd15_components, make_sdxl_components
+from lora_compat.oracles.peft_oracle import VARIANTS, write_peft_file
 
 MODELS = {"sd15": make_sd15_components, "sdxl": make_sdxl_components}
 LAYOUTS = {"peft_raw": "peft", "peft_raw_rslora": "peft", "peft_raw_dora": "peft",

@@ -8,9 +8,9 @@ import torch
 
 import lora_compat
 
-from oracle_lycoris import ALGOS, write_lycoris_file
-from oracle_models import make_sd15_components, make_sdxl_components
-from oracle_peft import VARIANTS, write_peft_file
+from lora_compat.oracles.lycoris_oracle import ALGOS, write_lycoris_file
+from lora_compat.oracles.models import make_sd15_components, make_sdxl_components
+from lora_compat.oracles.peft_oracle import VARIANTS, write_peft_file
 
 MAKERS = {"sd15": make_sd15_components, "sdxl": make_sdxl_components}
 _components: dict[str, dict[str, torch.nn.Module]] = {}

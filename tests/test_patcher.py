@@ -14,7 +14,7 @@ from lora_compat import Entry, LoraCompatError, Patcher
 
 import lora_pool as pool
 from lora_pool import KINDS
-from oracle_models import make_sd15_components
+from lora_compat.oracles.models import make_sd15_components
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -15,7 +15,7 @@ import lora_compat
 from lora_compat import Patcher
 
 import lora_pool as pool
-from oracle_models import make_sd15_components
+from lora_compat.oracles.models import make_sd15_components
 
 NAMES = sorted(pool.KINDS + ["peft_dora"])
 STRENGTHS = st.sampled_from([1.0, 0.5, 0.25, -0.7, 1.3, 0.0])

@@ -63,7 +63,7 @@ def write_acme_file(path: Path, up: torch.Tensor, down: torch.Tensor) -> Path:
 
 
 def test_module_plugin_adds_a_dialect_that_is_detected_read_and_applied(tmp_path, monkeypatch):
-    from oracle_models import make_sd15_components
+    from lora_compat.oracles.models import make_sd15_components
 
     module_path = tmp_path / "acme_plugin.py"
     module_path.write_text(PLUGIN_SOURCE)

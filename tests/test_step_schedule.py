@@ -13,7 +13,7 @@ import lora_compat
 from lora_compat import Entry, LoraCompatError, Patcher
 
 from lora_pool import lora_files
-from oracle_models import make_sd15_components, tiny_sd15_pipeline, tiny_tokenizer
+from lora_compat.oracles.models import make_sd15_components, tiny_sd15_pipeline, tiny_tokenizer
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
 

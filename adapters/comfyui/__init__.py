@@ -9,6 +9,13 @@ before them in the chain left it, exactly as ComfyUI applies its own chained LoR
 """
 from __future__ import annotations
 
+try:  # a ComfyUI whose Python lacks lora_compat: install it from this folder's own source (install.py)
+    import lora_compat  # noqa: F401
+except ImportError:
+    from .install import ensure
+
+    ensure()
+
 import sys
 from typing import Any, Mapping
 

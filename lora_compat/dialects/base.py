@@ -33,6 +33,10 @@ class Match:
     notes: tuple[str, ...] = ()
 
 
+#: the end of the reason of every key whose module name matches nothing in the index (read by name)
+NO_MODULE = "matches no module of the model"
+
+
 class Dialect(ABC):
     """Base class of every dialect plugin."""
 
@@ -120,7 +124,7 @@ class ModuleReader:
             target = self.resolve(module)
             if target is None:
                 for key in suffixes.values():
-                    result.unmatched[key] = f"module {module!r} matches no module of the model"
+                    result.unmatched[key] = f"module {module!r} {NO_MODULE}"
                 continue
             patch = shared.get(module)
             if patch is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))  # the oracles (oracle_lycoris, oracle_peft, oracle_models, test_flux helpers)
+sys.path.insert(0, str(TESTS))  # test_flux helpers
 
 #: a file each host folder must hold (the pinned copies' README lists them)
 HOST_MARKERS = {"comfyui": "comfy/lora.py", "a1111": "extensions-builtin/Lora/networks.py",
@@ -46,7 +46,7 @@ def hosts_dir(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="session")
 def sd15():
-    from oracle_models import make_sd15_components
+    from lora_compat.oracles.models import make_sd15_components
 
     return make_sd15_components(seed=100)
 
@@ -55,8 +55,8 @@ def sd15():
 def sd_files(sd15, tmp_path_factory) -> dict[str, Path]:
     """Every LyCORIS algorithm and the diffusers/PEFT variants, written by the real libraries for ``sd15``."""
     from hostmodels import SD_FILES
-    from oracle_lycoris import write_lycoris_file
-    from oracle_peft import write_peft_file
+    from lora_compat.oracles.lycoris_oracle import write_lycoris_file
+    from lora_compat.oracles.peft_oracle import write_peft_file
 
     import lora_compat
 

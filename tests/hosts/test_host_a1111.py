@@ -15,7 +15,7 @@ from hostmodels import (STRENGTH, VARIANTS, assert_close, assert_restored, asser
                         parameters_by_name, sequential, sgm_unet, text_model, tree)
 from hoststubs import a1111_env
 from lora_compat.adapters import webui
-from oracle_peft import write_peft_file
+from lora_compat.oracles.peft_oracle import write_peft_file
 
 SCRIPT = Path(webui.__file__).parent / "scripts" / "lora_compat_script.py"
 HOOKED = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)  # the layers whose forward A1111 patches

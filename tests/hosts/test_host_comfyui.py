@@ -15,7 +15,7 @@ from hostmodels import (STRENGTH, VARIANTS, assert_close, assert_restored, asser
 from hoststubs import comfy_env
 from lora_compat.adapters import comfyui
 from lora_compat.hostkeys import convert
-from oracle_peft import write_peft_file
+from lora_compat.oracles.peft_oracle import write_peft_file
 
 CPU = torch.device("cpu")
 

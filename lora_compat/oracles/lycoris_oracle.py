@@ -55,13 +55,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import toml
-import torch
-import torch.nn.functional as F
-from lycoris.kohya import LycorisNetworkKohya, create_network
-from lycoris.modules.base import LycorisBaseModule
-from torch import nn
-from oracle_models import one_thread
+from . import require
+
+require("lycoris-lora", "toml")
+
+import toml  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lycoris.kohya import LycorisNetworkKohya, create_network  # noqa: E402
+from lycoris.modules.base import LycorisBaseModule  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .models import one_thread  # noqa: E402
 
 _UNET_MODULES = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D", "TimestepEmbedding"]
 _UNET_NAMES = ["conv_in", "conv_out", "conv_norm_out"]

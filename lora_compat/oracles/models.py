@@ -1,6 +1,6 @@
 """Tiny random-config diffusers/transformers models used as numerical oracles in tests.
 
-Configs follow the shapes of the corpus' generated files (../shared/corpus/gen_*.json base_config):
+Configs follow the shapes of the corpus' generated files (lora_compat/corpus/gen_*.json.gz base_config):
 the same module topology as the real SD1.5 / SDXL models, with tiny widths.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Write real diffusers / PEFT / kohya-converted LoRA files with the real libraries, plus PEFT's own merge.
 
-`write_peft_file` attaches a PEFT LoRA adapter to deep copies of tiny components (see `oracle_models`), gives every
+`write_peft_file` attaches a PEFT LoRA adapter to deep copies of tiny components (see `models`), gives every
 adapter parameter seeded random non-zero values, writes the file exactly the way the libraries' own save paths do,
 and returns the merged weights that PEFT itself computes (`LoraLayer.merge` / `PeftModel.merge_and_unload`).
 
@@ -42,7 +42,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from oracle_models import one_thread
+
+from . import require
+from .models import one_thread
+
+require("peft", "diffusers", "transformers")
 
 if TYPE_CHECKING:
     from peft import LoraConfig
