@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Literal, Mapping
 
-import torch
+from .._lazy import torch
 
 from .base import FactorisedPatch, Patch, Ref, Shape, Tensor, numel
 
 Axis = Literal["out", "in"]
 Convention = Literal["lycoris", "peft"]
-EPS = torch.finfo(torch.float32).eps
+EPS = 2.0 ** -23  # torch.finfo(torch.float32).eps, without importing torch
 
 
 def column_norm(weight: Tensor, axis: Axis) -> Tensor:
