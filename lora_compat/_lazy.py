@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 class LazyModule(ModuleType):
     """Stands for the module ``name`` and imports it on first attribute access (it never enters
-    ``sys.modules`` itself)."""
+    ``sys.modules`` itself). Each attribute is kept once looked up, so later lookups cost what a module's do."""
 
     def __getattr__(self, attr: str) -> Any:
-        return getattr(importlib.import_module(self.__name__), attr)
+        value = getattr(importlib.import_module(self.__name__), attr)
+        setattr(self, attr, value)
+        return value
 
 
 if TYPE_CHECKING:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 else:  # only annotations (deferred in every patch module) name it: building patches must not import torch
     Tensor = "torch.Tensor"
+
 Shape = tuple[int, ...]
 
 
