@@ -181,7 +181,7 @@ def test_tensor_math_imports_torch_when_first_needed(files, tmp_path):
     path = next(p for p in files if p.name == "watercolor_kohya_sd15.safetensors")
     target = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     code = ("import sys, lora_compat; patchset = lora_compat.read(sys.argv[1]); assert 'torch' not in sys.modules; "
-            f"patch = patchset[{target!r}]; delta = patch.weight_delta((320, 320)); "
+            f"delta = patchset[{target!r}].weight_delta((320, 320)); assert 'torch' in sys.modules; "
             "import torch; torch.save(delta, sys.argv[2])")
     out = tmp_path / "delta.pt"
     subprocess.run([sys.executable, "-c", code, str(path), str(out)], check=True)
