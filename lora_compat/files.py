@@ -15,20 +15,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 
-import torch
-
 from .errors import CorruptFileError, UnsafeFileError
+from ._lazy import torch
 
-SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
-    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
-    "U64": (torch.uint64, 8), "U32": (torch.uint32, 4), "U16": (torch.uint16, 2), "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
+#: safetensors dtype → (the torch dtype's name, bytes per element): the header check needs only the sizes, so
+#: parsing a header does not import torch (``SAFETENSORS_DTYPES`` holds the torch dtypes themselves)
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
 }
-_TORCH_TO_NAME = {dtype: name for name, (dtype, _) in SAFETENSORS_DTYPES.items()}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    return getattr(torch, DTYPES[name][0])
+
+
+def __getattr__(name: str) -> object:
+    if name == "SAFETENSORS_DTYPES":  # safetensors dtype → (torch dtype, bytes per element), made on first use
+        table = {key: (torch_dtype(key), size) for key, (_, size) in DTYPES.items()}
+        globals()[name] = table
+        return table
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -99,9 +112,10 @@ class LoraFile:
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
                         path: str | os.PathLike | None = None) -> "LoraFile":
         tensors, extras = _flatten(state_dict)
+        names = {torch_dtype(name): name for name in DTYPES}
         header = Header(
             shapes={k: tuple(t.shape) for k, t in tensors.items()},
-            dtypes={k: _TORCH_TO_NAME.get(t.dtype, str(t.dtype)) for k, t in tensors.items()},
+            dtypes={k: names.get(t.dtype, str(t.dtype)) for k, t in tensors.items()},
             metadata=dict(metadata or {}), path=Path(path) if path is not None else None, extras=extras,
         )
         return cls(header, tensors.__getitem__, "memory")
@@ -219,8 +233,8 @@ def _parse_entry(path: Path, name: str, entry: object, data_len: int) -> _Span:
     if not isinstance(entry, dict):
         raise CorruptFileError(f"{where}: header entry is a {type(entry).__name__}, expected an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        raise CorruptFileError(f"{where}: unknown dtype {dtype!r}, expected one of {sorted(SAFETENSORS_DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CorruptFileError(f"{where}: unknown dtype {dtype!r}, expected one of {sorted(DTYPES)}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise CorruptFileError(f"{where}: shape {shape!r} is not a list of non-negative integers")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)):
@@ -231,7 +245,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_len: int) -> _Span:
     if end > data_len:
         raise CorruptFileError(f"{where}: data_offsets [{start}, {end}] run past the end of the data section "
                                f"({data_len} bytes): the file is truncated or corrupt")
-    expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][1]
+    expected = math.prod(shape) * DTYPES[dtype][1]
     if end - start != expected:
         raise CorruptFileError(f"{where}: shape {shape} x {dtype} needs {expected} bytes but data_offsets "
                                f"span {end - start}")
@@ -246,7 +260,6 @@ def _check_no_overlap(path: Path, spans: Mapping[str, _Span]) -> None:
 
 
 def _read_span(path: Path, name: str, span: _Span, data_start: int) -> torch.Tensor:
-    torch_dtype, _ = SAFETENSORS_DTYPES[span.dtype]
     nbytes = span.end - span.start
     buffer = torch.empty(nbytes, dtype=torch.uint8)
     try:
@@ -257,7 +270,7 @@ def _read_span(path: Path, name: str, span: _Span, data_start: int) -> torch.Ten
         raise CorruptFileError(f"{path}: reading tensor {name!r} failed: {exc}") from exc
     if got != nbytes:
         raise CorruptFileError(f"{path}: tensor {name!r} is truncated ({got} of {nbytes} bytes)")
-    return buffer.view(torch_dtype).reshape(span.shape)
+    return buffer.view(torch_dtype(span.dtype)).reshape(span.shape)
 
 
 # -- pickle -------------------------------------------------------------------------------------------------

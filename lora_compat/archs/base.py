@@ -8,14 +8,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
-import torch
-
 Shape = tuple[int, ...]
 ParamShapes = dict[str, Shape]
 
 TABLES = Path(__file__).parent / "tables"
 
 if TYPE_CHECKING:
+    import torch
+
     from .flux import Part, Route
 
 

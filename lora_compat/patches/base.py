@@ -8,11 +8,15 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Callable, ClassVar, Mapping
 
-import torch
+from .._lazy import torch
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+else:  # only annotations (deferred in every patch module) name it: building patches must not import torch
+    Tensor = "torch.Tensor"
+
 Shape = tuple[int, ...]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal, Mapping
 
-import torch
+from .._lazy import torch
 
 from .base import FactorisedPatch, Patch, Ref, Shape, Tensor, numel
 
@@ -23,7 +23,7 @@ Axis = Literal["out", "in"]
 Convention = Literal["lycoris", "peft"]
 DoraStrength = Literal["interpolate", "library"]
 DORA_STRENGTHS: tuple[str, ...] = ("interpolate", "library")
-EPS = torch.finfo(torch.float32).eps
+EPS = 2.0 ** -23  # torch.finfo(torch.float32).eps, without importing torch
 
 
 def check_dora_strength(mode: object) -> DoraStrength:

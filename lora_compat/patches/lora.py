@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import torch
+from .._lazy import torch
 
 from .base import ONE, FactorisedPatch, Ref, Scale, Shape, Tensor, flat, numel
 

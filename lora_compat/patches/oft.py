@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Mapping
 
-import torch
+from .._lazy import torch
 
 from .base import Patch, Ref, Shape, Tensor
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-import torch
+from .._lazy import torch
 
 from .base import FactorisedPatch, Patch, Ref, Shape, Tensor
 from .full import FullPatch

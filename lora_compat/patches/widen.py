@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import torch
+from .._lazy import torch
 
 from .base import Patch, Ref, Shape, Tensor
 
