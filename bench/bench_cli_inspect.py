@@ -1,9 +1,9 @@
 """Benchmark: one whole ``lora-compat inspect --json`` process on a full-size SDXL kohya LoRA, with and without torch.
 
 The file has the key names and shapes of the corpus layout ``derived_sdxl_kohya_lora_full_sgm_names.json``
-(2958 tensors, 986 modules; ``--rank`` rescales it) and an F16 data section that is a hole in a sparse file, so
-a multi-GB LoRA costs no disk and no time to write (``inspect`` reads only the header). Without the corpus the
-same kind of layout is generated from lora_compat's SDXL table. Measured, each in fresh processes (wall time
+(2958 tensors, 986 modules, from the corpus shipped in ``lora_compat/corpus``; ``--rank`` rescales it) and an
+F16 data section that is a hole in a sparse file, so a multi-GB LoRA costs no disk and no time to write
+(``inspect`` reads only the header). Measured, each in fresh processes (wall time
 of the subprocess, ``--runs`` times, interleaved):
 
 * ``python -c pass``: the interpreter's own start;
@@ -28,10 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 LAYOUT = "derived_sdxl_kohya_lora_full_sgm_names.json"
-CORPORA = [Path(os.environ["LORA_COMPAT_CORPUS"])] if os.environ.get("LORA_COMPAT_CORPUS") else []
-CORPORA += [REPO / "corpus", REPO / "tests" / "corpus", REPO.parent / "shared" / "corpus"]
 NOMINAL_RANK = 16  # the layout's linear rank (3x3 convs use half of it)
 TARGET_S = 0.5
 WITH_TORCH = "import sys, torch; from lora_compat.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -39,11 +36,10 @@ WITH_TORCH = "import sys, torch; from lora_compat.cli import main; sys.exit(main
 
 def layout_keys(rank: int) -> tuple[dict[str, list[int]], str]:
     """Key → shape of a full-size SDXL kohya LoRA at ``rank``, and where the layout came from."""
-    for corpus in CORPORA:
-        if (corpus / LAYOUT).is_file():
-            keys = json.loads((corpus / LAYOUT).read_text())["keys"]
-            return {k: _rescaled(k, s, rank) for k, s in keys.items()}, str(corpus / LAYOUT)
-    return _generated_keys(rank), "generated from lora_compat's SDXL table (corpus layout not found)"
+    from lora_compat import corpus
+
+    keys = corpus.load(LAYOUT)["keys"]
+    return {k: _rescaled(k, s, rank) for k, s in keys.items()}, f"lora_compat/corpus/{LAYOUT}"
 
 
 def _rescaled(key: str, shape: list[int], rank: int) -> list[int]:
@@ -53,28 +49,6 @@ def _rescaled(key: str, shape: list[int], rank: int) -> list[int]:
     scaled = list(shape)
     scaled[0 if key.endswith(".lora_down.weight") else 1] = max(1, rank // 2) if conv3 else rank
     return scaled
-
-
-def _generated_keys(rank: int) -> dict[str, list[int]]:
-    from lora_compat.archs import SDXL
-    from lora_compat.archs.sd import sgm_aliases
-
-    leaves = (".to_q", ".to_k", ".to_v", ".to_out.0", ".ff.net.0.proj", ".ff.net.2", ".proj_in", ".proj_out")
-    index = SDXL.index.components
-    sgm = {module: alias for alias, module in sgm_aliases(index["unet"]).items()}
-    modules = {f"lora_unet_{sgm[m].replace('.', '_')}": p["weight"] for m, p in index["unet"].items()
-               if m.endswith(leaves) and m in sgm}
-    for prefix, component in (("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2")):
-        for m, params in index[component].items():
-            if m.endswith((".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")):
-                modules[prefix + ("text_model." + m.removeprefix("text_model.")).replace(".", "_")] = params["weight"]
-    keys: dict[str, list[int]] = {}
-    for name, weight in modules.items():
-        kernel = list(weight[2:])
-        keys[f"{name}.alpha"] = []
-        keys[f"{name}.lora_down.weight"] = [rank, weight[1], *kernel]
-        keys[f"{name}.lora_up.weight"] = [weight[0], rank, *[1] * len(kernel)]
-    return keys
 
 
 def write_sparse_lora(path: Path, keys: dict[str, list[int]], rank: int) -> int:
