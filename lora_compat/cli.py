@@ -298,11 +298,20 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .fuse import merge
 
+    from .errors import UnmatchedKeysError
+
     sources = _weighted(args.loras)
-    report = merge(sources, args.out, args.method, to=args.to, rank=args.rank, density=args.density,
-                   seed=args.seed, base=args.base, checkpoint=args.checkpoint, dora_strength=args.dora_strength)
+    try:
+        report = merge(sources, args.out, args.method, to=args.to, rank=args.rank, density=args.density,
+                       seed=args.seed, base=args.base, checkpoint=args.checkpoint, dora_strength=args.dora_strength,
+                       strict=not args.drop_unmatched)
+    except UnmatchedKeysError as exc:
+        raise LoraCompatError(f"{exc}; nothing written (--drop-unmatched writes the file without them)") from exc
     print(f"wrote {report.path}: {args.method} of {len(sources)} LoRAs, {report.modules} modules, dialect {args.to}")
     _print_svd(report.svd_errors, report.overall_error, args.rank)
+    for source, keys in report.unmatched.items():
+        print(f"  {source}: {len(keys)} keys matched no module and were left out (--drop-unmatched)",
+              file=sys.stderr)
     return 0
 
 
@@ -424,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="PATH",
                    help="the base model (diffusers folder or single-file safetensors): svd/ties/dare need its "
                         "weights for DoRA, OFT/BOFT, IA3 and GLoRA; modules are named and shaped after it")
+    p.add_argument("--drop-unmatched", action="store_true",
+                   help="write the merged file without the keys that map to no module (default: refuse, exit 2)")
     _dora_strength_option(p, "WEIGHT")
     p.set_defaults(func=cmd_merge)
 

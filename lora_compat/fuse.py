@@ -46,7 +46,7 @@ from .archs import ModuleIndex
 from .conversion import ConvertReport, save, source_paths, svd_factors, write_patchset
 from .core import detect
 from .deltas import BaseWeights, module_delta
-from .errors import LoraCompatError
+from .errors import LoraCompatError, UnmatchedKeysError
 from .fusion_gate import FusionGates, gate
 from .outputs import refuse_inputs
 from .patches import DoraPatch, FullPatch, LoraPatch, Patch, Ref
@@ -64,6 +64,8 @@ class MergeReport:
     svd_errors: dict[str, float] = field(default_factory=dict)
     overall_error: float | None = None
     convert: ConvertReport | None = None
+    #: source → its keys that map to no module (left out of the merged file)
+    unmatched: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _read_all(sources: Sequence[tuple[Any, float]], base: str | None, components: Any, checkpoint: Any
@@ -124,7 +126,7 @@ def merged_patchset(sources: Sequence[tuple[Any, float]], method: str, *, rank: 
     if not 0 < density <= 1:
         raise LoraCompatError(f"density must be in (0, 1], not {density}")
     patchsets, index, chosen, weights = _read_all(sources, base, components, checkpoint)
-    report = MergeReport(method)
+    report = MergeReport(method, unmatched={ps.source: sorted(ps.unmatched) for ps, _ in patchsets if ps.unmatched})
     targets = sorted({t for ps, _ in patchsets for t in ps})
     result = PatchSet(source=f"merge:{method}", dialect="merge", base=chosen)
     squared = [0.0, 0.0]
@@ -247,14 +249,24 @@ def dare(target: str, deltas, density: float, seed: int) -> torch.Tensor:
 
 def merge(sources: Sequence[tuple[Any, float]], out: str | Path, method: str = "concat", *, to: str = "kohya",
           rank: int | None = None, density: float = 0.5, seed: int = 0, base: str | None = None,
-          components: Any = None, checkpoint: Any = None, dora_strength: str = "interpolate") -> MergeReport:
+          components: Any = None, checkpoint: Any = None, dora_strength: str = "interpolate",
+          strict: bool = False) -> MergeReport:
     """Merge ``sources`` (``(path, weight)`` pairs) with ``method`` and write the result in dialect ``to``
     (under a temporary name beside ``out``, renamed into place when complete; an ``out`` that is one of the
-    sources or the checkpoint is refused). ``checkpoint``, ``dora_strength``: see :func:`merged_patchset`."""
+    sources or the checkpoint is refused). ``checkpoint``, ``dora_strength``: see :func:`merged_patchset`.
+    ``strict``: refuse (``UnmatchedKeysError``, nothing written) when keys of a source map to no module instead
+    of leaving them out (``report.unmatched`` lists them)."""
     refuse_inputs(out, source_paths([*(s for s, _ in sources), checkpoint]))
     patchset, index, report = merged_patchset(sources, method, rank=rank, density=density, seed=seed, base=base,
                                               components=components, checkpoint=checkpoint,
                                               dora_strength=dora_strength)
+    if strict and report.unmatched:
+        source, keys = next(iter(report.unmatched.items()))
+        total = sum(len(k) for k in report.unmatched.values())
+        raise UnmatchedKeysError(f"{source}: {len(keys)} keys map to no module and would be left out of the merged "
+                                 f"file: {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+                                 + (f" ({total} in all the sources)" if total > len(keys) else ""),
+                                 [k for keys in report.unmatched.values() for k in keys])
     convert_report = ConvertReport(to, "merge", patchset.base)
     tensors, metadata, convert_report = write_patchset(patchset, index, to, convert_report)
     metadata["lora_compat.merge"] = f"{method}: " + ", ".join(f"{Path(str(s)).name}:{w:g}" for s, w in sources)

@@ -178,6 +178,26 @@ def test_convert_refuses_to_leave_keys_out_unless_asked(tmp_path, small_lora, ca
     assert "2 keys of the source matched no module and were left out" in capsys.readouterr().err
 
 
+def test_merge_refuses_to_leave_keys_out_unless_asked(tmp_path, small_lora, capsys):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(small_lora))
+    tensors["lora_unet_no_such_block.lora_down.weight"] = torch.zeros(2, 4)
+    tensors["lora_unet_no_such_block.lora_up.weight"] = torch.zeros(4, 2)
+    source = tmp_path / "extra.safetensors"
+    save_file(tensors, str(source))
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", f"{small_lora}:0.5", f"{source}:0.5", "-o", str(out)]) == 2
+    line = one_error_line(capsys, "merge")
+    assert f"{source}: 2 keys map to no module" in line and "lora_unet_no_such_block.lora_down.weight" in line
+    assert "--drop-unmatched" in line
+    assert not out.exists()
+    no_temporaries(tmp_path)
+    assert main(["merge", f"{small_lora}:0.5", f"{source}:0.5", "-o", str(out), "--drop-unmatched"]) == 0
+    assert out.is_file()
+    assert f"{source}: 2 keys matched no module and were left out" in capsys.readouterr().err
+
+
 # -- outputs never replace their inputs --------------------------------------------------------------------
 def test_convert_refuses_to_overwrite_its_input(tmp_path, lora, capsys):
     source = tmp_path / "in.safetensors"
