@@ -74,11 +74,17 @@ def convert_state_dict(source: Source, to: str, *, base: str | None = None, rank
 
 
 def _by_names_if_misfit(detection: Detection, base: str) -> PatchSet:
-    """The detected patches; with a base given whose full-size shapes the file does not have (a smaller model of
-    the family), the patches resolved by name instead: with no model at hand, the file's shapes are the truth."""
+    """The detected patches; with a base given whose full-size shapes the file does not have, the patches resolved
+    by name instead when no other base fits it either (a smaller model of the family: with no model at hand, the
+    file's shapes are the truth). A file another base fits by shape is refused: its names would mislead."""
     patchset = detection.patchset
     if not patchset.misfits or len(patchset) * 2 >= len(patchset) + len(patchset.misfits):
         return patchset
+    fits = detect(detection.file).base
+    if fits is not None and fits != base:
+        target, reason = next(iter(patchset.misfits.items()))
+        raise LoraCompatError(f"{detection.file.header.display_name}: made for {fits} (its shapes fit it), not the "
+                              f"given base {base}: {len(patchset.misfits)} modules do not fit (e.g. {target}: {reason})")
     names_only = plugins.archs()[base].index.names_only()
     by_names = detection.dialect.read(detection.file, names_only).fitted(names_only)
     by_names.base, by_names.warnings[:0] = patchset.base, detection.warnings

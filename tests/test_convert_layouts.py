@@ -201,6 +201,30 @@ def test_fused_parts_of_different_widths_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_a_given_base_another_base_fits_is_refused() -> None:
+    """SD1.5 cross-attention shapes (768-wide context) with --base sd2 (1024): the file fits sd15, so it is not
+    renamed after sd2 by names alone (it used to be written with no tensors); header only, nothing read."""
+    from lora_compat.conversion import convert_state_dict
+    from lora_compat.files import Header, LoraFile
+
+    shapes = {}
+    for i, j in ((0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)):
+        name = f"lora_unet_down_blocks_{i}_attentions_{j}_transformer_blocks_0_attn2_to_k"
+        width = (320, 640, 1280)[i]
+        shapes.update({f"{name}.lora_down.weight": (4, 768), f"{name}.lora_up.weight": (width, 4)})
+
+    def no_reads(key: str) -> torch.Tensor:
+        raise AssertionError(f"tensor {key} read")
+
+    file = LoraFile(Header(shapes, {k: "F32" for k in shapes}, {}, None), no_reads, "memory")
+    assert lora_compat.inspect(file).base == "sd15"
+    with pytest.raises(lora_compat.LoraCompatError, match=r"made for sd15 \(its shapes fit it\), not the given base "
+                       r"sd2: 6 modules do not fit \(e\.g\. unet\.down_blocks\.0\.attentions\.0\.transformer_blocks"
+                       r"\.0\.attn2\.to_k: LoRA up \[320, 4\] / down \[4, 768\] implies a weight \[320, 768 per row\], "
+                       r"module weight is \[320, 1024\]\)"):
+        convert_state_dict(file, "diffusers", base="sd2")
+
+
 @pytest.mark.parametrize("base", [[], ["--base", "flux1"]], ids=["detected", "given"])
 def test_cli_convert_of_a_small_flux_file(tmp_path: Path, small_flux, base: list[str], capsys) -> None:
     """With ``--base flux1`` given, the full-size shapes do not fit the file: names decide, the file's rows lay out
