@@ -52,8 +52,9 @@ def test_peft_tuner_adapters_are_named_and_refused(tmp_path: Path, unet, tuner: 
         path = path.rename(tmp_path / f"{tuner}.safetensors")
     else:
         evidence += rf"; adapter_config.json: peft_type {tuner.upper()}"
-    message = (rf"{path.name}: is a PEFT {tuner} adapter \({evidence}\): PEFT's LoHa/LoKr/OFT/BOFT adapter files "
-               r"are not supported yet; load it with peft \(PeftModel.from_pretrained\)$")
+    message = (rf"{path.name}: is a PEFT {tuner} adapter \({evidence}\): PEFT adapter files of tuners other than "
+               r"LoRA \(LoHa/LoKr/OFT/BOFT\.\.\.\) are not supported yet; load it with peft "
+               r"\(PeftModel\.from_pretrained\)$")
     with pytest.raises(NotALoraError, match=message) as caught:
         lora_compat.inspect(path)
     assert caught.value.kind == "peft-tuner"

@@ -1,5 +1,6 @@
 """PEFT adapters of tuner types other than LoRA (LoHa, LoKr, OFT, BOFT, IA3, VeRA...): recognised by their keys
-(``base_model.model.<module>.<tuner parameter>``) or their ``adapter_config.json``, and refused by name.
+(``base_model.model.<module>.<tuner parameter>``) and refused by name; the tuner type is the ``peft_type`` of the
+``adapter_config.json`` beside the file, else the one its parameter names belong to.
 
 PEFT's LoHa/LoKr/OFT/BOFT files use PEFT's own names and conventions (``oft_R`` / ``boft_R`` + ``boft_s``, LoHa and
 LoKr scales from the config); reading them is left to a later version, so they are named, not misreported as a
@@ -70,5 +71,5 @@ class PeftTunerRecogniser(RefusingDialect):
         evidence = f"{', '.join(params)} on {len({module for module, _ in found})} modules"
         if peft_type:
             evidence += f"; adapter_config.json: peft_type {peft_type}"
-        return (f"is a PEFT {name} adapter ({evidence}): PEFT's LoHa/LoKr/OFT/BOFT adapter files are not supported "
-                "yet; load it with peft (PeftModel.from_pretrained)")
+        return (f"is a PEFT {name} adapter ({evidence}): PEFT adapter files of tuners other than LoRA "
+                "(LoHa/LoKr/OFT/BOFT...) are not supported yet; load it with peft (PeftModel.from_pretrained)")
