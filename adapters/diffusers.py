@@ -120,9 +120,8 @@ def to_diffusers_state_dict(patchset: PatchSet) -> dict[str, torch.Tensor]:
         target = target.removesuffix(".base_layer")  # a module PEFT already wraps: address the wrapper
         if not _is_plain_lora(patch):
             raise LoraCompatError(f"{patchset.source}: {target} is a {patch.kind} patch, not a plain LoRA")
-        down, up, scale = patch.down.loader(), patch.up.loader(), patch.scale.value()
-        if len(down.shape) == 4 and len(up.shape) == 2:
-            up = up[:, :, None, None]
+        down, up = patch.peft_factors()
+        scale = patch.scale.value()
         # down as stored (PEFT copies it into its own parameter); the scale is folded into up in fp32
         tensors[f"{target}.lora_A.weight"] = down
         tensors[f"{target}.lora_B.weight"] = up if scale == 1.0 else torch.mul(up.float(), scale)

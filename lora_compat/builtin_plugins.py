@@ -17,6 +17,7 @@ from .dialects.kohya import KohyaDialect
 from .dialects.lycoris import LycorisDialect
 from .dialects.onetrainer import OneTrainerDialect
 from .dialects.peft import PeftDialect
+from .dialects.peft_tuners import PeftTunerRecogniser
 from .dialects.t2i_adapter import T2IAdapterRecogniser
 from .dialects.textual_inversion import TextualInversionRecogniser
 from .dialects.xlabs import XlabsDialect
@@ -27,7 +28,7 @@ def register_dialects(register: Callable[[object], None]) -> None:
     for dialect in (KohyaDialect(), LycorisDialect(), DiffusersDialect(), PeftDialect(), XlabsDialect(),
                     BflDialect(), OneTrainerDialect(), BflControlDialect(),
                     TextualInversionRecogniser(), CheckpointRecogniser(), ControlNetRecogniser(),
-                    ControlLoraRecogniser(), T2IAdapterRecogniser()):
+                    ControlLoraRecogniser(), T2IAdapterRecogniser(), PeftTunerRecogniser()):
         register(dialect)
 
 

@@ -20,12 +20,12 @@ import torch
 from . import plugins
 from .archs import ModuleIndex
 from .archs.flux import is_flux_transformer
-from .core import Source, detect
+from .core import Detection, Source, detect
 from .deltas import BaseWeights, module_delta
 from .errors import LoraCompatError, UnmatchedKeysError
 from .files import LoraFile
+from .hostkeys import HostName, fused_lora, fused_rows, index_for_file, kohya_names, kohya_tensors
 from .outputs import atomic_output, refuse_inputs
-from .hostkeys import HostName, fused_lora, fused_rows, kohya_names, kohya_tensors
 from .patches import DoraPatch, LoraPatch, Patch
 from .patches.rows import RowsOf
 from .patchset import PatchSet
@@ -85,9 +85,28 @@ def convert_state_dict(source: Source, to: str, *, base: str | None = None, rank
         raise LoraCompatError(f"{detection.file.header.display_name}: no known base has these module names "
                               f"({detection.base_reason})")
     else:
-        patchset, index = detection.patchset, plugins.archs()[chosen].index
+        patchset = _by_names_if_misfit(detection, chosen)
+        index = index_for_file(plugins.archs()[chosen].index, patchset)
     report = ConvertReport(to, detection.dialect.id, chosen, unmatched=sorted(patchset.unmatched))
     return write_patchset(patchset, index, to, report, detection.file.metadata, rank, weights)
+
+
+def _by_names_if_misfit(detection: Detection, base: str) -> PatchSet:
+    """The detected patches; with a base given whose full-size shapes the file does not have, the patches resolved
+    by name instead when no other base fits it either (a smaller model of the family: with no model at hand, the
+    file's shapes are the truth). A file another base fits by shape is refused: its names would mislead."""
+    patchset = detection.patchset
+    if not patchset.misfits or len(patchset) * 2 >= len(patchset) + len(patchset.misfits):
+        return patchset
+    fits = detect(detection.file).base
+    if fits is not None and fits != base:
+        target, reason = next(iter(patchset.misfits.items()))
+        raise LoraCompatError(f"{detection.file.header.display_name}: made for {fits} (its shapes fit it), not the "
+                              f"given base {base}: {len(patchset.misfits)} modules do not fit (e.g. {target}: {reason})")
+    names_only = plugins.archs()[base].index.names_only()
+    by_names = detection.dialect.read(detection.file, names_only).fitted(names_only)
+    by_names.base, by_names.warnings[:0] = patchset.base, detection.warnings
+    return by_names
 
 
 def write_patchset(patchset: PatchSet, index: ModuleIndex, to: str, report: ConvertReport,
@@ -328,7 +347,12 @@ class _LoraWriter:
             scale = patch.scale.value()
             if patch.bias is not None:
                 extra["lora_B.bias"] = patch.bias.load() * scale
-            return patch.up.loader(), patch.down.loader(), scale * patch.rank, extra
+            shapes = self.index.shapes(target) or {}
+            # a module shape the patch does not fit is not the real one (a smaller model than the table's):
+            # the file's own shapes decide then
+            weight = shapes.get("weight") if shapes and patch.misfit(shapes) is None else None
+            down, up = patch.peft_factors(weight)
+            return up, down, scale * patch.rank, extra
         if self.rank is None:
             raise LoraCompatError(f"{self.patchset.source}: {target} is a {patch.kind} patch, which the {self.to} "
                                   f"dialect cannot hold; pass rank=R (--rank R) to compress it to a LoRA by SVD")

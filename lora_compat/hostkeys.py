@@ -14,11 +14,13 @@ from . import plugins
 from .archs import ModuleIndex
 from .core import detect
 from .errors import LoraCompatError
-from .archs.flux import bfl_parts, is_flux_transformer
+from .archs.flux import bfl_parts, is_flux_transformer, rows_from_file
 from .archs.sd import sgm_aliases
 from .patches import (BoftPatch, DoraPatch, FullPatch, GloraPatch, Ia3Patch, LohaPatch, LokrPatch, LoraPatch,
                       NormPatch, OftPatch, Patch, Ref, Scale, SetPatch)
 from .patches.build import SUFFIX_ROLES, IncompletePatch, build_patch
+from .patches.rows import out_rows
+from .patchset import PatchSet
 
 #: component → kohya prefix, per text-encoder layout (SD1/SD2 have one text encoder)
 TE_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -160,6 +162,23 @@ def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, bas
     return names
 
 
+def index_for_file(index: ModuleIndex, patchset: PatchSet) -> ModuleIndex:
+    """A base's full-size table with the rows the file's own tensors imply for a Flux transformer, so its fused
+    modules are laid out for the width the LoRA was made for (with no model at hand, the file is the only
+    witness of the width; other components are named by the table alone)."""
+    rows: dict[str, dict[str, int]] = {}
+    for target, patch in patchset.items():
+        count = out_rows(patch.inner if isinstance(patch, DoraPatch) else patch)
+        if count is not None:
+            component, _, path = target.partition(".")
+            rows.setdefault(component, {})[path] = count
+    try:
+        return index.with_components({c: rows_from_file(modules, rows.get(c, {})) if is_flux_transformer(modules)
+                                      else modules for c, modules in index.components.items()})
+    except ValueError as exc:
+        raise LoraCompatError(f"{patchset.source}: {exc}") from None
+
+
 def _clip_path(path: str) -> str:
     return path if path.startswith("text_model.") else f"text_model.{path}"
 
@@ -220,7 +239,8 @@ def convert(filename: str, layout: str, index: ModuleIndex | None = None, base: 
         if base is None:
             raise LoraCompatError(f"{filename}: no known base model has these module names "
                                   f"({detection.base_reason}); cannot name its modules for the host")
-        patchset, index = detection.patchset, plugins.archs()[base].index
+        patchset = detection.patchset
+        index = index_for_file(plugins.archs()[base].index, patchset)
     conversion = Conversion(dialect=detection.dialect.id, base=base, unmatched=sorted(patchset.unmatched))
     if layout == "diffusers":
         one_te = "text_encoder_2" not in index.components

@@ -54,6 +54,12 @@ class ModuleIndex:
         view.check_shapes = False
         return view
 
+    def with_components(self, components: Mapping[str, Mapping[str, ParamShapes]]) -> "ModuleIndex":
+        """This index (same aliases, routes, kohya prefixes and shape checking) over other module tables."""
+        other = ModuleIndex(components, self._alias_makers, self.routes)
+        other.kohya_prefixes, other.check_shapes = dict(self.kohya_prefixes), self.check_shapes
+        return other
+
     @classmethod
     def from_modules(cls, modules: Mapping[str, torch.nn.Module]) -> "ModuleIndex":
         """The index of real modules. A BFL-layout (fused) Flux transformer is indexed by the canonical

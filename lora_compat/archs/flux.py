@@ -131,6 +131,56 @@ def bfl_parts(modules: Mapping[str, ParamShapes]) -> dict[str, list[Part]]:
     return result
 
 
+def scaled_parts(parts: list[Part], rows: int, width: tuple[int, int] | None = None) -> list[Part] | None:
+    """The parts of a fused module laid out for a patch of ``rows`` output rows, when the model is another width
+    than the table's: FLUX.1 keeps its proportions at any width (q, k, v equal, the MLP part 4x), so the table's
+    boundaries scale by ``width`` = (the patch's input columns, the table's). The parts the rows cover are kept
+    (xlabs' single-block qkv covers q, k, v of ``linear1``). Without ``width``, the whole module is tried first,
+    then its first parts. ``None`` when no layout gives whole rows."""
+    if width is not None:
+        new, old = width
+        if any((p.start * new) % old or (p.stop * new) % old for p in parts):
+            return None
+        scaled = [Part(p.target, p.start * new // old, p.stop * new // old, p.swap) for p in parts]
+        covered = [p for p in scaled if p.stop <= rows]
+        return covered if covered and covered[-1].stop == rows else None
+    for count in range(len(parts), 0, -1):
+        if count == 1 and len(parts) > 1:
+            break  # one part of a fused module alone is no layout a trainer writes
+        end = parts[count - 1].stop
+        if any((rows * p.start) % end or (rows * p.stop) % end for p in parts[:count]):
+            continue
+        return [Part(p.target, rows * p.start // end, rows * p.stop // end, p.swap) for p in parts[:count]]
+    return None
+
+
+def rows_from_file(modules: Mapping[str, ParamShapes], rows: Mapping[str, int]) -> dict[str, ParamShapes]:
+    """``modules`` (a diffusers-layout Flux table) with the output rows a LoRA's own tensors imply: a module the
+    LoRA patches takes its patch's rows; a part of a fused BFL module that the LoRA leaves out takes the rows of a
+    patched sibling, scaled by the table's proportions (to_k as to_q; ``proj_mlp`` 4x ``to_q``). Input widths stay
+    as the table has them: only the fused layout (names and row ranges) is derived from the result. Raises
+    ``ValueError`` when the patched parts of one fused module imply different widths."""
+    sized = {path: n for path, n in rows.items() if path in modules}
+    for bfl, canonical in bfl_groups(modules).items():
+        known = [c for c in canonical if c in sized]
+        if len(canonical) < 2 or not known or not all(c in modules for c in canonical):
+            continue
+        first = known[0]
+        odd = [k for k in known if sized[k] * _rows(modules[first]) != sized[first] * _rows(modules[k])]
+        if odd:
+            raise ValueError(f"{bfl}: its parts imply different widths ({first}: {sized[first]} rows, {odd[0]}: "
+                             f"{sized[odd[0]]} rows; the base has {_rows(modules[first])} and {_rows(modules[odd[0]])})")
+        for c in canonical:
+            if c in sized:
+                continue
+            ref = next((k for k in known if _rows(modules[k]) == _rows(modules[c])), known[0])
+            scaled, rest = divmod(_rows(modules[c]) * sized[ref], _rows(modules[ref]))
+            if not rest:
+                sized[c] = scaled
+    return {path: ({p: (sized[path], *s[1:]) if s else s for p, s in shapes.items()} if path in sized else shapes)
+            for path, shapes in modules.items()}
+
+
 def _rows(shapes: ParamShapes) -> int:
     shape = shapes.get("weight") or next(iter(shapes.values()))
     return shape[0]

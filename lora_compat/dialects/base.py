@@ -11,12 +11,13 @@ from functools import partial
 from typing import Callable, ClassVar, Iterable, Mapping, Union
 
 from ..archs import ModuleIndex
-from ..archs.flux import Part
+from ..archs.flux import Part, scaled_parts
 from ..errors import NotALoraError
 from ..files import Header, LoraFile
 from ..patches import Patch, Ref, Scale
 from ..patches.build import SUFFIX_ROLES, IncompletePatch, build_patch, split_key
-from ..patches.rows import out_rows, row_part
+from ..patches.base import numel
+from ..patches.rows import in_columns, out_rows, row_part
 from ..patchset import PatchSet
 
 DEFAULT_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
@@ -135,7 +136,8 @@ class ModuleReader:
                 for key in suffixes.values():
                     result.unmatched[key] = f"module {module!r}: {patch}"
                 continue
-            placed = [(target, patch)] if isinstance(target, str) else _split(module, patch, target)
+            placed = [(target, patch)] if isinstance(target, str) else \
+                _split(module, patch, target, index)
             if isinstance(placed, str):
                 for key in suffixes.values():
                     result.unmatched[key] = placed
@@ -159,16 +161,24 @@ class ModuleReader:
             return exc
 
 
-def _split(module: str, patch: Patch, parts: list[Part]) -> list[tuple[str, Patch]] | str:
+def _split(module: str, patch: Patch, parts: list[Part], index: ModuleIndex) -> list[tuple[str, Patch]] | str:
     """A patch made for a fused module, split into patches on the canonical modules it fuses (or the
-    reason it cannot be)."""
+    reason it cannot be). With a names-only index (no full-size base fits the file), the parts' rows come
+    from the patch's own width, in the table's proportions."""
     rows = out_rows(patch)
     total = parts[-1].stop
     if rows is not None and rows != total:
-        covered = [p for p in parts if p.stop <= rows]
+        if index.check_shapes:
+            covered = [p for p in parts if p.stop <= rows]
+        else:
+            table = (index.shapes(parts[0].target) or {}).get("weight")
+            columns = in_columns(patch)
+            width = (columns, numel(table[1:])) if table and columns else None
+            covered = scaled_parts(parts, rows, width)
         if not covered or covered[-1].stop != rows:
             return (f"module {module!r}: the patch has {rows} output rows; the fused module's parts end at "
-                    f"{', '.join(str(p.stop) for p in parts)}")
+                    f"{', '.join(str(p.stop) for p in parts)}"
+                    + ("" if index.check_shapes else " at full size, and at no other width in their proportions"))
         parts, total = covered, rows
     try:
         return [(p.target, row_part(patch, p.start, p.stop, total, p.swap)) for p in parts]

@@ -39,6 +39,12 @@ def strip_peft_prefix(key: str) -> str:
     return key
 
 
+def is_bare_flux_name(module: str) -> bool:
+    """A diffusers Flux transformer module named without its component (``transformer_blocks.0.attn.to_q``, and
+    the top-level ``proj_out`` / ``x_embedder`` / ``context_embedder``, which have no dot of their own)."""
+    return module.startswith(DIFFUSERS_FLUX_HEADS) or f"{module}." in DIFFUSERS_FLUX_HEADS
+
+
 def is_diffusers_key(key: str) -> bool:
     if key.startswith(("transformer.double_blocks.", "transformer.single_blocks.")):
         return False  # OneTrainer's numbered BFL parts
@@ -74,6 +80,9 @@ class DiffusersDialect(Dialect):
         fraction = claimed_fraction(header, is_diffusers_key)
         if fraction == 0:
             return None
+        if header.path is not None and (header.path.parent / "adapter_config.json").is_file() and \
+                any(k.startswith(PEFT_PREFIX) for k in header.keys()):
+            fraction *= 0.5  # a PEFT save_pretrained folder: the peft dialect reads the scales from its config
         return Match(self.id, fraction, (f"{fraction:.0%} of keys are diffusers component-prefixed LoRA tensors",))
 
     def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
@@ -83,7 +92,7 @@ class DiffusersDialect(Dialect):
             warnings.append("no lora_adapter_metadata in the header: alpha = rank (scale 1), as diffusers assumes")
 
         def resolve(module: str) -> Resolved:
-            if module.startswith(DIFFUSERS_FLUX_HEADS):  # bare Flux transformer names
+            if is_bare_flux_name(module):  # bare Flux transformer names
                 module = "transformer." + module
             found = index.resolve(module)
             if found:

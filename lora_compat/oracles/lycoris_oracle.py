@@ -115,6 +115,13 @@ _VARIANTS: dict[str, tuple[int, float, dict[str, Any], dict[str, Any]]] = {
     "lokr_dora": (1, 0.5, {"algo": "lokr", "dora_wd": True}, _FULL_PRESET),
 }
 ALGOS: tuple[str, ...] = tuple(_VARIANTS)
+# Written files only, not in ALGOS: LyCORIS' forward is no oracle for them. DyLoRA's forward picks a random rank
+# block per call and scales by alpha / (blocks in play); its saved file is a plain LoRA (alpha / r, dialects.md
+# §1.5) whose conv modules have a 2-D lora_up [out, r] next to a 4-D lora_down.
+_FILE_ONLY: dict[str, tuple[int, float, dict[str, Any], dict[str, Any]]] = {
+    "dylora": (4, 2.0, {"algo": "dylora", "conv_dim": 4, "conv_alpha": 3.0, "block_size": 2}, _FULL_PRESET),
+}
+FILE_ONLY_ALGOS: tuple[str, ...] = tuple(_FILE_ONLY)
 
 # Class attributes that LycorisNetworkKohya.apply_preset mutates (and never resets when a preset omits them).
 _PRESET_ATTRS = ("ENABLE_CONV", "UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
@@ -137,7 +144,7 @@ def _isolated_preset_state() -> Iterator[None]:
 
 def _create(components: dict[str, nn.Module], variant: str, multiplier: float) -> LycorisNetworkKohya:
     """create_network() over `components` with the variant's args and preset (passed as a toml file)."""
-    dim, alpha, args, preset = _VARIANTS[variant]
+    dim, alpha, args, preset = {**_VARIANTS, **_FILE_ONLY}[variant]
     te: nn.Module | list[nn.Module] = components["text_encoder"]
     if "text_encoder_2" in components:
         te = [components["text_encoder"], components["text_encoder_2"]]
@@ -236,9 +243,9 @@ def write_lycoris_file(tmp_dir: Path, components: dict[str, nn.Module], variant:
     """Save a random LyCORIS `variant` over deep copies of `components` to tmp_dir/<variant>.safetensors.
 
     Returns (path, expected): expected maps "<component>.<parameter name>" to the merged fp32 value implied by
-    LyCORIS' forward pass at `multiplier`, for every parameter the network changes.
+    LyCORIS' forward pass at `multiplier`, for every parameter the network changes ({} for FILE_ONLY_ALGOS).
     """
-    dim, alpha, args, _ = _VARIANTS[variant]
+    dim, alpha, args, _ = {**_VARIANTS, **_FILE_ONLY}[variant]
     metadata = {
         "ss_network_module": "lycoris.kohya",
         "ss_base_model_version": "sdxl_base_v1-0" if "text_encoder_2" in components else "sd_v1",
@@ -254,4 +261,4 @@ def write_lycoris_file(tmp_dir: Path, components: dict[str, nn.Module], variant:
         network.apply_to(copies.get("text_encoder"), copies["unet"], apply_text_encoder=True, apply_unet=True)
         network.eval().requires_grad_(False)
         network.save_weights(str(path), None, metadata)
-        return path, _expected(network, copies, components)
+        return path, ({} if variant in _FILE_ONLY else _expected(network, copies, components))

@@ -61,6 +61,17 @@ class LoraPatch(FactorisedPatch):
         """``(up [out, r], down [r, in·k·k], scale)`` of a LoRA without ``mid``: ΔW = scale · up @ down."""
         return flat(self.up.load()), flat(self.down.load()), self.scale.value()
 
+    def peft_factors(self, weight: Shape | None = None) -> tuple[Tensor, Tensor]:
+        """``(lora_A, lora_B)`` in their stored dtype, shaped as PEFT's layers hold them for a module whose weight
+        has shape ``weight`` (``None``: a conv when ``down`` has kernel dims): Linear ``[r, in]`` / ``[out, r]``;
+        Conv ``[r, in, kh, kw]`` / ``[out, r, 1, 1]``. LyCORIS DyLoRA stores a conv's up 2-D ``[out, r]``."""
+        down, up = self.down.loader(), self.up.loader()
+        kernel = tuple(weight[2:]) if weight is not None else tuple(down.shape[2:])
+        if not kernel:
+            return down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
+        return (down.reshape(down.shape[0], -1, *kernel),
+                up.reshape(up.shape[0], up.shape[1], *(1 for _ in kernel)))
+
     def weight_delta(self, weight_shape: torch.Size) -> Tensor:
         up, down = flat(self.up.load()), self.down.load()
         if self.mid is not None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from .._lazy import torch
 
-from .base import FactorisedPatch, Patch, Ref, Shape, Tensor
+from .base import FactorisedPatch, Patch, Ref, Shape, Tensor, numel
 from .full import FullPatch
 from .lora import LoraPatch
 from .set import SetPatch
@@ -53,6 +53,18 @@ def out_rows(patch: Patch) -> int | None:
         w1 = refs.get("lokr_w1") or refs["lokr_w1_a"]
         w2 = refs.get("lokr_w2") or refs.get("lokr_w2_a")
         return w1.shape[0] * w2.shape[0] if w2 is not None else None
+    return None
+
+
+def in_columns(patch: Patch) -> int | None:
+    """Input columns (per output row, kernel included) of the weight a LoRA or full patch was made for."""
+    if isinstance(patch, RowsOf):
+        return in_columns(patch.inner)
+    if isinstance(patch, LoraPatch):
+        return patch.down.shape[1] * numel(patch.mid.shape[2:]) if patch.mid is not None else \
+            numel(patch.down.shape[1:])
+    if isinstance(patch, FullPatch) and patch.diff is not None:
+        return numel(patch.diff.shape[1:])
     return None
 
 
