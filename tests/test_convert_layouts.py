@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import lora_compat
 from lora_compat.cli import main
 
-from oracle_models import one_thread
+from lora_compat.oracles.models import one_thread
 from test_flux import make_flux
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)

@@ -11,7 +11,7 @@ import lora_compat
 from lora_compat.cli import main
 from lora_compat.errors import NotALoraError
 
-from oracle_models import make_sd15_components, one_thread
+from lora_compat.oracles.models import make_sd15_components, one_thread
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 #: tuner name → (config class, its arguments, the parameters PEFT saves)
