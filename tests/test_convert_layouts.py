@@ -301,7 +301,7 @@ def test_kohya_output_loads_in_diffusers_own_kohya_flux_loader(tmp_path: Path, s
 # -- conv LoRAs → diffusers / peft files that plain diffusers / PEFT load ------------------------------------------
 @pytest.fixture(scope="module")
 def sd15() -> dict[str, torch.nn.Module]:
-    from oracle_models import make_sd15_components
+    from lora_compat.oracles.models import make_sd15_components
 
     return make_sd15_components(seed=100)
 
@@ -333,7 +333,7 @@ def test_conv_loras_converted_to_diffusers_load_in_plain_diffusers(tmp_path: Pat
                                                                    kernels: set) -> None:
     """LoCon 3x3 / 1x1 and LyCORIS DyLoRA (conv lora_up stored [out, r]) → ``--to diffusers`` → diffusers' own
     ``load_lora_weights`` + ``fuse_lora``: PEFT's conv layers take lora_A [r, in, kh, kw] and lora_B [out, r, 1, 1]."""
-    from oracle_lycoris import write_lycoris_file
+    from lora_compat.oracles.lycoris_oracle import write_lycoris_file
 
     source, _ = write_lycoris_file(tmp_path, sd15, variant, seed=3)
     assert _conv_kernels(source) == kernels
@@ -363,7 +363,7 @@ def test_dylora_conv_converted_to_peft_loads_in_peft(tmp_path: Path, sd15) -> No
     from peft import PeftModel
     from safetensors.torch import save_file
 
-    from oracle_lycoris import write_lycoris_file
+    from lora_compat.oracles.lycoris_oracle import write_lycoris_file
 
     source, _ = write_lycoris_file(tmp_path, sd15, "dylora", seed=4)
     unet_only = tmp_path / "unet_only.safetensors"
