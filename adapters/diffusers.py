@@ -429,16 +429,42 @@ def _peft_merges_lifted(pipe: Any, modules: set[str]):
     written = {t.removesuffix(".base_layer") for t in modules if t.endswith(".base_layer")}
     lifted = []
     if written:
-        for component, module in component_modules(pipe).items():
-            for name, sub in module.named_modules():
-                if isinstance(sub, BaseTunerLayer) and sub.merged and f"{component}.{name}" in written:
-                    lifted.append((sub, list(sub.merged_adapters)))
-                    sub.unmerge()
+        with peft_writes_in_place(pipe, modules):
+            for component, module in component_modules(pipe).items():
+                for name, sub in module.named_modules():
+                    if isinstance(sub, BaseTunerLayer) and sub.merged and f"{component}.{name}" in written:
+                        lifted.append((sub, list(sub.merged_adapters)))
+                        sub.unmerge()
     try:
         yield
     finally:
-        for layer, names in lifted:
-            layer.merge(adapter_names=names)
+        with peft_writes_in_place(pipe, modules):
+            for layer, names in lifted:
+                layer.merge(adapter_names=names)
+
+
+@contextlib.contextmanager
+def peft_writes_in_place(pipe: Any, targets: set[str]):
+    """PEFT's safe merge and its DoRA unmerge give ``weight.data`` a new tensor; the patcher would take that
+    for a foreign write (a new checkpoint) and adopt the value as pristine. For the parameters of ``targets``
+    the new value is copied into the tensor they held, which is put back."""
+    modules = component_modules(pipe)
+    held = []
+    for target in targets:
+        component, _, path = target.partition(".")
+        try:
+            module = modules[component].get_submodule(path)
+        except (KeyError, AttributeError):
+            continue
+        held += [(param, param.data) for param in module.parameters(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, tensor in held:
+                if param.data_ptr() != tensor.data_ptr() and param.shape == tensor.shape:
+                    tensor.copy_(param.data)
+                    param.data = tensor
 
 
 def _under_wrappers(state: _State) -> bool:

@@ -255,9 +255,10 @@ def _toggle(disabled: bool):
 def _fuse_lora(original):
     def fuse_lora(self, components=None, lora_scale=1.0, safe_fusing=False, adapter_names=None, **kwargs):
         with adapter._lock:
-            result = original(self, components=components, lora_scale=lora_scale, safe_fusing=safe_fusing,
-                              adapter_names=adapter_names, **kwargs)
             state = adapter._state(self)
+            with adapter.peft_writes_in_place(self, adapter._patcher_modules(state, [])):
+                result = original(self, components=components, lora_scale=lora_scale, safe_fusing=safe_fusing,
+                                  adapter_names=adapter_names, **kwargs)
             before = copy.deepcopy(state.fused)
             for name, entry in state.patcher_entries.items():
                 chosen = name in adapter_names if adapter_names is not None else name not in state.inactive
@@ -285,8 +286,9 @@ def _unfuse_lora(original):
         with adapter._lock:
             # PEFT's unmerge subtracts; where it subtracts from weights the patcher writes, they are rewritten
             rewrite = any(getattr(layer, "merged", False) for layer in adapter._tuner_layers(self))
-            result = original(self, components=components, **kwargs)
             state = adapter._state(self)
+            with adapter.peft_writes_in_place(self, adapter._patcher_modules(state, [])):
+                result = original(self, components=components, **kwargs)
             before = copy.deepcopy(state.fused)
             for name in list(state.fused):
                 state.fused[name] = {c: f for c, f in state.fused[name].items() if c not in components}
