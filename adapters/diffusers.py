@@ -9,9 +9,14 @@ Routes (``load`` returns the adapter name; its ``.route`` says which was taken):
 - ``"peft"``: LoHa goes into PEFT's own LoHa tuner layers (PEFT's LoHa math equals LyCORIS').
 - ``"patcher"``: every other kind (DoRA from kohya/LyCORIS files, LoKr, IA3, OFT/BOFT, GLoRA, full, norm, Tucker,
   Flux Control ``set``/widening) is merged exactly by :class:`lora_compat.Patcher`, one per pipeline.
+
+While ``enable()`` is on, diffusers' own adapter methods (``get_list_adapters``, ``set_adapters``,
+``delete_adapters``, ``unload_lora_weights``, ``disable_lora``/``enable_lora``, ``fuse_lora``/``unfuse_lora``,
+``get_active_adapters``) also act on patcher-route adapters (see :mod:`lora_compat.adapters.diffusers_methods`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -25,7 +30,7 @@ import torch
 from lora_compat.apply import check_patchset, component_modules, resolve_patchset
 from lora_compat.archs import ModuleIndex
 from lora_compat.errors import LoraCompatError
-from lora_compat.patcher import Entry, Patcher
+from lora_compat.patcher import Entry, Patcher, sync_config
 from lora_compat.patches import LohaPatch, LoraPatch
 from lora_compat.patches.dora import check_dora_strength
 from lora_compat.patchset import PatchSet
@@ -54,8 +59,20 @@ class Loaded(str):
 class _State:
     routes: dict[str, str] = field(default_factory=dict)
     strengths: dict[str, float] = field(default_factory=dict)
+    #: patcher-route adapters: name → the entry as the user last weighted it (load, set_strength, set_adapters)
     patcher_entries: dict[str, Entry] = field(default_factory=dict)
     patcher: Patcher | None = None
+    #: patcher-route adapters that diffusers' ``set_adapters`` left out (loaded, not applied)
+    inactive: set[str] = field(default_factory=set)
+    #: diffusers' ``disable_lora()`` is in effect: no patcher-route adapter is applied
+    disabled: bool = False
+    #: patcher-route adapter → {component: factor it was fused at} (diffusers' ``fuse_lora``; PEFT keeps a
+    #: merged adapter at the scale it was merged at, whatever ``set_adapters`` says later, until ``unfuse_lora``)
+    fused: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: the names of the last ``set_adapters`` call, in order (``get_active_adapters`` lists them in it)
+    order: list[str] = field(default_factory=list)
+    #: patcher-route adapter → its PatchSet as last given to the patcher, keyed for the PEFT wrappers then present
+    fitted: dict[str, PatchSet] = field(default_factory=dict)
     #: parameter → its value before diffusers' ``fuse_lora`` first wrote into it (``unfuse_lora`` drifts;
     #: ``unload`` of the last adapter puts these back, so the round trip is exact)
     originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=dict)
@@ -150,8 +167,9 @@ def _default_name(pipe: Any, source: Any) -> str:
 
 
 def _peft_adapter_names(pipe: Any) -> set[str]:
+    """The adapters diffusers itself knows (PEFT layers), without the patcher-route names ``enable()`` adds."""
     try:
-        listed = pipe.get_list_adapters()
+        listed = _original("get_list_adapters", pipe)(pipe)
     except Exception:  # no PEFT layers anywhere yet
         return set()
     return {name for names in listed.values() for name in names}
@@ -198,8 +216,12 @@ def load(pipe: Any, source: Any, adapter_name: str | None = None, strength: floa
         elif chosen == "peft":
             _load_through_peft(pipe, patchset, name)
         else:
-            state.patcher_entries[name] = Entry(patchset, strength, dora_strength=dora_strength)
-            _reconcile_patcher(pipe, state)
+            state.patcher_entries[name] = Entry(_unwrapped(patchset), strength, dora_strength=dora_strength)
+            try:
+                _reconcile_patcher(pipe, state)
+            except BaseException:
+                del state.patcher_entries[name]
+                raise
         state.routes[name] = chosen
         if chosen != "patcher":
             _scale_peft_adapter(pipe, name, strength)
@@ -213,7 +235,7 @@ def _guard_fuse(pipe: Any, state: _State) -> None:
     Nothing is copied unless the pipeline is fused."""
     if "fuse_lora" in pipe.__dict__:
         return
-    fuse = getattr(pipe, "fuse_lora")
+    fuse = getattr(type(pipe), "fuse_lora")
 
     @functools.wraps(fuse)
     def fuse_lora(*args, **kwargs):
@@ -221,7 +243,8 @@ def _guard_fuse(pipe: Any, state: _State) -> None:
             for param in layer.get_base_layer().parameters(recurse=False):
                 if id(param) not in state.originals:
                     state.originals[id(param)] = (param, param.detach().to("cpu", copy=True))
-        return fuse(*args, **kwargs)
+        # the class's method at call time: enable()/disable() may have changed it since
+        return getattr(type(pipe), "fuse_lora")(pipe, *args, **kwargs)
 
     pipe.__dict__["fuse_lora"] = fuse_lora
 
@@ -256,7 +279,8 @@ def _load_through_peft(pipe: Any, patchset: PatchSet, name: str) -> None:
     by_component: dict[str, dict[str, LohaPatch]] = {}
     for target, patch in patchset.items():
         component, _, path = target.partition(".")
-        by_component.setdefault(component, {})[path] = patch
+        # a module PEFT already wraps (an earlier LoHa adapter): address the wrapper, which takes the new adapter
+        by_component.setdefault(component, {})[path.removesuffix(".base_layer")] = patch
     modules = component_modules(pipe)
     for component, patches in by_component.items():
         model = modules[component]
@@ -295,10 +319,215 @@ def _scale_peft_adapter(pipe: Any, name: str, strength: float) -> None:
             layer.set_scale(name, strength)
 
 
-def _reconcile_patcher(pipe: Any, state: _State) -> None:
+def _components(entry: Entry) -> list[str]:
+    """The components a patcher-route adapter touches (its source is the PatchSet ``load`` fitted)."""
+    return sorted({target.partition(".")[0] for target in entry.source})
+
+
+def _applied_entry(state: _State, name: str, fused_only: bool = False) -> Entry | None:
+    """What the patcher applies for adapter ``name`` now (``fused_only``: just its fused part), or ``None``."""
+    entry = state.patcher_entries[name]
+    fused = state.fused.get(name, {})
+    active = name not in state.inactive and not fused_only
+    if not fused:
+        return entry if active else None
+    factors = {}
+    for component in _components(entry):
+        strength = entry.strength_for(component)
+        if component in fused:
+            factors[component] = fused[component]
+        elif active and strength is not None:
+            factors[component] = strength
+    return dataclasses.replace(entry, strength=1.0, components=factors) if factors else None
+
+
+def _unwrapped(patchset: PatchSet) -> PatchSet:
+    """The PatchSet keyed by the modules' own paths: a module PEFT wraps now may be unwrapped later and the
+    other way round, so patcher-route adapters are kept in this form and keyed for the wrappers at each set."""
+    if not any(target.endswith(".base_layer") for target in patchset):
+        return patchset
+    return dataclasses.replace(patchset, patches={t.removesuffix(".base_layer"): p for t, p in patchset.items()})
+
+
+def _wrapped_paths(pipe: Any) -> set[str]:
+    """``"<component>.<path>"`` of every module a PEFT tuner layer wraps now."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {f"{component}.{name}" for component, module in component_modules(pipe).items()
+            for name, sub in module.named_modules() if isinstance(sub, BaseTunerLayer)}
+
+
+def _fitted(state: _State, name: str, entry: Entry, wrapped: set[str]) -> Entry:
+    """``entry`` with its PatchSet keyed through today's PEFT wrappers (``...base_layer``); the same PatchSet
+    object while the wrappers stay, so the patcher recomputes only what changed."""
+    canonical = state.patcher_entries[name].source
+    keys = [f"{t}.base_layer" if t in wrapped else t for t in canonical]
+    fitted = state.fitted.get(name)
+    if fitted is None or list(fitted) != keys:
+        fitted = canonical if keys == list(canonical) else \
+            dataclasses.replace(canonical, patches=dict(zip(keys, canonical.values())))
+        state.fitted[name] = fitted
+    return dataclasses.replace(entry, source=fitted)
+
+
+def _patcher_stack(pipe: Any, state: _State, names: list[str] | None = None, fused_only: bool = False) -> list[Entry]:
+    if state.disabled:
+        return []
+    wrapped = _wrapped_paths(pipe)
+    stack = []
+    for name in state.patcher_entries if names is None else names:
+        entry = _applied_entry(state, name, fused_only)
+        if entry is not None:
+            stack.append(_fitted(state, name, entry, wrapped))
+    return stack
+
+
+def _reconcile_patcher(pipe: Any, state: _State, rewrite: bool = False) -> None:
+    """Put the patcher-route adapters' weights in the state ``state`` describes (all or nothing).
+    ``rewrite``: recompute every module from its pristine copy, not only those whose stack changed."""
     if state.patcher is None:
+        if not state.patcher_entries:
+            return
         state.patcher = Patcher(pipe)
-    state.patcher.set(list(state.patcher_entries.values()))
+    stack = _patcher_stack(pipe, state)
+    written = _patcher_modules(state, stack) if rewrite else _changed_modules(state, stack)
+    with _peft_merges_lifted(pipe, written):
+        if rewrite:
+            previous = state.patcher.active
+            state.patcher.set([])
+            try:
+                state.patcher.set(stack)
+            except BaseException:
+                state.patcher.set(previous)
+                raise
+        else:
+            state.patcher.set(stack)
+    if not state.patcher_entries:
+        state.patcher.close()
+        state.patcher = None
+
+
+def _patcher_modules(state: _State, stack: list[Entry]) -> set[str]:
+    """Modules the patcher writes now or is about to write."""
+    entries = list(stack) + (state.patcher.active if state.patcher is not None else [])
+    return {target for entry in entries for target in entry.source}
+
+
+def _changed_modules(state: _State, stack: list[Entry]) -> set[str]:
+    """Modules of the entries that ``stack`` adds, drops or changes: those the patcher is about to rewrite."""
+    def key(entry: Entry) -> tuple:
+        return id(entry.source), repr((entry.strength, entry.components, entry.blocks, entry.start, entry.stop))
+
+    previous = state.patcher.active if state.patcher is not None else []
+    before, after = {key(e) for e in previous}, {key(e) for e in stack}
+    changed = [e for e in previous if key(e) not in after] + [e for e in stack if key(e) not in before]
+    return {target for entry in changed for target in entry.source}
+
+
+@contextlib.contextmanager
+def _peft_merges_lifted(pipe: Any, modules: set[str]):
+    """PEFT layers merged (``fuse_lora``) into one of ``modules``, which the patcher is about to write from
+    its pristine copies (which never hold PEFT's deltas): their merged adapters are unmerged for the write and
+    merged back on top after. The patcher's write replaces whatever PEFT's unmerge (a subtraction) left."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    written = {t.removesuffix(".base_layer") for t in modules if t.endswith(".base_layer")}
+    lifted = []
+    if written:
+        with peft_writes_in_place(pipe, modules):
+            for component, module in component_modules(pipe).items():
+                for name, sub in module.named_modules():
+                    if isinstance(sub, BaseTunerLayer) and sub.merged and f"{component}.{name}" in written:
+                        lifted.append((sub, list(sub.merged_adapters)))
+                        sub.unmerge()
+    try:
+        yield
+    finally:
+        with peft_writes_in_place(pipe, modules):
+            for layer, names in lifted:
+                layer.merge(adapter_names=names)
+
+
+@contextlib.contextmanager
+def peft_writes_in_place(pipe: Any, targets: set[str]):
+    """PEFT's safe merge and its DoRA unmerge give ``weight.data`` a new tensor; the patcher would take that
+    for a foreign write (a new checkpoint) and adopt the value as pristine. For the parameters of ``targets``
+    the new value is copied into the tensor they held, which is put back."""
+    modules = component_modules(pipe)
+    held = []
+    for target in targets:
+        component, _, path = target.partition(".")
+        try:
+            module = modules[component].get_submodule(path)
+        except (KeyError, AttributeError):
+            continue
+        held += [(param, param.data) for param in module.parameters(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for param, tensor in held:
+                if param.data_ptr() != tensor.data_ptr() and param.shape == tensor.shape:
+                    tensor.copy_(param.data)
+                    param.data = tensor
+
+
+def _under_wrappers(state: _State) -> bool:
+    """Whether the patcher reaches a module through a PEFT wrapper (``...base_layer``): removing the wrappers
+    would pull the module from under it."""
+    return any(target.endswith(".base_layer") for fitted in state.fitted.values() for target in fitted)
+
+
+def _forget(state: _State, name: str) -> None:
+    for table in (state.routes, state.strengths, state.patcher_entries, state.fused, state.fitted):
+        table.pop(name, None)
+    state.inactive.discard(name)
+
+
+def remove_patcher_adapters(pipe: Any, state: _State, names: list[str], bake: bool) -> None:
+    """Remove patcher-route adapters, restoring exactly what they changed; with ``bake``, the fused part of a
+    fused adapter stays in the weights instead (diffusers' ``delete_adapters``/``unload_lora_weights`` leave a
+    fused adapter merged)."""
+    baked = _patcher_stack(pipe, state, names, fused_only=True) if bake else []
+    if not baked or state.patcher is None:
+        for name in names:
+            _forget(state, name)
+        _reconcile_patcher(pipe, state)
+        return
+    with _peft_merges_lifted(pipe, _patcher_modules(state, baked)):
+        state.patcher.set([])
+        state.patcher.set(baked)
+        modules = component_modules(pipe)
+        values: list[tuple[str, torch.nn.Module, str, torch.Tensor]] = []
+        for entry in baked:
+            for target in entry.source:
+                component, _, path = target.partition(".")
+                if entry.strength_for(component) is None:
+                    continue
+                module = modules[component].get_submodule(path)
+                values += [(component, module, n, p.detach().clone())
+                           for n, p in module.named_parameters(recurse=False)]
+        state.patcher.close()  # every parameter back to pristine; the baked values go in below, as the new pristine
+        state.patcher = None
+        for name in names:
+            _forget(state, name)
+        _write(values, modules)
+        _reconcile_patcher(pipe, state)
+
+
+def _write(values: list[tuple[str, torch.nn.Module, str, torch.Tensor]], modules: Mapping[str, Any]) -> None:
+    with torch.no_grad():
+        for component, module, param_name, value in values:
+            param = getattr(module, param_name)
+            if param.shape == value.shape:
+                if not torch.equal(param, value):
+                    param.copy_(value)
+            else:  # an input-widening patch (Flux Control) stays widened
+                param.data = value
+                if isinstance(module, torch.nn.Linear):
+                    module.out_features, module.in_features = value.shape
+    for component in {v[0] for v in values}:
+        sync_config(modules[component])
 
 
 def set_strength(pipe: Any, adapter_name: str, strength: float) -> None:
@@ -312,7 +541,11 @@ def set_strength(pipe: Any, adapter_name: str, strength: float) -> None:
         if route == "patcher":
             entry = state.patcher_entries[adapter_name]
             state.patcher_entries[adapter_name] = dataclasses.replace(entry, strength=strength)
-            _reconcile_patcher(pipe, state)
+            try:
+                _reconcile_patcher(pipe, state)
+            except BaseException:
+                state.patcher_entries[adapter_name] = entry
+                raise
         else:
             _scale_peft_adapter(pipe, adapter_name, strength)
         state.strengths[adapter_name] = strength
@@ -331,19 +564,16 @@ def unload(pipe: Any, adapter_name: str | None = None) -> None:
             if route is None:
                 raise LoraCompatError(f"no adapter {name!r} was loaded through lora_compat")
             if route == "patcher":
-                del state.patcher_entries[name]
-                _reconcile_patcher(pipe, state)
+                remove_patcher_adapters(pipe, state, [name], bake=False)
             elif name in _peft_adapter_names(pipe):  # the user may have deleted it through diffusers already
-                pipe.delete_adapters(name)
-            del state.routes[name]
-            state.strengths.pop(name, None)
+                _original("delete_adapters", pipe)(pipe, name)
+            _forget(state, name)
         if not _peft_adapter_names(pipe):
-            if any(True for _ in _tuner_layers(pipe)):
+            if any(True for _ in _tuner_layers(pipe)) and not _under_wrappers(state):
                 _original("unload_lora_weights", pipe)(pipe)  # no adapter left anywhere: drop the empty wrappers
             _restore_originals(pipe, state)
-        if state.patcher is not None and not state.patcher_entries:
-            state.patcher.close()
-            state.patcher = None
+        if not state.patcher_entries and not any(True for _ in _tuner_layers(pipe)):
+            state.disabled, state.order = False, []  # as diffusers: no adapter layer left, nothing disabled
 
 
 # -- enable(): plain load_lora_weights accepts every dialect ----------------------------------------------------
@@ -358,13 +588,15 @@ def _wrap(original):
     @functools.wraps(original)
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
         source = pretrained_model_name_or_path_or_dict
+        if adapter_name in _state(self).patcher_entries and not kwargs.get("hotswap"):
+            raise LoraCompatError(f"adapter name {adapter_name!r} is already in use; unload it first or pick another")
         if isinstance(source, Mapping) or not _is_local_file(source):
             return original(self, source, adapter_name=adapter_name, **kwargs)  # dicts, hub ids, folders
         patchset, _ = _pipeline_patchset(self, source, strict=False, base=None)
         route = choose_route(patchset, self)
         if route == "diffusers":  # convert, then diffusers' own method: every contract of it is kept
             return original(self, to_diffusers_state_dict(patchset), adapter_name=adapter_name, **kwargs)
-        load(self, source, adapter_name=adapter_name, route=route)
+        load(self, source, adapter_name=adapter_name, route=route, hotswap=bool(kwargs.get("hotswap")))
         return None
 
     load_lora_weights.__lora_compat_original__ = original
@@ -384,7 +616,11 @@ def _loader_classes() -> list[type]:
 
 
 def enable() -> None:
-    """Make ``pipe.load_lora_weights(path)`` accept every dialect lora_compat reads (idempotent)."""
+    """Make ``pipe.load_lora_weights(path)`` accept every dialect lora_compat reads, and diffusers' adapter
+    methods (``get_list_adapters``, ``set_adapters``, ``delete_adapters``, ``unload_lora_weights``, ...) act on
+    patcher-route adapters as on PEFT ones (idempotent)."""
+    from lora_compat.adapters import diffusers_methods
+
     with _lock:
         for cls in _loader_classes():
             if cls in _enabled:
@@ -392,14 +628,18 @@ def enable() -> None:
             original = cls.__dict__["load_lora_weights"]
             _enabled[cls] = original
             setattr(cls, "load_lora_weights", _wrap(original))
+        diffusers_methods.install()
 
 
 def disable() -> None:
-    """Put diffusers' own ``load_lora_weights`` back on every loader class (idempotent)."""
+    """Put diffusers' own methods back on every loader class (idempotent)."""
+    from lora_compat.adapters import diffusers_methods
+
     with _lock:
         for cls, original in list(_enabled.items()):
             setattr(cls, "load_lora_weights", original)
             del _enabled[cls]
+        diffusers_methods.uninstall()
 
 
 def enabled() -> bool:
