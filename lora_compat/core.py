@@ -131,8 +131,10 @@ def _decide_base(header: Header, archs: Mapping[str, Arch], scores: Mapping[str,
             return hinted[0], "shapes fit several bases; metadata names this one", named
         return None, f"shapes fit {', '.join(winners)} equally", winners
     # Without shapes, only a base that names (nearly) every module of the file is a candidate: a partial match by
-    # name (Qwen-Image's transformer_blocks.N.attn.to_k are FLUX.1 names too) says nothing about the base.
-    named = [k for k in named if names_all(k)]
+    # name (Qwen-Image's transformer_blocks.N.attn.to_k are FLUX.1 names too) says nothing about the base. A
+    # base none of whose full-size modules the file fits (a fused module split at another width) may still name
+    # them all.
+    named = [k for k in [*named, *(k for k in archs if k not in named)] if names_all(k)]
     if not named:
         return None, "no supported base has modules of these names and shapes", []
     hinted = [k for k in named if archs[k].metadata_hint(header.metadata)]
