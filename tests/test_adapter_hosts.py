@@ -1,5 +1,5 @@
 """The host adapters' parts that need no host code. Everything a host runs is tested against the real host code in
-``tests/hosts`` (run with ``python -m pytest -q tests/hosts --hosts-dir ../shared/hosts``)."""
+``tests/hosts`` (run with ``python -m pytest -q tests/hosts --hosts-dir DIR``, DIR holding the pinned host code)."""
 from __future__ import annotations
 
 import torch

@@ -19,7 +19,7 @@ import lora_compat
 from lora_compat import LoraCompatError, patched_weights
 from lora_compat.adapters import diffusers as adapter
 
-from oracle_lycoris import write_lycoris_file
+from lora_compat.oracles.lycoris_oracle import write_lycoris_file
 from test_adapter_diffusers import assert_close, base_params, forward, sd15_pipe
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
