@@ -17,25 +17,10 @@ from lora_compat.oracles.lycoris_oracle import ALGOS, write_lycoris_file
 from lora_compat.oracles.models import make_sd15_components, make_sdxl_components, tiny_sd15_pipeline, tiny_tokenizer
 from lora_compat.oracles.peft_oracle import VARIANTS as PEFT_VARIANTS
 from lora_compat.oracles.peft_oracle import write_peft_file
+from sd_pipes import assert_close, base_params, forward, sd15_pipe
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
 EXPECTED_ROUTE = {"lora": "diffusers", "loha": "peft"}
-
-
-def sd15_pipe(seed: int = 100):
-    from diffusers import StableDiffusionPipeline
-
-    components = make_sd15_components(seed=seed)
-    pipe = StableDiffusionPipeline(vae=None, text_encoder=components["text_encoder"], tokenizer=None,
-                                   unet=components["unet"], scheduler=None, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    return pipe, components
-
-
-def base_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters by their original names (PEFT wrappers' base_layer folded in, adapter tensors left out)."""
-    return {n.replace(".base_layer", ""): p.detach() for n, p in module.named_parameters()
-            if not any(s in n for s in (".lora_", ".hada_", ".lokr_"))}
 
 
 def with_values(components: dict, values: dict[str, torch.Tensor]) -> dict:
@@ -47,22 +32,6 @@ def with_values(components: dict, values: dict[str, torch.Tensor]) -> dict:
         with torch.no_grad():
             params[name].data = value.clone()
     return copies
-
-
-def forward(components: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    unet, te = components["unet"], components["text_encoder"]
-    with torch.no_grad():
-        tokens = torch.randint(0, 1000, (1, 7), generator=g)
-        hidden = te(tokens).last_hidden_state
-        sample = torch.randn(1, unet.config.in_channels, 16, 16, generator=g)
-        out = unet(sample, torch.tensor([10]), encoder_hidden_states=hidden).sample
-    return hidden, out
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
-    rel = float((got - want).norm() / want.norm())
-    assert rel < 1e-5, rel
 
 
 @pytest.mark.parametrize("variant", [v for v in ALGOS if v != "lora_tucker"] + ["lora_tucker"])
@@ -244,7 +213,7 @@ def test_name_in_use_is_refused(tmp_path: Path) -> None:
 def test_flux_pipeline_load_kohya_partial_and_control(tmp_path: Path) -> None:
     from diffusers import FluxPipeline
 
-    from test_flux import PARTIAL, _flux_forward, control_file, diffusers_file, kohya_flux_file, make_flux
+    from flux_models import PARTIAL, control_file, diffusers_file, flux_forward, kohya_flux_file, make_flux
 
     model = make_flux()
     pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
@@ -259,7 +228,7 @@ def test_flux_pipeline_load_kohya_partial_and_control(tmp_path: Path) -> None:
         name = adapter.load(pipe, files[kind], strength=0.6)
         assert name.route == route
         assert model.config.in_channels == channels
-        assert_close(_flux_forward(model, channels), _flux_forward(reference, channels))
+        assert_close(flux_forward(model, channels), flux_forward(reference, channels))
         adapter.unload(pipe, name)
         now = base_params(model)
         assert now.keys() == pristine.keys() and all(torch.equal(now[k], v) for k, v in pristine.items())

@@ -15,7 +15,7 @@ from lora_compat.blocks import BLOCKID26, parse
 
 from lora_compat.oracles.lycoris_oracle import write_lycoris_file
 from lora_compat.oracles.models import make_sd15_components, make_sdxl_components
-from test_flux import kohya_flux_file, make_flux
+from flux_models import kohya_flux_file, make_flux
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
 

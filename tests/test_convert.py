@@ -17,7 +17,7 @@ from lora_compat.cli import main
 from lora_compat.oracles.lycoris_oracle import ALGOS, write_lycoris_file
 from lora_compat.oracles.models import make_sd15_components
 from lora_compat.oracles.peft_oracle import write_peft_file
-from test_flux import PARTIAL, diffusers_file, kohya_flux_file, make_bfl_host, make_flux, split_view
+from flux_models import PARTIAL, diffusers_file, kohya_flux_file, make_bfl_host, make_flux, split_view
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
 

@@ -15,7 +15,7 @@ import lora_compat
 from lora_compat.cli import main
 
 from lora_compat.oracles.models import one_thread
-from test_flux import make_flux
+from flux_models import make_flux
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
 

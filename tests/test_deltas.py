@@ -23,7 +23,7 @@ from lora_compat.fuse import merge
 
 from lora_compat.oracles.lycoris_oracle import write_lycoris_file
 from lora_compat.oracles.models import make_sd15_components
-from test_fuse import dare_reference, ties_reference
+from merge_references import dare_reference, ties_reference
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
 WEIGHTS = (0.5, -0.3, 0.8)

@@ -20,7 +20,7 @@ from lora_compat import LoraCompatError, patched_weights
 from lora_compat.adapters import diffusers as adapter
 
 from lora_compat.oracles.lycoris_oracle import write_lycoris_file
-from test_adapter_diffusers import assert_close, base_params, forward, sd15_pipe
+from sd_pipes import assert_close, base_params, forward, sd15_pipe
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
 PATCHER_KINDS = ["diag_oft", "boft", "ia3", "dora_out", "lokr", "full", "norm"]
@@ -313,7 +313,7 @@ def test_flux_unload_lora_weights_removes_a_control_lora(tmp_path: Path) -> None
     """Flux's own ``unload_lora_weights(reset_to_overwritten_params=...)`` override reaches the patcher too."""
     from diffusers import FluxPipeline
 
-    from test_flux import control_file, make_flux
+    from flux_models import control_file, make_flux
 
     model = make_flux()
     pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,

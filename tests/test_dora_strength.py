@@ -401,7 +401,7 @@ def test_dora_part_of_a_fused_bfl_weight(tmp_path, mode, strength):
     other rows stay as they were."""
     from safetensors.torch import save_file
 
-    from test_flux import make_bfl_host, make_flux
+    from flux_models import make_bfl_host, make_flux
 
     model = make_flux()
     host = make_bfl_host(model)

@@ -1,10 +1,9 @@
 """``merge``: concat is the exact weighted sum; svd reports the error it makes; TIES and DARE equal an
-independent implementation written here from PEFT's definitions; linear only where exact."""
+independent implementation written from PEFT's definitions (merge_references.py); linear only where exact."""
 from __future__ import annotations
 
 import copy
 import warnings
-import zlib
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from lora_compat.fuse import merge
 
 from lora_compat.oracles.lycoris_oracle import write_lycoris_file
 from lora_compat.oracles.models import make_sd15_components
+from merge_references import dare_reference, ties_reference
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
 WEIGHTS = (0.7, -0.4)
@@ -89,33 +89,6 @@ def test_svd_reports_the_error_it_makes(tmp_path: Path, sd15, two_loras, rank: i
         num += (measured * float(exact.norm())) ** 2
         den += float(exact.norm()) ** 2
     assert (num / den) ** 0.5 == pytest.approx(report.overall_error, rel=1e-3)
-
-
-def ties_reference(deltas: list[torch.Tensor], weights, density: float) -> torch.Tensor:
-    kept = []
-    for delta in deltas:
-        flat = delta.flatten()
-        k = int(density * flat.numel())
-        threshold_index = flat.abs().argsort(descending=True)[:k]
-        mask = torch.zeros_like(flat)
-        mask[threshold_index] = 1
-        kept.append((flat * mask).reshape(delta.shape))
-    weighted = [w * t for w, t in zip(weights, kept)]
-    total = sum(weighted)
-    elected = torch.where(total >= 0, torch.ones_like(total), -torch.ones_like(total))
-    agreeing = [torch.sign(t) == elected for t in weighted]
-    summed = sum(t * a for t, a in zip(weighted, agreeing))
-    count = sum(a.float() for a in agreeing)
-    return summed / torch.clamp(count, min=1)
-
-
-def dare_reference(target: str, deltas: list[torch.Tensor], weights, density: float, seed: int) -> torch.Tensor:
-    total = torch.zeros_like(deltas[0])
-    for i, (delta, weight) in enumerate(zip(deltas, weights)):
-        g = torch.Generator().manual_seed((seed * 1_000_003 + i) ^ zlib.crc32(target.encode()))
-        keep = torch.rand(delta.shape, generator=g) < density
-        total = total + weight * torch.where(keep, delta / density, torch.zeros_like(delta))
-    return total
 
 
 @pytest.mark.parametrize("method", ["ties", "dare"])

@@ -20,7 +20,8 @@ from lora_compat.errors import LoraCompatError
 from lora_compat.fusion_gate import FusionGates, gate, host_layers
 
 from lora_compat.oracles.models import make_sd15_components
-from test_flux import PARTIAL, _flux_forward, bfl_table, diffusers_file, kohya_flux_file, make_bfl_host, make_flux
+from flux_models import (PARTIAL, bfl_table, diffusers_file, flux_forward, kohya_flux_file, make_bfl_host,
+                         make_flux)
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
 
@@ -151,7 +152,7 @@ def test_gated_layers_equal_the_equations_inside_a_flux_transformer(tmp_path: Pa
     checked = ["blocks.0.attn.a_to_qkv", "blocks.1.attn.b_to_qkv", "blocks.1.ff_a.2", "single_blocks.0.to_qkv_mlp",
                "single_blocks.1.to_qkv_mlp", "single_blocks.1.norm.linear"]
     seen, hooks = capture(model, [p for layer in checked for p in layers[layer]])
-    _flux_forward(model, 16)
+    flux_forward(model, 16)
     for h in hooks:
         h.remove()
     file_params = load_file(str(gates_path))
@@ -174,7 +175,7 @@ def test_gated_layers_equal_the_equations_inside_a_flux_transformer(tmp_path: Pa
         plain = base.double() + sum(o.double() for o in outputs)
         assert ((got - plain).norm() / plain.norm()).item() > 1e-3, layer  # the gate did something
     patcher.clear()
-    assert torch.equal(_flux_forward(model, 16), _flux_forward(make_flux(), 16))
+    assert torch.equal(flux_forward(model, 16), flux_forward(make_flux(), 16))
 
 
 def test_saturated_gate_file_equals_the_plain_sum_in_a_whole_forward(tmp_path: Path) -> None:
@@ -185,19 +186,19 @@ def test_saturated_gate_file_equals_the_plain_sum_in_a_whole_forward(tmp_path: P
     stack = [(kohya, 0.7), (partial, 1.2)]
     gated = Patcher({"transformer": model}, mode="hot", fusion=gates_path)
     gated.set(stack)
-    got = _flux_forward(model, 16)
+    got = flux_forward(model, 16)
     gated.close()
     plain = Patcher({"transformer": model}, mode="hot")
     plain.set(stack)
-    want = _flux_forward(model, 16)
+    want = flux_forward(model, 16)
     plain.close()
     merged = Patcher({"transformer": model})
     merged.set(stack)
-    merged_out = _flux_forward(model, 16)
+    merged_out = flux_forward(model, 16)
     merged.clear()
     assert ((got - want).norm() / want.norm()).item() < 1e-5
     assert ((got - merged_out).norm() / merged_out.norm()).item() < 1e-5
-    assert ((want - _flux_forward(model, 16)).norm() / want.norm()).item() > 1e-2  # the LoRAs matter
+    assert ((want - flux_forward(model, 16)).norm() / want.norm()).item() > 1e-2  # the LoRAs matter
 
 
 def test_fused_host_gates_exactly_like_the_split_host(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))  # test_flux helpers
+sys.path.insert(0, str(TESTS))  # the shared test helpers (flux_models, corpus, ...)
 
 #: a file each host folder must hold (the pinned copies' README lists them)
 HOST_MARKERS = {"comfyui": "comfy/lora.py", "a1111": "extensions-builtin/Lora/networks.py",

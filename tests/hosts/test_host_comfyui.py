@@ -157,7 +157,7 @@ def test_comfyui_node_inputs_and_outputs_read_like_loraloader(comfy) -> None:
 
 # -- Flux on ComfyUI's BFL layout ----------------------------------------------------------------------------------
 def flux_patcher(comfy, flux):
-    from test_flux import make_bfl_host
+    from flux_models import make_bfl_host
 
     host = make_bfl_host(flux)
     model = comfy.model_base.Flux()
@@ -172,7 +172,7 @@ def flux_patcher(comfy, flux):
 @pytest.mark.parametrize("kind", ["kohya", "partial"])
 def test_comfyui_flux_files_exactly(kind, comfy, tmp_path) -> None:
     """Fused q/k/v LoRAs assembled exactly (block-diagonal for split sources, zero rows for absent parts)."""
-    from test_flux import PARTIAL, diffusers_file, kohya_flux_file, make_bfl_host, make_flux
+    from flux_models import PARTIAL, diffusers_file, kohya_flux_file, make_bfl_host, make_flux
 
     flux = make_flux()
     path = (diffusers_file(tmp_path / "f.safetensors", flux, PARTIAL) if kind == "partial"
@@ -192,7 +192,7 @@ def test_comfyui_flux_files_exactly(kind, comfy, tmp_path) -> None:
 
 
 def test_comfyui_flux_control_loras_are_read_by_comfyui_itself(comfy, tmp_path) -> None:
-    from test_flux import control_file, make_flux
+    from flux_models import control_file, make_flux
 
     flux = make_flux()
     path = control_file(tmp_path / "control.safetensors", flux)

@@ -83,7 +83,7 @@ def test_sdnext_loads_every_variant_exactly(variant, sdnext, sd15, sd_files) -> 
 def test_sdnext_flux_files(kind, sdnext, tmp_path) -> None:
     """Flux on SD.Next (``lora_transformer_<diffusers path>``): partial q/k/v and fused kohya qkv/linear1 files
     arrive split exactly, with the row ranges of the loaded model."""
-    from test_flux import PARTIAL, diffusers_file, kohya_flux_file, make_flux
+    from flux_models import PARTIAL, diffusers_file, kohya_flux_file, make_flux
 
     flux = make_flux()
     path = (diffusers_file(tmp_path / "f.safetensors", flux, PARTIAL) if kind == "partial"
