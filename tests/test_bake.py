@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora_compat
-from lora_compat.archs.sd import sgm_aliases
 from lora_compat.bake import bake
 from lora_compat.cli import main
 
 from lora_compat.oracles.lycoris_oracle import write_lycoris_file
 from lora_compat.oracles.models import make_sd15_components
+from checkpoints import single_file_names, single_file_tensors
 from flux_models import kohya_flux_file, make_bfl_host, make_flux
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
@@ -59,16 +59,30 @@ def test_bake_a_diffusers_folder(tmp_path: Path, dtype) -> None:
             assert torch.equal(value, expected[key]), (name, key)
 
 
+@pytest.mark.parametrize("make", ["sd15", "sdxl"])
+def test_single_file_names_are_the_ones_diffusers_converts(make: str) -> None:
+    """The SGM names the single-file tests write are read back by diffusers' own LDM converter onto every
+    UNet parameter, value for value (an oracle for ``sgm_aliases`` independent of lora_compat)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from lora_compat.oracles.models import make_sdxl_components
+
+    components = (make_sd15_components if make == "sd15" else make_sdxl_components)(seed=100)
+    components = {"unet": components["unet"], "text_encoder": components["text_encoder"]}
+    tensors = single_file_tensors(components)
+    unet = components["unet"]
+    converted = convert_ldm_unet_checkpoint(
+        {k: v for k, v in tensors.items() if k.startswith("model.diffusion_model.")}, dict(unet.config))
+    state = unet.state_dict()
+    assert converted.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(converted[key], value), key
+
+
 def test_bake_a_single_file_sd_checkpoint(tmp_path: Path) -> None:
     """SGM names under model.diffusion_model., CLIP under cond_stage_model.transformer.text_model."""
     components = make_sd15_components(seed=100)
-    unet, te = components["unet"], components["text_encoder"]
-    names = {}
-    for sgm, path in sgm_aliases(dict(unet.named_modules())).items():
-        for param, _ in unet.get_submodule(path).named_parameters(recurse=False):
-            names[f"unet.{path}.{param}"] = f"model.diffusion_model.{sgm}.{param}"
-    for key, _ in te.named_parameters():
-        names[f"text_encoder.{key}"] = f"cond_stage_model.transformer.text_model.{key}"
+    names = single_file_names(components)
     params = {f"{c}.{n}": p.detach() for c, m in components.items() for n, p in m.named_parameters()}
     save_file({names[k]: v.contiguous() for k, v in params.items() if k in names},
               str(tmp_path / "model.safetensors"), metadata={"format": "pt"})

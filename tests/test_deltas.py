@@ -17,12 +17,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lora_compat
-from lora_compat.archs.sd import sgm_aliases
 from lora_compat.cli import main
 from lora_compat.fuse import merge
 
 from lora_compat.oracles.lycoris_oracle import write_lycoris_file
 from lora_compat.oracles.models import make_sd15_components
+from checkpoints import single_file_tensors
 from merge_references import dare_reference, ties_reference
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
@@ -59,15 +59,8 @@ def checkpoint(sd15, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single_file_checkpoint(sd15, tmp_path_factory) -> Path:
     """The same model as one file under SGM / LDM names (as bake reads them)."""
-    unet, te = sd15["unet"], sd15["text_encoder"]
-    tensors = {}
-    for sgm, path in sgm_aliases(dict(unet.named_modules())).items():
-        for param, value in unet.get_submodule(path).named_parameters(recurse=False):
-            tensors[f"model.diffusion_model.{sgm}.{param}"] = value.detach().contiguous()
-    for key, value in te.named_parameters():
-        tensors[f"cond_stage_model.transformer.text_model.{key}"] = value.detach().contiguous()
     path = tmp_path_factory.mktemp("single") / "model.safetensors"
-    save_file(tensors, str(path))
+    save_file(single_file_tensors(sd15), str(path))
     return path
 
 

@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 import lora_compat
 from lora_compat.examples import kohya_sd15
 from lora_compat.patches import OftPatch, Ref
-from lora_compat.patches.oft import cayley, skew
 
 
 def test_triggers_from_sidecars_metadata_and_tags(tmp_path):
@@ -72,12 +71,36 @@ def _blocks(n: int = 3, b: int = 4) -> torch.Tensor:
     return torch.randn(n, b, b, generator=torch.Generator().manual_seed(0)) * 0.1
 
 
+def _kohya_oft_delta(blocks: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """sd-scripts ``networks/oft.py`` in float64 (dialects.md §3.5): Q = B − Bᵀ clamped to norm alpha·out,
+    R = (I + Q)(I − Q)⁻¹ per block, W'_k = R_kᵀ·W_k, ΔW = W' − W."""
+    b64, w64 = blocks.double(), weight.double()
+    q = b64 - b64.transpose(1, 2)
+    norm = q.norm()
+    q = q * ((norm.clamp(max=alpha * weight.shape[0]) + 1e-8) / (norm + 1e-8))
+    eye = torch.eye(q.shape[-1], dtype=torch.float64)
+    rotation = torch.linalg.solve((eye - q).transpose(1, 2), (eye + q).transpose(1, 2)).transpose(1, 2)
+    return _rotated(rotation, w64) - w64
+
+
+def _rotated(rotation: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """W'_k = R_kᵀ·W_k over the blocks of output rows, written with explicit loops."""
+    b = rotation.shape[-1]
+    return torch.cat([rotation[k].T @ weight[k * b:(k + 1) * b] for k in range(rotation.shape[0])])
+
+
 def test_kohya_oft_equals_lycoris_oft_when_the_constraint_is_inactive():
+    from lycoris.functional.diag_oft import diff_weight
+
     weight = torch.randn(12, 5)
     blocks = _blocks()
     kohya = OftPatch(Ref.of(blocks), 1e6, style="kohya").delta({"weight": weight})["weight"]
     lycoris = OftPatch(Ref.of(blocks), 0.0, style="lycoris").delta({"weight": weight})["weight"]
     torch.testing.assert_close(kohya, lycoris, rtol=1e-5, atol=1e-6)
+    # each against its own reference: LyCORIS' own ΔW and sd-scripts' formula in float64
+    torch.testing.assert_close(lycoris, diff_weight(weight, blocks, None, constraint=0, backend="torch"),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kohya, _kohya_oft_delta(blocks, weight, 1e6).float(), rtol=1e-5, atol=1e-6)
 
 
 def test_kohya_oft_alpha_zero_is_the_identity_and_rotations_keep_row_norms():
@@ -90,11 +113,17 @@ def test_kohya_oft_alpha_zero_is_the_identity_and_rotations_keep_row_norms():
 
 
 def test_legacy_oft_diag_stores_the_rotation_itself():
+    """Legacy ``oft_diag`` holds LyCORIS' ``get_r()`` (dialects.md §3.5); the rotation is LyCORIS' own here."""
+    from lycoris.functional.diag_oft import get_r
+
     weight = torch.randn(12, 5)
     blocks = _blocks()
+    rotation = get_r(blocks)
     from_blocks = OftPatch(Ref.of(blocks), 0.0).delta({"weight": weight})["weight"]
-    from_rotation = OftPatch(Ref.of(cayley(skew(blocks))), style="rotation").delta({"weight": weight})["weight"]
+    from_rotation = OftPatch(Ref.of(rotation), style="rotation").delta({"weight": weight})["weight"]
     torch.testing.assert_close(from_blocks, from_rotation)
+    torch.testing.assert_close(from_rotation, (_rotated(rotation.double(), weight.double()) - weight.double()).float(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_glora_old_layout_is_the_transposed_current_layout():

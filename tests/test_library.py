@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import save_file
 
 from lora_compat import plugins
-from lora_compat.archs.flux import bfl_parts
 from lora_compat.cli import main
 from lora_compat import library as library_module
 from lora_compat import retrieval
@@ -50,10 +49,8 @@ BASES = ("sd15", "sdxl", "flux1")
 def _modules(base: str, count: int = 4) -> dict[str, tuple[int, ...]]:
     """A few full-size target modules of the base (enough for its shapes to decide the base)."""
     index = plugins.archs()[base].index
-    if base == "flux1":
-        parts = bfl_parts(index.components["transformer"])
-        return {f"double_blocks.{i}.img_attn.qkv": (parts[f"double_blocks.{i}.img_attn.qkv"][-1].stop, 3072)
-                for i in range(count)}
+    if base == "flux1":  # FLUX.1's width is 3072; img_attn.qkv stacks q, k and v by rows (dialects.md §5.1)
+        return {f"double_blocks.{i}.img_attn.qkv": (3 * 3072, 3072) for i in range(count)}
     unet = index.components["unet"]
     names = [p for p in unet if p.endswith(("attn2.to_k", "attn1.to_q")) and "transformer_blocks" in p]
     return {p: unet[p]["weight"] for p in names[:count]}
