@@ -187,7 +187,10 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
     from . import corpus as corpus_data
     from . import matrix
+    from .adapters.routes import host_routes
 
+    # the CLI puts the pieces together: the matrix measures the host columns with the host adapters' own routing
+    matrix.use_host_routes(host_routes)
     corpus = Path(args.corpus) if args.corpus else matrix.default_corpus()
     if not corpus_data.has_index(corpus):
         print(f"lora-compat matrix: {corpus}: no corpus INDEX.json", file=sys.stderr)

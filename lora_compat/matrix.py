@@ -19,7 +19,7 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from . import corpus as corpus_data
 from .errors import LoraCompatError, NotALoraError
@@ -61,33 +61,56 @@ def default_corpus() -> Path:
     return corpus_data.BUNDLED
 
 
-def _routes(base: str | None, patchset) -> dict[str, str]:
-    """What each host adapter does with this PatchSet (the adapters' own routing rules)."""
-    from .adapters.diffusers import choose_route
-    from .hostkeys import host_native
+@dataclass(frozen=True)
+class RouteQuery:
+    """One file for a :data:`HostRoutes` function: a path or ``LoraFile`` whose tensors can be read
+    (placeholders do for header-only layouts: routes depend on names, shapes and kinds, never on values), its
+    base and its canonical patches."""
 
+    file: Any
+    base: str
+    patchset: Any
+
+
+#: what each host does with one file whose base is known (``lora_compat.adapters.routes.host_routes``): the
+#: matrix imports no host adapter, whoever builds it says how the host columns are measured
+HostRoutes = Callable[[RouteQuery], dict[str, str]]
+_HOST_ROUTES: list[HostRoutes] = []
+
+
+def use_host_routes(routes: HostRoutes) -> None:
+    """Measure the host columns with ``routes`` (the CLI passes the host adapters' own,
+    ``lora_compat.adapters.routes.host_routes``)."""
+    if _HOST_ROUTES != [routes]:
+        _HOST_ROUTES[:] = [routes]
+        _BUILT.clear()
+
+
+def _routes(base: str | None, patchset, file: Any, routes: HostRoutes | None) -> dict[str, str]:
+    """What each host does with this file: the cases no host decides, else ``routes`` (``{}`` without one)."""
     if base is None and not patchset:
         return {h: "refused: no key maps to a module of a supported base (every key reported unmatched)"
                 for h in HOSTS}
     if base is None:
         return {h: "partial: base undetermined from the header; names resolved, shapes unchecked" for h in HOSTS}
-    kinds = patchset.kinds
-    route = choose_route(patchset)
-    hosts = {"diffusers": "works: " + {"diffusers": "diffusers route (PEFT LoRA)", "peft": "PEFT LoHa route",
-                                       "patcher": "patcher route (exact merge)"}[route]}
-    hosts["a1111"] = "refused: AUTOMATIC1111 has no Flux" if base == "flux1" else "works: lora_compat module type"
-    hosts["sdnext"] = "works: lora_compat module type (diffusers names)"
-    if "widen" in kinds:
-        hosts["forge"] = "works: Forge reads Control LoRAs itself"
-        hosts["comfyui"] = "works: handed to ComfyUI's own Control LoRA loader"
-        return hosts
-    native = all(host_native(p) for p in patchset.values())
-    hosts["forge"] = "works: " + ("native patches" if native else "lora_compat patches (exact)")
-    hosts["comfyui"] = "works: " + ("native patches" if native else "exact diffs at the chosen strength")
-    return hosts
+    if routes is None:
+        return {}
+    return routes(RouteQuery(file, base, patchset))
 
 
-def corpus_rows(corpus: Path, progress: Progress | None = None) -> list[Row]:
+def _placeholders(data: dict) -> Callable[[str], Any]:
+    """Tensor reads for a header-only layout: zeros for scalars (alphas are read as numbers), uninitialised
+    tensors of the right shape otherwise (host routes depend on names, shapes and kinds, never on values)."""
+    import math
+
+    import torch
+
+    shapes = {k: tuple(v) for k, v in data["keys"].items()}
+    return lambda key: torch.zeros(shapes[key]) if math.prod(shapes[key]) <= 1 else torch.empty(shapes[key])
+
+
+def corpus_rows(corpus: Path, progress: Progress | None = None, routes: HostRoutes | None = None) -> list[Row]:
+    """A row per corpus layout, read from its header; ``routes`` measures the host columns (none: left empty)."""
     from .core import detect
 
     entries = sorted(corpus_data.index(corpus), key=lambda e: e["file"])
@@ -134,7 +157,9 @@ def corpus_rows(corpus: Path, progress: Progress | None = None) -> list[Row]:
             mapping = "partial: " + detection.base_reason
         checked_by = CHECKED_BY.get(detection.dialect.id, "") if patchset else "test_corpus.py"
         rows.append(Row(name, provenance, detection.dialect.id, base, patchset.kinds, len(patchset),
-                        len(patchset.unmatched), mapping, _routes(base, patchset), checked_by))
+                        len(patchset.unmatched), mapping,
+                        _routes(base, patchset, corpus_data.header_file(data, read=_placeholders(data)), routes),
+                        checked_by))
     return rows
 
 
@@ -157,7 +182,7 @@ def quiet_libraries() -> Iterator[None]:
         logging.disable(disabled)
 
 
-def generated_rows(progress: Progress | None = None) -> list[Row]:
+def generated_rows(progress: Progress | None = None, routes: HostRoutes | None = None) -> list[Row]:
     """Files written by the reference libraries on tiny SD1.5 models (:mod:`lora_compat.oracles`), applied with
     ``patched_weights`` and compared with what the library itself computes. Errors are reported against the
     project's tolerance (fp32 relative error < 1e-5), so the matrix does not depend on the machine's BLAS."""
@@ -194,6 +219,7 @@ def generated_rows(progress: Progress | None = None) -> list[Row]:
                 info = inspect(path)
                 patchset = read(path)
                 got = patched_weights(path, components)
+                hosts = _routes("sd15", patchset, path, routes)
             worst = max(float((got[k] - v).norm() / v.norm()) for k, v in expected.items())
             same_keys = got.keys() == expected.keys()
             error = (f"< 1e-5 vs {oracle}" if worst < TOLERANCE and same_keys
@@ -201,7 +227,7 @@ def generated_rows(progress: Progress | None = None) -> list[Row]:
             rows.append(Row(f"generated: {library} {variant}", "generated-real-library", info.dialect, "sd15",
                             info.kinds, info.targets, len(info.unmatched),
                             f"works: {info.targets} targets on the tiny sd15 model it was written on",
-                            _routes("sd15", patchset), "test_parity.py", error))
+                            hosts, "test_parity.py", error))
     return rows
 
 
@@ -213,12 +239,17 @@ def build(corpus: Path, progress: Progress | None = None) -> dict:
     ``progress`` receives one line per layout and generated file."""
     key = str(Path(corpus).resolve())
     if key not in _BUILT:
+        if not _HOST_ROUTES:
+            raise LoraCompatError("the matrix's host columns are measured by the host adapters: call "
+                                  "lora_compat.matrix.use_host_routes(lora_compat.adapters.routes.host_routes) "
+                                  "first (`lora-compat matrix` does)")
+        routes = _HOST_ROUTES[0]
         from .oracles import require
 
         require()  # before the corpus rows: a missing library should not cost the minute they take
         with quiet_libraries():
-            rows = corpus_rows(Path(key), progress=progress)
-        rows += generated_rows(progress=progress)
+            rows = corpus_rows(Path(key), progress=progress, routes=routes)
+        rows += generated_rows(progress=progress, routes=routes)
         _BUILT[key] = json.dumps({"hosts": list(HOSTS), "rows": [asdict(r) for r in rows]})
     return json.loads(_BUILT[key])
 

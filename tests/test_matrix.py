@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import lora_compat
 from lora_compat import corpus, matrix
 from lora_compat.cli import main
 
@@ -152,3 +153,36 @@ def test_matrix_names_a_peft_older_than_transformers_accepts(tmp_path: Path, mon
     assert capsys.readouterr().err == (
         f"lora-compat matrix: transformers {real('transformers')} needs peft >= {MIN_PEFT_VERSION}, but peft 0.1.0 "
         f"is installed: install peft >= {MIN_PEFT_VERSION} or a transformers that accepts peft 0.1.0\n")
+
+
+def test_the_matrix_imports_no_host_adapter() -> None:
+    """The host columns come from the adapters' own routing (lora_compat.adapters.routes), handed in by the CLI:
+    importing and running the matrix's corpus rows loads no adapter module."""
+    code = ("import sys; from lora_compat import corpus, matrix; rows = matrix.corpus_rows(corpus.BUNDLED); "
+            "assert len(rows) == len(corpus.index()); "
+            "print(sorted(m for m in sys.modules if m.startswith('lora_compat.adapters')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
+    assert done.stdout.strip() == "[]"
+
+
+def test_matrix_build_without_host_routes_says_how_to_measure_them(monkeypatch) -> None:
+    from lora_compat.errors import LoraCompatError
+
+    monkeypatch.setattr(matrix, "_HOST_ROUTES", [])
+    with pytest.raises(LoraCompatError, match=r"use_host_routes\(lora_compat\.adapters\.routes\.host_routes\)"):
+        matrix.build(Path("no-such-corpus-folder"))
+
+
+def test_host_routes_of_a_flux_control_lora_follow_the_adapters(tmp_path: Path) -> None:
+    """The Forge and ComfyUI adapters hand a FLUX.1 Control LoRA to the host whole (their ``*_reads_itself``),
+    A1111 has no Flux, diffusers and SD.Next get it through lora_compat."""
+    from flux_models import control_file, make_flux
+    from lora_compat.adapters.routes import HOST_FACTS, host_routes
+
+    path = control_file(tmp_path / "control.safetensors", make_flux())
+    hosts = host_routes(matrix.RouteQuery(path, "flux1", lora_compat.read(path)))
+    assert hosts == {"diffusers": "works: patcher route (exact merge)",
+                     "a1111": HOST_FACTS[("a1111", "flux1")].cell,
+                     "sdnext": "works: lora_compat module type (diffusers names)",
+                     "forge": HOST_FACTS[("forge", "bfl-control")].cell,
+                     "comfyui": HOST_FACTS[("comfyui", "bfl-control")].cell}

@@ -42,6 +42,12 @@ def split_for_comfy(conversion: Conversion) -> tuple[dict[str, torch.Tensor], di
     return native, own
 
 
+def comfy_reads_itself(conversion: Conversion) -> bool:
+    """Files handed to ComfyUI's own loader whole: FLUX.1 Control LoRAs (it reads them, input widening
+    included, in ``comfy/lora_convert.py``)."""
+    return conversion.dialect == "bfl-control"
+
+
 #: ComfyUI's model configs (``comfy.supported_models``, subclasses included) → lora_compat base
 MODEL_CONFIG_BASES = {"SD15": "sd15", "SD20": "sd2", "SDXL": "sdxl", "Flux": "flux1"}
 #: ComfyUI's text-encoder models (``clip.cond_stage_model``, subclasses included) → lora_compat base
@@ -119,7 +125,7 @@ def load_for_models(model: Any, clip: Any, path: str, strength_model: float, str
     comfy_sd, comfy_lora = found["comfy.sd"], found["comfy.lora"]
     shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()} if model is not None else {}
     conversion = convert(path, "comfy", index_from_state_dict(shapes), base=loaded_base(model, clip))
-    if conversion.dialect == "bfl-control":  # ComfyUI reads FLUX.1 Control LoRAs itself (input widening included)
+    if comfy_reads_itself(conversion):
         from safetensors.torch import load_file
 
         return comfy_sd.load_lora_for_models(model, clip, load_file(path), strength_model, strength_clip)

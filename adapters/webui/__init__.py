@@ -206,19 +206,37 @@ def forge_state_dict(filename: str) -> dict[str, torch.Tensor]:
     return dict(tensors)
 
 
+def forge_reads_itself(conversion: Conversion) -> bool:
+    """Files Forge's own ``load_lora`` reads whole: FLUX.1 Control LoRAs (it renames them and pads the widened
+    ``img_in`` itself), which no weight calculator could do (the weight changes shape)."""
+    return conversion.dialect == "bfl-control"
+
+
+def forge_split(conversion: Conversion) -> tuple[dict[str, torch.Tensor], dict[str, tuple[Patch, HostName | None]]]:
+    """(tensors Forge applies itself, patches lora_compat computes through its weight calculator), by module."""
+    native, own = {}, {}
+    for name, (patch, host) in conversion.patches.items():
+        tensors = {k: v for k, v in conversion.tensors.items() if k.startswith(name + ".")}
+        if tensors and host_native(patch):
+            native.update(tensors)
+        else:
+            own[name] = (patch, host)
+    return native, own
+
+
 def _forge_convert(filename: str) -> dict[str, torch.Tensor]:
     conversion = convert(filename, "comfy", MODEL_INDEX["index"])
     CONVERTED[filename] = conversion
     report(filename, conversion)
-    tensors = {}
-    for name, (patch, host) in conversion.patches.items():
-        own = {k: v for k, v in conversion.tensors.items() if k.startswith(name + ".")}
-        if own and host_native(patch):
-            tensors.update(own)
-        else:
-            patch_id = next(_ids)
-            FORGE_PATCHES[patch_id] = (patch, host)
-            tensors[f"{name}.lora_compat"] = torch.tensor(patch_id)
+    if forge_reads_itself(conversion):
+        from safetensors.torch import load_file
+
+        return load_file(filename)
+    tensors, own = forge_split(conversion)
+    for name, (patch, host) in own.items():
+        patch_id = next(_ids)
+        FORGE_PATCHES[patch_id] = (patch, host)
+        tensors[f"{name}.lora_compat"] = torch.tensor(patch_id)
     return tensors
 
 
@@ -357,4 +375,4 @@ def install(host_modules: Mapping[str, Any] | None = None) -> str | None:
 
 __all__ = ["install", "install_a1111", "install_sdnext", "install_forge", "convert", "make_module_type",
            "patch_from_weights", "updown", "fix_empty_request", "forge_state_dict", "forge_weight_calculator", "set_model",
-           "CONVERTED"]
+           "forge_split", "forge_reads_itself", "CONVERTED"]

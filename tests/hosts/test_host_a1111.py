@@ -118,3 +118,21 @@ def test_a1111_unmatched_keys_are_reported_loudly(a1111, sd15, tmp_path, capsys)
     load(a1111, tmp_path / "extra.safetensors")
     err = capsys.readouterr().err
     assert "[lora_compat] extra.safetensors: 2 keys match no module" in err and "not_a_module" in err
+
+
+# -- the host facts the matrix states (lora_compat.adapters.routes.HOST_FACTS), re-measured on A1111's own code --
+@pytest.mark.parametrize("enabled", [False, True], ids=["a1111 alone", "with lora_compat"])
+def test_a1111_fact_a_flux_lora_matches_no_layer(a1111, tmp_path, enabled) -> None:
+    """``HOST_FACTS[("a1111", "flux1")]``: A1111's layer names come from its loaded SD model only; a FLUX.1 LoRA
+    (sd-scripts BFL names, every module) loads with no module, whether lora_compat converts it first or not."""
+    from flux_models import kohya_flux_file, make_flux
+    from lora_compat.adapters.routes import HOST_FACTS
+
+    assert HOST_FACTS[("a1111", "flux1")].cell == "refused: AUTOMATIC1111 has no Flux"
+    path = kohya_flux_file(tmp_path / "flux.safetensors", make_flux())
+    a1111.shared.opts.lora_compat_enabled = enabled
+    try:
+        net = load(a1111, path)
+    finally:
+        a1111.shared.opts.lora_compat_enabled = True
+    assert net.modules == {}

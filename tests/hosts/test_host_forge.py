@@ -127,3 +127,39 @@ def test_forge_two_files_apply_in_order(forge, sd15, sd_files) -> None:
     assert_restored(sd15, base)
     for key, value in got.items():
         assert_close(value, want[key], key)
+
+
+# -- the host facts the matrix states (lora_compat.adapters.routes.HOST_FACTS), re-measured on Forge's own code --
+def test_forge_fact_flux_control_loras_are_read_by_forge_itself(forge, tmp_path) -> None:
+    """``HOST_FACTS[("forge", "bfl-control")]``: with the extension installed a FLUX.1 Control LoRA reaches Forge
+    whole, Forge's own ``load_lora`` takes every key of it, and its merge widens ``img_in`` to the padded weight
+    plus B·A."""
+    import torch
+    from safetensors.torch import load_file
+
+    from flux_models import control_file, make_bfl_host, make_flux
+    from lora_compat.adapters.routes import HOST_FACTS
+
+    assert HOST_FACTS[("forge", "bfl-control")].cell == "works: Forge reads Control LoRAs itself"
+    flux = make_flux()
+    path = control_file(tmp_path / "control.safetensors", flux)
+    raw = load_file(str(path))
+    lora = forge.networks.load_lora_state_dict(str(path))
+    assert lora.keys() == raw.keys() and all(torch.equal(lora[k], raw[k]) for k in raw)
+    host = make_bfl_host(flux)
+    to_load = {}
+    for name, module in host.named_modules():
+        for param in ("weight", "scale"):
+            if param in module._parameters:
+                x = f"diffusion_model.{name}" + (".scale" if param == "scale" else "")
+                to_load[x] = f"diffusion_model.{name}.{param}"
+    patches, remaining = forge.backend.load_lora(lora, to_load)
+    assert remaining == {}  # Forge loaded every key of the file
+    weights = {f"diffusion_model.{n}" for n, p in host.named_parameters()}
+    assert set(patches) == weights  # every weight, bias and norm scale of the BFL model is patched
+    img_in = host.img_in.weight.detach()
+    merged = forge.backend.merge_lora_to_weight([(0.6, patches["diffusion_model.img_in.weight"], 1.0, None, None)],
+                                                img_in)
+    want = torch.cat([img_in, torch.zeros_like(img_in)], 1) + 0.6 * raw["img_in.lora_B.weight"] @ raw["img_in.lora_A.weight"]
+    assert merged.shape == (img_in.shape[0], 2 * img_in.shape[1])
+    assert_close(merged, want, "img_in")

@@ -1,0 +1,88 @@
+"""What each host does with a LoRA file once lora_compat's adapter is installed, measured by running the
+adapters' own decisions on it: the host columns of the compatibility matrix (``lora-compat matrix``).
+
+The matrix (``lora_compat.matrix``) imports no adapter; the CLI hands it :func:`host_routes`. Each column comes
+from the code the adapter runs when the host loads the file:
+
+- diffusers: ``adapters.diffusers.choose_route`` on the file's patches;
+- A1111 / SD.Next: the conversion the webui adapter's read wrapper makes (``compvis`` / ``diffusers`` names);
+  every converted module is then computed by its module type;
+- Forge: ``webui.forge_reads_itself``, else ``webui.forge_split`` of the ``comfy`` conversion (native tensors
+  for Forge, the rest through lora_compat's weight calculator);
+- ComfyUI: ``comfyui.comfy_reads_itself``, else ``comfyui.split_for_comfy`` of the same conversion.
+
+What a host does by itself, where no adapter code decides, is in :data:`HOST_FACTS`: read from the pinned host
+sources (shared/hosts) and re-measured against the real host code by ``tests/hosts`` (``test_a1111_fact_*``,
+``test_forge_fact_*``, ``test_comfyui_flux_control_loras_are_read_by_comfyui_itself``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lora_compat.errors import LoraCompatError
+from lora_compat.hostkeys import Conversion, convert
+from lora_compat.matrix import RouteQuery
+
+from . import comfyui, webui
+from .diffusers import choose_route
+
+
+@dataclass(frozen=True)
+class HostFact:
+    cell: str
+    #: where the host's own code says so (pinned copies in shared/hosts)
+    source: str
+
+
+#: (host, base or dialect) → what the host does by itself
+HOST_FACTS: dict[tuple[str, str], HostFact] = {
+    ("a1111", "flux1"): HostFact(
+        "refused: AUTOMATIC1111 has no Flux",
+        "AUTOMATIC1111 v1.8.0 (bef51aed) extensions-builtin/Lora/networks.py: layer names come from the loaded SD "
+        "model only (assign_network_names_to_compvis_modules); a FLUX.1 LoRA matches none of them"),
+    ("forge", "bfl-control"): HostFact(
+        "works: Forge reads Control LoRAs itself",
+        "Forge (dfdcbab6) packages_3rdparty/comfyui_lora_collection/lora.py load_lora: convert_lora_bfl_control "
+        "(lora_B.bias -> diff_b, norm scales -> set_weight); backend/patcher/lora.py pads the widened img_in"),
+    ("comfyui", "bfl-control"): HostFact(
+        "works: handed to ComfyUI's own Control LoRA loader",
+        "ComfyUI (a125cd84) comfy/lora_convert.py convert_lora_bfl_control, comfy/lora.py load_lora"),
+}
+
+
+def _converted(file: Any, layout: str) -> Conversion | str:
+    try:
+        return convert(file, layout)
+    except LoraCompatError as exc:  # the adapters print this and leave the file to the host's own reader
+        return f"refused: lora_compat cannot name it for the host ({exc}); the host reads it itself"
+
+
+def host_routes(query: RouteQuery) -> dict[str, str]:
+    """Host → ``works: ...`` / ``refused: ...`` for one file whose base is known."""
+    route = choose_route(query.patchset)
+    hosts = {"diffusers": "works: " + {"diffusers": "diffusers route (PEFT LoRA)", "peft": "PEFT LoHa route",
+                                       "patcher": "patcher route (exact merge)"}[route]}
+    fact = HOST_FACTS.get(("a1111", query.base))
+    if fact is not None:
+        hosts["a1111"] = fact.cell
+    else:
+        compvis = _converted(query.file, "compvis")
+        hosts["a1111"] = compvis if isinstance(compvis, str) else "works: lora_compat module type"
+    flat = _converted(query.file, "diffusers")
+    hosts["sdnext"] = flat if isinstance(flat, str) else "works: lora_compat module type (diffusers names)"
+    comfy = _converted(query.file, "comfy")
+    if isinstance(comfy, str):
+        hosts["forge"] = hosts["comfyui"] = comfy
+        return hosts
+    if webui.forge_reads_itself(comfy):
+        hosts["forge"] = HOST_FACTS[("forge", comfy.dialect)].cell
+    else:
+        _, own = webui.forge_split(comfy)
+        hosts["forge"] = "works: " + ("lora_compat patches (exact)" if own else "native patches")
+    if comfyui.comfy_reads_itself(comfy):
+        hosts["comfyui"] = HOST_FACTS[("comfyui", comfy.dialect)].cell
+    else:
+        _, own = comfyui.split_for_comfy(comfy)
+        hosts["comfyui"] = "works: " + ("exact diffs at the chosen strength" if own else "native patches")
+    return hosts
