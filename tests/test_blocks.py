@@ -19,6 +19,21 @@ from flux_models import kohya_flux_file, make_flux
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
 
+#: LBW's block ids (hako-mikan/sd-webui-lora-block-weight README): 26 for LyCORIS, 17 for SD1 LoRA, 12 for SDXL
+LBW_26 = ["BASE", *[f"IN{i:02}" for i in range(12)], "M00", *[f"OUT{i:02}" for i in range(12)]]
+LBW_LAYOUTS = {17: ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00",
+                    *[f"OUT{i:02}" for i in range(3, 12)]],
+               12: ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", *[f"OUT{i:02}" for i in range(6)]]}
+#: LBW's own presets (scripts/lora_block_weight.py, DEF_WEIGHT_PRESET)
+LBW_PRESETS = {"INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0", "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+               "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0"}
+
+
+def lbw_factors(spec: str | list[float]) -> dict[str, float]:
+    """Block id → factor, as LBW reads a preset or a vector (blocks its layout does not list get 0)."""
+    values = [float(v) for v in LBW_PRESETS.get(spec, spec).split(",")] if isinstance(spec, str) else spec
+    return {**{b: 0.0 for b in LBW_26}, **dict(zip(LBW_LAYOUTS[len(values)], values))}
+
 
 def lbw_block(key: str, layers: int = 2) -> str | None:
     """The test's own diffusers parameter name → LBW block id (compvis input/output block numbering)."""
@@ -58,7 +73,7 @@ def test_parse_presets_and_vectors() -> None:
 def test_sd1_presets_scale_exactly_the_blocks_they_name(tmp_path: Path, preset: str) -> None:
     components = make_sd15_components(seed=100)
     path, _ = write_lycoris_file(tmp_path, components, "lora", seed=1)
-    weights = parse(preset)
+    weights = lbw_factors(preset)
     copies = {k: copy.deepcopy(m) for k, m in components.items()}
     Patcher(copies).set([Entry(path, 0.8, blocks=preset)])
     got = {f"{c}.{n}": p for c, m in copies.items() for n, p in m.named_parameters()}
@@ -80,7 +95,7 @@ def test_sdxl_vector_of_12(tmp_path: Path) -> None:
     vector = [1, 0, 0.5, 1, 0, 0.25, 1, 0, 1, 0, 1, 0]
     copies = {k: copy.deepcopy(m) for k, m in components.items()}
     Patcher(copies).set([Entry(path, 1.0, blocks=vector)])
-    weights = parse(vector)
+    weights = lbw_factors(vector)
     got = {f"{c}.{n}": p for c, m in copies.items() for n, p in m.named_parameters()}
     base = {f"{c}.{n}": p for c, m in components.items() for n, p in m.named_parameters()}
     for key, value in lora_compat.patched_weights(path, components, 1.0).items():
