@@ -3,6 +3,10 @@ key lists, header only) and a set of files written by the reference libraries pe
 detection, reading, full-size mapping and each host adapter's route. Writes ``compat_matrix/MATRIX.md`` and
 ``matrix.json``; ``--check`` fails when the committed files differ from a fresh run.
 
+The host columns are measured by the host adapters themselves (``lora_compat.adapters.routes.host_routes``, run
+on every file); this module imports no adapter: whoever builds the matrix hands the routes in with
+:func:`use_host_routes` (``lora-compat matrix`` does).
+
 Generating the files needs the ``[test]`` extra's libraries (lycoris-lora, peft, diffusers, transformers): without
 them :func:`build` raises :class:`LoraCompatError` naming what is missing. Their own log lines, warnings and
 progress bars are kept out of the output; :func:`build` reports its progress through a callback.
