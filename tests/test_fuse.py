@@ -69,6 +69,14 @@ def test_concat_is_the_weighted_sum(tmp_path: Path, sd15, two_loras) -> None:
     want = {f"{c}.{n}": p for c, m in copies.items() for n, p in m.named_parameters()}
     for key, value in got.items():
         assert float((value - want[key]).norm() / want[key].norm()) < 1e-6, key
+    # and against the files' own tensors: W + 0.7 ΔW₁ − 0.4 ΔW₂ (ΔW = alpha/rank · up @ down)
+    deltas = [raw_deltas(p) for p in two_loras]
+    base = {f"{c}.{n}": p.detach() for c, m in sd15.items() for n, p in m.named_parameters()}
+    assert len(got) == report.modules and all(key.endswith(".weight") for key in got)
+    for key, value in got.items():
+        name = next(n for n in deltas[0] if n.endswith(key.partition(".")[2][: -len(".weight")].replace(".", "_")))
+        exact = base[key] + (WEIGHTS[0] * deltas[0][name] + WEIGHTS[1] * deltas[1][name]).reshape(value.shape)
+        assert float((value - exact).norm() / exact.norm()) < 1e-6, key
 
 
 @pytest.mark.parametrize("rank", [1, 4])
