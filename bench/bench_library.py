@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_library import BASES, PARAPHRASES, QUERIES, TOPICS, write_lora  # noqa: E402
+from library_files import BASES, PARAPHRASES, QUERIES, TOPICS, write_lora  # noqa: E402
 
 from lora_compat import library as library_module  # noqa: E402
 from lora_compat import retrieval  # noqa: E402
