@@ -17,7 +17,7 @@ from lora_compat.cli import main
 
 from lora_compat.oracles.lycoris_oracle import write_lycoris_file
 from lora_compat.oracles.models import make_sd15_components
-from checkpoints import single_file_names, single_file_tensors
+from sd_checkpoints import single_file_names, single_file_tensors
 from flux_models import kohya_flux_file, make_bfl_host, make_flux
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)

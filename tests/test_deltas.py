@@ -22,7 +22,7 @@ from lora_compat.fuse import merge
 
 from lora_compat.oracles.lycoris_oracle import write_lycoris_file
 from lora_compat.oracles.models import make_sd15_components
-from checkpoints import single_file_tensors
+from sd_checkpoints import single_file_tensors
 from merge_references import dare_reference, ties_reference
 
 warnings.filterwarnings("ignore", category=lora_compat.LoraCompatWarning)
