@@ -1,0 +1,134 @@
+"""PEFT's own LyCORIS-family tuners (LoHa, LoKr, OFT, BOFT), in both layouts peft writes (``save_pretrained`` with
+``adapter_config.json``, and diffusers ``save_lora_weights`` with ``lora_adapter_metadata``): detected, read and
+applied exactly as PEFT merges them (fp32 relative error < 1e-5), files written by peft inside the tests."""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import lora_compat
+from lora_compat import Entry, Patcher
+from lora_compat.cli import main
+
+from lora_compat.oracles.models import make_sd15_components
+from lora_compat.oracles.peft_tuner_oracle import VARIANTS, write_tuner_file
+
+KINDS = {"loha": "loha", "lokr": "lokr", "oft": "peft_oft", "boft": "peft_boft"}
+LAYOUTS = ("peft", "diffusers")
+
+
+@pytest.fixture(scope="module")
+def sd15() -> dict[str, torch.nn.Module]:
+    return make_sd15_components(seed=7)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, sd15):
+    """Each (variant, layout) written once per module: (path, PEFT's merged weights)."""
+    root, cache = tmp_path_factory.mktemp("peft_tuners"), {}
+
+    def get(variant: str, layout: str) -> tuple[Path, dict[str, torch.Tensor]]:
+        if (variant, layout) not in cache:
+            cache[variant, layout] = write_tuner_file(root, sd15, variant, layout, seed=len(cache))
+        return cache[variant, layout]
+
+    return get
+
+
+def kind_of(variant: str) -> str:
+    return KINDS[variant.split("_")[0]]
+
+
+def assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        error = (got[key].float() - value.float()).norm() / value.float().norm()
+        assert error < 1e-5, f"{key}: relative error {error:.2e}"
+
+
+def base_values(components: dict[str, torch.nn.Module], keys) -> dict[str, torch.Tensor]:
+    state = {f"{c}.{k}": v for c, m in components.items() for k, v in m.state_dict().items()}
+    return {k: state[k].float() for k in keys}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_file_matches_peft_merge(files, sd15, variant, layout):
+    path, expected = files(variant, layout)
+    info = lora_compat.inspect(path)
+    assert (info.dialect, info.kinds, info.unmatched) == ("peft-lycoris", [kind_of(variant)], [])
+    assert info.components == ({"unet": 255} if layout == "peft" else {"text_encoder": 12, "unet": 255})
+    assert_matches(lora_compat.patched_weights(path, sd15, strict=True), expected)
+
+
+@pytest.mark.parametrize("variant", ["loha", "loha_effective_conv", "lokr", "lokr_decompose_both"])
+@pytest.mark.parametrize("strength", [0.6, -0.8])
+def test_loha_lokr_strength_is_peft_set_scale(tmp_path, sd15, variant, strength):
+    path, expected = write_tuner_file(tmp_path, sd15, variant, "diffusers", seed=3, scale=strength)
+    assert_matches(lora_compat.patched_weights(path, sd15, strength=strength, strict=True), expected)
+
+
+@pytest.mark.parametrize("variant", ["oft", "oft_coft_shared", "boft", "boft_butterfly"])
+@pytest.mark.parametrize("strength", [0.6, -0.8])
+def test_oft_boft_strength_interpolates_the_merged_weight(files, sd15, variant, strength):
+    """PEFT has no strength for OFT/BOFT: lora_compat's is ``W + s·(W_peft − W)`` (for OFT: ``R_s = s(R−I)+I``)."""
+    path, merged = files(variant, "peft")
+    base = base_values(sd15, merged)
+    expected = {k: base[k] + strength * (merged[k] - base[k]) for k in merged}
+    assert_matches(lora_compat.patched_weights(path, sd15, strength=strength, strict=True), expected)
+
+
+@pytest.mark.parametrize("mode", ["merge", "hot"])
+def test_patcher_applies_and_removes_them(files, sd15, mode):
+    """The Patcher stacks the four kinds (merge mode) / runs them in hot mode; clear() restores every bit."""
+    model = copy.deepcopy(sd15)
+    pristine = {f"{c}.{k}": v.clone() for c, m in model.items() for k, v in m.state_dict().items()}
+    entries = [Entry(files(v, "diffusers")[0], s) for v, s in (("loha", 0.7), ("lokr", 1.0), ("oft", 0.5),
+                                                                  ("boft_butterfly", 1.0))]
+    expected = lora_compat.patched_weights(entries[0].source, sd15, 0.7)
+    patcher = Patcher(model, mode=mode)
+    patcher.set(entries[:1])
+    if mode == "merge":
+        state = {f"{c}.{k}": v for c, m in model.items() for k, v in m.state_dict().items()}
+        assert all(torch.equal(state[k], v) for k, v in expected.items())
+    patcher.set(entries)
+    gen = torch.Generator().manual_seed(0)
+    sample, states = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 5, 16, generator=gen)
+    reference = copy.deepcopy(sd15)
+    Patcher(reference).set(entries)
+    with torch.no_grad():
+        got = model["unet"](sample, 3, encoder_hidden_states=states).sample
+        want = reference["unet"](sample, 3, encoder_hidden_states=states).sample
+    assert ((got - want).norm() / want.norm()) < 1e-5
+    patcher.clear()
+    assert all(torch.equal(v, pristine[f"{c}.{k}"]) for c, m in model.items() for k, v in m.state_dict().items())
+
+
+def test_cli_inspect_names_the_kind(files, capsys):
+    path, _ = files("oft", "peft")
+    assert main(["inspect", "--json", str(path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["dialect"], report["kinds"], report["unmatched"]) == ("peft-lycoris", ["peft_oft"], [])
+
+
+@pytest.mark.parametrize("variant", ["oft", "boft"])
+def test_without_a_config_the_defaults_apply(tmp_path, files, sd15, variant):
+    """OFT's merge depends on config fields (Neumann terms, coft): without a config PEFT's defaults, loudly;
+    BOFT needs none. The ``oft`` variant uses the defaults, so it stays exact."""
+    path, expected = files(variant, "peft")
+    alone = tmp_path / "alone.safetensors"
+    alone.write_bytes(path.read_bytes())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = lora_compat.patched_weights(alone, sd15, strict=True)
+    notes = [str(w.message) for w in caught if isinstance(w.message, lora_compat.LoraCompatWarning)]
+    assert_matches(got, expected)
+    if variant == "oft":
+        assert any("no adapter_config.json beside the file: PEFT's defaults assumed" in n for n in notes)
+    else:
+        assert not any("PEFT's defaults" in n for n in notes)
