@@ -132,3 +132,60 @@ def test_without_a_config_the_defaults_apply(tmp_path, files, sd15, variant):
         assert any("no adapter_config.json beside the file: PEFT's defaults assumed" in n for n in notes)
     else:
         assert not any("PEFT's defaults" in n for n in notes)
+
+
+# -- converting for the webuis and ComfyUI -----------------------------------------------------------------------
+@pytest.mark.parametrize("to", ["kohya", "webui"])
+@pytest.mark.parametrize("variant", ["loha_effective_conv", "lokr", "lokr_decompose_both"])
+def test_loha_lokr_convert_to_lycoris_tensors(tmp_path, files, sd15, variant, to):
+    """LoHa/LoKr keep their kind: LyCORIS tensors with ``alpha`` (a LoKr with both factors full, which LyCORIS
+    readers scale by 1, carries PEFT's ``alpha / r`` in ``lokr_w1``); the file re-reads to PEFT's merge."""
+    path, expected = files(variant, "diffusers")
+    out = tmp_path / f"{to}.safetensors"
+    report = lora_compat.convert(path, to, out)
+    assert (report.source_dialect, report.modules) == ("peft-lycoris", 267)
+    info = lora_compat.inspect(out)
+    assert (info.dialect, info.kinds, info.unmatched) == ("lycoris", [kind_of(variant)], [])
+    assert_matches(lora_compat.patched_weights(out, sd15, strict=True), expected)
+    assert_matches(lora_compat.patched_weights(out, sd15, 0.6, strict=True),
+                   lora_compat.patched_weights(path, sd15, 0.6, strict=True))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, sd15) -> Path:
+    """The tiny SD1.5 as a diffusers folder (what ``--checkpoint`` takes)."""
+    root = tmp_path_factory.mktemp("checkpoint")
+    for name, module in sd15.items():
+        module.save_pretrained(root / name)
+    return root
+
+
+@pytest.mark.parametrize("to", ["kohya", "webui"])
+@pytest.mark.parametrize("variant", ["oft_coft_shared", "boft_butterfly"])
+def test_oft_boft_convert_to_exact_diffs_of_a_checkpoint(tmp_path, files, sd15, checkpoint, variant, to):
+    """No host reads PEFT OFT/BOFT and LyCORIS' OFT/BOFT rotate the other side: the converted file holds the exact
+    change of the given checkpoint's weights (LyCORIS ``diff``), at every strength (both are linear in it)."""
+    path, merged = files(variant, "diffusers")
+    out = tmp_path / f"{to}.safetensors"
+    with pytest.raises(lora_compat.LoraCompatError,
+                       match=rf"a {kind_of(variant)} patch has no kohya/LyCORIS tensor form; it can be written as "
+                             r"the exact change of a checkpoint's weights: pass --checkpoint PATH"):
+        lora_compat.convert(path, to, out)
+    assert not out.exists()
+    lora_compat.convert(path, to, out, checkpoint=checkpoint)
+    info = lora_compat.inspect(out)
+    assert (info.dialect, info.kinds, info.unmatched) == ("lycoris", ["full"], [])
+    assert_matches(lora_compat.patched_weights(out, sd15, strict=True), merged)
+    base = base_values(sd15, merged)
+    half = {k: base[k] + 0.6 * (merged[k] - base[k]) for k in merged}
+    assert_matches(lora_compat.patched_weights(out, sd15, 0.6, strict=True), half)
+
+
+def test_cli_convert_with_a_checkpoint(tmp_path, files, sd15, checkpoint, capsys):
+    path, merged = files("oft", "peft")
+    out = tmp_path / "webui.safetensors"
+    assert main(["convert", str(path), "--to", "webui", "-o", str(out)]) == 2
+    assert "--checkpoint PATH" in capsys.readouterr().err
+    assert main(["convert", str(path), "--to", "webui", "-o", str(out), "--checkpoint", str(checkpoint)]) == 0
+    assert "peft-lycoris -> webui" in capsys.readouterr().out
+    assert_matches(lora_compat.patched_weights(out, sd15, strict=True), merged)
