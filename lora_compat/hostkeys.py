@@ -13,6 +13,7 @@ import torch
 from . import plugins
 from .archs import ModuleIndex
 from .core import detect
+from .deltas import needs_base
 from .errors import LoraCompatError
 from .archs.flux import bfl_parts, is_flux_transformer, rows_from_file
 from .archs.sd import sgm_aliases
@@ -279,7 +280,9 @@ def _put(conversion: Conversion, name: str, patch: Patch, host: HostName | None)
     try:
         tensors = kohya_tensors(patch)
     except ValueError:
-        tensors = {}
+        # no kohya form (PEFT OFT/BOFT): the patch's own tensors, so that a host grouping the file by module name
+        # (A1111, SD.Next) makes a module of it, which lora_compat's module type then computes
+        tensors = {role: ref.loader() for role, ref in patch.refs().items()} if needs_base(patch) else {}
     for suffix, tensor in tensors.items():
         conversion.tensors[f"{name}.{suffix}"] = tensor
 

@@ -1,7 +1,8 @@
 """PEFT adapters of tuner types lora_compat does not read (IA3, VeRA, FourierFT, HRA, MiSS, AdaLoRA, and OFT as
-peft <= 0.15.2 wrote it, ``oft_r`` / ``oft_s``): recognised by their keys (``base_model.model.<module>.<tuner parameter>``)
-and refused by name; the tuner type is the ``peft_type`` of the ``adapter_config.json`` beside the file, else the
-one its parameter names belong to. LoRA is the ``peft`` dialect's, LoHa/LoKr/OFT/BOFT the ``peft-lycoris`` one's.
+peft <= 0.15.2 wrote it, ``oft_r`` / ``oft_s``): recognised by their keys
+(``base_model.model.<module>.<tuner parameter>``) and refused by name; the tuner type is the ``peft_type`` of the
+``adapter_config.json`` beside the file, else the one its parameter names belong to. LoRA is the ``peft``
+dialect's, LoHa/LoKr/OFT/BOFT the ``peft-lycoris`` one's.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""PEFT BOFT (``peft.tuners.boft``): butterfly-factorised orthogonal rotation of the weight's *input* columns,
-then a per-output-row scale: ``W' = diag(s) · W · Mᵀ`` with ``M = M_{m−1} ⋯ M_0``, ``M_i = P_i · B_i · P_iᵀ``.
+"""PEFT BOFT (``peft.tuners.boft``): butterfly-factorised orthogonal rotation of the weight's *input*
+columns, then a per-output-row scale: ``W' = diag(s) · W · Mᵀ`` with ``M = M_{m−1} ⋯ M_0`` and
+``M_i = P_i · B_i · P_iᵀ``.
 
 ``boft_R [m, n_blocks, b, b]`` holds unconstrained blocks: ``B_i = blockdiag(cayley(½(R − Rᵀ)))`` with PEFT's
 ``(I − S)(I + S)⁻¹``; ``P_i`` is PEFT's ``block_butterfly_perm`` permutation; ``boft_s`` is ``[out, 1]``

@@ -114,7 +114,8 @@ class PeftOftPatch(Patch):
         if n == 1 and self.shared is not False:
             if columns % b == 0:
                 return None
-            return f"PEFT OFT shared block of {b} needs input columns in multiples of {b}, module weight is {list(weight)}"
+            return (f"PEFT OFT shared block of {b} needs input columns in multiples of {b}, "
+                    f"module weight is {list(weight)}")
         if columns != n * b:
             return f"PEFT OFT {n} blocks of {b} need {n * b} input columns, module weight is {list(weight)}"
         return None
