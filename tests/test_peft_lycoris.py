@@ -189,3 +189,39 @@ def test_cli_convert_with_a_checkpoint(tmp_path, files, sd15, checkpoint, capsys
     assert main(["convert", str(path), "--to", "webui", "-o", str(out), "--checkpoint", str(checkpoint)]) == 0
     assert "peft-lycoris -> webui" in capsys.readouterr().out
     assert_matches(lora_compat.patched_weights(out, sd15, strict=True), merged)
+
+
+# -- the diffusers adapter -------------------------------------------------------------------------------------------
+def unet_and_text_outputs(components: dict[str, torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        hidden = components["text_encoder"](torch.randint(0, 1000, (1, 7), generator=gen)).last_hidden_state
+        sample = torch.randn(1, 4, 8, 8, generator=gen)
+        return hidden, components["unet"](sample, 10, encoder_hidden_states=hidden).sample
+
+
+@pytest.mark.parametrize("variant", ["loha", "lokr", "oft", "boft_butterfly"])
+def test_diffusers_adapter_loads_them_like_peft(tmp_path, variant):
+    """``adapters.diffusers.load``: LoHa into PEFT's own LoHa layers, the others through the patcher; the
+    pipeline's outputs equal the model with PEFT's merged weights; ``unload`` restores every bit."""
+    from diffusers import StableDiffusionPipeline
+
+    from lora_compat.adapters import diffusers as adapter
+
+    components = make_sd15_components(seed=5)
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=components["text_encoder"], tokenizer=None,
+                                   unet=components["unet"], scheduler=None, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pristine = {c: {k: v.clone() for k, v in m.state_dict().items()} for c, m in components.items()}
+    path, expected = write_tuner_file(tmp_path, components, variant, "diffusers", seed=2)
+    merged = copy.deepcopy(components)
+    for key, value in expected.items():
+        component, _, name = key.partition(".")
+        merged[component].get_parameter(name).data = value.clone()
+    name = adapter.load(pipe, path)
+    assert (name.route, name.unmatched) == ("peft" if variant == "loha" else "patcher", [])
+    for got, want in zip(unet_and_text_outputs(components), unet_and_text_outputs(merged)):
+        assert float((got - want).norm() / want.norm()) < 1e-5
+    adapter.unload(pipe, name)
+    for component, module in components.items():
+        assert all(torch.equal(v, pristine[component][k]) for k, v in module.state_dict().items())
