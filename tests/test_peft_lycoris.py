@@ -1,6 +1,7 @@
-"""PEFT's own LyCORIS-family tuners (LoHa, LoKr, OFT, BOFT), in both layouts peft writes (``save_pretrained`` with
-``adapter_config.json``, and diffusers ``save_lora_weights`` with ``lora_adapter_metadata``): detected, read and
-applied exactly as PEFT merges them (fp32 relative error < 1e-5), files written by peft inside the tests."""
+"""PEFT's own LyCORIS-family tuners (LoHa, LoKr, OFT, BOFT) and IA3, in both layouts peft writes
+(``save_pretrained`` with ``adapter_config.json``, and diffusers ``save_lora_weights`` with
+``lora_adapter_metadata``): detected, read and applied exactly as PEFT merges them (fp32 relative error < 1e-5),
+files written by peft inside the tests."""
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,7 @@ from lora_compat.cli import main
 from lora_compat.oracles.models import make_sd15_components
 from lora_compat.oracles.peft_tuner_oracle import VARIANTS, write_tuner_file
 
-KINDS = {"loha": "loha", "lokr": "lokr", "oft": "peft_oft", "boft": "peft_boft"}
+KINDS = {"loha": "loha", "lokr": "lokr", "oft": "peft_oft", "boft": "peft_boft", "ia3": "peft_ia3"}
 LAYOUTS = ("peft", "diffusers")
 
 
@@ -73,10 +74,10 @@ def test_loha_lokr_strength_is_peft_set_scale(tmp_path, sd15, variant, strength)
     assert_matches(lora_compat.patched_weights(path, sd15, strength=strength, strict=True), expected)
 
 
-@pytest.mark.parametrize("variant", ["oft", "oft_coft_shared", "boft", "boft_butterfly"])
+@pytest.mark.parametrize("variant", ["oft", "oft_coft_shared", "boft", "boft_butterfly", "ia3"])
 @pytest.mark.parametrize("strength", [0.6, -0.8])
-def test_oft_boft_strength_interpolates_the_merged_weight(files, sd15, variant, strength):
-    """PEFT has no strength for OFT/BOFT: lora_compat's is ``W + s·(W_peft − W)`` (for OFT: ``R_s = s(R−I)+I``)."""
+def test_oft_boft_ia3_strength_interpolates_the_merged_weight(files, sd15, variant, strength):
+    """PEFT has no strength for OFT/BOFT/IA3: lora_compat's is ``W + s·(W_peft − W)`` (OFT: ``R_s = s(R−I)+I``)."""
     path, merged = files(variant, "peft")
     base = base_values(sd15, merged)
     expected = {k: base[k] + strength * (merged[k] - base[k]) for k in merged}
@@ -85,11 +86,11 @@ def test_oft_boft_strength_interpolates_the_merged_weight(files, sd15, variant, 
 
 @pytest.mark.parametrize("mode", ["merge", "hot"])
 def test_patcher_applies_and_removes_them(files, sd15, mode):
-    """The Patcher stacks the four kinds (merge mode) / runs them in hot mode; clear() restores every bit."""
+    """The Patcher stacks the five kinds (merge mode) / runs them in hot mode; clear() restores every bit."""
     model = copy.deepcopy(sd15)
     pristine = {f"{c}.{k}": v.clone() for c, m in model.items() for k, v in m.state_dict().items()}
     entries = [Entry(files(v, "diffusers")[0], s) for v, s in (("loha", 0.7), ("lokr", 1.0), ("oft", 0.5),
-                                                                  ("boft_butterfly", 1.0))]
+                                                                  ("boft_butterfly", 1.0), ("ia3", 0.8))]
     expected = lora_compat.patched_weights(entries[0].source, sd15, 0.7)
     patcher = Patcher(model, mode=mode)
     patcher.set(entries[:1])
@@ -161,10 +162,11 @@ def checkpoint(tmp_path_factory, sd15) -> Path:
 
 
 @pytest.mark.parametrize("to", ["kohya", "webui"])
-@pytest.mark.parametrize("variant", ["oft_coft_shared", "boft_butterfly"])
-def test_oft_boft_convert_to_exact_diffs_of_a_checkpoint(tmp_path, files, sd15, checkpoint, variant, to):
-    """No host reads PEFT OFT/BOFT and LyCORIS' OFT/BOFT rotate the other side: the converted file holds the exact
-    change of the given checkpoint's weights (LyCORIS ``diff``), at every strength (both are linear in it)."""
+@pytest.mark.parametrize("variant", ["oft_coft_shared", "boft_butterfly", "ia3"])
+def test_oft_boft_ia3_convert_to_exact_diffs_of_a_checkpoint(tmp_path, files, sd15, checkpoint, variant, to):
+    """No host reads PEFT OFT/BOFT/IA3 (LyCORIS' OFT/BOFT rotate the other side, LyCORIS IA3 leaves the bias): the
+    converted file holds the exact change of the given checkpoint's weights and biases (LyCORIS ``diff`` /
+    ``diff_b``), at every strength (both are linear in it)."""
     path, merged = files(variant, "diffusers")
     out = tmp_path / f"{to}.safetensors"
     with pytest.raises(lora_compat.LoraCompatError,
@@ -200,7 +202,7 @@ def unet_and_text_outputs(components: dict[str, torch.nn.Module]) -> tuple[torch
         return hidden, components["unet"](sample, 10, encoder_hidden_states=hidden).sample
 
 
-@pytest.mark.parametrize("variant", ["loha", "lokr", "oft", "boft_butterfly"])
+@pytest.mark.parametrize("variant", ["loha", "lokr", "oft", "boft_butterfly", "ia3"])
 def test_diffusers_adapter_loads_them_like_peft(tmp_path, variant):
     """``adapters.diffusers.load``: LoHa into PEFT's own LoHa layers, the others through the patcher; the
     pipeline's outputs equal the model with PEFT's merged weights; ``unload`` restores every bit."""

@@ -1,6 +1,6 @@
-"""PEFT adapter files of tuner types lora_compat does not read (IA3, VeRA, OFT as peft <= 0.15.2 wrote it) are
-named for what they are and refused; never "a full model checkpoint" or "no dialect recognises these keys".
-LoHa/LoKr/OFT/BOFT are read: see test_peft_lycoris.py."""
+"""PEFT adapter files of tuner types lora_compat does not read (VeRA, FourierFT, OFT as peft <= 0.15.2 wrote it)
+are named for what they are and refused; never "a full model checkpoint" or "no dialect recognises these keys".
+LoHa/LoKr/OFT/BOFT/IA3 are read: see test_peft_lycoris.py."""
 from __future__ import annotations
 
 import copy
@@ -20,7 +20,7 @@ from lora_compat.oracles.models import make_sd15_components, one_thread
 TARGETS = ["to_k", "to_v", "ff.net.2"]
 #: tuner name → (config class, its arguments, the parameters PEFT saves)
 TUNERS = {
-    "IA3": ("IA3Config", dict(feedforward_modules=["ff.net.2"]), "ia3_l"),
+    "FourierFT": ("FourierFTConfig", dict(n_frequency=8), "fourierft_spectrum"),
     "VeRA": ("VeraConfig", dict(r=4, target_modules=["to_k", "to_v"], save_projection=False),
              "vera_lambda_b, vera_lambda_d"),
 }
@@ -75,7 +75,7 @@ def test_peft_tuner_adapters_are_named_and_refused(tmp_path: Path, unet, tuner: 
     else:
         evidence += rf"; adapter_config.json: peft_type {tuner.upper()}"
     message = (rf"{path.name}: is a PEFT {tuner} adapter \({evidence}\): of PEFT's tuners, lora_compat reads LoRA, "
-               r"LoHa, LoKr, OFT \(as peft > 0\.15\.2 writes it\) and BOFT; load it with peft "
+               r"LoHa, LoKr, OFT \(as peft > 0\.15\.2 writes it\), BOFT and IA3; load it with peft "
                r"\(PeftModel\.from_pretrained\)$")
     with pytest.raises(NotALoraError, match=message) as caught:
         lora_compat.inspect(path)

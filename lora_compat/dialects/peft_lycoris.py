@@ -1,9 +1,9 @@
-"""PEFT's own LyCORIS-family tuners: LoHa, LoKr, OFT and BOFT adapters.
+"""PEFT's own LyCORIS-family tuners: LoHa, LoKr, OFT, BOFT and IA³ adapters.
 
 Two layouts, both written by peft's ``get_peft_model_state_dict``:
 
 - ``PeftModel.save_pretrained``: ``base_model.model.<module>.<parameter>`` with ``adapter_config.json`` beside
-  the file (``peft_type`` LOHA/LOKR/OFT/BOFT and the fields below);
+  the file (``peft_type`` LOHA/LOKR/OFT/BOFT/IA3 and the fields below);
 - diffusers ``save_lora_weights`` of a component that had ``add_adapter(LoHaConfig(...))``:
   ``unet.`` / ``text_encoder(_2).`` / ``transformer.`` + module + parameter, the config per component in the
   ``lora_adapter_metadata`` header entry (``unet.r``, ``unet.alpha``, ``unet.peft_type``...).
@@ -12,11 +12,13 @@ LoHa and LoKr use LyCORIS' tensor names and math (:class:`LohaPatch`, :class:`Lo
 ``alpha / r`` from the config (``rank_pattern`` / ``alpha_pattern`` per module), for LoKr even when both factors
 are full (LyCORIS and the webuis use 1 there: that scale is folded into ``lokr_w1``, so a converted file reads
 the same everywhere). OFT (``oft_R.weight``) and BOFT (``boft_R``, ``boft_s``) rotate the input columns with
-PEFT's own parameterisation: kinds ``peft_oft`` and ``peft_boft``.
+PEFT's own parameterisation: kinds ``peft_oft`` and ``peft_boft``. IA³ (``ia3_l``, the factor itself, bias scaled
+too) is ``peft_ia3``; ``feedforward_modules`` of the config tells which side it scales.
 """
 from __future__ import annotations
 
 import json
+import re
 from functools import partial
 from typing import Any, Callable, Mapping
 
@@ -25,6 +27,7 @@ from ..files import Header, LoraFile
 from ..patches import LohaPatch, LokrPatch, Patch, Ref, Scale
 from ..patches.base import ONE
 from ..patches.peft_boft import PeftBoftPatch
+from ..patches.peft_ia3 import PeftIa3Patch
 from ..patches.peft_oft import OftSettings, PeftOftPatch
 from ..patchset import PatchSet
 from .base import Dialect, Match
@@ -36,12 +39,12 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
 PARAMS = {**dict.fromkeys(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"), "LOHA"),
           **dict.fromkeys(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
                           "LOKR"),
-          "oft_R": "OFT", "boft_R": "BOFT", "boft_s": "BOFT"}
-NAMES = {"LOHA": "LoHa", "LOKR": "LoKr", "OFT": "OFT", "BOFT": "BOFT"}
+          "oft_R": "OFT", "boft_R": "BOFT", "boft_s": "BOFT", "ia3_l": "IA3"}
+NAMES = {"LOHA": "LoHa", "LOKR": "LoKr", "OFT": "OFT", "BOFT": "BOFT", "IA3": "IA3"}
 
 
 def split_tuner_key(key: str) -> tuple[str, str, str] | None:
-    """``(component or "", module path, parameter)`` of a PEFT LoHa/LoKr/OFT/BOFT key (``""``: a
+    """``(component or "", module path, parameter)`` of a PEFT LoHa/LoKr/OFT/BOFT/IA³ key (``""``: a
     ``base_model.model.`` key, whose component the config tells); an adapter name ``default`` is dropped."""
     if key.startswith(PREFIX):
         component, rest = "", key[len(PREFIX):]
@@ -87,6 +90,17 @@ def oft_settings(config: Mapping[str, Any] | None) -> OftSettings:
                        bool(config.get("coft", default.coft)), float(config.get("eps", default.eps)))
 
 
+def feedforward(config: Mapping[str, Any] | None, path: str) -> bool | None:
+    """PEFT's ``_check_target_module_feedforward`` (a regex ``fullmatch`` or the end of the path); no config:
+    ``None`` (the shapes decide)."""
+    if config is None or "feedforward_modules" not in config:
+        return None
+    modules = config["feedforward_modules"] or []
+    if isinstance(modules, str):
+        return bool(re.fullmatch(modules, path))
+    return any(path.endswith(key) for key in modules)
+
+
 def build(tuner: str, refs: Mapping[str, Ref], config: Mapping[str, Any] | None, path: str) -> Patch:
     """The patch of one module's tensors; ``ValueError`` naming what is missing."""
     def need(*names: str) -> list[Ref]:
@@ -107,6 +121,9 @@ def build(tuner: str, refs: Mapping[str, Ref], config: Mapping[str, Any] | None,
         (params,) = need("oft_R")
         shared = bool(config["block_share"]) if config and "block_share" in config else None
         return PeftOftPatch(params, oft_settings(config), shared)
+    if tuner == "IA3":
+        (vector,) = need("ia3_l")
+        return PeftIa3Patch(vector, feedforward(config, path))
     blocks, scale = need("boft_R", "boft_s")
     return PeftBoftPatch(blocks, scale)
 
@@ -127,7 +144,7 @@ def _lokr(refs: Mapping[str, Ref], scale: Scale) -> LokrPatch:
 
 class PeftLycorisDialect(Dialect):
     id = "peft-lycoris"
-    description = ("PEFT LoHa/LoKr/OFT/BOFT adapters (save_pretrained base_model.model. + adapter_config.json, or "
+    description = ("PEFT LoHa/LoKr/OFT/BOFT/IA3 adapters (save_pretrained base_model.model. + adapter_config.json, or "
                    "diffusers unet./text_encoder. files with lora_adapter_metadata)")
 
     def detect(self, header: Header) -> Match | None:
@@ -146,7 +163,7 @@ class PeftLycorisDialect(Dialect):
         for key in file.keys():
             hit = split_tuner_key(key)
             if hit is None:
-                result.unmatched[key] = "not a PEFT LoHa/LoKr/OFT/BOFT tensor name"
+                result.unmatched[key] = "not a PEFT LoHa/LoKr/OFT/BOFT/IA3 tensor name"
             else:
                 groups.setdefault(hit[:2], {})[hit[2]] = key
         resolve = self._resolver(index, config)
@@ -180,7 +197,7 @@ class PeftLycorisDialect(Dialect):
             where = "adapter_config.json beside the file" if "the file" in unconfigured else \
                 f"lora_adapter_metadata for {', '.join(sorted(unconfigured))}"
             result.warnings.append(f"no {where}: PEFT's defaults assumed (LoHa/LoKr scale 1, OFT with a "
-                                   "5-term Cayley-Neumann series)")
+                                   "5-term Cayley-Neumann series, IA3's side from the shapes)")
         return result
 
     @staticmethod

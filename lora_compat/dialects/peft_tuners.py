@@ -1,8 +1,8 @@
-"""PEFT adapters of tuner types lora_compat does not read (IA3, VeRA, FourierFT, HRA, MiSS, AdaLoRA, and OFT as
+"""PEFT adapters of tuner types lora_compat does not read (VeRA, FourierFT, HRA, MiSS, AdaLoRA, and OFT as
 peft <= 0.15.2 wrote it, ``oft_r`` / ``oft_s``): recognised by their keys
 (``base_model.model.<module>.<tuner parameter>``) and refused by name; the tuner type is the ``peft_type`` of the
 ``adapter_config.json`` beside the file, else the one its parameter names belong to. LoRA is the ``peft``
-dialect's, LoHa/LoKr/OFT/BOFT the ``peft-lycoris`` one's.
+dialect's, LoHa/LoKr/OFT/BOFT/IA3 the ``peft-lycoris`` one's.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ PEFT_TYPES = {"LOHA": "LoHa", "LOKR": "LoKr", "OFT": "OFT", "BOFT": "BOFT", "IA3
 
 def tuner_of_key(key: str) -> tuple[str, str] | None:
     """``(module, tuner parameter)`` of a ``base_model.model.`` key whose parameter (one of its last two
-    segments: ``...to_q.ia3_l``, ``...to_q.oft_r``) belongs to a PEFT tuner lora_compat does not read."""
+    segments: ``...to_q.vera_lambda_b``, ``...to_q.oft_r``) belongs to a PEFT tuner lora_compat does not read."""
     if not key.startswith(PREFIX) or split_tuner_key(key):
         return None
     parts = key[len(PREFIX):].split(".")
@@ -52,7 +52,7 @@ def config_type(header: Header) -> str | None:
 
 class PeftTunerRecogniser(RefusingDialect):
     id = "peft-tuner"
-    description = "PEFT adapters of other tuner types (IA3, VeRA, FourierFT, HRA, ...): not supported"
+    description = "PEFT adapters of other tuner types (VeRA, FourierFT, HRA, ...): not supported"
 
     def detect(self, header: Header) -> Match | None:
         keys = list(header.keys())
@@ -71,4 +71,4 @@ class PeftTunerRecogniser(RefusingDialect):
         if peft_type:
             evidence += f"; adapter_config.json: peft_type {peft_type}"
         return (f"is a PEFT {name} adapter ({evidence}): of PEFT's tuners, lora_compat reads LoRA, LoHa, LoKr, "
-                "OFT (as peft > 0.15.2 writes it) and BOFT; load it with peft (PeftModel.from_pretrained)")
+                "OFT (as peft > 0.15.2 writes it), BOFT and IA3; load it with peft (PeftModel.from_pretrained)")

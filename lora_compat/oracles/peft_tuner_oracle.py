@@ -1,4 +1,4 @@
-"""Write real PEFT LoHa / LoKr / OFT / BOFT adapter files with peft itself, plus PEFT's own merge.
+"""Write real PEFT LoHa / LoKr / OFT / BOFT / IA³ adapter files with peft itself, plus PEFT's own merge.
 
 `write_tuner_file` attaches a PEFT tuner to deep copies of tiny components (see `models`), gives every adapter
 parameter seeded random values, writes the file the way the libraries' own save paths do, and returns the merged
@@ -61,6 +61,7 @@ VARIANTS: dict[str, Variant] = {
     "oft_coft_shared": Variant("OFTConfig", dict(r=0, oft_block_size=4, coft=True, eps=0.5, block_share=True,
                                                  num_cayley_neumann_terms=3)),
     "boft": Variant("BOFTConfig", dict(boft_block_size=4)),
+    "ia3": Variant("IA3Config", dict(feedforward_modules=["ff.net.2", "conv2", "fc2"])),
     "boft_butterfly": Variant("BOFTConfig", dict(boft_block_num=0, boft_block_size=2, boft_n_butterfly_factor=2),
                               butterfly=True),
 }
@@ -89,7 +90,7 @@ def _randomize(model: nn.Module, gen: torch.Generator) -> None:
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if not p.requires_grad:
                 continue
-            if "boft_s" in name:
+            if "boft_s" in name or "ia3_l" in name:
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
@@ -115,15 +116,19 @@ def _merged(component: str, original: nn.Module, model: nn.Module, scale: float)
 
 
 def _config(variant: Variant, targets: tuple[str, ...]):
+    """The config for one component's targets (IA3's ``feedforward_modules`` must be among them)."""
     import peft
 
-    return getattr(peft, variant.config)(target_modules=list(targets), **variant.kwargs)
+    kwargs = dict(variant.kwargs)
+    if "feedforward_modules" in kwargs:
+        kwargs["feedforward_modules"] = [m for m in kwargs["feedforward_modules"] if m in targets]
+    return getattr(peft, variant.config)(target_modules=list(targets), **kwargs)
 
 
 def write_tuner_file(tmp_dir: Path, components: dict[str, nn.Module], name: str, layout: str = "peft",
                      seed: int = 0, scale: float = 1.0) -> tuple[Path, dict[str, torch.Tensor]]:
     """Write variant ``name`` (see VARIANTS) in ``layout`` (``peft`` or ``diffusers``); returns (path, expected).
-    ``scale``: PEFT's own strength (``set_scale``) for the merge; LoHa/LoKr only (PEFT has none for OFT/BOFT).
+    ``scale``: PEFT's own strength (``set_scale``) for the merge; LoHa/LoKr only (PEFT has none for OFT/BOFT/IA3).
     ``components`` (``unet``, and ``text_encoder`` for the diffusers layout) are left unmodified."""
     import peft
     from diffusers import StableDiffusionPipeline

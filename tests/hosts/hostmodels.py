@@ -116,7 +116,7 @@ def text_model(text_encoder: nn.Module) -> nn.Module:
 def peft_tuner_expected(tmp_path: Path, sd15: dict[str, nn.Module], variant: str
                         ) -> tuple[Path, dict[str, torch.Tensor]]:
     """A PEFT tuner file (diffusers layout) and PEFT's own merge at STRENGTH: ``set_scale`` for LoHa/LoKr, and for
-    OFT/BOFT, which PEFT cannot scale, lora_compat's documented ``W + s·(W_peft − W)``."""
+    OFT/BOFT/IA3, which PEFT cannot scale, lora_compat's documented ``W + s·(W_peft − W)``."""
     from lora_compat.oracles.peft_tuner_oracle import write_tuner_file
 
     if variant.startswith(("loha", "lokr")):

@@ -122,15 +122,17 @@ def test_a1111_unmatched_keys_are_reported_loudly(a1111, sd15, tmp_path, capsys)
     assert "[lora_compat] extra.safetensors: 2 keys match no module" in err and "not_a_module" in err
 
 
-@pytest.mark.parametrize("variant", ["loha_effective_conv", "lokr", "lokr_decompose_both", "oft", "boft_butterfly"])
+@pytest.mark.parametrize("variant", ["loha_effective_conv", "lokr", "lokr_decompose_both", "oft", "boft_butterfly",
+                                     "ia3"])
 @pytest.mark.parametrize("route", ["lora_compat", "a1111 on the webui conversion"])
 def test_a1111_peft_tuner_files_give_peft_merge(variant, route, a1111, sd15, tmp_path) -> None:
-    """PEFT's LoHa/LoKr/OFT/BOFT: the raw file through the lora_compat extension, or ``convert --to webui``
-    (OFT/BOFT: exact diffs of ``--checkpoint``) through A1111's own network modules (setting off)."""
+    """PEFT's LoHa/LoKr/OFT/BOFT/IA3: the raw file through the lora_compat extension, or ``convert --to webui``
+    (OFT/BOFT/IA3: exact diffs of ``--checkpoint``) through A1111's own network modules (setting off)."""
     path, want = peft_tuner_expected(tmp_path, sd15, variant)
     base = parameters_by_name(sd15)
+    diffs = variant.startswith(("oft", "boft", "ia3"))
     if route != "lora_compat":
-        checkpoint = save_checkpoint(tmp_path / "checkpoint", sd15) if variant.startswith(("oft", "boft")) else None
+        checkpoint = save_checkpoint(tmp_path / "checkpoint", sd15) if diffs else None
         lora_compat.convert(path, "webui", tmp_path / "webui.safetensors", checkpoint=checkpoint)
         path = tmp_path / "webui.safetensors"
         a1111.shared.opts.lora_compat_enabled = False
@@ -138,10 +140,11 @@ def test_a1111_peft_tuner_files_give_peft_merge(variant, route, a1111, sd15, tmp
         net = load(a1111, path)
     finally:
         a1111.shared.opts.lora_compat_enabled = True
-    own = {type(m).__module__ for m in net.modules.values()}
-    assert own == ({"network_full"} if variant.startswith(("oft", "boft")) else
-                   {"network_hada" if variant.startswith("loha") else "network_lokr"}) if route != "lora_compat" else \
-        all(getattr(m, "lora_compat_patch", None) is not None for m in net.modules.values())
+    if route == "lora_compat":
+        assert all(getattr(m, "lora_compat_patch", None) is not None for m in net.modules.values())
+    else:  # A1111's own module types
+        own = "network_full" if diffs else "network_hada" if variant.startswith("loha") else "network_lokr"
+        assert {type(m).__module__ for m in net.modules.values()} == {own}
     try:
         apply_networks(a1111, [net])
         assert_state(sd15, want, base)

@@ -207,7 +207,7 @@ def test_comfyui_flux_control_loras_are_read_by_comfyui_itself(comfy, tmp_path) 
 
 
 # -- PEFT's LoHa / LoKr / OFT / BOFT adapters ----------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["loha_effective_conv", "lokr", "oft_coft_shared", "boft_butterfly"])
+@pytest.mark.parametrize("variant", ["loha_effective_conv", "lokr", "oft_coft_shared", "boft_butterfly", "ia3"])
 def test_comfyui_node_applies_peft_tuner_files_like_peft(variant, comfy, sd15, tmp_path) -> None:
     path, want = peft_tuner_expected(tmp_path, sd15, variant)
     base = parameters_by_name(sd15)
@@ -216,13 +216,13 @@ def test_comfyui_node_applies_peft_tuner_files_like_peft(variant, comfy, sd15, t
     assert_restored(sd15, base)
 
 
-@pytest.mark.parametrize("variant", ["loha_effective_conv", "lokr", "oft", "boft_butterfly"])
+@pytest.mark.parametrize("variant", ["loha_effective_conv", "lokr", "oft", "boft_butterfly", "ia3"])
 def test_comfyuis_own_loader_reads_peft_tuner_files_converted_to_webui(variant, comfy, sd15, tmp_path) -> None:
-    """``convert --to webui`` (OFT/BOFT: ``--checkpoint``, exact diffs) read by ComfyUI's own key map and weight
+    """``convert --to webui`` (OFT/BOFT/IA3: ``--checkpoint``, exact diffs) read by ComfyUI's own key map and weight
     adapters gives PEFT's merge. (Not Tucker LoKr, ``lokr_t2``: ComfyUI's own LoKr adapter fails on any such file,
     its ``torch.kron`` of a non-contiguous einsum result; the lora_compat node reads them.)"""
     path, want = peft_tuner_expected(tmp_path, sd15, variant)
-    checkpoint = save_checkpoint(tmp_path / "checkpoint", sd15) if variant.startswith(("oft", "boft")) else None
+    checkpoint = save_checkpoint(tmp_path / "checkpoint", sd15) if variant.startswith(("oft", "boft", "ia3")) else None
     out = tmp_path / "webui.safetensors"
     lora_compat.convert(path, "webui", out, checkpoint=checkpoint)
     base = parameters_by_name(sd15)
