@@ -17,7 +17,6 @@ too) is ``peft_ia3``; ``feedforward_modules`` of the config tells which side it 
 """
 from __future__ import annotations
 
-import json
 import re
 from functools import partial
 from typing import Any, Callable, Mapping
@@ -32,7 +31,7 @@ from ..patches.peft_oft import OftSettings, PeftOftPatch
 from ..patchset import PatchSet
 from .base import Dialect, Match
 from .peft import BASE_CLASS_COMPONENT, PREFIX, load_adapter_config
-from .peft_scaling import pattern_value
+from .peft_scaling import metadata_configs, pattern_value
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "transformer")
 #: tensor name (PEFT's ``adapter_layer_names``; ``oft_R`` is a module holding ``weight``) → peft_type
@@ -58,19 +57,6 @@ def split_tuner_key(key: str) -> tuple[str, str, str] | None:
     if len(parts) >= 3 and parts[-2] == "oft_R" and parts[-1] == "weight":
         return component, ".".join(parts[:-2]), "oft_R"
     return None
-
-
-def metadata_configs(header: Header) -> dict[str, dict[str, Any]]:
-    """Per-component configs from diffusers' ``lora_adapter_metadata`` (``"unet.r": 4`` → ``{"unet": {"r": 4}}``)."""
-    try:
-        flat = json.loads(header.metadata.get("lora_adapter_metadata") or "{}")
-    except json.JSONDecodeError:
-        return {}
-    configs: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items() if isinstance(flat, dict) else ():
-        component, _, name = key.partition(".")
-        configs.setdefault(component, {})[name] = value
-    return configs
 
 
 def _scale(config: Mapping[str, Any] | None, path: str) -> Scale:

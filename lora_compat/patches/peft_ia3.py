@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .._lazy import torch
-
 from .base import Patch, Ref, Shape, Tensor, numel
 
 

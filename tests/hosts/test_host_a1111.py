@@ -61,6 +61,16 @@ def load(a1111, path: Path, strength: float = STRENGTH):
     return net
 
 
+def assert_applies(a1111, net, components, want: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> None:
+    """With ``net`` loaded the weights are ``want`` (the rest ``base``); unloaded, ``base`` bit for bit."""
+    try:
+        apply_networks(a1111, [net])
+        assert_state(components, want, base)
+    finally:
+        apply_networks(a1111, [])
+    assert_restored(components, base)
+
+
 def test_a1111_api_only_server_registers_the_setting_and_installs_the_hooks(a1111) -> None:
     """A1111 v1.8.0's ``api_only()`` runs ``before_ui`` and ``app_started`` callbacks, never ``ui_settings``:
     the setting lives in the option templates that ``/sdapi/v1/options`` reads, and the hooks are in."""
@@ -79,12 +89,7 @@ def test_a1111_applies_every_variant_exactly_and_restores(variant, a1111, sd15, 
     want = expected(path, sd15)
     net = load(a1111, path)
     assert all(getattr(m, "lora_compat_patch", None) is not None for m in net.modules.values())
-    try:
-        apply_networks(a1111, [net])
-        assert_state(sd15, want, base)
-    finally:
-        apply_networks(a1111, [])
-    assert_restored(sd15, base)
+    assert_applies(a1111, net, sd15, want, base)
 
 
 def test_a1111_two_networks_apply_in_order(a1111, sd15, sd_files) -> None:
@@ -145,9 +150,4 @@ def test_a1111_peft_tuner_files_give_peft_merge(variant, route, a1111, sd15, tmp
     else:  # A1111's own module types
         own = "network_full" if diffs else "network_hada" if variant.startswith("loha") else "network_lokr"
         assert {type(m).__module__ for m in net.modules.values()} == {own}
-    try:
-        apply_networks(a1111, [net])
-        assert_state(sd15, want, base)
-    finally:
-        apply_networks(a1111, [])
-    assert_restored(sd15, base)
+    assert_applies(a1111, net, sd15, want, base)
