@@ -227,3 +227,21 @@ def test_diffusers_adapter_loads_them_like_peft(tmp_path, variant):
     adapter.unload(pipe, name)
     for component, module in components.items():
         assert all(torch.equal(v, pristine[component][k]) for k, v in module.state_dict().items())
+
+
+def test_bake_into_a_checkpoint_gives_peft_merge(tmp_path, files, sd15, checkpoint):
+    """``bake`` (streamed, tensor by tensor, from the checkpoint's files) of two PEFT tuner files: as everywhere in
+    lora_compat a stack adds each file's change of the original weights, here PEFT's merges of LoHa and BOFT."""
+    from safetensors.torch import load_file
+
+    from lora_compat.bake import bake
+
+    (loha, after_loha), (boft, after_boft) = files("loha", "peft"), files("boft", "diffusers")
+    bake(checkpoint, [(loha, 1.0), (boft, 1.0)], tmp_path / "baked", progress=False)
+    baked = {f"{c}.{k}": v for c in sd15 for f in (tmp_path / "baked" / c).glob("*.safetensors")
+             for k, v in load_file(str(f)).items()}
+    base = base_values(sd15, baked)
+    changed = after_loha.keys() | after_boft.keys()
+    expected = {k: after_loha.get(k, base[k]) + after_boft.get(k, base[k]) - base[k] for k in changed}
+    assert_matches({k: baked[k] for k in changed}, expected)
+    assert all(torch.equal(baked[k], base[k]) for k in baked.keys() - changed)
