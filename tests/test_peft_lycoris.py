@@ -245,3 +245,15 @@ def test_bake_into_a_checkpoint_gives_peft_merge(tmp_path, files, sd15, checkpoi
     expected = {k: after_loha.get(k, base[k]) + after_boft.get(k, base[k]) - base[k] for k in changed}
     assert_matches({k: baked[k] for k in changed}, expected)
     assert all(torch.equal(baked[k], base[k]) for k in baked.keys() - changed)
+
+
+@pytest.mark.parametrize("variant", ["lokr", "oft", "ia3"])
+def test_sdxl_files_with_both_text_encoders(tmp_path, variant):
+    from lora_compat.oracles.models import make_sdxl_components
+
+    sdxl = make_sdxl_components(seed=4)
+    path, expected = write_tuner_file(tmp_path, sdxl, variant, "diffusers", seed=6)
+    info = lora_compat.inspect(path)
+    assert (info.dialect, sorted(info.components), info.unmatched) == \
+        ("peft-lycoris", ["text_encoder", "text_encoder_2", "unet"], [])
+    assert_matches(lora_compat.patched_weights(path, sdxl, strict=True), expected)
