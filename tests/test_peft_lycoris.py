@@ -257,3 +257,21 @@ def test_sdxl_files_with_both_text_encoders(tmp_path, variant):
     assert (info.dialect, sorted(info.components), info.unmatched) == \
         ("peft-lycoris", ["text_encoder", "text_encoder_2", "unet"], [])
     assert_matches(lora_compat.patched_weights(path, sdxl, strict=True), expected)
+
+
+@pytest.mark.parametrize("variant", ["loha", "oft", "boft"])
+def test_flux_transformer_files(tmp_path, variant):
+    """``transformer.`` + diffusers FLUX.1 names (``FluxPipeline.save_lora_weights``) on a tiny FLUX.1."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(2)
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    with torch.no_grad():
+        for p in flux.parameters():
+            p.normal_(0, 0.2)
+    path, expected = write_tuner_file(tmp_path, {"transformer": flux}, variant, "diffusers", seed=8)
+    info = lora_compat.inspect(path)
+    assert (info.dialect, info.kinds, info.unmatched) == ("peft-lycoris", [kind_of(variant)], [])
+    assert_matches(lora_compat.patched_weights(path, {"transformer": flux}, strict=True), expected)

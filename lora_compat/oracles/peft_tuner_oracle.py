@@ -8,8 +8,8 @@ Layouts:
 
 - ``peft``: `get_peft_model(unet).save_pretrained(out)` -> ``adapter_model.safetensors`` (keys
   ``base_model.model.<module>.<parameter>``) beside ``adapter_config.json``; UNet only.
-- ``diffusers``: `<component>.add_adapter(<Tuner>Config)` on the UNet and the text encoder(s), then
-  `StableDiffusion(XL)Pipeline.save_lora_weights` with `get_peft_model_state_dict` per component and the configs as
+- ``diffusers``: `<component>.add_adapter(<Tuner>Config)` on the UNet (or FLUX.1 transformer) and the text
+  encoder(s) given, then `StableDiffusion(XL)Pipeline` / `FluxPipeline.save_lora_weights` with `get_peft_model_state_dict` per component and the configs as
   ``*_lora_adapter_metadata`` (keys ``unet.<module>.<parameter>`` / ``text_encoder.<...>``).
 
 BOFT with more than one butterfly factor needs peft's CUDA block-diagonal kernel (``fbd_cuda``; without it peft
@@ -39,6 +39,9 @@ require("peft", "diffusers", "transformers")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_shortcut",
                 "time_emb_proj", "ff.net.2")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+#: the diffusers layout's components, each with its targets (a FLUX.1 transformer: attention, MLP, output)
+COMPONENT_TARGETS = {"unet": UNET_TARGETS, "transformer": ("to_q", "to_k", "to_v", "proj_mlp", "proj_out"),
+                     "text_encoder": TE_TARGETS, "text_encoder_2": TE_TARGETS}
 
 
 @dataclass(frozen=True)
@@ -129,10 +132,9 @@ def write_tuner_file(tmp_dir: Path, components: dict[str, nn.Module], name: str,
                      seed: int = 0, scale: float = 1.0) -> tuple[Path, dict[str, torch.Tensor]]:
     """Write variant ``name`` (see VARIANTS) in ``layout`` (``peft`` or ``diffusers``); returns (path, expected).
     ``scale``: PEFT's own strength (``set_scale``) for the merge; LoHa/LoKr only (PEFT has none for OFT/BOFT/IA3).
-    ``components`` (``unet``, and ``text_encoder`` / ``text_encoder_2`` for the diffusers layout) are left
-    unmodified."""
+    ``components`` (``unet``; for the diffusers layout any of COMPONENT_TARGETS) are left unmodified."""
     import peft
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     variant = VARIANTS[name]
     if scale != 1.0 and variant.config not in ("LoHaConfig", "LoKrConfig"):
@@ -146,8 +148,8 @@ def write_tuner_file(tmp_dir: Path, components: dict[str, nn.Module], name: str,
             model.save_pretrained(out)
             return out / "adapter_model.safetensors", _merged("unet", components["unet"], model, scale)
         kwargs, expected = {}, {}
-        for component in (c for c in ("unet", "text_encoder", "text_encoder_2") if c in components):
-            targets = UNET_TARGETS if component == "unet" else TE_TARGETS
+        for component in (c for c in COMPONENT_TARGETS if c in components):
+            targets = COMPONENT_TARGETS[component]
             config = _config(variant, targets)
             model = copy.deepcopy(components[component]).float()
             model.add_adapter(config)
@@ -158,6 +160,7 @@ def write_tuner_file(tmp_dir: Path, components: dict[str, nn.Module], name: str,
             meta["target_modules"] = sorted(meta["target_modules"])
             kwargs[f"{component}_lora_adapter_metadata"] = meta
             expected.update(_merged(component, components[component], model, scale))
-        pipeline = StableDiffusionXLPipeline if "text_encoder_2" in components else StableDiffusionPipeline
+        pipeline = FluxPipeline if "transformer" in components else \
+            StableDiffusionXLPipeline if "text_encoder_2" in components else StableDiffusionPipeline
         pipeline.save_lora_weights(out, **kwargs)
         return out / "pytorch_lora_weights.safetensors", expected
