@@ -9,8 +9,9 @@ Layouts:
 - ``peft``: `get_peft_model(unet).save_pretrained(out)` -> ``adapter_model.safetensors`` (keys
   ``base_model.model.<module>.<parameter>``) beside ``adapter_config.json``; UNet only.
 - ``diffusers``: `<component>.add_adapter(<Tuner>Config)` on the UNet (or FLUX.1 transformer) and the text
-  encoder(s) given, then `StableDiffusion(XL)Pipeline` / `FluxPipeline.save_lora_weights` with `get_peft_model_state_dict` per component and the configs as
-  ``*_lora_adapter_metadata`` (keys ``unet.<module>.<parameter>`` / ``text_encoder.<...>``).
+  encoder(s) given, then `StableDiffusion(XL)Pipeline` / `FluxPipeline.save_lora_weights` with
+  `get_peft_model_state_dict` per component and the configs as ``*_lora_adapter_metadata`` (keys
+  ``unet.<module>.<parameter>`` / ``text_encoder.<...>``).
 
 BOFT with more than one butterfly factor needs peft's CUDA block-diagonal kernel (``fbd_cuda``; without it peft
 forces one factor). For those variants `get_fbd_cuda` is replaced by a CPU stand-in that computes the same block
