@@ -275,3 +275,30 @@ def test_flux_transformer_files(tmp_path, variant):
     info = lora_compat.inspect(path)
     assert (info.dialect, info.kinds, info.unmatched) == ("peft-lycoris", [kind_of(variant)], [])
     assert_matches(lora_compat.patched_weights(path, {"transformer": flux}, strict=True), expected)
+
+
+def test_broken_modules_are_reported_by_key_and_reason(tmp_path, sd15):
+    """Malformed PEFT tuner tensors never crash the header-only read: each module's keys are unmatched with the
+    reason, the well-formed module is read."""
+    from safetensors.torch import save_file
+
+    attn = "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0"
+    tensors = {f"{attn}.attn1.to_q.hada_w1_a": torch.zeros(8), f"{attn}.attn1.to_q.hada_w1_b": torch.zeros(2, 8),
+               f"{attn}.attn1.to_q.hada_w2_a": torch.zeros(8, 2), f"{attn}.attn1.to_q.hada_w2_b": torch.zeros(2, 8),
+               f"{attn}.attn1.to_k.oft_R.weight": torch.zeros(2, 5),
+               f"{attn}.attn1.to_v.boft_s": torch.ones(8, 1),
+               f"{attn}.attn1.to_out.0.lokr_w1": torch.zeros(2, 2),
+               f"{attn}.attn1.to_out.0.oft_R.weight": torch.zeros(2, 6),
+               f"{attn}.attn2.to_q.oft_R.weight": torch.zeros(2, 6)}
+    save_file(tensors, str(tmp_path / "broken.safetensors"))
+    patchset = lora_compat.read(tmp_path / "broken.safetensors")
+    module = lambda name: f"module {name[len('base_model.model.'):]!r}"  # noqa: E731
+    assert patchset.unmatched == {
+        **dict.fromkeys([k for k in tensors if ".to_q.hada" in k],
+                        f"{module(attn + '.attn1.to_q')}: too few dimensions for a factor: hada_w1_a [8]"),
+        f"{attn}.attn1.to_k.oft_R.weight":
+            f"{module(attn + '.attn1.to_k')}: oft_R.weight [2, 5] is not [blocks, b(b-1)/2]",
+        f"{attn}.attn1.to_v.boft_s": f"{module(attn + '.attn1.to_v')}: PEFT BOFT needs boft_R",
+        **dict.fromkeys([k for k in tensors if ".to_out.0." in k],
+                        f"{module(attn + '.attn1.to_out.0')} mixes the tensors of LoKr, OFT")}
+    assert [p.kind for p in patchset.values()] == ["peft_oft"]

@@ -95,6 +95,10 @@ def build(tuner: str, refs: Mapping[str, Ref], config: Mapping[str, Any] | None,
             raise ValueError(f"PEFT {NAMES[tuner]} needs {', '.join(missing)}")
         return [refs[n] for n in names]
 
+    flat = sorted(n for n, ref in refs.items() if n.startswith(("hada_", "lokr_")) and len(ref.shape) < 2)
+    if flat:
+        raise ValueError("too few dimensions for a factor: " + ", ".join(f"{n} {list(refs[n].shape)}" for n in flat))
+
     if tuner == "LOHA":
         w1a, w1b, w2a, w2b = need("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
         if ("hada_t1" in refs) != ("hada_t2" in refs):
