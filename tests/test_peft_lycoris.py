@@ -302,3 +302,45 @@ def test_broken_modules_are_reported_by_key_and_reason(tmp_path, sd15):
         **dict.fromkeys([k for k in tensors if ".to_out.0." in k],
                         f"{module(attn + '.attn1.to_out.0')} mixes the tensors of LoKr, OFT")}
     assert [p.kind for p in patchset.values()] == ["peft_oft"]
+
+
+class SmallNet(torch.nn.Module):
+    """Linear, Conv2d (3x3) and Conv1d layers of a model no base knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.conv, self.c1 = torch.nn.Linear(16, 12), torch.nn.Conv2d(8, 12, 3), torch.nn.Conv1d(8, 16, 3)
+
+
+@pytest.mark.parametrize("config", [("LoHaConfig", dict(r=2, alpha=3, use_effective_conv2d=True)),
+                                    ("LoKrConfig", dict(r=1, alpha=3)), ("LoKrConfig", dict(r=16, alpha=3))])
+def test_a_plain_torch_model(tmp_path, config):
+    """A PEFT model of a plain ``torch.nn`` module: exact; a LoKr with a full Conv1d factor, whose PEFT merge lays
+    the kernel out unlike LyCORIS, is refused by key (every other module still exact)."""
+    import peft
+
+    from lora_compat.oracles import peft_tuner_oracle as oracle
+
+    torch.manual_seed(0)
+    net = SmallNet()
+    model = peft.get_peft_model(copy.deepcopy(net), getattr(peft, config[0])(target_modules=["lin", "conv", "c1"],
+                                                                             **config[1]))
+    oracle.randomize_adapter(model, torch.Generator().manual_seed(1))
+    model.save_pretrained(tmp_path / "adapter")
+    expected = oracle.peft_merged("model", net, model, 1.0)
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    full_conv1d = config == ("LoKrConfig", dict(r=16, alpha=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lora_compat.LoraCompatWarning)
+        got = lora_compat.patched_weights(path, {"model": net})
+    if full_conv1d:
+        from lora_compat.apply import resolve_patchset
+        from lora_compat.archs import ModuleIndex
+
+        expected.pop("model.c1.weight")
+        unmatched = resolve_patchset(path, ModuleIndex.from_modules({"model": net})).unmatched
+        assert unmatched == dict.fromkeys(["base_model.model.c1.lokr_w1", "base_model.model.c1.lokr_w2"],
+                                          "module 'c1': a full 3-D lokr_w2 (a Conv1d layer) is not supported: PEFT's "
+                                          "merge (torch.kron of a 2-D and a 3-D factor) lays the kernel out unlike "
+                                          "LyCORIS' LoKr")
+    assert_matches(got, expected)

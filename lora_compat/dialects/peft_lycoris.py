@@ -124,6 +124,9 @@ def _lokr(refs: Mapping[str, Ref], scale: Scale) -> LokrPatch:
         raise ValueError("PEFT LoKr needs lokr_w1 or both lokr_w1_a and lokr_w1_b")
     if w2 is None and not {"lokr_w2_a", "lokr_w2_b"} <= set(refs):
         raise ValueError("PEFT LoKr needs lokr_w2 or both lokr_w2_a and lokr_w2_b")
+    if w2 is not None and len(w2.shape) == 3:
+        raise ValueError("a full 3-D lokr_w2 (a Conv1d layer) is not supported: PEFT's merge (torch.kron of a 2-D "
+                         "and a 3-D factor) lays the kernel out unlike LyCORIS' LoKr")
     if w1 is not None and w2 is not None and scale.value() != 1.0:
         # both factors full: PEFT still scales by alpha / r, LyCORIS readers by 1; fold it into w1
         factor, loader = scale.value(), w1.loader

@@ -88,7 +88,7 @@ def boft_kernel(stand_in: bool) -> Iterator[None]:
         layer.get_fbd_cuda = original
 
 
-def _randomize(model: nn.Module, gen: torch.Generator) -> None:
+def randomize_adapter(model: nn.Module, gen: torch.Generator) -> None:
     """Seeded values for every adapter parameter (BOFT's ``boft_s`` around 1)."""
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
@@ -100,7 +100,7 @@ def _randomize(model: nn.Module, gen: torch.Generator) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
 
 
-def _merged(component: str, original: nn.Module, model: nn.Module, scale: float) -> dict[str, torch.Tensor]:
+def peft_merged(component: str, original: nn.Module, model: nn.Module, scale: float) -> dict[str, torch.Tensor]:
     """`layer.merge()` on every tuner layer (after PEFT's `set_scale(adapter, scale)`: LoHa/LoKr scaling
     ``scale · alpha / r``); the parameters that changed, under their original names."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -145,22 +145,22 @@ def write_tuner_file(tmp_dir: Path, components: dict[str, nn.Module], name: str,
     with one_thread(), boft_kernel(variant.butterfly):
         if layout == "peft":
             model = peft.get_peft_model(copy.deepcopy(components["unet"]).float(), _config(variant, UNET_TARGETS))
-            _randomize(model, gen)
+            randomize_adapter(model, gen)
             model.save_pretrained(out)
-            return out / "adapter_model.safetensors", _merged("unet", components["unet"], model, scale)
+            return out / "adapter_model.safetensors", peft_merged("unet", components["unet"], model, scale)
         kwargs, expected = {}, {}
         for component in (c for c in COMPONENT_TARGETS if c in components):
             targets = COMPONENT_TARGETS[component]
             config = _config(variant, targets)
             model = copy.deepcopy(components[component]).float()
             model.add_adapter(config)
-            _randomize(model, gen)
+            randomize_adapter(model, gen)
             kwargs[f"{component}_lora_layers"] = {k: v.detach().clone()
                                                   for k, v in peft.get_peft_model_state_dict(model).items()}
             meta = config.to_dict()
             meta["target_modules"] = sorted(meta["target_modules"])
             kwargs[f"{component}_lora_adapter_metadata"] = meta
-            expected.update(_merged(component, components[component], model, scale))
+            expected.update(peft_merged(component, components[component], model, scale))
         pipeline = FluxPipeline if "transformer" in components else \
             StableDiffusionXLPipeline if "text_encoder_2" in components else StableDiffusionPipeline
         pipeline.save_lora_weights(out, **kwargs)
