@@ -5,7 +5,7 @@ Targets: ``kohya`` (sd-scripts names: diffusers-style for SD1/SD2, SGM for SDXL,
 ``lora_adapter_metadata``), ``peft`` (``base_model.model.`` + ``adapter_config.json``), ``bfl``
 (``diffusion_model.<BFL name>``, Flux). kohya/webui/bfl keep every LyCORIS kind; diffusers/peft hold LoRA
 (and PEFT DoRA) only: other kinds are refused, or with ``rank`` compressed by truncated SVD of each delta.
-A kind with no kohya/LyCORIS form (PEFT OFT/BOFT) goes to kohya/webui/bfl as its exact full-weight ``diff`` of
+A kind with no kohya/LyCORIS form (PEFT OFT/BOFT/IA3) goes to kohya/webui/bfl as its exact ``diff`` of
 the base weights ``checkpoint`` gives.
 """
 from __future__ import annotations
@@ -23,12 +23,12 @@ from . import plugins
 from .archs import ModuleIndex
 from .archs.flux import is_flux_transformer
 from .core import Detection, Source, detect
-from .deltas import CHECKPOINT_HINT, BaseWeights, module_delta, needs_base
+from .deltas import CHECKPOINT_HINT, BaseWeights, module_delta
 from .errors import LoraCompatError, UnmatchedKeysError
 from .files import LoraFile
 from .hostkeys import HostName, fused_lora, fused_rows, index_for_file, kohya_names, kohya_tensors
 from .outputs import atomic_output, refuse_inputs
-from .patches import DoraPatch, LoraPatch, Patch
+from .patches import DoraPatch, LoraPatch, Patch, PeftBoftPatch, PeftIa3Patch, PeftOftPatch
 from .patches.rows import RowsOf
 from .patchset import PatchSet
 
@@ -246,9 +246,9 @@ class _KohyaWriter:
             self.ranks.append(patch.rank)
 
     def _diff(self, patch: Patch, target: str, exc: ValueError) -> dict[str, torch.Tensor]:
-        """A patch with no kohya/LyCORIS form whose change depends on the base weights, as its exact change of the
-        checkpoint's weights (LyCORIS ``diff`` / ``diff_b``, which every host reads, linear in the strength)."""
-        if not needs_base(patch):
+        """A PEFT OFT/BOFT/IA3 patch (no kohya/LyCORIS form; linear in the strength, like a ``diff``) as its exact
+        change of the checkpoint's weights (LyCORIS ``diff`` / ``diff_b``, which every host reads)."""
+        if not isinstance(patch, (PeftOftPatch, PeftBoftPatch, PeftIa3Patch)):
             raise LoraCompatError(f"{self.patchset.source}: {target}: {exc}") from None
         if self.weights is None:
             raise LoraCompatError(f"{self.patchset.source}: {target}: {exc}; it can be written as the exact "
