@@ -17,6 +17,7 @@ from .dialects.kohya import KohyaDialect
 from .dialects.lycoris import LycorisDialect
 from .dialects.onetrainer import OneTrainerDialect
 from .dialects.peft import PeftDialect
+from .dialects.peft_lycoris import PeftLycorisDialect
 from .dialects.peft_tuners import PeftTunerRecogniser
 from .dialects.t2i_adapter import T2IAdapterRecogniser
 from .dialects.textual_inversion import TextualInversionRecogniser
@@ -28,7 +29,7 @@ def register_dialects(register: Callable[[object], None]) -> None:
     for dialect in (KohyaDialect(), LycorisDialect(), DiffusersDialect(), PeftDialect(), XlabsDialect(),
                     BflDialect(), OneTrainerDialect(), BflControlDialect(),
                     TextualInversionRecogniser(), CheckpointRecogniser(), ControlNetRecogniser(),
-                    ControlLoraRecogniser(), T2IAdapterRecogniser(), PeftTunerRecogniser()):
+                    ControlLoraRecogniser(), T2IAdapterRecogniser(), PeftLycorisDialect(), PeftTunerRecogniser()):
         register(dialect)
 
 

@@ -5,6 +5,8 @@ Targets: ``kohya`` (sd-scripts names: diffusers-style for SD1/SD2, SGM for SDXL,
 ``lora_adapter_metadata``), ``peft`` (``base_model.model.`` + ``adapter_config.json``), ``bfl``
 (``diffusion_model.<BFL name>``, Flux). kohya/webui/bfl keep every LyCORIS kind; diffusers/peft hold LoRA
 (and PEFT DoRA) only: other kinds are refused, or with ``rank`` compressed by truncated SVD of each delta.
+A kind with no kohya/LyCORIS form (PEFT OFT/BOFT/IA3) goes to kohya/webui/bfl as its exact ``diff`` of
+the base weights ``checkpoint`` gives.
 """
 from __future__ import annotations
 
@@ -21,12 +23,12 @@ from . import plugins
 from .archs import ModuleIndex
 from .archs.flux import is_flux_transformer
 from .core import Detection, Source, detect
-from .deltas import BaseWeights, module_delta
+from .deltas import CHECKPOINT_HINT, BaseWeights, module_delta
 from .errors import LoraCompatError, UnmatchedKeysError
 from .files import LoraFile
 from .hostkeys import HostName, fused_lora, fused_rows, index_for_file, kohya_names, kohya_tensors
 from .outputs import atomic_output, refuse_inputs
-from .patches import DoraPatch, LoraPatch, Patch
+from .patches import DoraPatch, LoraPatch, Patch, PeftBoftPatch, PeftIa3Patch, PeftOftPatch
 from .patches.rows import RowsOf
 from .patchset import PatchSet
 
@@ -115,7 +117,7 @@ def write_patchset(patchset: PatchSet, index: ModuleIndex, to: str, report: Conv
     """Tensors and metadata of ``patchset`` (canonical targets of ``index``) in dialect ``to``; ``weights``:
     the base weights for compressing kinds whose delta depends on them."""
     writer = _LoraWriter(patchset, index, rank, report, weights) if to in ("diffusers", "peft") else \
-        _KohyaWriter(patchset, index, to, report)
+        _KohyaWriter(patchset, index, to, report, weights)
     tensors = writer.write()
     metadata = _metadata(dict(source_metadata or {}), report, writer.extra_metadata())
     report.modules, report.tensors = writer.modules, len(tensors)
@@ -192,8 +194,9 @@ def _metadata(source: dict, report: ConvertReport, extra: dict[str, str]) -> dic
 class _KohyaWriter:
     """kohya / webui / bfl: every kind keeps its own tensors; fused Flux modules are assembled exactly."""
 
-    def __init__(self, patchset: PatchSet, index: ModuleIndex, to: str, report: ConvertReport):
-        self.patchset, self.index, self.to, self.report = patchset, index, to, report
+    def __init__(self, patchset: PatchSet, index: ModuleIndex, to: str, report: ConvertReport,
+                 weights: BaseWeights | None = None):
+        self.patchset, self.index, self.to, self.report, self.weights = patchset, index, to, report, weights
         self.modules = 0
         self.ranks: list[int] = []
         self.alphas: list[float] = []
@@ -233,7 +236,7 @@ class _KohyaWriter:
         try:
             own = kohya_tensors(patch)
         except ValueError as exc:
-            raise LoraCompatError(f"{self.patchset.source}: {target}: {exc}") from None
+            own = self._diff(patch, target, exc)
         if self.to == "bfl":
             own = {_bfl_suffix(k): v for k, v in own.items()}
         for suffix, tensor in own.items():
@@ -241,6 +244,17 @@ class _KohyaWriter:
         self.modules += 1
         if patch.rank:
             self.ranks.append(patch.rank)
+
+    def _diff(self, patch: Patch, target: str, exc: ValueError) -> dict[str, torch.Tensor]:
+        """A PEFT OFT/BOFT/IA3 patch (no kohya/LyCORIS form; linear in the strength, like a ``diff``) as its exact
+        change of the checkpoint's weights (LyCORIS ``diff`` / ``diff_b``, which every host reads)."""
+        if not isinstance(patch, (PeftOftPatch, PeftBoftPatch, PeftIa3Patch)):
+            raise LoraCompatError(f"{self.patchset.source}: {target}: {exc}") from None
+        if self.weights is None:
+            raise LoraCompatError(f"{self.patchset.source}: {target}: {exc}; it can be written as the exact "
+                                  f"change of a checkpoint's weights: {CHECKPOINT_HINT}") from None
+        delta, bias = module_delta(patch, self.index, target, self.weights)
+        return {"diff": delta.contiguous()} if bias is None else {"diff": delta.contiguous(), "diff_b": bias}
 
     def _put_fused(self, tensors: dict, module: str, parts: list[tuple[HostName, Patch, str]]) -> None:
         inners = {id(p.inner) for _, p, _ in parts if isinstance(p, RowsOf)}

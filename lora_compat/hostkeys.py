@@ -17,7 +17,7 @@ from .errors import LoraCompatError
 from .archs.flux import bfl_parts, is_flux_transformer, rows_from_file
 from .archs.sd import sgm_aliases
 from .patches import (BoftPatch, DoraPatch, FullPatch, GloraPatch, Ia3Patch, LohaPatch, LokrPatch, LoraPatch,
-                      NormPatch, OftPatch, Patch, Ref, Scale, SetPatch)
+                      NormPatch, OftPatch, Patch, PeftBoftPatch, PeftIa3Patch, PeftOftPatch, Ref, Scale, SetPatch)
 from .patches.build import SUFFIX_ROLES, IncompletePatch, build_patch
 from .patches.rows import out_rows
 from .patchset import PatchSet
@@ -279,7 +279,10 @@ def _put(conversion: Conversion, name: str, patch: Patch, host: HostName | None)
     try:
         tensors = kohya_tensors(patch)
     except ValueError:
-        tensors = {}
+        # no kohya form (PEFT OFT/BOFT/IA3): the patch's own tensors, so that a host grouping the file by module
+        # name (A1111, SD.Next) makes a module of it, which lora_compat's module type then computes
+        own = isinstance(patch, (PeftOftPatch, PeftBoftPatch, PeftIa3Patch))
+        tensors = {role: ref.loader() for role, ref in patch.refs().items()} if own else {}
     for suffix, tensor in tensors.items():
         conversion.tensors[f"{name}.{suffix}"] = tensor
 

@@ -77,6 +77,9 @@ def make_module_type(network: Any) -> Any:
             converted = CONVERTED.get(filename)
             found = converted.patches.get(weights.network_key) if converted else None
             patch = found[0] if found else patch_from_weights(weights.network_key, weights.w)
+            if patch is None and converted:  # a kind with no kohya form (PEFT OFT/BOFT): A1111's network_key is
+                found = converted.patches.get(weights.network_key.partition(".")[0])  # the module's first key
+                patch = found[0] if found else None
             return LoraCompatModule(net, weights, patch) if patch is not None else None
 
     return LoraCompatModuleType()

@@ -2,7 +2,6 @@
 legacy attention-processor / ``.lora.down`` / ``lora_linear_layer`` layouts."""
 from __future__ import annotations
 
-import json
 import re
 
 from ..archs import ModuleIndex
@@ -12,7 +11,7 @@ from ..patches.build import split_key
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction, component_parts
 from .flux_names import DIFFUSERS_FLUX_HEADS, widen_inputs
-from .peft_scaling import PeftScaling
+from .peft_scaling import PeftScaling, metadata_configs
 
 COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
@@ -57,18 +56,7 @@ def is_diffusers_key(key: str) -> bool:
 
 def adapter_metadata(header: Header) -> dict[str, PeftScaling]:
     """Per-component scaling from the ``lora_adapter_metadata`` header entry (``unet.r``, ``unet.lora_alpha``...)."""
-    raw = header.metadata.get("lora_adapter_metadata")
-    if not raw:
-        return {}
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
-    per_component: dict[str, dict] = {}
-    for key, value in flat.items():
-        component, _, field_name = key.partition(".")
-        per_component.setdefault(component, {})[field_name] = value
-    return {c: PeftScaling.from_config(cfg) for c, cfg in per_component.items() if "r" in cfg}
+    return {c: PeftScaling.from_config(cfg) for c, cfg in metadata_configs(header).items() if "r" in cfg}
 
 
 class DiffusersDialect(Dialect):

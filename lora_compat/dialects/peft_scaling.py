@@ -1,10 +1,12 @@
 """PEFT's LoraConfig scaling rules (rank_pattern, alpha_pattern, rsLoRA), shared by diffusers and PEFT files."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..files import Header
 from ..patches import Scale
 
 
@@ -36,3 +38,16 @@ class PeftScaling:
         rank = int(pattern_value(self.rank_pattern, module_path, self.r))
         alpha = float(pattern_value(self.alpha_pattern, module_path, self.lora_alpha))
         return Scale(alpha, rank, self.use_rslora)
+
+
+def metadata_configs(header: Header) -> dict[str, dict[str, Any]]:
+    """Per-component configs from diffusers' ``lora_adapter_metadata`` (``"unet.r": 4`` → ``{"unet": {"r": 4}}``)."""
+    try:
+        flat = json.loads(header.metadata.get("lora_adapter_metadata") or "{}")
+    except json.JSONDecodeError:
+        return {}
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items() if isinstance(flat, dict) else ():
+        component, _, name = key.partition(".")
+        configs.setdefault(component, {})[name] = value
+    return configs

@@ -1,10 +1,8 @@
-"""PEFT adapters of tuner types other than LoRA (LoHa, LoKr, OFT, BOFT, IA3, VeRA...): recognised by their keys
+"""PEFT adapters of tuner types lora_compat does not read (VeRA, FourierFT, HRA, MiSS, AdaLoRA, and OFT as
+peft <= 0.15.2 wrote it, ``oft_r`` / ``oft_s``): recognised by their keys
 (``base_model.model.<module>.<tuner parameter>``) and refused by name; the tuner type is the ``peft_type`` of the
-``adapter_config.json`` beside the file, else the one its parameter names belong to.
-
-PEFT's LoHa/LoKr/OFT/BOFT files use PEFT's own names and conventions (``oft_R`` / ``boft_R`` + ``boft_s``, LoHa and
-LoKr scales from the config); reading them is left to a later version, so they are named, not misreported as a
-full model checkpoint or as keys no dialect knows.
+``adapter_config.json`` beside the file, else the one its parameter names belong to. LoRA is the ``peft``
+dialect's, LoHa/LoKr/OFT/BOFT/IA3 the ``peft-lycoris`` one's.
 """
 from __future__ import annotations
 
@@ -13,6 +11,7 @@ import json
 from ..files import Header
 from .base import Match, RefusingDialect
 from .peft import PREFIX
+from .peft_lycoris import split_tuner_key
 
 #: PEFT tuner parameter names (``adapter_layer_names``, one key segment) → the tuner type
 TUNER_PARAMS = {
@@ -30,8 +29,8 @@ PEFT_TYPES = {"LOHA": "LoHa", "LOKR": "LoKr", "OFT": "OFT", "BOFT": "BOFT", "IA3
 
 def tuner_of_key(key: str) -> tuple[str, str] | None:
     """``(module, tuner parameter)`` of a ``base_model.model.`` key whose parameter (one of its last two
-    segments: ``...to_q.hada_w1_a``, ``...to_q.oft_R.weight``) belongs to a PEFT tuner other than LoRA."""
-    if not key.startswith(PREFIX):
+    segments: ``...to_q.vera_lambda_b``, ``...to_q.oft_r``) belongs to a PEFT tuner lora_compat does not read."""
+    if not key.startswith(PREFIX) or split_tuner_key(key):
         return None
     parts = key[len(PREFIX):].split(".")
     for at in (len(parts) - 1, len(parts) - 2):
@@ -53,7 +52,7 @@ def config_type(header: Header) -> str | None:
 
 class PeftTunerRecogniser(RefusingDialect):
     id = "peft-tuner"
-    description = "PEFT adapters of other tuner types (LoHa, LoKr, OFT, BOFT, ...): not supported yet"
+    description = "PEFT adapters of other tuner types (VeRA, FourierFT, HRA, ...): not supported"
 
     def detect(self, header: Header) -> Match | None:
         keys = list(header.keys())
@@ -71,5 +70,5 @@ class PeftTunerRecogniser(RefusingDialect):
         evidence = f"{', '.join(params)} on {len({module for module, _ in found})} modules"
         if peft_type:
             evidence += f"; adapter_config.json: peft_type {peft_type}"
-        return (f"is a PEFT {name} adapter ({evidence}): PEFT adapter files of tuners other than LoRA "
-                "(LoHa/LoKr/OFT/BOFT...) are not supported yet; load it with peft (PeftModel.from_pretrained)")
+        return (f"is a PEFT {name} adapter ({evidence}): of PEFT's tuners, lora_compat reads LoRA, LoHa, LoKr, "
+                "OFT (as peft > 0.15.2 writes it), BOFT and IA3; load it with peft (PeftModel.from_pretrained)")

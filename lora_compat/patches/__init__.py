@@ -1,4 +1,4 @@
-"""Patch kinds, one per module. Stable kind ids: lora, loha, lokr, ia3, glora, oft, boft, full, norm, set, dora."""
+"""Patch kinds, one per module. Stable kind ids: lora, loha, lokr, ia3, glora, oft, boft, full, norm, set, dora, peft_oft, peft_boft, peft_ia3."""
 from .base import ONE, FactorisedPatch, Patch, Ref, Scale
 from .boft import BoftPatch
 from .dora import DoraPatch
@@ -10,12 +10,15 @@ from .lokr import LokrPatch
 from .lora import LoraPatch
 from .norm import NormPatch
 from .oft import OftPatch
+from .peft_boft import PeftBoftPatch
+from .peft_ia3 import PeftIa3Patch
+from .peft_oft import PeftOftPatch
 from .set import SetPatch
 
-KINDS = ("lora", "loha", "lokr", "ia3", "glora", "oft", "boft", "full", "norm", "set", "dora")
+KINDS = ("lora", "loha", "lokr", "ia3", "glora", "oft", "boft", "full", "norm", "set", "dora", "peft_oft", "peft_boft", "peft_ia3")
 
 __all__ = [
     "Patch", "FactorisedPatch", "Ref", "Scale", "ONE", "KINDS",
     "LoraPatch", "LohaPatch", "LokrPatch", "Ia3Patch", "GloraPatch", "OftPatch", "BoftPatch",
-    "FullPatch", "NormPatch", "SetPatch", "DoraPatch",
+    "FullPatch", "NormPatch", "SetPatch", "DoraPatch", "PeftOftPatch", "PeftBoftPatch", "PeftIa3Patch",
 ]

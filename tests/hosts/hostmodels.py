@@ -111,3 +111,23 @@ def text_model(text_encoder: nn.Module) -> nn.Module:
     """The CLIP text model a host holds as ``<prefix>.transformer.text_model`` (transformers 5's
     ``CLIPTextModel`` is that module itself; older versions wrap it as ``.text_model``)."""
     return getattr(text_encoder, "text_model", text_encoder)
+
+
+def peft_tuner_expected(tmp_path: Path, sd15: dict[str, nn.Module], variant: str
+                        ) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A PEFT tuner file (diffusers layout) and PEFT's own merge at STRENGTH: ``set_scale`` for LoHa/LoKr, and for
+    OFT/BOFT/IA3, which PEFT cannot scale, lora_compat's documented ``W + s·(W_peft − W)``."""
+    from lora_compat.oracles.peft_tuner_oracle import write_tuner_file
+
+    if variant.startswith(("loha", "lokr")):
+        return write_tuner_file(tmp_path, sd15, variant, "diffusers", seed=11, scale=STRENGTH)
+    path, merged = write_tuner_file(tmp_path, sd15, variant, "diffusers", seed=11)
+    base = parameters_by_name(sd15)
+    return path, {k: base[k] + STRENGTH * (v - base[k]) for k, v in merged.items()}
+
+
+def save_checkpoint(root: Path, components: dict[str, nn.Module]) -> Path:
+    """The components as a diffusers folder (what ``convert --checkpoint`` takes)."""
+    for name, module in components.items():
+        module.save_pretrained(root / name)
+    return root

@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import lora_compat
 from hostmodels import (STRENGTH, VARIANTS, assert_close, assert_restored, assert_state, expected,
-                        parameters_by_name, sequential, sgm_unet, text_model, tree)
+                        parameters_by_name, peft_tuner_expected, save_checkpoint, sequential, sgm_unet, text_model,
+                        tree)
 from hoststubs import a1111_env
 from lora_compat.adapters import webui
 from lora_compat.oracles.peft_oracle import write_peft_file
@@ -59,6 +61,16 @@ def load(a1111, path: Path, strength: float = STRENGTH):
     return net
 
 
+def assert_applies(a1111, net, components, want: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> None:
+    """With ``net`` loaded the weights are ``want`` (the rest ``base``); unloaded, ``base`` bit for bit."""
+    try:
+        apply_networks(a1111, [net])
+        assert_state(components, want, base)
+    finally:
+        apply_networks(a1111, [])
+    assert_restored(components, base)
+
+
 def test_a1111_api_only_server_registers_the_setting_and_installs_the_hooks(a1111) -> None:
     """A1111 v1.8.0's ``api_only()`` runs ``before_ui`` and ``app_started`` callbacks, never ``ui_settings``:
     the setting lives in the option templates that ``/sdapi/v1/options`` reads, and the hooks are in."""
@@ -77,12 +89,7 @@ def test_a1111_applies_every_variant_exactly_and_restores(variant, a1111, sd15, 
     want = expected(path, sd15)
     net = load(a1111, path)
     assert all(getattr(m, "lora_compat_patch", None) is not None for m in net.modules.values())
-    try:
-        apply_networks(a1111, [net])
-        assert_state(sd15, want, base)
-    finally:
-        apply_networks(a1111, [])
-    assert_restored(sd15, base)
+    assert_applies(a1111, net, sd15, want, base)
 
 
 def test_a1111_two_networks_apply_in_order(a1111, sd15, sd_files) -> None:
@@ -136,3 +143,29 @@ def test_a1111_fact_a_flux_lora_matches_no_layer(a1111, tmp_path, enabled) -> No
     finally:
         a1111.shared.opts.lora_compat_enabled = True
     assert net.modules == {}
+
+
+@pytest.mark.parametrize("variant", ["loha_effective_conv", "lokr", "lokr_decompose_both", "oft", "boft_butterfly",
+                                     "ia3"])
+@pytest.mark.parametrize("route", ["lora_compat", "a1111 on the webui conversion"])
+def test_a1111_peft_tuner_files_give_peft_merge(variant, route, a1111, sd15, tmp_path) -> None:
+    """PEFT's LoHa/LoKr/OFT/BOFT/IA3: the raw file through the lora_compat extension, or ``convert --to webui``
+    (OFT/BOFT/IA3: exact diffs of ``--checkpoint``) through A1111's own network modules (setting off)."""
+    path, want = peft_tuner_expected(tmp_path, sd15, variant)
+    base = parameters_by_name(sd15)
+    diffs = variant.startswith(("oft", "boft", "ia3"))
+    if route != "lora_compat":
+        checkpoint = save_checkpoint(tmp_path / "checkpoint", sd15) if diffs else None
+        lora_compat.convert(path, "webui", tmp_path / "webui.safetensors", checkpoint=checkpoint)
+        path = tmp_path / "webui.safetensors"
+        a1111.shared.opts.lora_compat_enabled = False
+    try:
+        net = load(a1111, path)
+    finally:
+        a1111.shared.opts.lora_compat_enabled = True
+    if route == "lora_compat":
+        assert all(getattr(m, "lora_compat_patch", None) is not None for m in net.modules.values())
+    else:  # A1111's own module types
+        own = "network_full" if diffs else "network_hada" if variant.startswith("loha") else "network_lokr"
+        assert {type(m).__module__ for m in net.modules.values()} == {own}
+    assert_applies(a1111, net, sd15, want, base)

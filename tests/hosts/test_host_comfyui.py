@@ -11,7 +11,8 @@ from torch import nn
 
 import lora_compat
 from hostmodels import (STRENGTH, VARIANTS, assert_close, assert_restored, assert_state, comfy_unet_config,
-                        expected, parameters_by_name, sequential, sgm_unet, text_model, tree)
+                        expected, parameters_by_name, peft_tuner_expected, save_checkpoint, sequential, sgm_unet,
+                        text_model, tree)
 from hoststubs import comfy_env
 from lora_compat.adapters import comfyui
 from lora_compat.hostkeys import convert
@@ -203,3 +204,28 @@ def test_comfyui_flux_control_loras_are_read_by_comfyui_itself(comfy, tmp_path) 
         (s1, v1, *rest1), (s2, v2, *rest2) = ours.patches[key][0], theirs.patches[key][0]
         assert s1 == s2 == 0.5 and rest1 == rest2 and type(v1) is type(v2)
 
+
+
+# -- PEFT's LoHa / LoKr / OFT / BOFT adapters ----------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["loha_effective_conv", "lokr", "oft_coft_shared", "boft_butterfly", "ia3"])
+def test_comfyui_node_applies_peft_tuner_files_like_peft(variant, comfy, sd15, tmp_path) -> None:
+    path, want = peft_tuner_expected(tmp_path, sd15, variant)
+    base = parameters_by_name(sd15)
+    model, clip = node(comfy, *comfy_models(comfy, sd15), path)
+    patched(model, clip, lambda: assert_state(sd15, want, base))
+    assert_restored(sd15, base)
+
+
+@pytest.mark.parametrize("variant", ["loha_effective_conv", "lokr", "oft", "boft_butterfly", "ia3"])
+def test_comfyuis_own_loader_reads_peft_tuner_files_converted_to_webui(variant, comfy, sd15, tmp_path) -> None:
+    """``convert --to webui`` (OFT/BOFT/IA3: ``--checkpoint``, exact diffs) read by ComfyUI's own key map and weight
+    adapters gives PEFT's merge. (Not Tucker LoKr, ``lokr_t2``: ComfyUI's own LoKr adapter fails on any such file,
+    its ``torch.kron`` of a non-contiguous einsum result; the lora_compat node reads them.)"""
+    path, want = peft_tuner_expected(tmp_path, sd15, variant)
+    checkpoint = save_checkpoint(tmp_path / "checkpoint", sd15) if variant.startswith(("oft", "boft", "ia3")) else None
+    out = tmp_path / "webui.safetensors"
+    lora_compat.convert(path, "webui", out, checkpoint=checkpoint)
+    base = parameters_by_name(sd15)
+    model, clip = comfy.sd.load_lora_for_models(*comfy_models(comfy, sd15), load_file(str(out)), STRENGTH, STRENGTH)
+    patched(model, clip, lambda: assert_state(sd15, want, base))
+    assert_restored(sd15, base)
