@@ -18,7 +18,7 @@ from .archs.flux import bfl_parts, is_flux_transformer, rows_from_file
 from .archs.sd import sgm_aliases
 from .patches import (BoftPatch, DoraPatch, FullPatch, GloraPatch, Ia3Patch, LohaPatch, LokrPatch, LoraPatch,
                       NormPatch, OftPatch, Patch, Ref, Scale, SetPatch)
-from .patches.build import SUFFIX_ROLES, IncompletePatch, build_patch
+from .patches.build import IncompletePatch, build_patch, suffix_role
 from .patches.rows import out_rows
 from .patchset import PatchSet
 
@@ -364,7 +364,7 @@ def patch_from_weights(network_key: str, w: Mapping[str, torch.Tensor]) -> Patch
     """The patch a module's tensors (grouped by the host under ``network_key``) describe, or ``None``."""
     parts = {}
     for suffix, tensor in w.items():
-        role = "weight" if suffix == "weight" else SUFFIX_ROLES.get(suffix)
+        role = suffix_role(suffix)
         if role is None:
             return None
         parts[role] = Ref.of(tensor, f"{network_key}.{suffix}")

@@ -15,7 +15,7 @@ from ..archs.flux import Part, scaled_parts
 from ..errors import NotALoraError
 from ..files import Header, LoraFile
 from ..patches import Patch, Ref, Scale
-from ..patches.build import SUFFIX_ROLES, IncompletePatch, build_patch, split_key
+from ..patches.build import IncompletePatch, build_patch, kind_table, split_key, suffix_role
 from ..patches.base import numel
 from ..patches.rows import in_columns, out_rows, row_part
 from ..patchset import PatchSet
@@ -81,8 +81,9 @@ def group_modules(keys: Iterable[str], dotted: bool, rename: Callable[[str], str
     """
     groups: dict[str, dict[str, str]] = {}
     stray: list[str] = []
+    table = kind_table()
     for key in keys:
-        split = split_key(rename(key), dotted)
+        split = split_key(rename(key), dotted, table)
         if split is None:
             stray.append(key)
         else:
@@ -152,8 +153,8 @@ class ModuleReader:
 
     def _build(self, file: LoraFile, target: str, suffixes: Mapping[str, str]) -> Patch | IncompletePatch:
         shapes, load = file.header.shapes, file.tensor
-        parts = {("weight" if s == "weight" else SUFFIX_ROLES[s]): Ref(shapes[k], partial(load, k), k)
-                 for s, k in suffixes.items()}
+        table = kind_table()
+        parts = {suffix_role(s, table): Ref(shapes[k], partial(load, k), k) for s, k in suffixes.items()}
         try:
             return build_patch(parts, scale=self.scale_for(target, parts) if self.scale_for else None,
                                dora_convention=self.dora_convention, oft_style=self.oft_style)

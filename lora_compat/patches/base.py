@@ -2,6 +2,10 @@
 
 A patch holds :class:`Ref` s (lazy tensors: shape known from the header, data read on demand), so a
 ``PatchSet`` can be built and shape-checked from a file header alone.
+
+A kind is one :class:`Patch` subclass in one module, registered through the ``register_kinds`` hook. It owns
+its whole life: the key suffixes it recognises (:attr:`Patch.suffixes`), building from a module's tensors
+(:meth:`Patch.from_parts`), its change (:meth:`Patch.delta`), and the optional answers below.
 """
 from __future__ import annotations
 
@@ -68,12 +72,64 @@ def numel(shape: Shape) -> int:
     return math.prod(shape)
 
 
+class IncompletePatch(ValueError):
+    """The module's tensors do not form any known patch kind."""
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What the dialect reading a file tells the kinds building its patches.
+
+    ``scale`` overrides the rank scale (diffusers/PEFT keep alpha outside the file); otherwise a kind's scale is
+    ``alpha / rank`` from the module's own ``alpha`` tensor (:meth:`rank_scale`). ``dora_convention`` and
+    ``oft_style`` are read by the DoRA and OFT kinds.
+    """
+
+    scale: Scale | None = None
+    alpha: Ref | None = None
+    dora_convention: str = "lycoris"
+    oft_style: str = "lycoris"
+
+    def rank_scale(self, rank: int | None) -> Scale:
+        """The override if any, else ``alpha / rank`` (no alpha or no rank: 1)."""
+        if self.scale is not None:
+            return self.scale
+        return Scale(self.alpha, rank) if rank else Scale(None, 0)
+
+
 class Patch(ABC):
-    """One patch on one module. Subclasses set ``kind`` and implement :meth:`delta` and :meth:`misfit`."""
+    """One patch on one module. Subclasses set ``kind`` and implement :meth:`delta` and :meth:`misfit`.
+
+    A kind read from files also declares :attr:`suffixes` and implements :meth:`from_parts`, and is registered
+    with the ``register_kinds`` hook. Wrappers built by lora_compat itself (row slices, fused modules, input
+    widening) are not registered.
+    """
 
     kind: ClassVar[str]
     #: True when ``delta`` is linear in the strength (the patcher's hot mode may then use it directly)
     linear_in_strength: ClassVar[bool] = True
+    #: key suffix → role (``"lora_up.weight": "up"``); :meth:`from_parts` gets the module's tensors by role. A bare
+    #: ``weight`` suffix is only recognised in undotted (kohya-style) names, where it cannot be the module's own.
+    suffixes: ClassVar[Mapping[str, str]] = {}
+    #: role → the fewest dimensions its tensor needs (checked before any kind builds)
+    min_dims: ClassVar[Mapping[str, int]] = {}
+    #: kinds are tried lowest ``order`` first (the built-ins use 10-100), the first that builds wins
+    order: ClassVar[int] = 1000
+    #: a wrapper kind (DoRA) is asked through :meth:`wrap` after another kind built the module's patch
+    wraps: ClassVar[bool] = False
+    #: one line for ``lora-compat dialects`` (empty: the first line of the kind's module docstring)
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "Patch | None":
+        """The patch of this kind that a module's tensors (by role) form; ``None`` when they are not this kind's.
+        Raise :class:`IncompletePatch` (its message names what is missing) when they are, but incompletely."""
+        return None
+
+    @classmethod
+    def wrap(cls, inner: "Patch", parts: Mapping[str, Ref], context: BuildContext) -> "Patch | None":
+        """For a wrapper kind: ``inner`` wrapped when ``parts`` hold this kind's tensors, else ``None``."""
+        return None
 
     @property
     def params(self) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from typing import Literal, Mapping
 
 from .._lazy import torch
 
-from .base import FactorisedPatch, Patch, Ref, Shape, Tensor, numel
+from .base import BuildContext, FactorisedPatch, IncompletePatch, Patch, Ref, Shape, Tensor, numel
 
 Axis = Literal["out", "in"]
 Convention = Literal["lycoris", "peft"]
@@ -52,6 +52,22 @@ class DoraPatch(Patch):
 
     kind = "dora"
     linear_in_strength = False
+    wraps = True
+    order = 10
+    suffixes = {"dora_scale": "dora_scale", "lora_magnitude_vector.weight": "magnitude_peft",
+                "lora_magnitude_vector": "magnitude_peft"}
+    min_dims = {"dora_scale": 1, "magnitude_peft": 1}
+
+    @classmethod
+    def wrap(cls, inner: Patch, parts: Mapping[str, Ref], context: BuildContext) -> "DoraPatch | None":
+        magnitude = parts.get("dora_scale") or parts.get("magnitude_peft")
+        if magnitude is None:
+            return None
+        if not isinstance(inner, FactorisedPatch):
+            raise IncompletePatch(f"DoRA magnitude next to a {inner.kind} patch")
+        peft = "magnitude_peft" in parts
+        axis = "out" if peft or magnitude.shape[0] != 1 or len(magnitude.shape) == 1 else "in"
+        return cls(inner, magnitude, axis, "peft" if peft else context.dora_convention)  # type: ignore[arg-type]
 
     def __init__(self, inner: FactorisedPatch, magnitude: Ref, axis: Axis, convention: Convention,
                  strength_mode: DoraStrength = "interpolate"):

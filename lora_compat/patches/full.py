@@ -3,13 +3,22 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .base import Patch, Ref, Shape, Tensor
+from .base import BuildContext, Patch, Ref, Shape, Tensor
 
 
 class FullPatch(Patch):
     """``W' = W + s·diff``, ``b' = b + s·diff_b``."""
 
     kind = "full"
+    order = 70
+    suffixes = {"diff": "diff", "diff_b": "diff_b"}
+    min_dims = {"diff": 1}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "FullPatch | None":
+        if "diff" not in parts and "diff_b" not in parts:
+            return None
+        return cls(parts.get("diff"), parts.get("diff_b"))
 
     def __init__(self, diff: Ref | None, diff_b: Ref | None = None):
         self.diff, self.diff_b = diff, diff_b

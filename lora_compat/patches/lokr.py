@@ -5,13 +5,32 @@ from typing import Mapping
 
 from .._lazy import torch
 
-from .base import ONE, FactorisedPatch, Ref, Scale, Shape, Tensor, numel
+from .base import ONE, BuildContext, FactorisedPatch, IncompletePatch, Ref, Scale, Shape, Tensor, numel
 
 
 class LokrPatch(FactorisedPatch):
     """``ΔW = scale · kron(w1, w2)``; each factor full or a low-rank product (``w2`` may be Tucker)."""
 
     kind = "lokr"
+    order = 30
+    suffixes = {s: s for s in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+                               "alpha")}
+    min_dims = {s: 2 for s in suffixes if s != "alpha"}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "LokrPatch | None":
+        if "lokr_w1" not in parts and "lokr_w1_a" not in parts:
+            return None
+        patch = cls(w1=parts.get("lokr_w1"), w1a=parts.get("lokr_w1_a"), w1b=parts.get("lokr_w1_b"),
+                    w2=parts.get("lokr_w2"), w2a=parts.get("lokr_w2_a"), w2b=parts.get("lokr_w2_b"),
+                    t2=parts.get("lokr_t2"))
+        if patch.w1 is None and (patch.w1a is None or patch.w1b is None):
+            raise IncompletePatch("LoKr needs lokr_w1 or both lokr_w1_a and lokr_w1_b")
+        if patch.w2 is None and (patch.w2a is None or patch.w2b is None):
+            raise IncompletePatch("LoKr needs lokr_w2 or both lokr_w2_a and lokr_w2_b")
+        # both factors full: LyCORIS forces alpha = dim at training, every loader uses scale 1
+        patch.scale = context.rank_scale(patch.rank)
+        return patch
 
     def __init__(self, w1: Ref | None = None, w1a: Ref | None = None, w1b: Ref | None = None,
                  w2: Ref | None = None, w2a: Ref | None = None, w2b: Ref | None = None,

@@ -5,13 +5,28 @@ from typing import Mapping
 
 from .._lazy import torch
 
-from .base import ONE, FactorisedPatch, Ref, Scale, Shape, Tensor, flat, numel
+from .base import ONE, BuildContext, FactorisedPatch, Ref, Scale, Shape, Tensor, flat, numel
 
 
 class LoraPatch(FactorisedPatch):
     """``ΔW = scale · up @ down`` (reshaped to W); with ``mid``: ``einsum(oa,abhw,bi->oihw)``."""
 
     kind = "lora"
+    order = 10
+    suffixes = {
+        "lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha",
+        "lora_A.weight": "down", "lora_B.weight": "up", "lora_B.bias": "bias",
+        "lora.down.weight": "down", "lora.up.weight": "up",
+        "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up",
+    }
+    min_dims = {"down": 2, "up": 2, "mid": 2}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "LoraPatch | None":
+        if "up" not in parts or "down" not in parts:
+            return None
+        return cls(parts["up"], parts["down"], context.rank_scale(parts["down"].shape[0]),
+                   mid=parts.get("mid"), bias=parts.get("bias"))
 
     def __init__(self, up: Ref, down: Ref, scale: Scale = ONE, mid: Ref | None = None, bias: Ref | None = None):
         self.up, self.down, self.mid, self.bias, self.scale = up, down, mid, bias, scale

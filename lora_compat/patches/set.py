@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .base import Patch, Ref, Shape, Tensor
+from .base import BuildContext, Patch, Ref, Shape, Tensor
 
 
 class SetPatch(Patch):
@@ -11,6 +11,14 @@ class SetPatch(Patch):
 
     kind = "set"
     linear_in_strength = False
+    order = 100
+    suffixes = {"scale": "scale"}
+    min_dims = {"scale": 1}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "SetPatch | None":
+        # a BFL RMSNorm's parameter stored whole (FLUX.1 Control LoRAs): replace it
+        return cls(parts["scale"], "weight") if set(parts) == {"scale"} else None
 
     def __init__(self, value: Ref, param: str = "weight"):
         self.value, self.param = value, param
