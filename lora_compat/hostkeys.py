@@ -19,7 +19,6 @@ from .archs.sd import sgm_aliases
 from .patches import (BoftPatch, DoraPatch, FullPatch, GloraPatch, Ia3Patch, LohaPatch, LokrPatch, LoraPatch,
                       NormPatch, OftPatch, Patch, Ref, Scale, SetPatch)
 from .patches.build import IncompletePatch, build_patch, suffix_role
-from .patches.rows import out_rows
 from .patchset import PatchSet
 
 #: component → kohya prefix, per text-encoder layout (SD1/SD2 have one text encoder)
@@ -36,82 +35,10 @@ class HostName:
     swap: bool = False
 
 
-def _raw(ref: Ref) -> torch.Tensor:
-    return ref.loader()
-
-
-def _alpha(scale: Scale) -> torch.Tensor | None:
-    if scale.alpha is None or scale.rank == 0:
-        return None
-    if isinstance(scale.alpha, Ref) and not scale.rs:
-        return _raw(scale.alpha)
-    return torch.tensor(scale.value() * scale.rank, dtype=torch.float32)
-
-
 def kohya_tensors(patch: Patch) -> dict[str, torch.Tensor]:
     """The tensors of a patch under kohya/LyCORIS suffixes (``lora_down.weight``, ``hada_w1_a``, ``diff``...),
-    in their stored dtype. Raises ``ValueError`` for kinds with no kohya form."""
-    out: dict[str, torch.Tensor] = {}
-
-    def put(suffix: str, ref: Ref | None) -> None:
-        if ref is not None:
-            out[suffix] = _raw(ref)
-
-    if isinstance(patch, DoraPatch):
-        out.update(kohya_tensors(patch.inner))
-        put("lora_magnitude_vector" if patch.convention == "peft" else "dora_scale", patch.magnitude)
-        return out
-    if isinstance(patch, LoraPatch):
-        put("lora_down.weight", patch.down)
-        put("lora_up.weight", patch.up)
-        put("lora_mid.weight", patch.mid)
-        put("lora_B.bias", patch.bias)
-        scale = patch.scale
-    elif isinstance(patch, LohaPatch):
-        for suffix, ref in (("hada_w1_a", patch.w1a), ("hada_w1_b", patch.w1b), ("hada_w2_a", patch.w2a),
-                            ("hada_w2_b", patch.w2b), ("hada_t1", patch.t1), ("hada_t2", patch.t2)):
-            put(suffix, ref)
-        scale = patch.scale
-    elif isinstance(patch, LokrPatch):
-        for suffix, ref in (("lokr_w1", patch.w1), ("lokr_w1_a", patch.w1a), ("lokr_w1_b", patch.w1b),
-                            ("lokr_w2", patch.w2), ("lokr_w2_a", patch.w2a), ("lokr_w2_b", patch.w2b),
-                            ("lokr_t2", patch.t2)):
-            put(suffix, ref)
-        scale = patch.scale
-    elif isinstance(patch, GloraPatch):
-        for suffix, ref in (("a1.weight", patch.a1), ("a2.weight", patch.a2), ("b1.weight", patch.b1),
-                            ("b2.weight", patch.b2)):
-            put(suffix, ref)
-        scale = patch.scale
-    elif isinstance(patch, (OftPatch, BoftPatch)):
-        put("oft_diag" if getattr(patch, "style", "") == "rotation" else "oft_blocks", patch.blocks)
-        put("rescale", patch.rescale)
-        if isinstance(patch.constraint, Ref):
-            put("alpha", patch.constraint)
-        elif patch.constraint is not None:
-            out["alpha"] = torch.tensor(float(patch.constraint))
-        return out
-    elif isinstance(patch, Ia3Patch):
-        put("weight", patch.weight)
-        out["on_input"] = _raw(patch.on_input) if isinstance(patch.on_input, Ref) else torch.tensor(patch.on_input)
-        return out
-    elif isinstance(patch, FullPatch):
-        put("diff", patch.diff)
-        put("diff_b", patch.diff_b)
-        return out
-    elif isinstance(patch, NormPatch):
-        put("w_norm", patch.w_norm)
-        put("b_norm", patch.b_norm)
-        return out
-    elif isinstance(patch, SetPatch) and patch.param == "weight":
-        put("scale", patch.value)
-        return out
-    else:
-        raise ValueError(f"a {patch.kind} patch has no kohya/LyCORIS tensor form")
-    alpha = _alpha(scale)
-    if alpha is not None:
-        out["alpha"] = alpha
-    return out
+    in their stored dtype (each kind's ``to_tensors``). Raises ``ValueError`` for kinds with no kohya form."""
+    return patch.to_tensors()
 
 
 #: ComfyUI's generic text-encoder names (``text_encoders.<clip state-dict prefix>``), per component and layout
@@ -168,7 +95,7 @@ def index_for_file(index: ModuleIndex, patchset: PatchSet) -> ModuleIndex:
     witness of the width; other components are named by the table alone)."""
     rows: dict[str, dict[str, int]] = {}
     for target, patch in patchset.items():
-        count = out_rows(patch.inner if isinstance(patch, DoraPatch) else patch)
+        count = (patch.inner if patch.wraps else patch).out_rows()  # a DoRA patch: the rows it was made for
         if count is not None:
             component, _, path = target.partition(".")
             rows.setdefault(component, {})[path] = count

@@ -21,9 +21,9 @@ from lora_compat.patches.build import IncompletePatch, build_patch, split_key
 
 #: a made-up kind: ΔW = tri_u · diag(tri_m) · tri_v (a LoRA with a learned per-rank gain), scale 1
 KIND_SOURCE = '''
-"""TriLoRA: a LoRA with a learned gain per rank (made up for the tests)."""
+"""TriLoRA: a LoRA with a learned gain per rank (made up for the tests; the README's example kind)."""
 from lora_compat.hooks import hookimpl
-from lora_compat.patches import FactorisedPatch, Ref
+from lora_compat.patches import FactorisedPatch
 from lora_compat.patches.base import IncompletePatch, conv_or_linear_misfit
 
 
@@ -36,17 +36,12 @@ class TriPatch(FactorisedPatch):
     def from_parts(cls, parts, context):
         if not parts.keys() & {"tri_u", "tri_m", "tri_v"}:
             return None
-        missing = sorted({"tri_u", "tri_m", "tri_v"} - parts.keys())
-        if missing:
-            raise IncompletePatch(f"TriLoRA needs {', '.join(missing)}")
+        if not {"tri_u", "tri_m", "tri_v"} <= parts.keys():
+            raise IncompletePatch("TriLoRA needs tri_u, tri_m and tri_v")
         return cls(parts["tri_u"], parts["tri_m"], parts["tri_v"])
 
     def __init__(self, u, m, v):
         self.u, self.m, self.v = u, m, v
-
-    @property
-    def rank(self):
-        return self.m.shape[0]
 
     def refs(self):
         return {"tri_u": self.u, "tri_m": self.m, "tri_v": self.v}
@@ -56,6 +51,9 @@ class TriPatch(FactorisedPatch):
 
     def weight_delta(self, weight_shape):
         return ((self.u.load() * self.m.load()) @ self.v.load()).reshape(weight_shape)
+
+    def to_tensors(self):
+        return {"tri_u": self.u.loader(), "tri_m": self.m.loader(), "tri_v": self.v.loader()}
 
 
 @hookimpl
@@ -127,6 +125,16 @@ def test_module_plugin_adds_a_kind_that_is_read_applied_and_reported(tmp_path, t
     torch.testing.assert_close(half[f"{TO_Q}.weight"], (weight.double() + 0.5 * delta).float(), rtol=1e-6, atol=1e-6)
 
 
+def test_a_plugin_kind_writes_its_own_tensors_back(tmp_path, tri_plugin):
+    """``convert --to kohya`` writes the kind's tensors (its ``to_tensors``) under host names, as stored."""
+    tensors = tri_tensors(3)
+    path = write_tri_file(tmp_path / "tri.safetensors", tensors)
+    converted, _, _ = lora_compat.convert_state_dict(path, "kohya")
+    assert set(converted) == {f"{KOHYA_TO_Q}.{suffix}" for suffix in tensors}
+    for suffix, tensor in tensors.items():
+        assert torch.equal(converted[f"{KOHYA_TO_Q}.{suffix}"], tensor)
+
+
 def test_a_plugin_kind_is_wrapped_by_dora_and_its_messages_are_kept(tmp_path, tri_plugin):
     """The DoRA kind wraps any factorised kind, a plugin's too; the kind's own IncompletePatch message is the
     module's unmatched reason."""
@@ -143,12 +151,13 @@ def test_a_plugin_kind_is_wrapped_by_dora_and_its_messages_are_kept(tmp_path, tr
     dora = magnitude.double().reshape(8, 1) * merged / (merged.norm(dim=1, keepdim=True) + 2.0 ** -23)
     torch.testing.assert_close(weight + patch.delta({"weight": weight})["weight"], dora.float(), rtol=1e-5, atol=1e-5)
 
-    with pytest.raises(IncompletePatch, match="TriLoRA needs tri_v"):
+    with pytest.raises(IncompletePatch, match="TriLoRA needs tri_u, tri_m and tri_v"):
         build_patch({"tri_u": parts["tri_u"], "tri_m": parts["tri_m"]})
     save_file({f"{KOHYA_TO_Q}.tri_u": tensors["tri_u"], f"{KOHYA_TO_Q}.tri_m": tensors["tri_m"]},
               str(tmp_path / "broken.safetensors"))
     reasons = lora_compat.inspect(tmp_path / "broken.safetensors").unmatched_reasons
-    assert reasons == {f"{KOHYA_TO_Q}.tri_{r}": f"module {KOHYA_TO_Q!r}: TriLoRA needs tri_v" for r in "um"}
+    assert reasons == {f"{KOHYA_TO_Q}.tri_{r}": f"module {KOHYA_TO_Q!r}: TriLoRA needs tri_u, tri_m and tri_v"
+                       for r in "um"}
 
 
 def test_a_kind_reading_a_suffix_as_another_role_is_refused():
@@ -219,8 +228,8 @@ def test_entry_point_kind_is_discovered(tmp_path):
 
     listed = json.loads(subprocess.run(cli + ["dialects", "--json"], env=env, check=True,
                                        capture_output=True, text=True).stdout)
-    assert {"id": "tri", "plugin": "tri",
-            "description": "TriLoRA: a LoRA with a learned gain per rank (made up for the tests)."} in listed["kinds"]
+    assert {"id": "tri", "plugin": "tri", "description": "TriLoRA: a LoRA with a learned gain per rank (made up for "
+            "the tests; the README's example kind)."} in listed["kinds"]
     text = subprocess.run(cli + ["dialects"], env=env, check=True, capture_output=True, text=True).stdout
     assert "tri" in text.split("patch kinds:")[1]
     inspected = json.loads(subprocess.run(cli + ["inspect", "--json", str(lora)], env=env, check=True,

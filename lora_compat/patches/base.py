@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Mapping
 
 from .._lazy import torch
 
@@ -115,7 +115,8 @@ class Patch(ABC):
     min_dims: ClassVar[Mapping[str, int]] = {}
     #: kinds are tried lowest ``order`` first (the built-ins use 10-100), the first that builds wins
     order: ClassVar[int] = 1000
-    #: a wrapper kind (DoRA) is asked through :meth:`wrap` after another kind built the module's patch
+    #: a wrapper kind (DoRA) is asked through :meth:`wrap` after another kind built the module's patch; its
+    #: patches hold the wrapped one as ``inner``
     wraps: ClassVar[bool] = False
     #: one line for ``lora-compat dialects`` (empty: the first line of the kind's module docstring)
     description: ClassVar[str] = ""
@@ -161,6 +162,27 @@ class Patch(ABC):
         without DoRA returns itself, a wrapper maps the patches it holds."""
         return self
 
+    def to_tensors(self) -> dict[str, Tensor]:
+        """The patch's tensors under kohya/LyCORIS suffixes (``lora_down.weight``, ``hada_w1_a``, ``diff``...), in
+        their stored dtype: what :attr:`suffixes` and :meth:`from_parts` read back. ``ValueError`` for a patch
+        that has no such form."""
+        raise ValueError(f"a {self.kind} patch has no kohya/LyCORIS tensor form")
+
+    def out_rows(self) -> int | None:
+        """Output rows of the weight the patch was made for, when its tensors tell and it splits by rows
+        (how the parts of a fused module are found)."""
+        return None
+
+    def in_columns(self) -> int | None:
+        """Input columns per output row (kernel included) of the weight the patch was made for, when its
+        tensors tell."""
+        return None
+
+    def rows(self, start: int, stop: int, total: int, swap: bool = False) -> "Patch":
+        """The part of this patch (made for a fused weight of ``total`` rows, halves swapped first when ``swap``)
+        on rows ``[start, stop)``. ``ValueError`` for kinds whose change does not split by rows."""
+        raise ValueError(f"a {self.kind} patch on a fused weight cannot be split into the modules it fuses")
+
 
 class FactorisedPatch(Patch):
     """A kind whose change is an additive ``ΔW`` built from factors (LoRA, LoHa, LoKr): DoRA can wrap it."""
@@ -171,6 +193,27 @@ class FactorisedPatch(Patch):
 
     def delta(self, base: Mapping[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
         return {"weight": self.weight_delta(base["weight"].shape) * strength}
+
+    def rows(self, start: int, stop: int, total: int, swap: bool = False) -> "Patch":
+        """Materialised and sliced (a kind that slices its own factors exactly overrides this)."""
+        from .rows import RowsOf
+
+        return RowsOf(self, start, stop, total, swap)
+
+
+def stored(pairs: "Iterable[tuple[str, Ref | None]]") -> dict[str, Tensor]:
+    """``{suffix: tensor as stored}`` for the pairs whose tensor is present (for :meth:`Patch.to_tensors`)."""
+    return {suffix: ref.loader() for suffix, ref in pairs if ref is not None}
+
+
+def alpha_tensors(scale: Scale) -> dict[str, Tensor]:
+    """``{"alpha": tensor}`` that reads back as ``scale`` with the same rank (nothing for scale 1 without alpha):
+    the file's own alpha as stored, else the value (rsLoRA's ``alpha/sqrt(r)`` re-expressed as ``alpha/r``)."""
+    if scale.alpha is None or scale.rank == 0:
+        return {}
+    if isinstance(scale.alpha, Ref) and not scale.rs:
+        return {"alpha": scale.alpha.loader()}
+    return {"alpha": torch.tensor(scale.value() * scale.rank, dtype=torch.float32)}
 
 
 def conv_or_linear_misfit(weight: Shape | None, out: int, inner: int, what: str) -> str | None:

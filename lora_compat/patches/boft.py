@@ -5,8 +5,8 @@ from typing import Mapping
 
 from .._lazy import torch
 
-from .base import BuildContext, Patch, Ref, Shape, Tensor
-from .oft import cayley, lycoris_constrain, skew
+from .base import BuildContext, Patch, Ref, Shape, Tensor, stored
+from .oft import cayley, constraint_tensors, lycoris_constrain, skew
 
 
 class BoftPatch(Patch):
@@ -40,6 +40,10 @@ class BoftPatch(Patch):
         if self.rescale is not None:
             refs["rescale"] = self.rescale
         return refs
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**stored((("oft_blocks", self.blocks), ("rescale", self.rescale))),
+                **constraint_tensors(self.constraint)}
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         weight = shapes.get("weight")

@@ -94,6 +94,10 @@ class DoraPatch(Patch):
     def refs(self) -> dict[str, Ref]:
         return {**self.inner.refs(), "magnitude": self.magnitude}
 
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**self.inner.to_tensors(),
+                "lora_magnitude_vector" if self.convention == "peft" else "dora_scale": self.magnitude.loader()}
+
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         reason = self.inner.misfit(shapes)
         if reason:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .base import BuildContext, Patch, Ref, Shape, Tensor
+from .base import BuildContext, Patch, Ref, Shape, Tensor, numel, stored
+from .rows import row_ref
 
 
 class FullPatch(Patch):
@@ -29,6 +30,19 @@ class FullPatch(Patch):
 
     def refs(self) -> dict[str, Ref]:
         return {k: v for k, v in (("diff", self.diff), ("diff_b", self.diff_b)) if v is not None}
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return stored((("diff", self.diff), ("diff_b", self.diff_b)))
+
+    def out_rows(self) -> int:
+        return (self.diff or self.diff_b).shape[0]
+
+    def in_columns(self) -> int | None:
+        return numel(self.diff.shape[1:]) if self.diff is not None else None
+
+    def rows(self, start: int, stop: int, total: int, swap: bool = False) -> "FullPatch":
+        return FullPatch(row_ref(self.diff, start, stop, swap) if self.diff is not None else None,
+                         row_ref(self.diff_b, start, stop, swap) if self.diff_b is not None else None)
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         for param, ref in (("weight", self.diff), ("bias", self.diff_b)):

@@ -5,7 +5,7 @@ from typing import Mapping
 
 from .._lazy import torch
 
-from .base import ONE, BuildContext, Patch, Ref, Scale, Shape, Tensor, flat
+from .base import ONE, BuildContext, Patch, Ref, Scale, Shape, Tensor, alpha_tensors, flat, stored
 
 
 class GloraPatch(Patch):
@@ -39,6 +39,10 @@ class GloraPatch(Patch):
         if isinstance(self.scale.alpha, Ref):
             refs["alpha"] = self.scale.alpha
         return refs
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**stored((("a1.weight", self.a1), ("a2.weight", self.a2), ("b1.weight", self.b1),
+                          ("b2.weight", self.b2))), **alpha_tensors(self.scale)}
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         weight = shapes.get("weight")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from .._lazy import torch
+
 from .base import BuildContext, Patch, Ref, Shape, Tensor
 
 
@@ -28,6 +30,10 @@ class Ia3Patch(Patch):
         if isinstance(self.on_input, Ref):
             refs["on_input"] = self.on_input
         return refs
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        on_input = self.on_input.loader() if isinstance(self.on_input, Ref) else torch.tensor(self.on_input)
+        return {"weight": self.weight.loader(), "on_input": on_input}
 
     def _on_input(self) -> bool:
         return bool(self.on_input.item()) if isinstance(self.on_input, Ref) else bool(self.on_input)

@@ -5,7 +5,8 @@ from typing import Mapping
 
 from .._lazy import torch
 
-from .base import ONE, BuildContext, FactorisedPatch, Ref, Scale, Shape, Tensor, conv_or_linear_misfit, numel
+from .base import (ONE, BuildContext, FactorisedPatch, Ref, Scale, Shape, Tensor, alpha_tensors, conv_or_linear_misfit,
+                   numel, stored)
 
 
 class LohaPatch(FactorisedPatch):
@@ -37,6 +38,11 @@ class LohaPatch(FactorisedPatch):
         if isinstance(self.scale.alpha, Ref):
             refs["alpha"] = self.scale.alpha
         return refs
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**stored((("hada_w1_a", self.w1a), ("hada_w1_b", self.w1b), ("hada_w2_a", self.w2a),
+                          ("hada_w2_b", self.w2b), ("hada_t1", self.t1), ("hada_t2", self.t2))),
+                **alpha_tensors(self.scale)}
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         if self.t1 is not None:

@@ -5,7 +5,8 @@ from typing import Mapping
 
 from .._lazy import torch
 
-from .base import ONE, BuildContext, FactorisedPatch, IncompletePatch, Ref, Scale, Shape, Tensor, numel
+from .base import (ONE, BuildContext, FactorisedPatch, IncompletePatch, Ref, Scale, Shape, Tensor, alpha_tensors, numel,
+                   stored)
 
 
 class LokrPatch(FactorisedPatch):
@@ -51,6 +52,11 @@ class LokrPatch(FactorisedPatch):
         if isinstance(self.scale.alpha, Ref):
             refs["alpha"] = self.scale.alpha
         return refs
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**stored((("lokr_w1", self.w1), ("lokr_w1_a", self.w1a), ("lokr_w1_b", self.w1b), ("lokr_w2", self.w2),
+                          ("lokr_w2_a", self.w2a), ("lokr_w2_b", self.w2b), ("lokr_t2", self.t2))),
+                **alpha_tensors(self.scale)}
 
     def _w1_shape(self) -> tuple[int, int]:
         if self.w1 is not None:

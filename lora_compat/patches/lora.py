@@ -5,7 +5,8 @@ from typing import Mapping
 
 from .._lazy import torch
 
-from .base import ONE, BuildContext, FactorisedPatch, Ref, Scale, Shape, Tensor, flat, numel
+from .base import ONE, BuildContext, FactorisedPatch, Patch, Ref, Scale, Shape, Tensor, alpha_tensors, flat, numel, stored
+from .rows import row_ref
 
 
 class LoraPatch(FactorisedPatch):
@@ -71,6 +72,23 @@ class LoraPatch(FactorisedPatch):
         if self.bias is not None and shapes.get("bias") != (out,):
             return f"lora_B.bias {list(self.bias.shape)} needs a module bias of [{out}]"
         return None
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**stored((("lora_down.weight", self.down), ("lora_up.weight", self.up), ("lora_mid.weight", self.mid),
+                          ("lora_B.bias", self.bias))), **alpha_tensors(self.scale)}
+
+    def out_rows(self) -> int:
+        return self.up.shape[0]
+
+    def in_columns(self) -> int:
+        return self._implied()[1]
+
+    def rows(self, start: int, stop: int, total: int, swap: bool = False) -> Patch:
+        """Exact without Tucker ``mid``: the up rows sliced, the down (the shared rank) kept whole."""
+        if self.mid is not None:
+            return super().rows(start, stop, total, swap)
+        bias = row_ref(self.bias, start, stop, swap) if self.bias is not None else None
+        return LoraPatch(row_ref(self.up, start, stop, swap), self.down, self.scale, bias=bias)
 
     def factors(self) -> tuple[Tensor, Tensor, float]:
         """``(up [out, r], down [r, in·k·k], scale)`` of a LoRA without ``mid``: ΔW = scale · up @ down."""

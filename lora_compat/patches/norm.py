@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .base import BuildContext, Patch, Ref, Shape, Tensor
+from .base import BuildContext, Patch, Ref, Shape, Tensor, stored
 
 
 class NormPatch(Patch):
@@ -29,6 +29,9 @@ class NormPatch(Patch):
 
     def refs(self) -> dict[str, Ref]:
         return {k: v for k, v in (("w_norm", self.w_norm), ("b_norm", self.b_norm)) if v is not None}
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return stored((("w_norm", self.w_norm), ("b_norm", self.b_norm)))
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         for param, ref in (("weight", self.w_norm), ("bias", self.b_norm)):

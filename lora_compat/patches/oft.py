@@ -5,7 +5,7 @@ from typing import Literal, Mapping
 
 from .._lazy import torch
 
-from .base import BuildContext, Patch, Ref, Shape, Tensor
+from .base import BuildContext, Patch, Ref, Shape, Tensor, stored
 
 OftStyle = Literal["lycoris", "kohya", "rotation"]
 
@@ -66,6 +66,10 @@ class OftPatch(Patch):
             refs["rescale"] = self.rescale
         return refs
 
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**stored((("oft_diag" if self.style == "rotation" else "oft_blocks", self.blocks),
+                          ("rescale", self.rescale))), **constraint_tensors(self.constraint)}
+
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         weight = shapes.get("weight")
         n, b = self.blocks.shape[0], self.blocks.shape[-1]
@@ -104,3 +108,10 @@ class OftPatch(Patch):
         if self.rescale is not None:
             rotated = rotated * self.rescale.load().reshape(-1, *[1] * (weight.dim() - 1))
         return {"weight": rotated - weight}
+
+
+def constraint_tensors(constraint: Ref | float | None) -> dict[str, Tensor]:
+    """OFT/BOFT's constraint back as its ``alpha`` tensor (as stored, or the value)."""
+    if isinstance(constraint, Ref):
+        return {"alpha": constraint.loader()}
+    return {} if constraint is None else {"alpha": torch.tensor(float(constraint))}

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .base import BuildContext, Patch, Ref, Shape, Tensor
+from .rows import row_ref
 
 
 class SetPatch(Patch):
@@ -29,6 +30,17 @@ class SetPatch(Patch):
 
     def refs(self) -> dict[str, Ref]:
         return {"value": self.value}
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        if self.param != "weight":
+            return super().to_tensors()
+        return {"scale": self.value.loader()}
+
+    def out_rows(self) -> int:
+        return self.value.shape[0]
+
+    def rows(self, start: int, stop: int, total: int, swap: bool = False) -> "SetPatch":
+        return SetPatch(row_ref(self.value, start, stop, swap), self.param)
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         if shapes.get(self.param) != self.value.shape:
