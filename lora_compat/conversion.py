@@ -248,13 +248,13 @@ class _KohyaWriter:
             self._put(tensors, module, parts[0][1].inner, parts[0][2])  # the fused source patch, unsplit
             return
         total = _fused_rows(self.index, module)
-        if not all(type(p) is LoraPatch and p.mid is None and p.bias is None for _, p, _ in parts):
+        if not all(_plain(p) for _, p, _ in parts):
             kinds = sorted({p.kind for _, p, _ in parts})
             raise LoraCompatError(f"{self.patchset.source}: {module} fuses parts of kinds {kinds}; only plain "
                                   "LoRA parts can be assembled into one fused module")
         if any(h.swap for h, _, _ in parts):  # whole module with swapped halves: swap the up rows back
             (host, patch, target), = parts
-            up, down, scale = patch.factors()
+            up, down, scale = patch.low_rank().factors()
             own = {"lora_down.weight": down, "lora_up.weight": torch.cat([up[up.shape[0] // 2:],
                                                                           up[: up.shape[0] // 2]]) * scale,
                    "alpha": torch.tensor(float(down.shape[0]))}
@@ -340,19 +340,20 @@ class _LoraWriter:
 
     def _factors(self, target: str, patch: Patch) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
         extra: dict[str, torch.Tensor] = {}
-        if isinstance(patch, DoraPatch) and patch.convention == "peft" and type(patch.inner) is LoraPatch:
-            extra["lora_magnitude_vector"] = patch.magnitude.loader()
-            patch = patch.inner
-        if type(patch) is LoraPatch and patch.mid is None:
-            scale = patch.scale.value()
-            if patch.bias is not None:
-                extra["lora_B.bias"] = patch.bias.load() * scale
+        peft = patch.peft_lora()
+        if peft is not None:
+            low_rank, magnitude = peft
+            if magnitude is not None:
+                extra["lora_magnitude_vector"] = magnitude.loader()
+            scale = low_rank.scale.value()
+            if low_rank.bias is not None:
+                extra["lora_B.bias"] = low_rank.bias.load() * scale
             shapes = self.index.shapes(target) or {}
             # a module shape the patch does not fit is not the real one (a smaller model than the table's):
             # the file's own shapes decide then
             weight = shapes.get("weight") if shapes and patch.misfit(shapes) is None else None
-            down, up = patch.peft_factors(weight)
-            return up, down, scale * patch.rank, extra
+            down, up = low_rank.peft_factors(weight)
+            return up, down, scale * low_rank.rank, extra
         if self.rank is None:
             raise LoraCompatError(f"{self.patchset.source}: {target} is a {patch.kind} patch, which the {self.to} "
                                   f"dialect cannot hold; pass rank=R (--rank R) to compress it to a LoRA by SVD")
@@ -397,3 +398,9 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     norm = float(delta.norm())
     error = float((delta - up @ down).norm()) / norm if norm else 0.0
     return up, down, error
+
+
+def _plain(patch: Patch) -> bool:
+    """A low-rank change of the weight alone (no bias change): what a fused module's LoRA can be assembled from."""
+    low_rank = patch.low_rank()
+    return low_rank is not None and low_rank.bias is None

@@ -114,13 +114,13 @@ def _is_t5(index: ModuleIndex, component: str) -> bool:
     return any(p.startswith("encoder.block.") for p in index.components.get(component, {}))
 
 
-def fused_lora(parts: list[tuple[tuple[int, int], LoraPatch]], total_rows: int) -> dict[str, torch.Tensor]:
+def fused_lora(parts: list[tuple[tuple[int, int], Patch]], total_rows: int) -> dict[str, torch.Tensor]:
     """LoRA parts on row ranges of one fused module → one exact LoRA for the fused module (fp32):
     ``down = [down_1; down_2; ...]``, ``up`` block-diagonal with each part's scale folded in, alpha = rank;
     rows no part covers are zero."""
     downs, blocks = [], []
     for (start, stop), patch in parts:
-        up, down, scale = patch.factors()
+        up, down, scale = patch.low_rank().factors()
         downs.append(down)
         blocks.append(((start, stop), up * scale))
     down = torch.cat(downs)
@@ -222,7 +222,9 @@ def _put_fused(conversion: Conversion, module: str, parts: list[tuple[HostName, 
 
 
 def _plain(patch: Patch) -> bool:
-    return type(patch) is LoraPatch and patch.mid is None and patch.bias is None
+    """A low-rank change of the weight alone (no bias change)."""
+    low_rank = patch.low_rank()
+    return low_rank is not None and low_rank.bias is None
 
 
 def fused_rows(index: ModuleIndex, bfl_name: str) -> int | None:

@@ -258,3 +258,54 @@ def test_entry_point_kind_is_discovered(tmp_path):
     without = subprocess.run(cli + ["inspect", "--json", str(lora)], capture_output=True, text=True)
     assert without.returncode == 2
     assert "no registered dialect recognises these keys" in without.stderr
+
+
+def test_low_rank_form_of_the_builtin_kinds():
+    """One question replaces the hand-written "is this a plain LoRA" checks: a LoRA without Tucker mid has a
+    low-rank form (its bias included), nothing else does; the DoRA of a PEFT file keeps its LoRA for PEFT."""
+    from lora_compat.patches import DoraPatch, LohaPatch, Ref
+    from lora_compat.patches.base import Scale
+
+    up, down, mid, bias = (Ref.of(t, n) for t, n in ((torch.randn(6, 2), "up"), (torch.randn(2, 4), "down"),
+                                                     (torch.randn(2, 2, 3, 3), "mid"), (torch.randn(6), "bias")))
+    alpha = Ref.of(torch.tensor(4.0), "alpha")
+    plain = LoraPatch(up, down, Scale(alpha, 2), bias=bias)
+    low_rank = plain.low_rank()
+    assert (low_rank.up, low_rank.down, low_rank.bias, low_rank.rank) == (up, down, bias, 2)
+    factors = low_rank.factors()
+    assert torch.equal(factors[0], up.load()) and torch.equal(factors[1], down.load()) and factors[2] == 2.0
+    assert LoraPatch(up, Ref.of(torch.randn(2, 4, 1, 1), "down"), mid=mid).low_rank() is None
+    loha = LohaPatch(*(Ref.of(torch.randn(*s), "w") for s in ((6, 2), (2, 4), (6, 2), (2, 4))))
+    assert loha.low_rank() is None and loha.peft_lora() is None
+    magnitude = Ref.of(torch.rand(6), "magnitude")
+    assert plain.peft_lora() == (low_rank, None)
+    assert DoraPatch(plain, magnitude, "out", "peft").low_rank() is None
+    assert DoraPatch(plain, magnitude, "out", "peft").peft_lora() == (low_rank, magnitude)
+    assert DoraPatch(plain, magnitude, "out", "lycoris").peft_lora() is None
+    assert plain.rows(0, 3, 6).low_rank().up.shape == (3, 2)  # a LoRA's rows stay a LoRA
+    assert loha.rows(0, 3, 6).low_rank() is None
+
+
+def test_every_builtin_kind_reads_back_what_it_writes():
+    """Real files of every kind (lycoris-lora, diffusers/PEFT DoRA): each patch's ``to_tensors``, read back by
+    suffix role through ``build_patch``, is the same kind with the same change on the module."""
+    from lora_pool import lora_files
+
+    from lora_compat.oracles.models import make_sd15_components
+    from lora_compat.patches.base import Ref
+    from lora_compat.patches.build import suffix_role
+
+    components = make_sd15_components(seed=100)
+    seen = set()
+    for name, path in lora_files().items():
+        for target, patch in list(lora_compat.read(path).items())[:3]:
+            component, _, module_path = target.partition(".")
+            module = components[component].get_submodule(module_path)
+            base = {param: t.detach().float() for param, t in module.named_parameters(recurse=False)}
+            written = patch.to_tensors()
+            rebuilt = build_patch({suffix_role(suffix): Ref.of(t, suffix) for suffix, t in written.items()})
+            assert rebuilt.kinds == patch.kinds, (name, target)
+            for param, delta in patch.delta(base, 0.7).items():
+                torch.testing.assert_close(rebuilt.delta(base, 0.7)[param], delta, rtol=1e-6, atol=1e-6)
+            seen.update(patch.kinds)
+    assert seen == {"lora", "loha", "lokr", "ia3", "glora", "oft", "boft", "full", "norm", "dora"}

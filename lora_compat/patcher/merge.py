@@ -5,7 +5,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..patches import LoraPatch, Patch, SetPatch
+from ..patches import Patch, SetPatch
 from ..patches.rows import FusedPatch, place, route_view
 from ..patches.widen import WidenPatch, pad_weight
 
@@ -45,12 +45,13 @@ def merged_values(base: Mapping[str, torch.Tensor], contributions: Sequence[Cont
     deltas: dict[str, torch.Tensor] = {}
     others = []
     for patch, strength in contributions:
-        if isinstance(patch, LoraPatch) and patch.mid is None and "weight" in base:
-            up, down, scale = patch.factors()
+        low_rank = patch.low_rank() if "weight" in base else None
+        if low_rank is not None:
+            up, down, scale = low_rank.factors()
             ups.append(up * (scale * strength))
             downs.append(down)
-            if patch.bias is not None:
-                _accumulate(deltas, "bias", patch.bias.load() * (scale * strength))
+            if low_rank.bias is not None:
+                _accumulate(deltas, "bias", low_rank.bias.load() * (scale * strength))
         else:
             others.append((patch, strength))
     if others:

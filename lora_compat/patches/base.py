@@ -64,6 +64,37 @@ class Scale:
 ONE = Scale(None, 0)
 
 
+@dataclass(frozen=True)
+class LowRank:
+    """A patch's low-rank form: ``ΔW = scale · up @ down`` (``up`` ``[out, r]``, ``down`` ``[r, in·k·k]`` once
+    flattened) and, when ``bias`` is set, ``Δb = scale · bias``. Nothing else changes: a kind returns this only
+    when these factors are its whole change (a LoRA with a Tucker ``mid`` has no low-rank form)."""
+
+    up: Ref
+    down: Ref
+    scale: Scale = ONE
+    bias: Ref | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def factors(self) -> tuple[Tensor, Tensor, float]:
+        """``(up [out, r], down [r, in·k·k], scale)`` in fp32: ΔW = scale · up @ down."""
+        return flat(self.up.load()), flat(self.down.load()), self.scale.value()
+
+    def peft_factors(self, weight: Shape | None = None) -> tuple[Tensor, Tensor]:
+        """``(lora_A, lora_B)`` in their stored dtype, shaped as PEFT's layers hold them for a module whose weight
+        has shape ``weight`` (``None``: a conv when ``down`` has kernel dims): Linear ``[r, in]`` / ``[out, r]``;
+        Conv ``[r, in, kh, kw]`` / ``[out, r, 1, 1]``. LyCORIS DyLoRA stores a conv's up 2-D ``[out, r]``."""
+        down, up = self.down.loader(), self.up.loader()
+        kernel = tuple(weight[2:]) if weight is not None else tuple(down.shape[2:])
+        if not kernel:
+            return down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
+        return (down.reshape(down.shape[0], -1, *kernel),
+                up.reshape(up.shape[0], up.shape[1], *(1 for _ in kernel)))
+
+
 def flat(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1)
 
@@ -161,6 +192,18 @@ class Patch(ABC):
         """This patch with its DoRA parts reading the strength by ``mode`` (see :mod:`.dora`); a kind
         without DoRA returns itself, a wrapper maps the patches it holds."""
         return self
+
+    def low_rank(self) -> "LowRank | None":
+        """The patch's change as plain low-rank factors (see :class:`LowRank`: mind its ``bias``), or ``None``
+        when it has no such form. Fast paths (one GEMM, factor concatenation, diffusers/PEFT LoRA layers) ask
+        this; ``None`` sends the patch through :meth:`delta`."""
+        return None
+
+    def peft_lora(self) -> "tuple[LowRank, Ref | None] | None":
+        """The patch as a PEFT LoRA layer holds it: its low-rank form and PEFT's DoRA magnitude
+        (``lora_magnitude_vector``, ``None`` without DoRA), or ``None`` when a PEFT LoRA cannot hold it."""
+        low_rank = self.low_rank()
+        return None if low_rank is None else (low_rank, None)
 
     def to_tensors(self) -> dict[str, Tensor]:
         """The patch's tensors under kohya/LyCORIS suffixes (``lora_down.weight``, ``hada_w1_a``, ``diff``...), in

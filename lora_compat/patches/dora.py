@@ -17,7 +17,7 @@ from typing import Literal, Mapping
 
 from .._lazy import torch
 
-from .base import BuildContext, FactorisedPatch, IncompletePatch, Patch, Ref, Shape, Tensor, numel
+from .base import BuildContext, FactorisedPatch, IncompletePatch, LowRank, Patch, Ref, Shape, Tensor, numel
 
 Axis = Literal["out", "in"]
 Convention = Literal["lycoris", "peft"]
@@ -93,6 +93,13 @@ class DoraPatch(Patch):
 
     def refs(self) -> dict[str, Ref]:
         return {**self.inner.refs(), "magnitude": self.magnitude}
+
+    def peft_lora(self) -> tuple[LowRank, Ref | None] | None:
+        """A PEFT-convention DoRA around a LoRA: the LoRA's factors and the magnitude as PEFT stores it."""
+        low_rank = self.inner.low_rank()
+        if self.convention != "peft" or low_rank is None:
+            return None
+        return low_rank, self.magnitude
 
     def to_tensors(self) -> dict[str, Tensor]:
         return {**self.inner.to_tensors(),

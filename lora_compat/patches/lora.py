@@ -5,7 +5,8 @@ from typing import Mapping
 
 from .._lazy import torch
 
-from .base import ONE, BuildContext, FactorisedPatch, Patch, Ref, Scale, Shape, Tensor, alpha_tensors, flat, numel, stored
+from .base import (ONE, BuildContext, FactorisedPatch, LowRank, Patch, Ref, Scale, Shape, Tensor, alpha_tensors, flat,
+                   numel, stored)
 from .rows import row_ref
 
 
@@ -90,20 +91,17 @@ class LoraPatch(FactorisedPatch):
         bias = row_ref(self.bias, start, stop, swap) if self.bias is not None else None
         return LoraPatch(row_ref(self.up, start, stop, swap), self.down, self.scale, bias=bias)
 
+    def low_rank(self) -> LowRank | None:
+        """Its up/down (and bias) without Tucker ``mid``; with ``mid``, none."""
+        return LowRank(self.up, self.down, self.scale, self.bias) if self.mid is None else None
+
     def factors(self) -> tuple[Tensor, Tensor, float]:
         """``(up [out, r], down [r, in·k·k], scale)`` of a LoRA without ``mid``: ΔW = scale · up @ down."""
-        return flat(self.up.load()), flat(self.down.load()), self.scale.value()
+        return LowRank(self.up, self.down, self.scale).factors()
 
     def peft_factors(self, weight: Shape | None = None) -> tuple[Tensor, Tensor]:
-        """``(lora_A, lora_B)`` in their stored dtype, shaped as PEFT's layers hold them for a module whose weight
-        has shape ``weight`` (``None``: a conv when ``down`` has kernel dims): Linear ``[r, in]`` / ``[out, r]``;
-        Conv ``[r, in, kh, kw]`` / ``[out, r, 1, 1]``. LyCORIS DyLoRA stores a conv's up 2-D ``[out, r]``."""
-        down, up = self.down.loader(), self.up.loader()
-        kernel = tuple(weight[2:]) if weight is not None else tuple(down.shape[2:])
-        if not kernel:
-            return down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
-        return (down.reshape(down.shape[0], -1, *kernel),
-                up.reshape(up.shape[0], up.shape[1], *(1 for _ in kernel)))
+        """``(lora_A, lora_B)`` as PEFT's layers hold them (see :meth:`LowRank.peft_factors`)."""
+        return LowRank(self.up, self.down, self.scale).peft_factors(weight)
 
     def weight_delta(self, weight_shape: torch.Size) -> Tensor:
         up, down = flat(self.up.load()), self.down.load()
