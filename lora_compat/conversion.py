@@ -26,8 +26,7 @@ from .errors import LoraCompatError, UnmatchedKeysError
 from .files import LoraFile
 from .hostkeys import HostName, fused_lora, fused_rows, index_for_file, kohya_names, kohya_tensors
 from .outputs import atomic_output, refuse_inputs
-from .patches import DoraPatch, LoraPatch, Patch
-from .patches.rows import RowsOf
+from .patches import Patch
 from .patchset import PatchSet
 
 TARGETS = ("kohya", "webui", "diffusers", "peft", "bfl")
@@ -243,9 +242,9 @@ class _KohyaWriter:
             self.ranks.append(patch.rank)
 
     def _put_fused(self, tensors: dict, module: str, parts: list[tuple[HostName, Patch, str]]) -> None:
-        inners = {id(p.inner) for _, p, _ in parts if isinstance(p, RowsOf)}
-        if len(inners) == 1 and all(isinstance(p, RowsOf) for _, p, _ in parts):
-            self._put(tensors, module, parts[0][1].inner, parts[0][2])  # the fused source patch, unsplit
+        sources = [p.sliced_from for _, p, _ in parts]
+        if all(s is not None for s in sources) and len({id(s) for s in sources}) == 1:
+            self._put(tensors, module, sources[0], parts[0][2])  # the fused source patch, unsplit
             return
         total = _fused_rows(self.index, module)
         if not all(_plain(p) for _, p, _ in parts):

@@ -49,7 +49,7 @@ from .deltas import BaseWeights, module_delta
 from .errors import LoraCompatError, UnmatchedKeysError
 from .fusion_gate import FusionGates, gate
 from .outputs import refuse_inputs
-from .patches import DoraPatch, FullPatch, LoraPatch, Patch, Ref
+from .patches import FullPatch, LoraPatch, Patch, Ref
 from .patches.base import LowRank
 from .patches.dora import check_dora_strength
 from .patchset import PatchSet
@@ -219,7 +219,7 @@ def _weighted_delta(target: str, patch: Patch, weight: float, index: ModuleIndex
     """A patch's full ``(ΔW, Δb)`` and the weight it is merged with. A DoRA LoRA's is ``W_dora − W`` with the
     LoRA's weight (``interpolate``), or the library's change at that weight, merged with weight 1
     (``library``)."""
-    if isinstance(patch, DoraPatch) and dora_strength == "library":
+    if patch.reads_dora_strength and dora_strength == "library":
         return module_delta(patch.with_dora_strength("library"), index, target, weights, strength=weight), 1.0
     return module_delta(patch.with_dora_strength(dora_strength), index, target, weights), weight
 

@@ -16,8 +16,7 @@ from .core import detect
 from .errors import LoraCompatError
 from .archs.flux import bfl_parts, is_flux_transformer, rows_from_file
 from .archs.sd import sgm_aliases
-from .patches import (BoftPatch, DoraPatch, FullPatch, GloraPatch, Ia3Patch, LohaPatch, LokrPatch, LoraPatch,
-                      NormPatch, OftPatch, Patch, Ref, Scale, SetPatch)
+from .patches import Patch, Ref
 from .patches.build import IncompletePatch, build_patch, suffix_role
 from .patchset import PatchSet
 
@@ -271,6 +270,9 @@ class FusedParts(Patch):
     def misfit(self, shapes):
         return None
 
+    def host_native(self) -> bool:
+        return all(_plain(p) for _, p in self.parts) and not any(h.swap for h, _ in self.parts)
+
     def with_dora_strength(self, mode: str) -> "FusedParts":
         parts = [(host, patch.with_dora_strength(mode)) for host, patch in self.parts]
         return self if all(new is old for (_, new), (_, old) in zip(parts, self.parts)) else FusedParts(parts, self.total)
@@ -324,10 +326,4 @@ def host_native(patch: Patch) -> bool:
     """Whether ComfyUI-style hosts (ComfyUI, Forge) compute this patch exactly as lora_compat does at every
     strength: plain LoRA (no Tucker mid, no bias), LoHa without Tucker, full diffs, and fused modules made
     of plain LoRA parts. Everything else is handed over as an exact diff or computed by lora_compat."""
-    if isinstance(patch, FusedParts):
-        return all(_plain(p) for _, p in patch.parts) and not any(h.swap for h, _ in patch.parts)
-    if type(patch) is LoraPatch:
-        return _plain(patch)
-    if type(patch) is LohaPatch:
-        return patch.t1 is None and patch.t2 is None
-    return type(patch) is FullPatch
+    return patch.host_native()

@@ -13,6 +13,7 @@ from .archs import Arch
 from .dialects import Dialect
 from .errors import LoraCompatError
 from .patches.base import Patch
+from .patches import build
 from .patches.build import KindTable
 
 _lock = threading.RLock()
@@ -67,6 +68,7 @@ def reset_registry() -> None:
     global _registry
     with _lock:
         _registry = None
+        build._table = None
 
 
 def registry() -> Registry:
@@ -75,6 +77,7 @@ def registry() -> Registry:
     with _lock:
         if _registry is None:
             _registry = _collect(get_plugin_manager())
+            build._table = _registry.kind_table
         return _registry
 
 

@@ -16,7 +16,6 @@ from torch.func import functional_call
 from ..errors import LoraCompatError
 from ..fusion_gate import FusionGates, GateLayer, gate
 from ..patches import Patch
-from ..patches.widen import WidenPatch
 from .merge import Contribution
 
 
@@ -269,7 +268,7 @@ class HotBackend:
         old = self.hooks.pop(target, None)
         if old is not None:
             old.remove()
-        if any(isinstance(patch, WidenPatch) for patch, _ in contributions):
+        if any(patch.widening() is not None for patch, _ in contributions):
             raise LoraCompatError(f"{target}: this LoRA widens the module's input (a FLUX.1 Control LoRA); "
                                   "hot mode never changes weights or shapes, use Patcher(mode='merge')")
         if contributions:

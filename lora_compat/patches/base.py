@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Mapping, Sequence
 
 from .._lazy import torch
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+    from ..archs.flux import Route
 else:  # only annotations (deferred in every patch module) name it: building patches must not import torch
     Tensor = "torch.Tensor"
 
@@ -151,6 +153,12 @@ class Patch(ABC):
     wraps: ClassVar[bool] = False
     #: one line for ``lora-compat dialects`` (empty: the first line of the kind's module docstring)
     description: ClassVar[str] = ""
+    #: whether the change depends on the base weight (DoRA, OFT/BOFT, IA3, GLoRA, norms...); a kind that does not
+    #: implements :meth:`shaped_delta`
+    needs_base: ClassVar[bool] = True
+    #: whether the kind stores a conv's kernel flattened into its input columns (LoHa, LoKr): the shape its tensors
+    #: imply is then 2-D, and the base's module tells the kernel
+    flat_kernel: ClassVar[bool] = False
 
     @classmethod
     def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "Patch | None":
@@ -193,6 +201,46 @@ class Patch(ABC):
         without DoRA returns itself, a wrapper maps the patches it holds."""
         return self
 
+    def host_native(self) -> bool:
+        """Whether ComfyUI-style hosts (ComfyUI, Forge) compute this patch exactly as lora_compat does at every
+        strength (otherwise it is handed over as an exact diff or computed by lora_compat)."""
+        return False
+
+    @property
+    def reads_dora_strength(self) -> bool:
+        """Whether the DoRA strength convention (:meth:`with_dora_strength`) changes this patch's delta."""
+        return False
+
+    def implied_weight_shape(self) -> Shape | None:
+        """The weight shape the patch's own tensors imply (2-D ``[out, in·k·k]`` when a conv kernel is stored
+        flattened), or ``None`` when they do not tell."""
+        return None
+
+    def shaped_delta(self, shape: Shape) -> "tuple[Tensor, Tensor | None]":
+        """``(ΔW, Δb or None)`` at strength 1 for a weight of ``shape``, for kinds whose change does not depend on
+        the base (:attr:`needs_base` false)."""
+        raise ValueError(f"a {self.kind} patch's change depends on the base weight")
+
+    def widening(self) -> "tuple[int, Patch] | None":
+        """For a patch that widens the module's input: the new input width and the patch applied to the weight
+        zero-padded to it; ``None`` for every other patch."""
+        return None
+
+    def replacement(self) -> "tuple[str, Ref] | None":
+        """For a patch that replaces a parameter with a stored value: ``(parameter, value)``; else ``None``."""
+        return None
+
+    @property
+    def row_parts(self) -> "Sequence[tuple[Route, Patch]] | None":
+        """For a patch on a fused host module: each canonical module's route (its rows) and patch; else ``None``."""
+        return None
+
+    @property
+    def sliced_from(self) -> "Patch | None":
+        """For rows sliced out of a patch made for a fused weight (materialised, :class:`~.rows.RowsOf`): that
+        patch; else ``None``."""
+        return None
+
     def low_rank(self) -> "LowRank | None":
         """The patch's change as plain low-rank factors (see :class:`LowRank`: mind its ``bias``), or ``None``
         when it has no such form. Fast paths (one GEMM, factor concatenation, diffusers/PEFT LoRA layers) ask
@@ -229,6 +277,11 @@ class Patch(ABC):
 
 class FactorisedPatch(Patch):
     """A kind whose change is an additive ``ΔW`` built from factors (LoRA, LoHa, LoKr): DoRA can wrap it."""
+
+    needs_base = False
+
+    def shaped_delta(self, shape: Shape) -> "tuple[Tensor, Tensor | None]":
+        return self.weight_delta(torch.Size(shape)), None
 
     @abstractmethod
     def weight_delta(self, weight_shape: torch.Size) -> Tensor:

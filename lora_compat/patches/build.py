@@ -49,11 +49,18 @@ class KindTable:
                    roles=roles, min_dims=min_dims, ordered=ordered)
 
 
+#: the registry's table, kept here by :mod:`lora_compat.plugins` (asked once per key: the lookup must be cheap)
+_table: KindTable | None = None
+
+
 def kind_table() -> KindTable:
     """The table of every registered kind (cached with the plugin registry)."""
-    from .. import plugins  # the registry imports the dialects, which import this module
+    table = _table
+    if table is None:
+        from .. import plugins  # the registry imports the dialects, which import this module
 
-    return plugins.kind_table()
+        table = plugins.kind_table()
+    return table
 
 
 def split_key(key: str, dotted: bool, table: KindTable | None = None) -> tuple[str, str] | None:

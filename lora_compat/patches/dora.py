@@ -94,6 +94,10 @@ class DoraPatch(Patch):
     def refs(self) -> dict[str, Ref]:
         return {**self.inner.refs(), "magnitude": self.magnitude}
 
+    @property
+    def reads_dora_strength(self) -> bool:
+        return True
+
     def peft_lora(self) -> tuple[LowRank, Ref | None] | None:
         """A PEFT-convention DoRA around a LoRA: the LoRA's factors and the magnitude as PEFT stores it."""
         low_rank = self.inner.low_rank()

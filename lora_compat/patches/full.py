@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from .._lazy import torch
+
 from .base import BuildContext, Patch, Ref, Shape, Tensor, numel, stored
 from .rows import row_ref
 
@@ -12,6 +14,7 @@ class FullPatch(Patch):
 
     kind = "full"
     order = 70
+    needs_base = False
     suffixes = {"diff": "diff", "diff_b": "diff_b"}
     min_dims = {"diff": 1}
 
@@ -43,6 +46,16 @@ class FullPatch(Patch):
     def rows(self, start: int, stop: int, total: int, swap: bool = False) -> "FullPatch":
         return FullPatch(row_ref(self.diff, start, stop, swap) if self.diff is not None else None,
                          row_ref(self.diff_b, start, stop, swap) if self.diff_b is not None else None)
+
+    def host_native(self) -> bool:
+        return True
+
+    def implied_weight_shape(self) -> Shape | None:
+        return self.diff.shape if self.diff is not None else None
+
+    def shaped_delta(self, shape: Shape) -> tuple[Tensor, Tensor | None]:
+        delta = self.diff.load().reshape(shape) if self.diff is not None else torch.zeros(shape)
+        return delta, self.diff_b.load() if self.diff_b is not None else None
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         for param, ref in (("weight", self.diff), ("bias", self.diff_b)):

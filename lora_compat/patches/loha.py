@@ -14,6 +14,7 @@ class LohaPatch(FactorisedPatch):
 
     kind = "loha"
     order = 20
+    flat_kernel = True
     suffixes = {s: s for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha")}
     min_dims = {s: 2 for s in suffixes if s != "alpha"}
 
@@ -43,6 +44,14 @@ class LohaPatch(FactorisedPatch):
         return {**stored((("hada_w1_a", self.w1a), ("hada_w1_b", self.w1b), ("hada_w2_a", self.w2a),
                           ("hada_w2_b", self.w2b), ("hada_t1", self.t1), ("hada_t2", self.t2))),
                 **alpha_tensors(self.scale)}
+
+    def host_native(self) -> bool:
+        return self.t1 is None and self.t2 is None
+
+    def implied_weight_shape(self) -> Shape:
+        if self.t1 is not None:
+            return (self.w1a.shape[1], self.w1b.shape[1], *self.t1.shape[2:])
+        return (self.w1a.shape[0], self.w1b.shape[1])
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         if self.t1 is not None:

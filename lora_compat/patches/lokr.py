@@ -14,6 +14,7 @@ class LokrPatch(FactorisedPatch):
 
     kind = "lokr"
     order = 30
+    flat_kernel = True
     suffixes = {s: s for s in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
                                "alpha")}
     min_dims = {s: 2 for s in suffixes if s != "alpha"}
@@ -70,6 +71,18 @@ class LokrPatch(FactorisedPatch):
         if self.t2 is not None:
             return self.w2a.shape[1], self.w2b.shape[1] * numel(self.t2.shape[2:])
         return self.w2a.shape[0], self.w2b.shape[1]
+
+    def implied_weight_shape(self) -> Shape:
+        (a, c), (b, rest) = self._w1_shape(), self._w2_dims()
+        return (a * b, c * rest[0], *rest[1:])
+
+    def _w2_dims(self) -> tuple[int, Shape]:
+        """Rows of w2 and the rest of its shape (d, kernel...) as the tensors give it."""
+        if self.w2 is not None:
+            return self.w2.shape[0], self.w2.shape[1:]
+        if self.t2 is not None:
+            return self.w2a.shape[1], (self.w2b.shape[1], *self.t2.shape[2:])
+        return self.w2a.shape[0], self.w2b.shape[1:]
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         weight = shapes.get("weight")

@@ -91,6 +91,18 @@ class LoraPatch(FactorisedPatch):
         bias = row_ref(self.bias, start, stop, swap) if self.bias is not None else None
         return LoraPatch(row_ref(self.up, start, stop, swap), self.down, self.scale, bias=bias)
 
+    def host_native(self) -> bool:
+        return self.mid is None and self.bias is None
+
+    def implied_weight_shape(self) -> Shape:
+        if self.mid is not None:
+            return (self.up.shape[0], self.down.shape[1], *self.mid.shape[2:])
+        return (self.up.shape[0], *self.down.shape[1:])
+
+    def shaped_delta(self, shape: Shape) -> tuple[Tensor, Tensor | None]:
+        bias = self.bias.load() * self.scale.value() if self.bias is not None else None
+        return self.weight_delta(torch.Size(shape)), bias
+
     def low_rank(self) -> LowRank | None:
         """Its up/down (and bias) without Tucker ``mid``; with ``mid``, none."""
         return LowRank(self.up, self.down, self.scale, self.bias) if self.mid is None else None

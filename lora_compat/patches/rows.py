@@ -58,6 +58,18 @@ class RowsOf(FactorisedPatch):
     def out_rows(self) -> int:
         return self.stop - self.start
 
+    @property
+    def sliced_from(self) -> FactorisedPatch:
+        return self.inner
+
+    @property
+    def flat_kernel(self) -> bool:  # type: ignore[override]
+        return self.inner.flat_kernel
+
+    def implied_weight_shape(self) -> Shape | None:
+        inner = self.inner.implied_weight_shape()
+        return None if inner is None else (self.stop - self.start, *inner[1:])
+
     def in_columns(self) -> int | None:
         return self.inner.in_columns()
 
@@ -105,6 +117,14 @@ class FusedPatch(Patch):
             for role, ref in patch.refs().items():
                 refs[f"{route.start}:{role}"] = ref
         return refs
+
+    @property
+    def row_parts(self) -> Sequence[tuple["Route", Patch]]:
+        return self.parts
+
+    @property
+    def reads_dora_strength(self) -> bool:
+        return any(patch.reads_dora_strength for _, patch in self.parts)
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         return None  # each part was checked against its canonical module's shapes

@@ -36,6 +36,9 @@ class SetPatch(Patch):
             return super().to_tensors()
         return {"scale": self.value.loader()}
 
+    def replacement(self) -> tuple[str, Ref]:
+        return self.param, self.value
+
     def out_rows(self) -> int:
         return self.value.shape[0]
 
