@@ -247,7 +247,7 @@ class _KohyaWriter:
             self._put(tensors, module, sources[0], parts[0][2])  # the fused source patch, unsplit
             return
         total = _fused_rows(self.index, module)
-        if not all(_plain(p) for _, p, _ in parts):
+        if not all(p.weight_low_rank() is not None for _, p, _ in parts):
             kinds = sorted({p.kind for _, p, _ in parts})
             raise LoraCompatError(f"{self.patchset.source}: {module} fuses parts of kinds {kinds}; only plain "
                                   "LoRA parts can be assembled into one fused module")
@@ -397,9 +397,3 @@ def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     norm = float(delta.norm())
     error = float((delta - up @ down).norm()) / norm if norm else 0.0
     return up, down, error
-
-
-def _plain(patch: Patch) -> bool:
-    """A low-rank change of the weight alone (no bias change): what a fused module's LoRA can be assembled from."""
-    low_rank = patch.low_rank()
-    return low_rank is not None and low_rank.bias is None

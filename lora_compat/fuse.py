@@ -184,8 +184,8 @@ def _combine(method: str, target: str, deltas: Sequence[tuple[torch.Tensor, floa
 
 
 def _plain(target: str, patch: Patch, method: str) -> LowRank:
-    low_rank = patch.low_rank()
-    if low_rank is None or low_rank.bias is not None:
+    low_rank = patch.weight_low_rank()
+    if low_rank is None:
         raise LoraCompatError(f"{target}: {method} needs plain LoRA factors, this is a {patch.kind} patch; "
                               "use --method svd (or ties/dare) on full deltas")
     return low_rank

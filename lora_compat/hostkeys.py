@@ -214,16 +214,10 @@ def _put_fused(conversion: Conversion, module: str, parts: list[tuple[HostName, 
     """Patches on parts of a fused Flux module: one exact fused LoRA when all parts are plain LoRA; otherwise
     the module is left to lora_compat's own patch (its tensors cannot be written for the host)."""
     total = fused_rows(index, module[len("lora_unet_"):]) or max(h.rows[1] if h.rows else 0 for h, _ in parts)
-    if all(_plain(p) for _, p in parts) and not any(h.swap for h, _ in parts):
+    if all(p.weight_low_rank() is not None for _, p in parts) and not any(h.swap for h, _ in parts):
         for suffix, tensor in fused_lora([(h.rows or (0, total), p) for h, p in parts], total).items():
             conversion.tensors[f"{module}.{suffix}"] = tensor
     conversion.patches[module] = (FusedParts(parts, total), None)
-
-
-def _plain(patch: Patch) -> bool:
-    """A low-rank change of the weight alone (no bias change)."""
-    low_rank = patch.low_rank()
-    return low_rank is not None and low_rank.bias is None
 
 
 def fused_rows(index: ModuleIndex, bfl_name: str) -> int | None:
@@ -271,7 +265,7 @@ class FusedParts(Patch):
         return None
 
     def host_native(self) -> bool:
-        return all(_plain(p) for _, p in self.parts) and not any(h.swap for h, _ in self.parts)
+        return all(p.weight_low_rank() is not None for _, p in self.parts) and not any(h.swap for h, _ in self.parts)
 
     def with_dora_strength(self, mode: str) -> "FusedParts":
         parts = [(host, patch.with_dora_strength(mode)) for host, patch in self.parts]

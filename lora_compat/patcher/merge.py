@@ -28,12 +28,10 @@ def merged_values(base: Mapping[str, torch.Tensor], contributions: Sequence[Cont
     """
     if any(patch.row_parts is not None for patch, _ in contributions):
         return _merged_fused(base, contributions, out)
-    widenings = [(patch.widening(), strength) for patch, strength in contributions]
-    widths = [widening[0] for widening, _ in widenings if widening is not None]
+    widths = [widening[0] for widening in (patch.widening() for patch, _ in contributions) if widening is not None]
     if widths:
         base = pad_weight(base, max(widths))
-        contributions = [(widening[1], s) if widening is not None else (p, s)
-                         for (p, s), (widening, _) in zip(contributions, widenings)]
+        contributions = [((p.widening() or (0, p))[1], s) for p, s in contributions]
         if out and "weight" in out and out["weight"].shape != base["weight"].shape:
             out = None
     replaced = [r for r in (patch.replacement() for patch, _ in contributions) if r is not None]

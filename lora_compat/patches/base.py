@@ -247,6 +247,12 @@ class Patch(ABC):
         this; ``None`` sends the patch through :meth:`delta`."""
         return None
 
+    def weight_low_rank(self) -> "LowRank | None":
+        """:meth:`low_rank` when the patch changes the weight alone (no bias change), else ``None``: what can be
+        written as a bare ``up``/``down`` pair (fused-module LoRAs, factor merges)."""
+        low_rank = self.low_rank()
+        return low_rank if low_rank is not None and low_rank.bias is None else None
+
     def peft_lora(self) -> "tuple[LowRank, Ref | None] | None":
         """The patch as a PEFT LoRA layer holds it: its low-rank form and PEFT's DoRA magnitude
         (``lora_magnitude_vector``, ``None`` without DoRA), or ``None`` when a PEFT LoRA cannot hold it."""
