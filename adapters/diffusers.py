@@ -31,7 +31,7 @@ from lora_compat.apply import check_patchset, component_modules, resolve_patchse
 from lora_compat.archs import ModuleIndex
 from lora_compat.errors import LoraCompatError
 from lora_compat.patcher import Entry, Patcher, sync_config
-from lora_compat.patches import LohaPatch, LoraPatch
+from lora_compat.patches import LohaPatch, Patch
 from lora_compat.patches.dora import check_dora_strength
 from lora_compat.patchset import PatchSet
 
@@ -92,8 +92,8 @@ def adapters(pipe: Any) -> dict[str, str]:
 
 
 # -- classifying and converting -------------------------------------------------------------------------------
-def _is_plain_lora(patch: object) -> bool:
-    return type(patch) is LoraPatch and patch.mid is None
+def _is_plain_lora(patch: Patch) -> bool:
+    return patch.low_rank() is not None
 
 
 def _is_peft_loha(patch: object) -> bool:
@@ -135,15 +135,16 @@ def to_diffusers_state_dict(patchset: PatchSet) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for target, patch in patchset.items():
         target = target.removesuffix(".base_layer")  # a module PEFT already wraps: address the wrapper
-        if not _is_plain_lora(patch):
+        low_rank = patch.low_rank()
+        if low_rank is None:
             raise LoraCompatError(f"{patchset.source}: {target} is a {patch.kind} patch, not a plain LoRA")
-        down, up = patch.peft_factors()
-        scale = patch.scale.value()
+        down, up = low_rank.peft_factors()
+        scale = low_rank.scale.value()
         # down as stored (PEFT copies it into its own parameter); the scale is folded into up in fp32
         tensors[f"{target}.lora_A.weight"] = down
         tensors[f"{target}.lora_B.weight"] = up if scale == 1.0 else torch.mul(up.float(), scale)
-        if patch.bias is not None:
-            tensors[f"{target}.lora_B.bias"] = patch.bias.load() * scale
+        if low_rank.bias is not None:
+            tensors[f"{target}.lora_B.bias"] = low_rank.bias.load() * scale
     return tensors
 
 

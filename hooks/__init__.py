@@ -33,5 +33,10 @@ class LoraCompatSpec:
     def register_archs(self, register: Callable[[object], None]) -> None:
         """Register ``lora_compat.archs.Arch`` instances (one per base model family, e.g. ``sd15``)."""
 
+    @hookspec
+    def register_kinds(self, register: Callable[[object], None]) -> None:
+        """Register patch kinds: ``lora_compat.patches.Patch`` subclasses (the class, not an instance) with a
+        ``kind`` id, the key ``suffixes`` they recognise and ``from_parts`` (see ``lora_compat.patches.base``)."""
+
 
 __all__ = ["hookimpl", "hookspec", "LoraCompatSpec", "PROJECT_NAME", "ENTRY_POINT_GROUP"]

@@ -1,4 +1,4 @@
-"""The built-in dialects and architectures, registered through the public hooks like any plugin."""
+"""The built-in dialects, architectures and patch kinds, registered through the public hooks like any plugin."""
 from __future__ import annotations
 
 from typing import Callable
@@ -22,6 +22,8 @@ from .dialects.peft_tuners import PeftTunerRecogniser
 from .dialects.t2i_adapter import T2IAdapterRecogniser
 from .dialects.textual_inversion import TextualInversionRecogniser
 from .dialects.xlabs import XlabsDialect
+from .patches import (BoftPatch, DoraPatch, FullPatch, GloraPatch, Ia3Patch, LohaPatch, LokrPatch, LoraPatch,
+                      NormPatch, OftPatch, PeftBoftPatch, PeftIa3Patch, PeftOftPatch, SetPatch)
 
 
 @hookimpl
@@ -37,3 +39,10 @@ def register_dialects(register: Callable[[object], None]) -> None:
 def register_archs(register: Callable[[object], None]) -> None:
     for arch in (SD15, SD2, SDXL, FLUX1):
         register(arch)
+
+
+@hookimpl
+def register_kinds(register: Callable[[object], None]) -> None:
+    for kind in (LoraPatch, LohaPatch, LokrPatch, Ia3Patch, GloraPatch, OftPatch, BoftPatch, FullPatch, NormPatch,
+                 SetPatch, DoraPatch, PeftOftPatch, PeftBoftPatch, PeftIa3Patch):
+        register(kind)

@@ -73,6 +73,8 @@ def cmd_dialects(args: argparse.Namespace) -> int:
             "dialects": [{"id": k, "plugin": r.plugin, "refuses": r.obj.refuses, "description": r.obj.description}
                          for k, r in registry.dialects.items()],
             "bases": [{"id": k, "plugin": r.plugin, "title": r.obj.title} for k, r in registry.archs.items()],
+            "kinds": [{"id": k, "plugin": r.plugin, "description": _kind_description(r.obj)}
+                      for k, r in registry.kinds.items()],
         }))
         return 0
     width = max(len(k) for k in registry.dialects)
@@ -83,7 +85,16 @@ def cmd_dialects(args: argparse.Namespace) -> int:
     print("bases:")
     for key, reg in registry.archs.items():
         print(f"  {key:<{width}}  [{reg.plugin}] {reg.obj.title}")
+    print("patch kinds:")
+    for key, reg in registry.kinds.items():
+        print(f"  {key:<{width}}  [{reg.plugin}] {_kind_description(reg.obj)}")
     return 0
+
+
+def _kind_description(kind: type) -> str:
+    """A patch kind's ``description``, else the first line of its module's docstring."""
+    doc = getattr(kind, "description", "") or getattr(sys.modules.get(kind.__module__), "__doc__", None) or ""
+    return doc.strip().partition("\n")[0]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -341,8 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="treat unmatched keys as an error (exit 2)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("dialects", help="list every registered dialect and base, and the plugin providing it",
-                       description="List every registered dialect and base, with the plugin that provides it.")
+    p = sub.add_parser("dialects", help="list every registered dialect, base and patch kind, and the plugin "
+                       "providing it",
+                       description="List every registered dialect, base and patch kind, with the plugin that "
+                       "provides it.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_dialects)
 

@@ -28,8 +28,7 @@ from .errors import LoraCompatError, UnmatchedKeysError
 from .files import LoraFile
 from .hostkeys import HostName, fused_lora, fused_rows, index_for_file, kohya_names, kohya_tensors
 from .outputs import atomic_output, refuse_inputs
-from .patches import DoraPatch, LoraPatch, Patch, PeftBoftPatch, PeftIa3Patch, PeftOftPatch
-from .patches.rows import RowsOf
+from .patches import Patch
 from .patchset import PatchSet
 
 TARGETS = ("kohya", "webui", "diffusers", "peft", "bfl")
@@ -248,7 +247,7 @@ class _KohyaWriter:
     def _diff(self, patch: Patch, target: str, exc: ValueError) -> dict[str, torch.Tensor]:
         """A PEFT OFT/BOFT/IA3 patch (no kohya/LyCORIS form; linear in the strength, like a ``diff``) as its exact
         change of the checkpoint's weights (LyCORIS ``diff`` / ``diff_b``, which every host reads)."""
-        if not isinstance(patch, (PeftOftPatch, PeftBoftPatch, PeftIa3Patch)):
+        if not patch.written_as_diff:
             raise LoraCompatError(f"{self.patchset.source}: {target}: {exc}") from None
         if self.weights is None:
             raise LoraCompatError(f"{self.patchset.source}: {target}: {exc}; it can be written as the exact "
@@ -257,18 +256,18 @@ class _KohyaWriter:
         return {"diff": delta.contiguous()} if bias is None else {"diff": delta.contiguous(), "diff_b": bias}
 
     def _put_fused(self, tensors: dict, module: str, parts: list[tuple[HostName, Patch, str]]) -> None:
-        inners = {id(p.inner) for _, p, _ in parts if isinstance(p, RowsOf)}
-        if len(inners) == 1 and all(isinstance(p, RowsOf) for _, p, _ in parts):
-            self._put(tensors, module, parts[0][1].inner, parts[0][2])  # the fused source patch, unsplit
+        sources = [p.sliced_from for _, p, _ in parts]
+        if all(s is not None for s in sources) and len({id(s) for s in sources}) == 1:
+            self._put(tensors, module, sources[0], parts[0][2])  # the fused source patch, unsplit
             return
         total = _fused_rows(self.index, module)
-        if not all(type(p) is LoraPatch and p.mid is None and p.bias is None for _, p, _ in parts):
+        if not all(p.weight_low_rank() is not None for _, p, _ in parts):
             kinds = sorted({p.kind for _, p, _ in parts})
             raise LoraCompatError(f"{self.patchset.source}: {module} fuses parts of kinds {kinds}; only plain "
                                   "LoRA parts can be assembled into one fused module")
         if any(h.swap for h, _, _ in parts):  # whole module with swapped halves: swap the up rows back
             (host, patch, target), = parts
-            up, down, scale = patch.factors()
+            up, down, scale = patch.low_rank().factors()
             own = {"lora_down.weight": down, "lora_up.weight": torch.cat([up[up.shape[0] // 2:],
                                                                           up[: up.shape[0] // 2]]) * scale,
                    "alpha": torch.tensor(float(down.shape[0]))}
@@ -354,19 +353,20 @@ class _LoraWriter:
 
     def _factors(self, target: str, patch: Patch) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
         extra: dict[str, torch.Tensor] = {}
-        if isinstance(patch, DoraPatch) and patch.convention == "peft" and type(patch.inner) is LoraPatch:
-            extra["lora_magnitude_vector"] = patch.magnitude.loader()
-            patch = patch.inner
-        if type(patch) is LoraPatch and patch.mid is None:
-            scale = patch.scale.value()
-            if patch.bias is not None:
-                extra["lora_B.bias"] = patch.bias.load() * scale
+        peft = patch.peft_lora()
+        if peft is not None:
+            low_rank, magnitude = peft
+            if magnitude is not None:
+                extra["lora_magnitude_vector"] = magnitude.loader()
+            scale = low_rank.scale.value()
+            if low_rank.bias is not None:
+                extra["lora_B.bias"] = low_rank.bias.load() * scale
             shapes = self.index.shapes(target) or {}
             # a module shape the patch does not fit is not the real one (a smaller model than the table's):
             # the file's own shapes decide then
             weight = shapes.get("weight") if shapes and patch.misfit(shapes) is None else None
-            down, up = patch.peft_factors(weight)
-            return up, down, scale * patch.rank, extra
+            down, up = low_rank.peft_factors(weight)
+            return up, down, scale * low_rank.rank, extra
         if self.rank is None:
             raise LoraCompatError(f"{self.patchset.source}: {target} is a {patch.kind} patch, which the {self.to} "
                                   f"dialect cannot hold; pass rank=R (--rank R) to compress it to a LoRA by SVD")

@@ -18,9 +18,8 @@ import torch
 
 from .archs import ModuleIndex
 from .errors import LoraCompatError
-from .patches import FactorisedPatch, FullPatch, LohaPatch, LokrPatch, LoraPatch, Patch
+from .patches import Patch
 from .patches.base import Shape, numel
-from .patches.rows import RowsOf
 
 #: canonical target → its module's base parameters (fp32), or ``None`` when the checkpoint lacks the module
 BaseWeights = Callable[[str], Optional[Mapping[str, torch.Tensor]]]
@@ -30,36 +29,13 @@ CHECKPOINT_HINT = "pass --checkpoint PATH (Python: checkpoint=PATH), a diffusers
 
 def needs_base(patch: Patch) -> bool:
     """Whether the patch's delta depends on the base weight (DoRA, OFT/BOFT, IA3, GLoRA, norms...)."""
-    return not isinstance(patch, (FactorisedPatch, FullPatch))
+    return patch.needs_base
 
 
 def implied_weight_shape(patch: Patch) -> Shape | None:
     """The weight shape the patch's own tensors imply (2-D ``[out, in·k·k]`` when a conv kernel is stored
     flattened), or ``None`` for kinds whose tensors do not tell."""
-    if isinstance(patch, RowsOf):
-        inner = implied_weight_shape(patch.inner)
-        return None if inner is None else (patch.stop - patch.start, *inner[1:])
-    if isinstance(patch, FullPatch):
-        return patch.diff.shape if patch.diff is not None else None
-    if isinstance(patch, LoraPatch):
-        if patch.mid is not None:
-            return (patch.up.shape[0], patch.down.shape[1], *patch.mid.shape[2:])
-        return (patch.up.shape[0], *patch.down.shape[1:])
-    if isinstance(patch, LohaPatch):
-        if patch.t1 is not None:
-            return (patch.w1a.shape[1], patch.w1b.shape[1], *patch.t1.shape[2:])
-        return (patch.w1a.shape[0], patch.w1b.shape[1])
-    if isinstance(patch, LokrPatch):
-        a, c = (patch.w1.shape[0], patch.w1.shape[1]) if patch.w1 is not None else (patch.w1a.shape[0],
-                                                                                       patch.w1b.shape[1])
-        if patch.w2 is not None:
-            b, rest = patch.w2.shape[0], patch.w2.shape[1:]
-        elif patch.t2 is not None:
-            b, rest = patch.w2a.shape[1], (patch.w2b.shape[1], *patch.t2.shape[2:])
-        else:
-            b, rest = patch.w2a.shape[0], patch.w2b.shape[1:]
-        return (a * b, c * rest[0], *rest[1:])
-    return None
+    return patch.implied_weight_shape()
 
 
 def weight_shape(patch: Patch, index: ModuleIndex, target: str) -> Shape:
@@ -73,9 +49,7 @@ def weight_shape(patch: Patch, index: ModuleIndex, target: str) -> Shape:
     if implied is None:
         reason = patch.misfit(shapes) if shapes else "no such module in the base"
         raise LoraCompatError(f"{target}: its {patch.kind} patch does not fit the module ({reason})")
-    flattened = isinstance(patch, (LohaPatch, LokrPatch)) or (isinstance(patch, RowsOf) and
-                                                               isinstance(patch.inner, (LohaPatch, LokrPatch)))
-    if flattened and len(implied) == 2 and known is not None and len(known) == 4:
+    if patch.flat_kernel and len(implied) == 2 and known is not None and len(known) == 4:
         kernel = numel(known[2:])
         if implied[1] % kernel == 0:  # LoHa/LoKr store a conv's kernel flattened: the base's module tells it
             return (implied[0], implied[1] // kernel, *known[2:])
@@ -107,14 +81,7 @@ def module_delta(patch: Patch, index: ModuleIndex, target: str, weights: BaseWei
     if len(shape) < 2:
         raise LoraCompatError(f"{target}: its {patch.kind} patch is on a {len(shape)}-D parameter, which has "
                               "no matrix delta to compress or merge")
-    if isinstance(patch, FullPatch):
-        delta = patch.diff.load().reshape(shape) if patch.diff is not None else torch.zeros(shape)
-        bias = patch.diff_b.load() if patch.diff_b is not None else None
-    else:
-        delta = patch.weight_delta(shape)
-        bias = None
-        if isinstance(patch, LoraPatch) and patch.bias is not None:
-            bias = patch.bias.load() * patch.scale.value()
+    delta, bias = patch.shaped_delta(shape)
     if strength != 1.0:
         delta, bias = delta * strength, None if bias is None else bias * strength
     return delta, bias

@@ -49,7 +49,8 @@ from .deltas import BaseWeights, module_delta
 from .errors import LoraCompatError, UnmatchedKeysError
 from .fusion_gate import FusionGates, gate
 from .outputs import refuse_inputs
-from .patches import DoraPatch, FullPatch, LoraPatch, Patch, Ref
+from .patches import FullPatch, LoraPatch, Patch, Ref
+from .patches.base import LowRank
 from .patches.dora import check_dora_strength
 from .patchset import PatchSet
 
@@ -182,11 +183,12 @@ def _combine(method: str, target: str, deltas: Sequence[tuple[torch.Tensor, floa
     return dare(target, deltas, density, seed)
 
 
-def _plain(target: str, patch: Patch, method: str) -> LoraPatch:
-    if type(patch) is not LoraPatch or patch.mid is not None or patch.bias is not None:
+def _plain(target: str, patch: Patch, method: str) -> LowRank:
+    low_rank = patch.weight_low_rank()
+    if low_rank is None:
         raise LoraCompatError(f"{target}: {method} needs plain LoRA factors, this is a {patch.kind} patch; "
                               "use --method svd (or ties/dare) on full deltas")
-    return patch
+    return low_rank
 
 
 def _concat(target: str, parts) -> LoraPatch:
@@ -196,18 +198,19 @@ def _concat(target: str, parts) -> LoraPatch:
         ups.append(up * (scale * weight))
         downs.append(down)
     up, down = torch.cat(ups, 1), torch.cat(downs, 0)
-    original = parts[0][0].down.shape
+    original = parts[0][0].low_rank().down.shape
     if len(original) == 4:
         down, up = down.reshape(down.shape[0], *original[1:]), up.reshape(*up.shape, 1, 1)
     return LoraPatch(Ref.of(up, f"{target}.up"), Ref.of(down, f"{target}.down"))
 
 
 def _linear(target: str, parts) -> LoraPatch:
-    downs = [_plain(target, p, "linear").down.load() for p, _, _ in parts]
+    factors = [(_plain(target, p, "linear"), w) for p, w, _ in parts]
+    downs = [low_rank.down.load() for low_rank, _ in factors]
     if any(not torch.equal(downs[0], d) for d in downs[1:]):
         raise LoraCompatError(f"{target}: linear merging of LoRA factors is exact only when the LoRAs share "
                               "their down matrix; use --method concat (exact) or svd")
-    up = sum(p.up.load() * (p.scale.value() * w) for p, w, _ in parts)
+    up = sum(low_rank.up.load() * (low_rank.scale.value() * w) for low_rank, w in factors)
     return LoraPatch(Ref.of(up, f"{target}.up"), Ref.of(downs[0], f"{target}.down"))
 
 
@@ -216,7 +219,7 @@ def _weighted_delta(target: str, patch: Patch, weight: float, index: ModuleIndex
     """A patch's full ``(ΔW, Δb)`` and the weight it is merged with. A DoRA LoRA's is ``W_dora − W`` with the
     LoRA's weight (``interpolate``), or the library's change at that weight, merged with weight 1
     (``library``)."""
-    if isinstance(patch, DoraPatch) and dora_strength == "library":
+    if patch.reads_dora_strength and dora_strength == "library":
         return module_delta(patch.with_dora_strength("library"), index, target, weights, strength=weight), 1.0
     return module_delta(patch.with_dora_strength(dora_strength), index, target, weights), weight
 

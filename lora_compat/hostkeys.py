@@ -16,10 +16,8 @@ from .core import detect
 from .errors import LoraCompatError
 from .archs.flux import bfl_parts, is_flux_transformer, rows_from_file
 from .archs.sd import sgm_aliases
-from .patches import (BoftPatch, DoraPatch, FullPatch, GloraPatch, Ia3Patch, LohaPatch, LokrPatch, LoraPatch,
-                      NormPatch, OftPatch, Patch, PeftBoftPatch, PeftIa3Patch, PeftOftPatch, Ref, Scale, SetPatch)
-from .patches.build import SUFFIX_ROLES, IncompletePatch, build_patch
-from .patches.rows import out_rows
+from .patches import Patch, Ref
+from .patches.build import IncompletePatch, build_patch, suffix_role
 from .patchset import PatchSet
 
 #: component → kohya prefix, per text-encoder layout (SD1/SD2 have one text encoder)
@@ -36,82 +34,10 @@ class HostName:
     swap: bool = False
 
 
-def _raw(ref: Ref) -> torch.Tensor:
-    return ref.loader()
-
-
-def _alpha(scale: Scale) -> torch.Tensor | None:
-    if scale.alpha is None or scale.rank == 0:
-        return None
-    if isinstance(scale.alpha, Ref) and not scale.rs:
-        return _raw(scale.alpha)
-    return torch.tensor(scale.value() * scale.rank, dtype=torch.float32)
-
-
 def kohya_tensors(patch: Patch) -> dict[str, torch.Tensor]:
     """The tensors of a patch under kohya/LyCORIS suffixes (``lora_down.weight``, ``hada_w1_a``, ``diff``...),
-    in their stored dtype. Raises ``ValueError`` for kinds with no kohya form."""
-    out: dict[str, torch.Tensor] = {}
-
-    def put(suffix: str, ref: Ref | None) -> None:
-        if ref is not None:
-            out[suffix] = _raw(ref)
-
-    if isinstance(patch, DoraPatch):
-        out.update(kohya_tensors(patch.inner))
-        put("lora_magnitude_vector" if patch.convention == "peft" else "dora_scale", patch.magnitude)
-        return out
-    if isinstance(patch, LoraPatch):
-        put("lora_down.weight", patch.down)
-        put("lora_up.weight", patch.up)
-        put("lora_mid.weight", patch.mid)
-        put("lora_B.bias", patch.bias)
-        scale = patch.scale
-    elif isinstance(patch, LohaPatch):
-        for suffix, ref in (("hada_w1_a", patch.w1a), ("hada_w1_b", patch.w1b), ("hada_w2_a", patch.w2a),
-                            ("hada_w2_b", patch.w2b), ("hada_t1", patch.t1), ("hada_t2", patch.t2)):
-            put(suffix, ref)
-        scale = patch.scale
-    elif isinstance(patch, LokrPatch):
-        for suffix, ref in (("lokr_w1", patch.w1), ("lokr_w1_a", patch.w1a), ("lokr_w1_b", patch.w1b),
-                            ("lokr_w2", patch.w2), ("lokr_w2_a", patch.w2a), ("lokr_w2_b", patch.w2b),
-                            ("lokr_t2", patch.t2)):
-            put(suffix, ref)
-        scale = patch.scale
-    elif isinstance(patch, GloraPatch):
-        for suffix, ref in (("a1.weight", patch.a1), ("a2.weight", patch.a2), ("b1.weight", patch.b1),
-                            ("b2.weight", patch.b2)):
-            put(suffix, ref)
-        scale = patch.scale
-    elif isinstance(patch, (OftPatch, BoftPatch)):
-        put("oft_diag" if getattr(patch, "style", "") == "rotation" else "oft_blocks", patch.blocks)
-        put("rescale", patch.rescale)
-        if isinstance(patch.constraint, Ref):
-            put("alpha", patch.constraint)
-        elif patch.constraint is not None:
-            out["alpha"] = torch.tensor(float(patch.constraint))
-        return out
-    elif isinstance(patch, Ia3Patch):
-        put("weight", patch.weight)
-        out["on_input"] = _raw(patch.on_input) if isinstance(patch.on_input, Ref) else torch.tensor(patch.on_input)
-        return out
-    elif isinstance(patch, FullPatch):
-        put("diff", patch.diff)
-        put("diff_b", patch.diff_b)
-        return out
-    elif isinstance(patch, NormPatch):
-        put("w_norm", patch.w_norm)
-        put("b_norm", patch.b_norm)
-        return out
-    elif isinstance(patch, SetPatch) and patch.param == "weight":
-        put("scale", patch.value)
-        return out
-    else:
-        raise ValueError(f"a {patch.kind} patch has no kohya/LyCORIS tensor form")
-    alpha = _alpha(scale)
-    if alpha is not None:
-        out["alpha"] = alpha
-    return out
+    in their stored dtype (each kind's ``to_tensors``). Raises ``ValueError`` for kinds with no kohya form."""
+    return patch.to_tensors()
 
 
 #: ComfyUI's generic text-encoder names (``text_encoders.<clip state-dict prefix>``), per component and layout
@@ -168,7 +94,7 @@ def index_for_file(index: ModuleIndex, patchset: PatchSet) -> ModuleIndex:
     witness of the width; other components are named by the table alone)."""
     rows: dict[str, dict[str, int]] = {}
     for target, patch in patchset.items():
-        count = out_rows(patch.inner if isinstance(patch, DoraPatch) else patch)
+        count = (patch.inner if patch.wraps else patch).out_rows()  # a DoRA patch: the rows it was made for
         if count is not None:
             component, _, path = target.partition(".")
             rows.setdefault(component, {})[path] = count
@@ -187,13 +113,13 @@ def _is_t5(index: ModuleIndex, component: str) -> bool:
     return any(p.startswith("encoder.block.") for p in index.components.get(component, {}))
 
 
-def fused_lora(parts: list[tuple[tuple[int, int], LoraPatch]], total_rows: int) -> dict[str, torch.Tensor]:
+def fused_lora(parts: list[tuple[tuple[int, int], Patch]], total_rows: int) -> dict[str, torch.Tensor]:
     """LoRA parts on row ranges of one fused module → one exact LoRA for the fused module (fp32):
     ``down = [down_1; down_2; ...]``, ``up`` block-diagonal with each part's scale folded in, alpha = rank;
     rows no part covers are zero."""
     downs, blocks = [], []
     for (start, stop), patch in parts:
-        up, down, scale = patch.factors()
+        up, down, scale = patch.low_rank().factors()
         downs.append(down)
         blocks.append(((start, stop), up * scale))
     down = torch.cat(downs)
@@ -281,8 +207,7 @@ def _put(conversion: Conversion, name: str, patch: Patch, host: HostName | None)
     except ValueError:
         # no kohya form (PEFT OFT/BOFT/IA3): the patch's own tensors, so that a host grouping the file by module
         # name (A1111, SD.Next) makes a module of it, which lora_compat's module type then computes
-        own = isinstance(patch, (PeftOftPatch, PeftBoftPatch, PeftIa3Patch))
-        tensors = {role: ref.loader() for role, ref in patch.refs().items()} if own else {}
+        tensors = {role: ref.loader() for role, ref in patch.refs().items()} if patch.written_as_diff else {}
     for suffix, tensor in tensors.items():
         conversion.tensors[f"{name}.{suffix}"] = tensor
 
@@ -291,14 +216,10 @@ def _put_fused(conversion: Conversion, module: str, parts: list[tuple[HostName, 
     """Patches on parts of a fused Flux module: one exact fused LoRA when all parts are plain LoRA; otherwise
     the module is left to lora_compat's own patch (its tensors cannot be written for the host)."""
     total = fused_rows(index, module[len("lora_unet_"):]) or max(h.rows[1] if h.rows else 0 for h, _ in parts)
-    if all(_plain(p) for _, p in parts) and not any(h.swap for h, _ in parts):
+    if all(p.weight_low_rank() is not None for _, p in parts) and not any(h.swap for h, _ in parts):
         for suffix, tensor in fused_lora([(h.rows or (0, total), p) for h, p in parts], total).items():
             conversion.tensors[f"{module}.{suffix}"] = tensor
     conversion.patches[module] = (FusedParts(parts, total), None)
-
-
-def _plain(patch: Patch) -> bool:
-    return type(patch) is LoraPatch and patch.mid is None and patch.bias is None
 
 
 def fused_rows(index: ModuleIndex, bfl_name: str) -> int | None:
@@ -345,6 +266,9 @@ class FusedParts(Patch):
     def misfit(self, shapes):
         return None
 
+    def host_native(self) -> bool:
+        return all(p.weight_low_rank() is not None for _, p in self.parts) and not any(h.swap for h, _ in self.parts)
+
     def with_dora_strength(self, mode: str) -> "FusedParts":
         parts = [(host, patch.with_dora_strength(mode)) for host, patch in self.parts]
         return self if all(new is old for (_, new), (_, old) in zip(parts, self.parts)) else FusedParts(parts, self.total)
@@ -367,7 +291,7 @@ def patch_from_weights(network_key: str, w: Mapping[str, torch.Tensor]) -> Patch
     """The patch a module's tensors (grouped by the host under ``network_key``) describe, or ``None``."""
     parts = {}
     for suffix, tensor in w.items():
-        role = "weight" if suffix == "weight" else SUFFIX_ROLES.get(suffix)
+        role = suffix_role(suffix)
         if role is None:
             return None
         parts[role] = Ref.of(tensor, f"{network_key}.{suffix}")
@@ -398,10 +322,4 @@ def host_native(patch: Patch) -> bool:
     """Whether ComfyUI-style hosts (ComfyUI, Forge) compute this patch exactly as lora_compat does at every
     strength: plain LoRA (no Tucker mid, no bias), LoHa without Tucker, full diffs, and fused modules made
     of plain LoRA parts. Everything else is handed over as an exact diff or computed by lora_compat."""
-    if isinstance(patch, FusedParts):
-        return all(_plain(p) for _, p in patch.parts) and not any(h.swap for h, _ in patch.parts)
-    if type(patch) is LoraPatch:
-        return _plain(patch)
-    if type(patch) is LohaPatch:
-        return patch.t1 is None and patch.t2 is None
-    return type(patch) is FullPatch
+    return patch.host_native()

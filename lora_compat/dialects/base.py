@@ -15,9 +15,8 @@ from ..archs.flux import Part, scaled_parts
 from ..errors import NotALoraError
 from ..files import Header, LoraFile
 from ..patches import Patch, Ref, Scale
-from ..patches.build import SUFFIX_ROLES, IncompletePatch, build_patch, split_key
+from ..patches.build import IncompletePatch, build_patch, kind_table, split_key, suffix_role
 from ..patches.base import numel
-from ..patches.rows import in_columns, out_rows, row_part
 from ..patchset import PatchSet
 
 DEFAULT_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
@@ -81,8 +80,9 @@ def group_modules(keys: Iterable[str], dotted: bool, rename: Callable[[str], str
     """
     groups: dict[str, dict[str, str]] = {}
     stray: list[str] = []
+    table = kind_table()
     for key in keys:
-        split = split_key(rename(key), dotted)
+        split = split_key(rename(key), dotted, table)
         if split is None:
             stray.append(key)
         else:
@@ -152,8 +152,8 @@ class ModuleReader:
 
     def _build(self, file: LoraFile, target: str, suffixes: Mapping[str, str]) -> Patch | IncompletePatch:
         shapes, load = file.header.shapes, file.tensor
-        parts = {("weight" if s == "weight" else SUFFIX_ROLES[s]): Ref(shapes[k], partial(load, k), k)
-                 for s, k in suffixes.items()}
+        table = kind_table()
+        parts = {suffix_role(s, table): Ref(shapes[k], partial(load, k), k) for s, k in suffixes.items()}
         try:
             return build_patch(parts, scale=self.scale_for(target, parts) if self.scale_for else None,
                                dora_convention=self.dora_convention, oft_style=self.oft_style)
@@ -165,14 +165,14 @@ def _split(module: str, patch: Patch, parts: list[Part], index: ModuleIndex) -> 
     """A patch made for a fused module, split into patches on the canonical modules it fuses (or the
     reason it cannot be). With a names-only index (no full-size base fits the file), the parts' rows come
     from the patch's own width, in the table's proportions."""
-    rows = out_rows(patch)
+    rows = patch.out_rows()
     total = parts[-1].stop
     if rows is not None and rows != total:
         if index.check_shapes:
             covered = [p for p in parts if p.stop <= rows]
         else:
             table = (index.shapes(parts[0].target) or {}).get("weight")
-            columns = in_columns(patch)
+            columns = patch.in_columns()
             width = (columns, numel(table[1:])) if table and columns else None
             covered = scaled_parts(parts, rows, width)
         if not covered or covered[-1].stop != rows:
@@ -181,7 +181,7 @@ def _split(module: str, patch: Patch, parts: list[Part], index: ModuleIndex) -> 
                     + ("" if index.check_shapes else " at full size, and at no other width in their proportions"))
         parts, total = covered, rows
     try:
-        return [(p.target, row_part(patch, p.start, p.stop, total, p.swap)) for p in parts]
+        return [(p.target, patch.rows(p.start, p.stop, total, p.swap)) for p in parts]
     except ValueError as exc:
         return f"module {module!r}: {exc}"
 

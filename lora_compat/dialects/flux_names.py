@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from ..archs import ModuleIndex
-from ..patches import LoraPatch
 from ..patches.widen import WidenPatch
 from ..patchset import PatchSet
 from .base import Resolved, component_parts
@@ -33,8 +32,9 @@ def widen_inputs(patchset: PatchSet, index: ModuleIndex) -> PatchSet:
     target = "transformer.x_embedder"
     patch = patchset.patches.get(target)
     shapes = index.shapes(target)
-    if isinstance(patch, LoraPatch) and shapes and "weight" in shapes:
-        width = patch.down.shape[1] if len(patch.down.shape) == 2 else None
+    low_rank = patch.low_rank() if patch is not None else None
+    if low_rank is not None and shapes and "weight" in shapes:
+        width = low_rank.down.shape[1] if len(low_rank.down.shape) == 2 else None
         if width is not None and width > shapes["weight"][1]:
             patchset.patches[target] = WidenPatch(patch, width)
     return patchset

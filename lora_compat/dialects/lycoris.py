@@ -3,15 +3,24 @@ from __future__ import annotations
 
 from ..archs import ModuleIndex
 from ..files import Header, LoraFile
-from ..patches.build import SUFFIX_ROLES
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, index_prefixes, kohya_resolver
 
 LYCORIS_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_", "oft_unet_")
 #: suffixes that plain kohya LoRA never writes
-LYCORIS_ONLY = {s for s in SUFFIX_ROLES if s.startswith(("hada_", "lokr_", "oft_", "diff", "w_norm", "b_norm"))} | {
-    "a1.weight", "a2.weight", "b1.weight", "b2.weight", "on_input", "dora_scale", "rescale"}
+LYCORIS_ONLY = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
+                "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "oft_blocks", "oft_diag", "diff", "diff_b",
+                "w_norm", "b_norm", "a1.weight", "a2.weight", "b1.weight", "b2.weight", "on_input", "dora_scale",
+                "rescale"}
 KNOWN = {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "weight"} | LYCORIS_ONLY
+
+
+def plugin_suffixes() -> frozenset[str]:
+    """The suffixes of patch kinds that third-party plugins register: on kohya-style names, LyCORIS reads them."""
+    from .. import plugins
+
+    return frozenset(s for r in plugins.registry().kinds.values() if r.plugin != "builtin"
+                     for s in r.obj.suffixes)  # type: ignore[attr-defined]
 
 
 class LycorisDialect(Dialect):
@@ -21,12 +30,14 @@ class LycorisDialect(Dialect):
     def detect(self, header: Header) -> Match | None:
         claimed = specific = False
         count = 0
+        extra = plugin_suffixes()
         for key in header.keys():
             module, _, suffix = key.partition(".")
-            if module.startswith(LYCORIS_PREFIXES) and suffix in KNOWN:
+            if module.startswith(LYCORIS_PREFIXES) and (suffix in KNOWN or suffix in extra):
                 count += 1
                 claimed = True
-                specific = specific or suffix in LYCORIS_ONLY or module.startswith(("lycoris_", "oft_unet_"))
+                specific = specific or suffix in LYCORIS_ONLY or suffix in extra or \
+                    module.startswith(("lycoris_", "oft_unet_"))
         if not claimed:
             return None
         fraction = count / len(header)

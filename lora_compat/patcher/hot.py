@@ -15,8 +15,7 @@ from torch.func import functional_call
 
 from ..errors import LoraCompatError
 from ..fusion_gate import FusionGates, GateLayer, gate
-from ..patches import LoraPatch, Patch
-from ..patches.widen import WidenPatch
+from ..patches import Patch
 from .merge import Contribution
 
 
@@ -71,8 +70,7 @@ class HotPatch:
         self.handle.remove()
 
     def _lowrank(self, patch: Patch) -> bool:
-        return (isinstance(patch, LoraPatch) and patch.mid is None
-                and isinstance(self.module, (torch.nn.Linear, torch.nn.Conv2d)))
+        return patch.low_rank() is not None and isinstance(self.module, (torch.nn.Linear, torch.nn.Conv2d))
 
     def _running(self) -> list[int]:
         return [i for i, source in enumerate(self.sources) if self.clock.runs(source)]
@@ -148,11 +146,12 @@ class HotPatch:
         finally:
             self._reentered = False
 
-    def _load_factors(self, patch: LoraPatch, device: torch.device) -> tuple:
-        """up, down (shaped for this module's op), bias and scale of a LoRA, read once (the LoRA's own size)
-        and kept on the input's device."""
+    def _load_factors(self, patch: Patch, device: torch.device) -> tuple:
+        """up, down (shaped for this module's op), bias and scale of a patch's low-rank form, read once (the
+        LoRA's own size) and kept on the input's device."""
         cached = self._factors.get(id(patch))
         if cached is None or cached[0].device != device:
+            patch = patch.low_rank()
             up, down = patch.up.load().to(device), patch.down.load().to(device)
             if isinstance(self.module, torch.nn.Conv2d):
                 kernel = self.module.weight.shape[1:]
@@ -167,7 +166,7 @@ class HotPatch:
             self._factors[id(patch)] = cached
         return cached
 
-    def _lowrank_forward(self, patch: LoraPatch, strength: float, x: torch.Tensor) -> torch.Tensor:
+    def _lowrank_forward(self, patch: Patch, strength: float, x: torch.Tensor) -> torch.Tensor:
         up, down, bias, scale = self._load_factors(patch, x.device)
         x = x.float()
         if isinstance(self.module, torch.nn.Conv2d):
@@ -269,7 +268,7 @@ class HotBackend:
         old = self.hooks.pop(target, None)
         if old is not None:
             old.remove()
-        if any(isinstance(patch, WidenPatch) for patch, _ in contributions):
+        if any(patch.widening() is not None for patch, _ in contributions):
             raise LoraCompatError(f"{target}: this LoRA widens the module's input (a FLUX.1 Control LoRA); "
                                   "hot mode never changes weights or shapes, use Patcher(mode='merge')")
         if contributions:

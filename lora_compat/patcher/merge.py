@@ -5,9 +5,9 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..patches import LoraPatch, Patch, SetPatch
-from ..patches.rows import FusedPatch, place, route_view
-from ..patches.widen import WidenPatch, pad_weight
+from ..patches import Patch
+from ..patches.rows import place, route_view
+from ..patches.widen import pad_weight
 
 Contribution = tuple[Patch, float]
 #: half-precision weights are merged in blocks of about this many elements (an fp32 block that stays in cache)
@@ -26,31 +26,32 @@ def merged_values(base: Mapping[str, torch.Tensor], contributions: Sequence[Cont
     ``set`` patches replace the base value before anything is added (exact: no ``value - base`` round
     trip); input-widening patches zero-pad the base weight first.
     """
-    if any(isinstance(patch, FusedPatch) for patch, _ in contributions):
+    if any(patch.row_parts is not None for patch, _ in contributions):
         return _merged_fused(base, contributions, out)
-    widths = [patch.in_features for patch, _ in contributions if isinstance(patch, WidenPatch)]
+    widths = [widening[0] for widening in (patch.widening() for patch, _ in contributions) if widening is not None]
     if widths:
         base = pad_weight(base, max(widths))
-        contributions = [(p.inner if isinstance(p, WidenPatch) else p, s) for p, s in contributions]
+        contributions = [((p.widening() or (0, p))[1], s) for p, s in contributions]
         if out and "weight" in out and out["weight"].shape != base["weight"].shape:
             out = None
-    replaced = [patch for patch, _ in contributions if isinstance(patch, SetPatch)]
+    replaced = [r for r in (patch.replacement() for patch, _ in contributions) if r is not None]
     if replaced:
         base = dict(base)
-        for patch in replaced:
-            base[patch.param] = patch.value.load().reshape(base[patch.param].shape)
-        contributions = [(p, s) for p, s in contributions if not isinstance(p, SetPatch)]
+        for param, value in replaced:
+            base[param] = value.load().reshape(base[param].shape)
+        contributions = [(p, s) for p, s in contributions if p.replacement() is None]
     ups: list[torch.Tensor] = []
     downs: list[torch.Tensor] = []
     deltas: dict[str, torch.Tensor] = {}
     others = []
     for patch, strength in contributions:
-        if isinstance(patch, LoraPatch) and patch.mid is None and "weight" in base:
-            up, down, scale = patch.factors()
+        low_rank = patch.low_rank() if "weight" in base else None
+        if low_rank is not None:
+            up, down, scale = low_rank.factors()
             ups.append(up * (scale * strength))
             downs.append(down)
-            if patch.bias is not None:
-                _accumulate(deltas, "bias", patch.bias.load() * (scale * strength))
+            if low_rank.bias is not None:
+                _accumulate(deltas, "bias", low_rank.bias.load() * (scale * strength))
         else:
             others.append((patch, strength))
     if others:
@@ -71,8 +72,8 @@ def merged_values(base: Mapping[str, torch.Tensor], contributions: Sequence[Cont
         result["weight"] = target
     for param, delta in deltas.items():
         result[param] = base[param].float() + delta
-    for patch in replaced:
-        result.setdefault(patch.param, base[patch.param].float())
+    for param, _ in replaced:
+        result.setdefault(param, base[param].float())
     if widths:
         result.setdefault("weight", base["weight"].float())
     return result
@@ -84,9 +85,9 @@ def _merged_fused(base: Mapping[str, torch.Tensor], contributions: Sequence[Cont
     split module would be (same inputs, same order), the rows no patch covers stay as they were."""
     groups: dict = {}
     for patch, strength in contributions:
-        if not isinstance(patch, FusedPatch):
+        if patch.row_parts is None:
             raise TypeError(f"a {patch.kind} patch cannot be stacked with row-sliced patches on one fused weight")
-        for route, part in patch.parts:
+        for route, part in patch.row_parts:
             groups.setdefault(route, []).append((part, strength))
     result: dict[str, torch.Tensor] = {}
     for patch, _ in contributions:

@@ -7,7 +7,6 @@ from typing import Literal, Sequence
 
 import torch
 
-from ..patches.widen import WidenPatch
 from .merge import Contribution, merged_values
 
 PristineMode = Literal["cpu", "same-device"]
@@ -143,7 +142,7 @@ class MergeBackend:
 def new_shapes(base: dict[str, torch.Tensor], contributions: Sequence[Contribution]) -> dict[str, torch.Size]:
     """Each parameter's shape after the patches: input-widening patches widen the weight."""
     shapes = {name: t.shape for name, t in base.items()}
-    widths = [patch.in_features for patch, _ in contributions if isinstance(patch, WidenPatch)]
+    widths = [widening[0] for widening in (patch.widening() for patch, _ in contributions) if widening is not None]
     if widths and "weight" in shapes:
         weight = shapes["weight"]
         shapes["weight"] = torch.Size((weight[0], max(widths), *weight[2:]))

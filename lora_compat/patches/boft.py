@@ -5,8 +5,8 @@ from typing import Mapping
 
 from .._lazy import torch
 
-from .base import Patch, Ref, Shape, Tensor
-from .oft import cayley, lycoris_constrain, skew
+from .base import BuildContext, Patch, Ref, Shape, Tensor, stored
+from .oft import cayley, constraint_tensors, lycoris_constrain, skew
 
 
 class BoftPatch(Patch):
@@ -16,6 +16,15 @@ class BoftPatch(Patch):
 
     kind = "boft"
     linear_in_strength = False
+    order = 50
+    suffixes = {"oft_blocks": "oft_blocks", "rescale": "rescale", "alpha": "alpha"}
+    min_dims = {"oft_blocks": 2}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "BoftPatch | None":
+        if "oft_blocks" not in parts or len(parts["oft_blocks"].shape) != 4:  # [stages, blocks, b, b]
+            return None
+        return cls(parts["oft_blocks"], parts.get("alpha"), parts.get("rescale"))
 
     def __init__(self, blocks: Ref, constraint: Ref | float | None = None, rescale: Ref | None = None):
         self.blocks, self.constraint, self.rescale = blocks, constraint, rescale
@@ -31,6 +40,10 @@ class BoftPatch(Patch):
         if self.rescale is not None:
             refs["rescale"] = self.rescale
         return refs
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**stored((("oft_blocks", self.blocks), ("rescale", self.rescale))),
+                **constraint_tensors(self.constraint)}
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         weight = shapes.get("weight")

@@ -17,7 +17,7 @@ from typing import Literal, Mapping
 
 from .._lazy import torch
 
-from .base import FactorisedPatch, Patch, Ref, Shape, Tensor, numel
+from .base import BuildContext, FactorisedPatch, IncompletePatch, LowRank, Patch, Ref, Shape, Tensor, numel
 
 Axis = Literal["out", "in"]
 Convention = Literal["lycoris", "peft"]
@@ -52,6 +52,22 @@ class DoraPatch(Patch):
 
     kind = "dora"
     linear_in_strength = False
+    wraps = True
+    order = 10
+    suffixes = {"dora_scale": "dora_scale", "lora_magnitude_vector.weight": "magnitude_peft",
+                "lora_magnitude_vector": "magnitude_peft"}
+    min_dims = {"dora_scale": 1, "magnitude_peft": 1}
+
+    @classmethod
+    def wrap(cls, inner: Patch, parts: Mapping[str, Ref], context: BuildContext) -> "DoraPatch | None":
+        magnitude = parts.get("dora_scale") or parts.get("magnitude_peft")
+        if magnitude is None:
+            return None
+        if not isinstance(inner, FactorisedPatch):
+            raise IncompletePatch(f"DoRA magnitude next to a {inner.kind} patch")
+        peft = "magnitude_peft" in parts
+        axis = "out" if peft or magnitude.shape[0] != 1 or len(magnitude.shape) == 1 else "in"
+        return cls(inner, magnitude, axis, "peft" if peft else context.dora_convention)  # type: ignore[arg-type]
 
     def __init__(self, inner: FactorisedPatch, magnitude: Ref, axis: Axis, convention: Convention,
                  strength_mode: DoraStrength = "interpolate"):
@@ -77,6 +93,21 @@ class DoraPatch(Patch):
 
     def refs(self) -> dict[str, Ref]:
         return {**self.inner.refs(), "magnitude": self.magnitude}
+
+    @property
+    def reads_dora_strength(self) -> bool:
+        return True
+
+    def peft_lora(self) -> tuple[LowRank, Ref | None] | None:
+        """A PEFT-convention DoRA around a LoRA: the LoRA's factors and the magnitude as PEFT stores it."""
+        low_rank = self.inner.low_rank()
+        if self.convention != "peft" or low_rank is None:
+            return None
+        return low_rank, self.magnitude
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**self.inner.to_tensors(),
+                "lora_magnitude_vector" if self.convention == "peft" else "dora_scale": self.magnitude.loader()}
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         reason = self.inner.misfit(shapes)

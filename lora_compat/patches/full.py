@@ -3,13 +3,26 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .base import Patch, Ref, Shape, Tensor
+from .._lazy import torch
+
+from .base import BuildContext, Patch, Ref, Shape, Tensor, numel, stored
+from .rows import row_ref
 
 
 class FullPatch(Patch):
     """``W' = W + s·diff``, ``b' = b + s·diff_b``."""
 
     kind = "full"
+    order = 70
+    needs_base = False
+    suffixes = {"diff": "diff", "diff_b": "diff_b"}
+    min_dims = {"diff": 1}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "FullPatch | None":
+        if "diff" not in parts and "diff_b" not in parts:
+            return None
+        return cls(parts.get("diff"), parts.get("diff_b"))
 
     def __init__(self, diff: Ref | None, diff_b: Ref | None = None):
         self.diff, self.diff_b = diff, diff_b
@@ -20,6 +33,29 @@ class FullPatch(Patch):
 
     def refs(self) -> dict[str, Ref]:
         return {k: v for k, v in (("diff", self.diff), ("diff_b", self.diff_b)) if v is not None}
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return stored((("diff", self.diff), ("diff_b", self.diff_b)))
+
+    def out_rows(self) -> int:
+        return (self.diff or self.diff_b).shape[0]
+
+    def in_columns(self) -> int | None:
+        return numel(self.diff.shape[1:]) if self.diff is not None else None
+
+    def rows(self, start: int, stop: int, total: int, swap: bool = False) -> "FullPatch":
+        return FullPatch(row_ref(self.diff, start, stop, swap) if self.diff is not None else None,
+                         row_ref(self.diff_b, start, stop, swap) if self.diff_b is not None else None)
+
+    def host_native(self) -> bool:
+        return True
+
+    def implied_weight_shape(self) -> Shape | None:
+        return self.diff.shape if self.diff is not None else None
+
+    def shaped_delta(self, shape: Shape) -> tuple[Tensor, Tensor | None]:
+        delta = self.diff.load().reshape(shape) if self.diff is not None else torch.zeros(shape)
+        return delta, self.diff_b.load() if self.diff_b is not None else None
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         for param, ref in (("weight", self.diff), ("bias", self.diff_b)):

@@ -5,13 +5,24 @@ from typing import Mapping
 
 from .._lazy import torch
 
-from .base import ONE, Patch, Ref, Scale, Shape, Tensor, flat
+from .base import ONE, BuildContext, Patch, Ref, Scale, Shape, Tensor, alpha_tensors, flat, stored
 
 
 class GloraPatch(Patch):
     """Current layout: ``ΔW = scale · (W·a1·a2 + b1 @ b2)``; the old one: ``scale · (b2 @ b1 + W·a2·a1)``."""
 
     kind = "glora"
+    order = 40
+    suffixes = {"a1.weight": "a1", "a2.weight": "a2", "b1.weight": "b1", "b2.weight": "b2", "alpha": "alpha"}
+    min_dims = {"a1": 2, "a2": 2, "b1": 2, "b2": 2}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "GloraPatch | None":
+        if not {"a1", "a2", "b1", "b2"} <= set(parts):
+            return None
+        patch = cls(parts["a1"], parts["a2"], parts["b1"], parts["b2"])
+        patch.scale = context.rank_scale(patch.rank)
+        return patch
 
     def __init__(self, a1: Ref, a2: Ref, b1: Ref, b2: Ref, scale: Scale = ONE):
         self.a1, self.a2, self.b1, self.b2, self.scale = a1, a2, b1, b2, scale
@@ -28,6 +39,10 @@ class GloraPatch(Patch):
         if isinstance(self.scale.alpha, Ref):
             refs["alpha"] = self.scale.alpha
         return refs
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**stored((("a1.weight", self.a1), ("a2.weight", self.a2), ("b1.weight", self.b1),
+                          ("b2.weight", self.b2))), **alpha_tensors(self.scale)}
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         weight = shapes.get("weight")

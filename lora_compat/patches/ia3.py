@@ -3,13 +3,24 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .base import Patch, Ref, Shape, Tensor
+from .._lazy import torch
+
+from .base import BuildContext, Patch, Ref, Shape, Tensor
 
 
 class Ia3Patch(Patch):
     """``ΔW = W ⊙ w`` broadcast over output rows (``on_input`` 0) or input columns (1)."""
 
     kind = "ia3"
+    order = 90
+    suffixes = {"weight": "weight", "on_input": "on_input"}
+    min_dims = {"weight": 1}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "Ia3Patch | None":
+        if "weight" not in parts or "on_input" not in parts:
+            return None
+        return cls(parts["weight"], parts["on_input"])
 
     def __init__(self, weight: Ref, on_input: Ref | bool):
         self.weight, self.on_input = weight, on_input
@@ -19,6 +30,10 @@ class Ia3Patch(Patch):
         if isinstance(self.on_input, Ref):
             refs["on_input"] = self.on_input
         return refs
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        on_input = self.on_input.loader() if isinstance(self.on_input, Ref) else torch.tensor(self.on_input)
+        return {"weight": self.weight.loader(), "on_input": on_input}
 
     def _on_input(self) -> bool:
         return bool(self.on_input.item()) if isinstance(self.on_input, Ref) else bool(self.on_input)

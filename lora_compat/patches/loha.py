@@ -5,13 +5,25 @@ from typing import Mapping
 
 from .._lazy import torch
 
-from .base import ONE, FactorisedPatch, Ref, Scale, Shape, Tensor, conv_or_linear_misfit, numel
+from .base import (ONE, BuildContext, FactorisedPatch, Ref, Scale, Shape, Tensor, alpha_tensors, conv_or_linear_misfit,
+                   numel, stored)
 
 
 class LohaPatch(FactorisedPatch):
     """``ΔW = scale · (w1a @ w1b) ⊙ (w2a @ w2b)``; Tucker: ``einsum(ijhw,jr,ip->prhw)`` per factor."""
 
     kind = "loha"
+    order = 20
+    flat_kernel = True
+    suffixes = {s: s for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha")}
+    min_dims = {s: 2 for s in suffixes if s != "alpha"}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "LohaPatch | None":
+        if not {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= set(parts):
+            return None
+        return cls(parts["hada_w1_a"], parts["hada_w1_b"], parts["hada_w2_a"], parts["hada_w2_b"],
+                   context.rank_scale(parts["hada_w1_b"].shape[0]), parts.get("hada_t1"), parts.get("hada_t2"))
 
     def __init__(self, w1a: Ref, w1b: Ref, w2a: Ref, w2b: Ref, scale: Scale = ONE,
                  t1: Ref | None = None, t2: Ref | None = None):
@@ -27,6 +39,19 @@ class LohaPatch(FactorisedPatch):
         if isinstance(self.scale.alpha, Ref):
             refs["alpha"] = self.scale.alpha
         return refs
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**stored((("hada_w1_a", self.w1a), ("hada_w1_b", self.w1b), ("hada_w2_a", self.w2a),
+                          ("hada_w2_b", self.w2b), ("hada_t1", self.t1), ("hada_t2", self.t2))),
+                **alpha_tensors(self.scale)}
+
+    def host_native(self) -> bool:
+        return self.t1 is None and self.t2 is None
+
+    def implied_weight_shape(self) -> Shape:
+        if self.t1 is not None:
+            return (self.w1a.shape[1], self.w1b.shape[1], *self.t1.shape[2:])
+        return (self.w1a.shape[0], self.w1b.shape[1])
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         if self.t1 is not None:

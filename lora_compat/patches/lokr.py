@@ -5,13 +5,34 @@ from typing import Mapping
 
 from .._lazy import torch
 
-from .base import ONE, FactorisedPatch, Ref, Scale, Shape, Tensor, numel
+from .base import (ONE, BuildContext, FactorisedPatch, IncompletePatch, Ref, Scale, Shape, Tensor, alpha_tensors, numel,
+                   stored)
 
 
 class LokrPatch(FactorisedPatch):
     """``ΔW = scale · kron(w1, w2)``; each factor full or a low-rank product (``w2`` may be Tucker)."""
 
     kind = "lokr"
+    order = 30
+    flat_kernel = True
+    suffixes = {s: s for s in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+                               "alpha")}
+    min_dims = {s: 2 for s in suffixes if s != "alpha"}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "LokrPatch | None":
+        if "lokr_w1" not in parts and "lokr_w1_a" not in parts:
+            return None
+        patch = cls(w1=parts.get("lokr_w1"), w1a=parts.get("lokr_w1_a"), w1b=parts.get("lokr_w1_b"),
+                    w2=parts.get("lokr_w2"), w2a=parts.get("lokr_w2_a"), w2b=parts.get("lokr_w2_b"),
+                    t2=parts.get("lokr_t2"))
+        if patch.w1 is None and (patch.w1a is None or patch.w1b is None):
+            raise IncompletePatch("LoKr needs lokr_w1 or both lokr_w1_a and lokr_w1_b")
+        if patch.w2 is None and (patch.w2a is None or patch.w2b is None):
+            raise IncompletePatch("LoKr needs lokr_w2 or both lokr_w2_a and lokr_w2_b")
+        # both factors full: LyCORIS forces alpha = dim at training, every loader uses scale 1
+        patch.scale = context.rank_scale(patch.rank)
+        return patch
 
     def __init__(self, w1: Ref | None = None, w1a: Ref | None = None, w1b: Ref | None = None,
                  w2: Ref | None = None, w2a: Ref | None = None, w2b: Ref | None = None,
@@ -33,6 +54,11 @@ class LokrPatch(FactorisedPatch):
             refs["alpha"] = self.scale.alpha
         return refs
 
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**stored((("lokr_w1", self.w1), ("lokr_w1_a", self.w1a), ("lokr_w1_b", self.w1b), ("lokr_w2", self.w2),
+                          ("lokr_w2_a", self.w2a), ("lokr_w2_b", self.w2b), ("lokr_t2", self.t2))),
+                **alpha_tensors(self.scale)}
+
     def _w1_shape(self) -> tuple[int, int]:
         if self.w1 is not None:
             return self.w1.shape[0], self.w1.shape[1]
@@ -45,6 +71,18 @@ class LokrPatch(FactorisedPatch):
         if self.t2 is not None:
             return self.w2a.shape[1], self.w2b.shape[1] * numel(self.t2.shape[2:])
         return self.w2a.shape[0], self.w2b.shape[1]
+
+    def implied_weight_shape(self) -> Shape:
+        (a, c), (b, rest) = self._w1_shape(), self._w2_dims()
+        return (a * b, c * rest[0], *rest[1:])
+
+    def _w2_dims(self) -> tuple[int, Shape]:
+        """Rows of w2 and the rest of its shape (d, kernel...) as the tensors give it."""
+        if self.w2 is not None:
+            return self.w2.shape[0], self.w2.shape[1:]
+        if self.t2 is not None:
+            return self.w2a.shape[1], (self.w2b.shape[1], *self.t2.shape[2:])
+        return self.w2a.shape[0], self.w2b.shape[1:]
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         weight = shapes.get("weight")

@@ -5,13 +5,30 @@ from typing import Mapping
 
 from .._lazy import torch
 
-from .base import ONE, FactorisedPatch, Ref, Scale, Shape, Tensor, flat, numel
+from .base import (ONE, BuildContext, FactorisedPatch, LowRank, Patch, Ref, Scale, Shape, Tensor, alpha_tensors, flat,
+                   numel, stored)
+from .rows import row_ref
 
 
 class LoraPatch(FactorisedPatch):
     """``ΔW = scale · up @ down`` (reshaped to W); with ``mid``: ``einsum(oa,abhw,bi->oihw)``."""
 
     kind = "lora"
+    order = 10
+    suffixes = {
+        "lora_down.weight": "down", "lora_up.weight": "up", "lora_mid.weight": "mid", "alpha": "alpha",
+        "lora_A.weight": "down", "lora_B.weight": "up", "lora_B.bias": "bias",
+        "lora.down.weight": "down", "lora.up.weight": "up",
+        "lora_linear_layer.down.weight": "down", "lora_linear_layer.up.weight": "up",
+    }
+    min_dims = {"down": 2, "up": 2, "mid": 2}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "LoraPatch | None":
+        if "up" not in parts or "down" not in parts:
+            return None
+        return cls(parts["up"], parts["down"], context.rank_scale(parts["down"].shape[0]),
+                   mid=parts.get("mid"), bias=parts.get("bias"))
 
     def __init__(self, up: Ref, down: Ref, scale: Scale = ONE, mid: Ref | None = None, bias: Ref | None = None):
         self.up, self.down, self.mid, self.bias, self.scale = up, down, mid, bias, scale
@@ -57,20 +74,46 @@ class LoraPatch(FactorisedPatch):
             return f"lora_B.bias {list(self.bias.shape)} needs a module bias of [{out}]"
         return None
 
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**stored((("lora_down.weight", self.down), ("lora_up.weight", self.up), ("lora_mid.weight", self.mid),
+                          ("lora_B.bias", self.bias))), **alpha_tensors(self.scale)}
+
+    def out_rows(self) -> int:
+        return self.up.shape[0]
+
+    def in_columns(self) -> int:
+        return self._implied()[1]
+
+    def rows(self, start: int, stop: int, total: int, swap: bool = False) -> Patch:
+        """Exact without Tucker ``mid``: the up rows sliced, the down (the shared rank) kept whole."""
+        if self.mid is not None:
+            return super().rows(start, stop, total, swap)
+        bias = row_ref(self.bias, start, stop, swap) if self.bias is not None else None
+        return LoraPatch(row_ref(self.up, start, stop, swap), self.down, self.scale, bias=bias)
+
+    def host_native(self) -> bool:
+        return self.mid is None and self.bias is None
+
+    def implied_weight_shape(self) -> Shape:
+        if self.mid is not None:
+            return (self.up.shape[0], self.down.shape[1], *self.mid.shape[2:])
+        return (self.up.shape[0], *self.down.shape[1:])
+
+    def shaped_delta(self, shape: Shape) -> tuple[Tensor, Tensor | None]:
+        bias = self.bias.load() * self.scale.value() if self.bias is not None else None
+        return self.weight_delta(torch.Size(shape)), bias
+
+    def low_rank(self) -> LowRank | None:
+        """Its up/down (and bias) without Tucker ``mid``; with ``mid``, none."""
+        return LowRank(self.up, self.down, self.scale, self.bias) if self.mid is None else None
+
     def factors(self) -> tuple[Tensor, Tensor, float]:
         """``(up [out, r], down [r, in·k·k], scale)`` of a LoRA without ``mid``: ΔW = scale · up @ down."""
-        return flat(self.up.load()), flat(self.down.load()), self.scale.value()
+        return LowRank(self.up, self.down, self.scale).factors()
 
     def peft_factors(self, weight: Shape | None = None) -> tuple[Tensor, Tensor]:
-        """``(lora_A, lora_B)`` in their stored dtype, shaped as PEFT's layers hold them for a module whose weight
-        has shape ``weight`` (``None``: a conv when ``down`` has kernel dims): Linear ``[r, in]`` / ``[out, r]``;
-        Conv ``[r, in, kh, kw]`` / ``[out, r, 1, 1]``. LyCORIS DyLoRA stores a conv's up 2-D ``[out, r]``."""
-        down, up = self.down.loader(), self.up.loader()
-        kernel = tuple(weight[2:]) if weight is not None else tuple(down.shape[2:])
-        if not kernel:
-            return down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
-        return (down.reshape(down.shape[0], -1, *kernel),
-                up.reshape(up.shape[0], up.shape[1], *(1 for _ in kernel)))
+        """``(lora_A, lora_B)`` as PEFT's layers hold them (see :meth:`LowRank.peft_factors`)."""
+        return LowRank(self.up, self.down, self.scale).peft_factors(weight)
 
     def weight_delta(self, weight_shape: torch.Size) -> Tensor:
         up, down = flat(self.up.load()), self.down.load()

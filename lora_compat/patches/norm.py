@@ -3,13 +3,22 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .base import Patch, Ref, Shape, Tensor
+from .base import BuildContext, Patch, Ref, Shape, Tensor, stored
 
 
 class NormPatch(Patch):
     """``γ' = γ + s·w_norm``, ``β' = β + s·b_norm``."""
 
     kind = "norm"
+    order = 80
+    suffixes = {"w_norm": "w_norm", "b_norm": "b_norm"}
+    min_dims = {"w_norm": 1}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "NormPatch | None":
+        if "w_norm" not in parts and "b_norm" not in parts:
+            return None
+        return cls(parts.get("w_norm"), parts.get("b_norm"))
 
     def __init__(self, w_norm: Ref | None, b_norm: Ref | None = None):
         self.w_norm, self.b_norm = w_norm, b_norm
@@ -20,6 +29,9 @@ class NormPatch(Patch):
 
     def refs(self) -> dict[str, Ref]:
         return {k: v for k, v in (("w_norm", self.w_norm), ("b_norm", self.b_norm)) if v is not None}
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return stored((("w_norm", self.w_norm), ("b_norm", self.b_norm)))
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         for param, ref in (("weight", self.w_norm), ("bias", self.b_norm)):

@@ -5,7 +5,7 @@ from typing import Literal, Mapping
 
 from .._lazy import torch
 
-from .base import Patch, Ref, Shape, Tensor
+from .base import BuildContext, Patch, Ref, Shape, Tensor, stored
 
 OftStyle = Literal["lycoris", "kohya", "rotation"]
 
@@ -37,6 +37,17 @@ class OftPatch(Patch):
 
     kind = "oft"
     linear_in_strength = False
+    order = 60
+    suffixes = {"oft_blocks": "oft_blocks", "oft_diag": "oft_diag", "rescale": "rescale", "alpha": "alpha"}
+    min_dims = {"oft_blocks": 2, "oft_diag": 2}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "OftPatch | None":
+        if "oft_blocks" in parts:
+            return cls(parts["oft_blocks"], parts.get("alpha"), parts.get("rescale"), context.oft_style)  # type: ignore[arg-type]
+        if "oft_diag" in parts:  # legacy LyCORIS: the rotation itself
+            return cls(parts["oft_diag"], None, parts.get("rescale"), "rotation")
+        return None
 
     def __init__(self, blocks: Ref, constraint: Ref | float | None = None, rescale: Ref | None = None,
                  style: OftStyle = "lycoris"):
@@ -54,6 +65,10 @@ class OftPatch(Patch):
         if self.rescale is not None:
             refs["rescale"] = self.rescale
         return refs
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {**stored((("oft_diag" if self.style == "rotation" else "oft_blocks", self.blocks),
+                          ("rescale", self.rescale))), **constraint_tensors(self.constraint)}
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         weight = shapes.get("weight")
@@ -93,3 +108,10 @@ class OftPatch(Patch):
         if self.rescale is not None:
             rotated = rotated * self.rescale.load().reshape(-1, *[1] * (weight.dim() - 1))
         return {"weight": rotated - weight}
+
+
+def constraint_tensors(constraint: Ref | float | None) -> dict[str, Tensor]:
+    """OFT/BOFT's constraint back as its ``alpha`` tensor (as stored, or the value)."""
+    if isinstance(constraint, Ref):
+        return {"alpha": constraint.loader()}
+    return {} if constraint is None else {"alpha": torch.tensor(float(constraint))}

@@ -49,6 +49,7 @@ class PeftBoftPatch(Patch):
     a rotation of the input columns that is the same as interpolating the rotation)."""
 
     kind = "peft_boft"
+    written_as_diff = True
 
     def __init__(self, blocks: Ref, scale: Ref):
         if len(blocks.shape) != 4 or blocks.shape[2] != blocks.shape[3]:

@@ -16,6 +16,7 @@ class PeftIa3Patch(Patch):
     no strength for IA³; here it interpolates the merged weight linearly, ``W + s·(W' − W)``."""
 
     kind = "peft_ia3"
+    written_as_diff = True
 
     def __init__(self, vector: Ref, feedforward: bool | None = None):
         self.vector = vector

@@ -89,6 +89,7 @@ class PeftOftPatch(Patch):
     of the input columns is exactly ``W + s·(W' − W)``: linear in the strength."""
 
     kind = "peft_oft"
+    written_as_diff = True
 
     def __init__(self, params: Ref, settings: OftSettings = OftSettings(), shared: bool | None = None):
         b = block_size_of(params.shape[-1]) if len(params.shape) == 2 else None

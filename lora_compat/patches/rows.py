@@ -1,8 +1,9 @@
 """Row slices: splitting a patch made for a fused weight (BFL ``qkv``, ``linear1``) into patches on the split
 modules, and bundling patches on split modules into one patch on a fused host weight.
 
-A LoRA splits exactly by slicing its up rows and sharing its down (never splitting the shared rank).
-Other factorised kinds are materialised and sliced. Missing parts of a fused weight are zero deltas.
+Each kind slices itself (``Patch.rows``): a LoRA exactly, by slicing its up rows and sharing its down (never
+splitting the shared rank); other factorised kinds are materialised and sliced (:class:`RowsOf`). Missing parts
+of a fused weight are zero deltas.
 """
 from __future__ import annotations
 
@@ -10,10 +11,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from .._lazy import torch
 
-from .base import FactorisedPatch, Patch, Ref, Shape, Tensor, numel
-from .full import FullPatch
-from .lora import LoraPatch
-from .set import SetPatch
+from .base import FactorisedPatch, Patch, Ref, Shape, Tensor
 
 if TYPE_CHECKING:
     from ..archs.flux import Route
@@ -34,38 +32,6 @@ def row_ref(ref: Ref, start: int, stop: int, swap: bool = False) -> Ref:
         return (swap_halves(t) if swap else t)[start:stop]
 
     return Ref((stop - start, *ref.shape[1:]), load, ref.name)
-
-
-def out_rows(patch: Patch) -> int | None:
-    """Output rows of the weight a patch was made for, when the kind tells."""
-    if isinstance(patch, LoraPatch):
-        return patch.up.shape[0]
-    if isinstance(patch, FullPatch):
-        return (patch.diff or patch.diff_b).shape[0]
-    if isinstance(patch, SetPatch):
-        return patch.value.shape[0]
-    if isinstance(patch, RowsOf):
-        return patch.stop - patch.start
-    refs = patch.refs()
-    if "hada_w1_a" in refs:
-        return refs["hada_w1_a"].shape[0]
-    if "lokr_w1" in refs or "lokr_w1_a" in refs:
-        w1 = refs.get("lokr_w1") or refs["lokr_w1_a"]
-        w2 = refs.get("lokr_w2") or refs.get("lokr_w2_a")
-        return w1.shape[0] * w2.shape[0] if w2 is not None else None
-    return None
-
-
-def in_columns(patch: Patch) -> int | None:
-    """Input columns (per output row, kernel included) of the weight a LoRA or full patch was made for."""
-    if isinstance(patch, RowsOf):
-        return in_columns(patch.inner)
-    if isinstance(patch, LoraPatch):
-        return patch.down.shape[1] * numel(patch.mid.shape[2:]) if patch.mid is not None else \
-            numel(patch.down.shape[1:])
-    if isinstance(patch, FullPatch) and patch.diff is not None:
-        return numel(patch.diff.shape[1:])
-    return None
 
 
 class RowsOf(FactorisedPatch):
@@ -89,6 +55,24 @@ class RowsOf(FactorisedPatch):
     def refs(self) -> dict[str, Ref]:
         return self.inner.refs()
 
+    def out_rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def sliced_from(self) -> FactorisedPatch:
+        return self.inner
+
+    @property
+    def flat_kernel(self) -> bool:  # type: ignore[override]
+        return self.inner.flat_kernel
+
+    def implied_weight_shape(self) -> Shape | None:
+        inner = self.inner.implied_weight_shape()
+        return None if inner is None else (self.stop - self.start, *inner[1:])
+
+    def in_columns(self) -> int | None:
+        return self.inner.in_columns()
+
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         weight = shapes.get("weight")
         if weight is None:
@@ -100,24 +84,6 @@ class RowsOf(FactorisedPatch):
     def weight_delta(self, weight_shape: torch.Size) -> Tensor:
         full = self.inner.weight_delta(torch.Size((self.total, *weight_shape[1:])))
         return (swap_halves(full) if self.swap else full)[self.start:self.stop]
-
-
-def row_part(patch: Patch, start: int, stop: int, total: int, swap: bool = False) -> Patch:
-    """The part of ``patch`` (made for a fused weight of ``total`` rows) on rows ``[start, stop)``.
-
-    Raises ``ValueError`` for kinds whose change does not split by rows (OFT, IA3, DoRA, norms...).
-    """
-    if isinstance(patch, LoraPatch) and patch.mid is None:
-        bias = row_ref(patch.bias, start, stop, swap) if patch.bias is not None else None
-        return LoraPatch(row_ref(patch.up, start, stop, swap), patch.down, patch.scale, bias=bias)
-    if isinstance(patch, FullPatch):
-        return FullPatch(row_ref(patch.diff, start, stop, swap) if patch.diff is not None else None,
-                         row_ref(patch.diff_b, start, stop, swap) if patch.diff_b is not None else None)
-    if isinstance(patch, SetPatch):
-        return SetPatch(row_ref(patch.value, start, stop, swap), patch.param)
-    if isinstance(patch, FactorisedPatch):
-        return RowsOf(patch, start, stop, total, swap)
-    raise ValueError(f"a {patch.kind} patch on a fused weight cannot be split into the modules it fuses")
 
 
 class FusedPatch(Patch):
@@ -151,6 +117,14 @@ class FusedPatch(Patch):
             for role, ref in patch.refs().items():
                 refs[f"{route.start}:{role}"] = ref
         return refs
+
+    @property
+    def row_parts(self) -> Sequence[tuple["Route", Patch]]:
+        return self.parts
+
+    @property
+    def reads_dora_strength(self) -> bool:
+        return any(patch.reads_dora_strength for _, patch in self.parts)
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         return None  # each part was checked against its canonical module's shapes

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .base import Patch, Ref, Shape, Tensor
+from .base import BuildContext, Patch, Ref, Shape, Tensor
+from .rows import row_ref
 
 
 class SetPatch(Patch):
@@ -11,6 +12,14 @@ class SetPatch(Patch):
 
     kind = "set"
     linear_in_strength = False
+    order = 100
+    suffixes = {"scale": "scale"}
+    min_dims = {"scale": 1}
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "SetPatch | None":
+        # a BFL RMSNorm's parameter stored whole (FLUX.1 Control LoRAs): replace it
+        return cls(parts["scale"], "weight") if set(parts) == {"scale"} else None
 
     def __init__(self, value: Ref, param: str = "weight"):
         self.value, self.param = value, param
@@ -21,6 +30,20 @@ class SetPatch(Patch):
 
     def refs(self) -> dict[str, Ref]:
         return {"value": self.value}
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        if self.param != "weight":
+            return super().to_tensors()
+        return {"scale": self.value.loader()}
+
+    def replacement(self) -> tuple[str, Ref]:
+        return self.param, self.value
+
+    def out_rows(self) -> int:
+        return self.value.shape[0]
+
+    def rows(self, start: int, stop: int, total: int, swap: bool = False) -> "SetPatch":
+        return SetPatch(row_ref(self.value, start, stop, swap), self.param)
 
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         if shapes.get(self.param) != self.value.shape:

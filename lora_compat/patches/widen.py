@@ -36,6 +36,13 @@ class WidenPatch(Patch):
     def refs(self) -> dict[str, Ref]:
         return self.inner.refs()
 
+    def widening(self) -> tuple[int, Patch]:
+        return self.in_features, self.inner
+
+    @property
+    def reads_dora_strength(self) -> bool:
+        return self.inner.reads_dora_strength
+
     def with_dora_strength(self, mode: str) -> "WidenPatch":
         inner = self.inner.with_dora_strength(mode)
         return self if inner is self.inner else WidenPatch(inner, self.in_features)
