@@ -113,10 +113,13 @@ class ModuleReader:
             if grouped is None:
                 grouped = file.cache[("groups", dotted, rename)] = group_modules(file.keys(), dotted, rename)
             groups, stray = grouped
+            # a module no base names gives the same entries every time
+            unnamed = file.cache.setdefault(("unnamed", dotted, rename), {})
         else:
             groups, stray = group_modules(keys, dotted, rename)
-        for key in stray:
-            result.unmatched[key] = "not a known LoRA tensor name"
+            unnamed = {}
+        unmatched = result.unmatched
+        unmatched.update(dict.fromkeys(stray, "not a known LoRA tensor name"))
         # without a target-dependent scale, a module's patch does not depend on the model: build it once per
         # file (detection reads the same file against every base)
         shared = file.cache.setdefault(("patches", dialect, self.dora_convention, self.oft_style), {}) \
@@ -124,8 +127,10 @@ class ModuleReader:
         for module, suffixes in groups.items():
             target = self.resolve(module)
             if target is None:
-                for key in suffixes.values():
-                    result.unmatched[key] = f"module {module!r} {NO_MODULE}"
+                entries = unnamed.get(module)
+                if entries is None:
+                    entries = unnamed[module] = dict.fromkeys(suffixes.values(), f"module {module!r} {NO_MODULE}")
+                unmatched.update(entries)
                 continue
             patch = shared.get(module)
             if patch is None:
@@ -192,13 +197,14 @@ Resolved = Union[str, list[Part], None]
 def kohya_resolver(index: ModuleIndex, prefixes: Mapping[str, str] | None = None) -> Callable[[str], Resolved]:
     """Resolve ``lora_unet_down_blocks_0_...`` style names against the index's real module names; BFL names
     of a fused Flux module (``lora_unet_double_blocks_0_img_attn_qkv``) resolve to their canonical parts."""
-    ordered = sorted((prefixes or index_prefixes(index)).items(), key=lambda kv: len(kv[0]), reverse=True)
+    ordered = [(prefix, len(prefix), component, index.aliases(component)) for prefix, component in
+               sorted((prefixes or index_prefixes(index)).items(), key=lambda kv: len(kv[0]), reverse=True)]
 
     def resolve(name: str) -> Resolved:
-        for prefix, component in ordered:
+        for prefix, size, component, aliases in ordered:
             if name.startswith(prefix):
-                rest = name[len(prefix):]
-                path = index.aliases(component).get(rest)
+                rest = name[size:]
+                path = aliases.get(rest)
                 if path is not None:
                     return f"{component}.{path}"
                 return component_parts(index, component, rest)
@@ -229,5 +235,5 @@ def index_prefixes(index: ModuleIndex) -> dict[str, str]:
 
 
 def claimed_fraction(header: Header, claims: Callable[[str], bool]) -> float:
-    keys = list(header.keys())
-    return sum(1 for k in keys if claims(k)) / len(keys) if keys else 0.0
+    total = len(header)
+    return sum(map(bool, map(claims, header.keys()))) / total if total else 0.0
