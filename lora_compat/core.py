@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Union
 
 from .archs import Arch, ModuleIndex
@@ -66,8 +66,29 @@ def _score(patchset: PatchSet) -> tuple[int, int]:
 
 
 def detect(source: Source, base: str | None = None) -> Detection:
-    """Detect dialect and base from the header alone and build the (lazy) PatchSet."""
-    file, warnings = _strip_bundled_embeddings(source if isinstance(source, LoraFile) else LoraFile.open(source))
+    """Detect dialect and base from the header alone and build the (lazy) PatchSet.
+
+    The decision is kept on the :class:`LoraFile`: detecting the same file again (``detection.file`` handed
+    to ``resolve_patchset``, a converter...) reuses it while the plugin registry is unchanged."""
+    opened = source if isinstance(source, LoraFile) else LoraFile.open(source)
+    registry = plugins.registry()
+    cached = opened.cache.get(("detection", base))
+    if cached is None or cached[0] is not registry:
+        cached = opened.cache[("detection", base)] = (registry, _detect(opened, base))
+    return _copy(cached[1])
+
+
+def _copy(detection: Detection) -> Detection:
+    """A detection whose lists and PatchSet the caller may change (the patches themselves are shared)."""
+    ps = detection.patchset
+    patchset = replace(ps, patches=dict(ps.patches), base_candidates=list(ps.base_candidates),
+                       unmatched=dict(ps.unmatched), misfits=dict(ps.misfits), warnings=list(ps.warnings))
+    return replace(detection, base_candidates=list(detection.base_candidates), patchset=patchset,
+                   warnings=list(detection.warnings))
+
+
+def _detect(opened: LoraFile, base: str | None) -> Detection:
+    file, warnings = _strip_bundled_embeddings(opened)
     dialect, match = choose_dialect(file.header)
     archs = plugins.archs()
     if dialect.refuses:
