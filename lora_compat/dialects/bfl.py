@@ -11,6 +11,8 @@ from .flux_names import BFL_HEADS, COMFY_TEXT_ENCODERS, resolve_bfl, widen_input
 
 PREFIXES = ("diffusion_model.", "model.diffusion_model.")
 _TEXT_ENCODER_PREFIXES = tuple(COMFY_TEXT_ENCODERS)
+#: every BFL key starts with one of these (one call rejects the rest)
+_HEADS = (*PREFIXES, *BFL_HEADS, *_TEXT_ENCODER_PREFIXES)
 
 
 def strip_prefix(key: str) -> str:
@@ -21,6 +23,8 @@ def strip_prefix(key: str) -> str:
 
 
 def is_bfl_key(key: str) -> bool:
+    if not key.startswith(_HEADS):
+        return False
     name = strip_prefix(key)
     if not name.startswith(BFL_HEADS) and not name.startswith(_TEXT_ENCODER_PREFIXES):
         return False
