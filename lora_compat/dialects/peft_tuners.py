@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from ..files import Header
-from .base import Match, RefusingDialect
+from .base import Match, RefusingDialect, any_key_starts
 from .peft import PREFIX
 
 #: PEFT tuner parameter names (``adapter_layer_names``, one key segment) → the tuner type
@@ -56,6 +56,8 @@ class PeftTunerRecogniser(RefusingDialect):
     description = "PEFT adapters of other tuner types (LoHa, LoKr, OFT, BOFT, ...): not supported yet"
 
     def detect(self, header: Header) -> Match | None:
+        if not any_key_starts(header, PREFIX):
+            return None
         keys = list(header.keys())
         claimed = sum(1 for k in keys if tuner_of_key(k))
         if claimed == 0:
