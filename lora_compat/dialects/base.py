@@ -198,17 +198,18 @@ Resolved = Union[str, list[Part], None]
 def kohya_resolver(index: ModuleIndex, prefixes: Mapping[str, str] | None = None) -> Callable[[str], Resolved]:
     """Resolve ``lora_unet_down_blocks_0_...`` style names against the index's real module names; BFL names
     of a fused Flux module (``lora_unet_double_blocks_0_img_attn_qkv``) resolve to their canonical parts."""
-    ordered = [(prefix, len(prefix), component, index.aliases(component)) for prefix, component in
+    ordered = [(prefix, len(prefix), component, index.aliases(component), index.split_names(component))
+               for prefix, component in
                sorted((prefixes or index_prefixes(index)).items(), key=lambda kv: len(kv[0]), reverse=True)]
 
     def resolve(name: str) -> Resolved:
-        for prefix, size, component, aliases in ordered:
+        for prefix, size, component, aliases, fused in ordered:
             if name.startswith(prefix):
                 rest = name[size:]
                 path = aliases.get(rest)
                 if path is not None:
                     return f"{component}.{path}"
-                return component_parts(index, component, rest)
+                return component_parts(index, component, rest) if rest in fused else None
         return None
 
     return resolve
