@@ -232,7 +232,7 @@ def _parse_entries(path: Path, parsed: Mapping[str, object], data_len: int) -> d
     """Every tensor entry checked; a quick test of the well-formed case, :func:`_parse_entry` (which says
     what is wrong) for any entry the quick test does not pass."""
     spans: dict[str, _Span] = {}
-    sizes, ints, prod = _ITEM_SIZES, _INT, math.prod
+    sizes, ints, prod, span = _ITEM_SIZES, _INT, math.prod, tuple.__new__  # _Span(...) without its Python __new__
     for name, entry in parsed.items():
         try:
             # the same checks as _parse_entry (bool is no int here: type(d) is int)
@@ -240,11 +240,11 @@ def _parse_entries(path: Path, parsed: Mapping[str, object], data_len: int) -> d
             start, end = offsets
             ok = (type(entry) is dict and type(shape) is list and type(offsets) is list
                   and type(start) is int and type(end) is int and 0 <= start <= end <= data_len
-                  and set(map(type, shape)) <= ints and (not shape or min(shape) >= 0)
+                  and ints.issuperset(map(type, shape)) and (not shape or min(shape) >= 0)
                   and prod(shape) * sizes[entry["dtype"]] == end - start)
         except (TypeError, KeyError, ValueError):
             ok = False
-        spans[name] = _Span(entry["dtype"], tuple(shape), start, end) if ok \
+        spans[name] = span(_Span, (entry["dtype"], tuple(shape), start, end)) if ok \
             else _parse_entry(path, name, entry, data_len)
     return spans
 
