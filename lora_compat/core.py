@@ -1,9 +1,11 @@
 """Open → detect → read: the header-only pipeline behind ``inspect`` and ``read``."""
 from __future__ import annotations
 
+import gc
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Union
+from typing import Callable, Iterator, Mapping, Union
 
 from .archs import Arch, ModuleIndex
 from .dialects import Dialect, Match
@@ -70,12 +72,29 @@ def detect(source: Source, base: str | None = None) -> Detection:
 
     The decision is kept on the :class:`LoraFile`: detecting the same file again (``detection.file`` handed
     to ``resolve_patchset``, a converter...) reuses it while the plugin registry is unchanged."""
-    opened = source if isinstance(source, LoraFile) else LoraFile.open(source)
-    registry = plugins.registry()
-    cached = opened.cache.get(("detection", base))
-    if cached is None or cached[0] is not registry:
-        cached = opened.cache[("detection", base)] = (registry, _detect(opened, base))
-    return _copy(cached[1])
+    with no_cyclic_gc():
+        opened = source if isinstance(source, LoraFile) else LoraFile.open(source)
+        registry = plugins.registry()
+        cached = opened.cache.get(("detection", base))
+        if cached is None or cached[0] is not registry:
+            cached = opened.cache[("detection", base)] = (registry, _detect(opened, base))
+        return _copy(cached[1])
+
+
+@contextmanager
+def no_cyclic_gc() -> Iterator[None]:
+    """CPython's cycle collector paused (if it runs) for the block. Parsing a header and detecting make tens of
+    thousands of small containers, none of them cyclic garbage; with the collector on, they set off a full
+    collection over every object of the process (torch's, a host's) nearly every call, which costs more than
+    the detection itself. Reference counting still frees everything; the collector runs again afterwards."""
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 def _copy(detection: Detection) -> Detection:
