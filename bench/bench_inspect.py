@@ -161,6 +161,8 @@ def in_fresh_interpreter(script: str, path: Path) -> dict:
 #: runs in a fresh interpreter (PYTHONPATH picks the checkout): warm in-process inspect times, in seconds
 WARM_SCRIPT = r"""
 import json, sys, time
+if sys.argv[3] == "torch":
+    import torch  # a host has it: its objects are what a cycle collection walks
 import lora_compat
 lora_compat.inspect(sys.argv[1])
 times = []
@@ -172,14 +174,16 @@ print(json.dumps({"times": times, "package": lora_compat.__file__}))
 """
 
 
-def warm_turns(path: Path, baseline: Path, runs: int, turns: int = 3) -> tuple[list[float], list[float]]:
+def warm_turns(path: Path, baseline: Path, runs: int, turns: int = 3, with_torch: bool = False
+               ) -> tuple[list[float], list[float]]:
     """Warm inspect times of this checkout and of ``baseline``, in fresh interpreters taking turns."""
     here = Path(lora_compat.__file__).resolve().parent.parent
     times: dict[Path, list[float]] = {here: [], baseline: []}
     for _ in range(turns):
         for root in times:
             env = {**os.environ, "PYTHONPATH": str(root)}
-            out = subprocess.run([sys.executable, "-c", WARM_SCRIPT, str(path), str(runs)], check=True,
+            out = subprocess.run([sys.executable, "-c", WARM_SCRIPT, str(path), str(runs),
+                                  "torch" if with_torch else "-"], check=True,
                                  capture_output=True, text=True, env=env, cwd=root)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             if Path(result["package"]).resolve().parent.parent != root.resolve():
@@ -210,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=30, help="warm inspect / safe_open runs")
     parser.add_argument("--load-runs", type=int, default=3, help="load_file runs")
     parser.add_argument("--baseline", type=Path, help="another checkout (holding lora_compat/) to time beside this one")
+    parser.add_argument("--turns", type=int, default=3, help="turns each checkout takes with --baseline")
+    parser.add_argument("--torch", action="store_true", help="import torch first in the --baseline turns (as a host)")
     args = parser.parse_args(argv)
 
     tmpdir = None
@@ -263,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
               f"fresh processes: {load_fresh['load_s'] / cold['first_s']:.0f}x; "
               f"inspect / safe_open: {statistics.median(warm) / statistics.median(header):.1f}x")
         if args.baseline is not None:
-            ours, theirs = warm_turns(path, args.baseline.resolve(), args.runs)
-            print(f"\nwarm inspect, fresh interpreters taking turns: this checkout {statistics.median(ours) * 1e3:.2f} ms "
+            ours, theirs = warm_turns(path, args.baseline.resolve(), args.runs, args.turns, args.torch)
+            print(f"\nwarm inspect, fresh interpreters{' with torch' if args.torch else ''} taking turns: this checkout {statistics.median(ours) * 1e3:.2f} ms "
                   f"(min {min(ours) * 1e3:.2f}), {args.baseline} {statistics.median(theirs) * 1e3:.2f} ms "
                   f"(min {min(theirs) * 1e3:.2f}): {statistics.median(theirs) / statistics.median(ours):.2f}x faster; "
                   f"target {TARGET_MS:.0f} ms")
