@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
               f"inspect / safe_open: {statistics.median(warm) / statistics.median(header):.1f}x")
         if args.baseline is not None:
             ours, theirs = warm_turns(path, args.baseline.resolve(), args.runs, args.turns, args.torch)
-            print(f"\nwarm inspect, fresh interpreters{' with torch' if args.torch else ''} taking turns: this checkout {statistics.median(ours) * 1e3:.2f} ms "
+            where = "fresh interpreters" + (" with torch" if args.torch else "")
+            print(f"\nwarm inspect, {where} taking turns: this checkout {statistics.median(ours) * 1e3:.2f} ms "
                   f"(min {min(ours) * 1e3:.2f}), {args.baseline} {statistics.median(theirs) * 1e3:.2f} ms "
                   f"(min {min(theirs) * 1e3:.2f}): {statistics.median(theirs) / statistics.median(ours):.2f}x faster; "
                   f"target {TARGET_MS:.0f} ms")

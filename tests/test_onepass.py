@@ -144,7 +144,8 @@ def test_state_dict_files_detect_as_before() -> None:
 
 def test_save_file_roundtrip_still_reads_tensors(tmp_path: Path) -> None:
     path = tmp_path / "one.safetensors"
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.arange(640.).reshape(2, 320, 1, 1),
+    down = torch.arange(640.).reshape(2, 320, 1, 1)
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": down,
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.ones(320, 2, 1, 1)}, str(path))
     patch = lora_compat.read(path)["unet.down_blocks.0.attentions.0.proj_in"]
-    assert torch.equal(patch.refs()["down"].load(), torch.arange(640.).reshape(2, 320, 1, 1))
+    assert torch.equal(patch.refs()["down"].load(), down)
