@@ -77,8 +77,11 @@ def detect(source: Source, base: str | None = None) -> Detection:
         registry = plugins.registry()
         cached = opened.cache.get(("detection", base))
         if cached is None or cached[0] is not registry:
-            cached = opened.cache[("detection", base)] = (registry, _detect(opened, base))
-        return _copy(cached[1])
+            detection = _detect(opened, base)
+            # kept without the file it is kept on (no reference cycle): a stripped copy, or the file itself
+            stripped = detection.file if detection.file is not opened else None
+            cached = opened.cache[("detection", base)] = (registry, replace(detection, file=None), stripped)
+        return _copy(cached[1], cached[2] or opened)
 
 
 @contextmanager
@@ -97,12 +100,12 @@ def no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _copy(detection: Detection) -> Detection:
-    """A detection whose lists and PatchSet the caller may change (the patches themselves are shared)."""
+def _copy(detection: Detection, file: LoraFile) -> Detection:
+    """A detection of ``file`` whose lists and PatchSet the caller may change (the patches are shared)."""
     ps = detection.patchset
     patchset = replace(ps, patches=dict(ps.patches), base_candidates=list(ps.base_candidates),
                        unmatched=dict(ps.unmatched), misfits=dict(ps.misfits), warnings=list(ps.warnings))
-    return replace(detection, base_candidates=list(detection.base_candidates), patchset=patchset,
+    return replace(detection, file=file, base_candidates=list(detection.base_candidates), patchset=patchset,
                    warnings=list(detection.warnings))
 
 

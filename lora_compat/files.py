@@ -96,6 +96,9 @@ class LoraFile:
         self._loader = loader
         #: per-file memo of header-derived work (e.g. patches built once, read against several bases)
         self.cache: dict = {}
+        # patches keep ``file.tensor`` to load their tensors, and the patches are kept in ``cache``: as a bound
+        # method it would make every file a reference cycle that only the cycle collector frees
+        self.tensor = _tensor_reader(header, loader)  # type: ignore[method-assign]
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -175,12 +178,21 @@ class LoraFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor (the only place tensor data is touched)."""
-        if name not in self.header.shapes:
-            raise KeyError(f"{self.header.display_name}: no tensor named {name!r}")
-        return self._loader(name)
+        return _tensor_reader(self.header, self._loader)(name)
 
     def __repr__(self) -> str:
         return f"LoraFile({self.header.display_name!r}, {len(self)} tensors, format={self.format})"
+
+
+def _tensor_reader(header: Header, loader: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """:meth:`LoraFile.tensor` without a reference to the file."""
+    def tensor(name: str) -> torch.Tensor:
+        """Read one tensor (the only place tensor data is touched)."""
+        if name not in header.shapes:
+            raise KeyError(f"{header.display_name}: no tensor named {name!r}")
+        return loader(name)
+
+    return tensor
 
 
 # -- safetensors ------------------------------------------------------------------------------------------

@@ -149,3 +149,32 @@ def test_save_file_roundtrip_still_reads_tensors(tmp_path: Path) -> None:
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.ones(320, 2, 1, 1)}, str(path))
     patch = lora_compat.read(path)["unet.down_blocks.0.attentions.0.proj_in"]
     assert torch.equal(patch.refs()["down"].load(), down)
+
+
+def test_a_detected_file_is_freed_without_the_cycle_collector(tmp_path: Path) -> None:
+    """Patches keep a way to load their tensors and the file keeps its patches and detection: none of it may
+    refer back to the file, or every file would wait for a collection of the whole process."""
+    path = kohya_sd15(tmp_path / "style.safetensors")
+    lora_compat.inspect(path)  # module-level tables made on first use
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        file = LoraFile.open(path)
+        lora_compat.read(file)
+        core.detect(file, "sd15")
+        assert torch.equal(file.tensor(next(iter(file.keys()))), file.tensor(next(iter(file.keys()))))
+        del file
+        lora_compat.inspect(path)
+        assert gc.collect() == 0
+    finally:
+        if was:
+            gc.enable()
+
+
+def test_tensor_of_a_missing_name_still_says_which_file(tmp_path: Path) -> None:
+    file = LoraFile.open(kohya_sd15(tmp_path / "style.safetensors"))
+    with pytest.raises(KeyError, match="style.safetensors: no tensor named 'nope'"):
+        file.tensor("nope")
+    with pytest.raises(KeyError, match="style.safetensors: no tensor named 'nope'"):
+        LoraFile.tensor(file, "nope")
