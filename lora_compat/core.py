@@ -81,7 +81,7 @@ def detect(source: Source, base: str | None = None) -> Detection:
             # kept without the file it is kept on (no reference cycle): a stripped copy, or the file itself
             stripped = detection.file if detection.file is not opened else None
             cached = opened.cache[("detection", base)] = (registry, replace(detection, file=None), stripped)
-        return _copy(cached[1], cached[2] or opened)
+        return _copy(cached[1], opened if cached[2] is None else cached[2])  # (a LoraFile has a len)
 
 
 @contextmanager

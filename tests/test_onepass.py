@@ -178,3 +178,16 @@ def test_tensor_of_a_missing_name_still_says_which_file(tmp_path: Path) -> None:
         file.tensor("nope")
     with pytest.raises(KeyError, match="style.safetensors: no tensor named 'nope'"):
         LoraFile.tensor(file, "nope")
+
+
+def test_a_file_with_bundled_embeddings_detects_again_as_the_first_time() -> None:
+    tensors = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 320, 1, 1),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 2, 1, 1),
+               "bundle_emb.mytoken.string_to_param.*": torch.zeros(1, 768)}
+    file = LoraFile.from_state_dict(tensors)
+    first, again = core.detect(file), core.detect(file)
+    assert first.file is not file and again.file is first.file
+    assert "bundle_emb.mytoken.string_to_param.*" not in again.file
+    assert again.warnings == first.warnings and "mytoken" in again.warnings[0]
+    assert again.patchset.warnings == first.patchset.warnings
+    assert list(again.patchset) == list(first.patchset) == ["unet.down_blocks.0.attentions.0.proj_in"]
