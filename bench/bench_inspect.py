@@ -14,6 +14,9 @@ the file is ``--size-gb`` large, then measures:
 
 Targets: inspect < 30 ms and < 50 MB extra RSS on a 1 GB file. Run: ``python bench/bench_inspect.py``
 (``--keep`` keeps the file, ``--path`` puts it somewhere, ``--reuse`` uses an existing one and keeps it).
+``--baseline DIR`` also times warm in-process ``inspect`` of another checkout of the package (e.g. the main
+branch's), in fresh interpreters taking turns with this one, and prints both medians and their ratio: on a
+loaded machine only figures taken in the same minute compare.
 """
 from __future__ import annotations
 
@@ -155,6 +158,40 @@ def in_fresh_interpreter(script: str, path: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+#: runs in a fresh interpreter (PYTHONPATH picks the checkout): warm in-process inspect times, in seconds
+WARM_SCRIPT = r"""
+import json, sys, time
+if sys.argv[3] == "torch":
+    import torch  # a host has it: its objects are what a cycle collection walks
+import lora_compat
+lora_compat.inspect(sys.argv[1])
+times = []
+for _ in range(int(sys.argv[2])):
+    start = time.perf_counter()
+    lora_compat.inspect(sys.argv[1])
+    times.append(time.perf_counter() - start)
+print(json.dumps({"times": times, "package": lora_compat.__file__}))
+"""
+
+
+def warm_turns(path: Path, baseline: Path, runs: int, turns: int = 3, with_torch: bool = False
+               ) -> tuple[list[float], list[float]]:
+    """Warm inspect times of this checkout and of ``baseline``, in fresh interpreters taking turns."""
+    here = Path(lora_compat.__file__).resolve().parent.parent
+    times: dict[Path, list[float]] = {here: [], baseline: []}
+    for _ in range(turns):
+        for root in times:
+            env = {**os.environ, "PYTHONPATH": str(root)}
+            out = subprocess.run([sys.executable, "-c", WARM_SCRIPT, str(path), str(runs),
+                                  "torch" if with_torch else "-"], check=True,
+                                 capture_output=True, text=True, env=env, cwd=root)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            if Path(result["package"]).resolve().parent.parent != root.resolve():
+                raise SystemExit(f"the baseline run imported {result['package']}, not the checkout in {root}")
+            times[root] += result["times"]
+    return times[here], times[baseline]
+
+
 def load_everything(path: Path) -> int:
     """What a naive detector does: the state dict in memory (load_file maps lazily; the clone reads it)."""
     return len({key: tensor.clone() for key, tensor in load_file(str(path)).items()})
@@ -176,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--runs", type=int, default=30, help="warm inspect / safe_open runs")
     parser.add_argument("--load-runs", type=int, default=3, help="load_file runs")
+    parser.add_argument("--baseline", type=Path, help="another checkout (holding lora_compat/) to time beside this one")
+    parser.add_argument("--turns", type=int, default=3, help="turns each checkout takes with --baseline")
+    parser.add_argument("--torch", action="store_true", help="import torch first in the --baseline turns (as a host)")
     args = parser.parse_args(argv)
 
     tmpdir = None
@@ -228,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nnaive load / inspect (warm medians): {statistics.median(load) / statistics.median(warm):.0f}x; "
               f"fresh processes: {load_fresh['load_s'] / cold['first_s']:.0f}x; "
               f"inspect / safe_open: {statistics.median(warm) / statistics.median(header):.1f}x")
+        if args.baseline is not None:
+            ours, theirs = warm_turns(path, args.baseline.resolve(), args.runs, args.turns, args.torch)
+            where = "fresh interpreters" + (" with torch" if args.torch else "")
+            print(f"\nwarm inspect, {where} taking turns: this checkout {statistics.median(ours) * 1e3:.2f} ms "
+                  f"(min {min(ours) * 1e3:.2f}), {args.baseline} {statistics.median(theirs) * 1e3:.2f} ms "
+                  f"(min {min(theirs) * 1e3:.2f}): {statistics.median(theirs) / statistics.median(ours):.2f}x faster; "
+                  f"target {TARGET_MS:.0f} ms")
         ok_time = inspect_ms < TARGET_MS
         ok_rss = rss_mb < TARGET_MB
         print(f"targets: inspect < {TARGET_MS:.0f} ms: {'met' if ok_time else 'MISSED'} ({inspect_ms:.2f} ms warm, "

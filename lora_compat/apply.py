@@ -8,7 +8,7 @@ import torch
 
 from . import plugins
 from .archs import ModuleIndex
-from .core import Source, detect
+from .core import Source, detect, no_cyclic_gc
 from .errors import BaseMismatchError, UnmatchedKeysError
 from .patches.dora import check_dora_strength
 from .patchset import PatchSet
@@ -61,8 +61,9 @@ def resolve_patchset(source: Source | PatchSet, index: ModuleIndex, base: str | 
     """The source's patches on ``index`` 's real modules (a PatchSet's targets are re-resolved and re-checked)."""
     if isinstance(source, PatchSet):
         return source.fitted(index)
-    detection = detect(source, base)
-    patchset = detection.dialect.read(detection.file, index).fitted(index)
+    detection = detect(source, base)  # kept on the file: a file already detected is not detected again
+    with no_cyclic_gc():
+        patchset = detection.dialect.read(detection.file, index).fitted(index)
     patchset.base = detection.base
     patchset.base_candidates = list(detection.base_candidates)
     patchset.warnings[:0] = detection.warnings

@@ -1,9 +1,11 @@
 """Open → detect → read: the header-only pipeline behind ``inspect`` and ``read``."""
 from __future__ import annotations
 
+import gc
 import os
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Union
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, Mapping, Union
 
 from .archs import Arch, ModuleIndex
 from .dialects import Dialect, Match
@@ -66,8 +68,49 @@ def _score(patchset: PatchSet) -> tuple[int, int]:
 
 
 def detect(source: Source, base: str | None = None) -> Detection:
-    """Detect dialect and base from the header alone and build the (lazy) PatchSet."""
-    file, warnings = _strip_bundled_embeddings(source if isinstance(source, LoraFile) else LoraFile.open(source))
+    """Detect dialect and base from the header alone and build the (lazy) PatchSet.
+
+    The decision is kept on the :class:`LoraFile`: detecting the same file again (``detection.file`` handed
+    to ``resolve_patchset``, a converter...) reuses it while the plugin registry is unchanged."""
+    with no_cyclic_gc():
+        opened = source if isinstance(source, LoraFile) else LoraFile.open(source)
+        registry = plugins.registry()
+        cached = opened.cache.get(("detection", base))
+        if cached is None or cached[0] is not registry:
+            detection = _detect(opened, base)
+            # kept without the file it is kept on (no reference cycle): a stripped copy, or the file itself
+            stripped = detection.file if detection.file is not opened else None
+            cached = opened.cache[("detection", base)] = (registry, replace(detection, file=None), stripped)
+        return _copy(cached[1], opened if cached[2] is None else cached[2])  # (a LoraFile has a len)
+
+
+@contextmanager
+def no_cyclic_gc() -> Iterator[None]:
+    """CPython's cycle collector paused (if it runs) for the block. Parsing a header and detecting make tens of
+    thousands of small containers, none of them cyclic garbage; with the collector on, they set off a full
+    collection over every object of the process (torch's, a host's) nearly every call, which costs more than
+    the detection itself. Reference counting still frees everything; the collector runs again afterwards."""
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _copy(detection: Detection, file: LoraFile) -> Detection:
+    """A detection of ``file`` whose lists and PatchSet the caller may change (the patches are shared)."""
+    ps = detection.patchset
+    patchset = replace(ps, patches=dict(ps.patches), base_candidates=list(ps.base_candidates),
+                       unmatched=dict(ps.unmatched), misfits=dict(ps.misfits), warnings=list(ps.warnings))
+    return replace(detection, file=file, base_candidates=list(detection.base_candidates), patchset=patchset,
+                   warnings=list(detection.warnings))
+
+
+def _detect(opened: LoraFile, base: str | None) -> Detection:
+    file, warnings = _strip_bundled_embeddings(opened)
     dialect, match = choose_dialect(file.header)
     archs = plugins.archs()
     if dialect.refuses:

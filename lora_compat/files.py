@@ -13,7 +13,7 @@ import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple
 
 from .errors import CorruptFileError, UnsafeFileError
 from ._lazy import torch
@@ -77,8 +77,7 @@ class Header:
         return str(self.path) if self.path is not None else "<state dict>"
 
 
-@dataclass(frozen=True)
-class _Span:
+class _Span(NamedTuple):  # a tuple: thousands are made per header
     dtype: str
     shape: tuple[int, ...]
     start: int
@@ -97,6 +96,9 @@ class LoraFile:
         self._loader = loader
         #: per-file memo of header-derived work (e.g. patches built once, read against several bases)
         self.cache: dict = {}
+        # patches keep ``file.tensor`` to load their tensors, and the patches are kept in ``cache``: as a bound
+        # method it would make every file a reference cycle that only the cycle collector frees
+        self.tensor = _tensor_reader(header, loader)  # type: ignore[method-assign]
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
@@ -123,11 +125,8 @@ class LoraFile:
     @classmethod
     def _open_safetensors(cls, path: Path) -> "LoraFile":
         spans, metadata, data_start = _read_safetensors_header(path)
-        header = Header(
-            shapes={k: s.shape for k, s in spans.items()},
-            dtypes={k: s.dtype for k, s in spans.items()},
-            metadata=metadata, path=path,
-        )
+        header = Header(shapes={k: s[1] for k, s in spans.items()}, dtypes={k: s[0] for k, s in spans.items()},
+                        metadata=metadata, path=path)
 
         def load(name: str) -> torch.Tensor:
             return _read_span(path, name, spans[name], data_start)
@@ -179,12 +178,21 @@ class LoraFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor (the only place tensor data is touched)."""
-        if name not in self.header.shapes:
-            raise KeyError(f"{self.header.display_name}: no tensor named {name!r}")
-        return self._loader(name)
+        return _tensor_reader(self.header, self._loader)(name)
 
     def __repr__(self) -> str:
         return f"LoraFile({self.header.display_name!r}, {len(self)} tensors, format={self.format})"
+
+
+def _tensor_reader(header: Header, loader: Callable[[str], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+    """:meth:`LoraFile.tensor` without a reference to the file."""
+    def tensor(name: str) -> torch.Tensor:
+        """Read one tensor (the only place tensor data is touched)."""
+        if name not in header.shapes:
+            raise KeyError(f"{header.display_name}: no tensor named {name!r}")
+        return loader(name)
+
+    return tensor
 
 
 # -- safetensors ------------------------------------------------------------------------------------------
@@ -211,7 +219,7 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, _Span], dict[str, st
     data_start = 8 + header_len
     data_len = size - data_start
     metadata = _parse_metadata(path, parsed.pop("__metadata__", None))
-    spans = {name: _parse_entry(path, name, entry, data_len) for name, entry in parsed.items()}
+    spans = _parse_entries(path, parsed, data_len)
     _check_no_overlap(path, spans)
     return spans, metadata, data_start
 
@@ -226,6 +234,31 @@ def _parse_metadata(path: Path, raw: object) -> dict[str, str]:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+_ITEM_SIZES = {name: size for name, (_, size) in DTYPES.items()}
+_INT = {int}
+
+
+def _parse_entries(path: Path, parsed: Mapping[str, object], data_len: int) -> dict[str, _Span]:
+    """Every tensor entry checked; a quick test of the well-formed case, :func:`_parse_entry` (which says
+    what is wrong) for any entry the quick test does not pass."""
+    spans: dict[str, _Span] = {}
+    sizes, ints, prod, span = _ITEM_SIZES, _INT, math.prod, tuple.__new__  # _Span(...) without its Python __new__
+    for name, entry in parsed.items():
+        try:
+            # the same checks as _parse_entry (bool is no int here: type(d) is int)
+            shape, offsets = entry["shape"], entry["data_offsets"]
+            start, end = offsets
+            ok = (type(entry) is dict and type(shape) is list and type(offsets) is list
+                  and type(start) is int and type(end) is int and 0 <= start <= end <= data_len
+                  and ints.issuperset(map(type, shape)) and (not shape or min(shape) >= 0)
+                  and prod(shape) * sizes[entry["dtype"]] == end - start)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        spans[name] = span(_Span, (entry["dtype"], tuple(shape), start, end)) if ok \
+            else _parse_entry(path, name, entry, data_len)
+    return spans
 
 
 def _parse_entry(path: Path, name: str, entry: object, data_len: int) -> _Span:

@@ -41,19 +41,21 @@ class PatchSet(Mapping[str, Patch]):
                           base_candidates=list(self.base_candidates), unmatched=dict(self.unmatched),
                           misfits=dict(self.misfits), warnings=list(self.warnings), metadata=self.metadata)
         fused: dict[tuple[str, str], list] = {}
+        components, check_shapes, routed = index.components, index.check_shapes, bool(index.routes)
         for target, patch in self.patches.items():
             found = index.resolve(target)
             reason = "no such module" if found is None else None
-            if found is not None and index.check_shapes:
-                reason = patch.misfit(index.components[found[0]][found[1]])
+            if found is not None and check_shapes:
+                reason = patch.misfit(components[found[0]][found[1]])
             if reason:
                 fitted.misfits[target] = reason
                 for ref in patch.refs().values():
                     fitted.unmatched[ref.name or target] = f"{target}: {reason}"
                 continue
-            route = index.route(f"{found[0]}.{found[1]}")
+            name = f"{found[0]}.{found[1]}"
+            route = index.route(name) if routed else None  # an index without routes has no fused host
             if route is None:
-                fitted.patches[f"{found[0]}.{found[1]}"] = patch
+                fitted.patches[name] = patch
             else:
                 fused.setdefault((found[0], route.host), []).append((route, patch))
         for (component, host), parts in fused.items():

@@ -124,6 +124,8 @@ class ModuleIndex:
         modules = self.components.get(component)
         if modules is None:
             return None
+        if path in modules:  # the common case, before the variants
+            return component, path
         for candidate in _text_model_variants(path):
             if candidate in modules:
                 return component, candidate

@@ -8,6 +8,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import repeat
 from typing import Callable, ClassVar, Iterable, Mapping, Union
 
 from ..archs import ModuleIndex
@@ -113,10 +114,13 @@ class ModuleReader:
             if grouped is None:
                 grouped = file.cache[("groups", dotted, rename)] = group_modules(file.keys(), dotted, rename)
             groups, stray = grouped
+            # a module no base names gives the same entries every time
+            unnamed = file.cache.setdefault(("unnamed", dotted, rename), {})
         else:
             groups, stray = group_modules(keys, dotted, rename)
-        for key in stray:
-            result.unmatched[key] = "not a known LoRA tensor name"
+            unnamed = {}
+        unmatched = result.unmatched
+        unmatched.update(dict.fromkeys(stray, "not a known LoRA tensor name"))
         # without a target-dependent scale, a module's patch does not depend on the model: build it once per
         # file (detection reads the same file against every base)
         shared = file.cache.setdefault(("patches", dialect, self.dora_convention, self.oft_style), {}) \
@@ -124,8 +128,10 @@ class ModuleReader:
         for module, suffixes in groups.items():
             target = self.resolve(module)
             if target is None:
-                for key in suffixes.values():
-                    result.unmatched[key] = f"module {module!r} {NO_MODULE}"
+                entries = unnamed.get(module)
+                if entries is None:
+                    entries = unnamed[module] = dict.fromkeys(suffixes.values(), f"module {module!r} {NO_MODULE}")
+                unmatched.update(entries)
                 continue
             patch = shared.get(module)
             if patch is None:
@@ -192,16 +198,18 @@ Resolved = Union[str, list[Part], None]
 def kohya_resolver(index: ModuleIndex, prefixes: Mapping[str, str] | None = None) -> Callable[[str], Resolved]:
     """Resolve ``lora_unet_down_blocks_0_...`` style names against the index's real module names; BFL names
     of a fused Flux module (``lora_unet_double_blocks_0_img_attn_qkv``) resolve to their canonical parts."""
-    ordered = sorted((prefixes or index_prefixes(index)).items(), key=lambda kv: len(kv[0]), reverse=True)
+    ordered = [(prefix, len(prefix), component, index.aliases(component), index.split_names(component))
+               for prefix, component in
+               sorted((prefixes or index_prefixes(index)).items(), key=lambda kv: len(kv[0]), reverse=True)]
 
     def resolve(name: str) -> Resolved:
-        for prefix, component in ordered:
+        for prefix, size, component, aliases, fused in ordered:
             if name.startswith(prefix):
-                rest = name[len(prefix):]
-                path = index.aliases(component).get(rest)
+                rest = name[size:]
+                path = aliases.get(rest)
                 if path is not None:
                     return f"{component}.{path}"
-                return component_parts(index, component, rest)
+                return component_parts(index, component, rest) if rest in fused else None
         return None
 
     return resolve
@@ -228,6 +236,11 @@ def index_prefixes(index: ModuleIndex) -> dict[str, str]:
     return DEFAULT_KOHYA_PREFIXES
 
 
+def any_key_starts(header: Header, prefixes: str | tuple[str, ...]) -> bool:
+    """Whether a key starts with one of ``prefixes``: a walk in C, for a quick "not this dialect's file"."""
+    return any(map(str.startswith, header.keys(), repeat(prefixes)))
+
+
 def claimed_fraction(header: Header, claims: Callable[[str], bool]) -> float:
-    keys = list(header.keys())
-    return sum(1 for k in keys if claims(k)) / len(keys) if keys else 0.0
+    total = len(header)
+    return sum(map(bool, map(claims, header.keys()))) / total if total else 0.0

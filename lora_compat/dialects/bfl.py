@@ -10,6 +10,9 @@ from .base import Dialect, Match, ModuleReader, claimed_fraction
 from .flux_names import BFL_HEADS, COMFY_TEXT_ENCODERS, resolve_bfl, widen_inputs
 
 PREFIXES = ("diffusion_model.", "model.diffusion_model.")
+_TEXT_ENCODER_PREFIXES = tuple(COMFY_TEXT_ENCODERS)
+#: every BFL key starts with one of these (one call rejects the rest)
+_HEADS = (*PREFIXES, *BFL_HEADS, *_TEXT_ENCODER_PREFIXES)
 
 
 def strip_prefix(key: str) -> str:
@@ -20,8 +23,10 @@ def strip_prefix(key: str) -> str:
 
 
 def is_bfl_key(key: str) -> bool:
+    if not key.startswith(_HEADS):
+        return False
     name = strip_prefix(key)
-    if not name.startswith(BFL_HEADS) and not name.startswith(tuple(COMFY_TEXT_ENCODERS)):
+    if not name.startswith(BFL_HEADS) and not name.startswith(_TEXT_ENCODER_PREFIXES):
         return False
     return split_key(name, True) is not None
 

@@ -44,7 +44,13 @@ def is_bare_flux_name(module: str) -> bool:
     return module.startswith(DIFFUSERS_FLUX_HEADS) or f"{module}." in DIFFUSERS_FLUX_HEADS
 
 
+#: every diffusers key starts with one of these (one call rejects the rest)
+_HEADS = (PEFT_PREFIX, *COMPONENT_PREFIXES, *DIFFUSERS_FLUX_HEADS)
+
+
 def is_diffusers_key(key: str) -> bool:
+    if not key.startswith(_HEADS):
+        return False
     if key.startswith(("transformer.double_blocks.", "transformer.single_blocks.")):
         return False  # OneTrainer's numbered BFL parts
     key = strip_peft_prefix(key)

@@ -34,7 +34,7 @@ def explain_trailing_underscores(patchset: PatchSet) -> PatchSet:
     """A known broken diffusers→kohya converter wrote names like ``lora_unet_context_embedder_.alpha``
     (sd-scripts issue #1463): say so instead of a bare "no such module"."""
     for key in patchset.unmatched:
-        if key.partition(".")[0].endswith("_"):
+        if ("_." in key or key.endswith("_")) and key.partition(".")[0].endswith("_"):
             patchset.unmatched[key] = ("module name ends with '_': written by a broken converter (sd-scripts "
                                        "issue #1463); re-convert the file from its source")
     return patchset

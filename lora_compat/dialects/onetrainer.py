@@ -8,7 +8,8 @@ import re
 from ..archs import ModuleIndex
 from ..files import Header, LoraFile
 from ..patchset import PatchSet
-from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction, component_parts, kohya_resolver
+from .base import (Dialect, Match, ModuleReader, Resolved, any_key_starts, claimed_fraction, component_parts,
+                   kohya_resolver)
 
 PREFIXES = ("lora_transformer_", "lora_te1_", "lora_te2_")
 _BFL_KEY = re.compile(r"^transformer\.(double|single)_blocks\.")
@@ -24,6 +25,8 @@ class OneTrainerDialect(Dialect):
     bases = ("flux1",)
 
     def detect(self, header: Header) -> Match | None:
+        if not any_key_starts(header, ("lora_transformer_", "transformer.")):  # the test below, quickly
+            return None
         if not any(k.startswith("lora_transformer_") or _BFL_KEY.match(k) for k in header.keys()):
             return None
         fraction = claimed_fraction(header, is_onetrainer_key)

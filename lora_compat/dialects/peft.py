@@ -9,7 +9,7 @@ from ..archs import ModuleIndex
 from ..files import Header, LoraFile
 from ..patches import Ref, Scale
 from ..patchset import PatchSet
-from .base import Dialect, Match, ModuleReader, claimed_fraction
+from .base import Dialect, Match, ModuleReader, any_key_starts, claimed_fraction
 from .peft_scaling import PeftScaling
 
 PREFIX = "base_model.model."
@@ -46,6 +46,8 @@ class PeftDialect(Dialect):
     description = "PEFT save_pretrained adapters (base_model.model. + lora_A/lora_B, adapter_config.json)"
 
     def detect(self, header: Header) -> Match | None:
+        if not any_key_starts(header, PREFIX):
+            return None
         fraction = claimed_fraction(header, is_peft_key)
         if fraction == 0:
             return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from ..files import Header
-from .base import Match, RefusingDialect
+from .base import Match, RefusingDialect, any_key_starts
 from .peft import PREFIX
 from .peft_lycoris import split_tuner_key
 
@@ -55,6 +55,8 @@ class PeftTunerRecogniser(RefusingDialect):
     description = "PEFT adapters of other tuner types (VeRA, FourierFT, HRA, ...): not supported"
 
     def detect(self, header: Header) -> Match | None:
+        if not any_key_starts(header, PREFIX):
+            return None
         keys = list(header.keys())
         claimed = sum(1 for k in keys if tuner_of_key(k))
         if claimed == 0:

@@ -36,7 +36,7 @@ class XlabsDialect(Dialect):
     bases = ("flux1",)
 
     def detect(self, header: Header) -> Match | None:
-        fraction = claimed_fraction(header, lambda k: bool(_KEY.match(k)))
+        fraction = claimed_fraction(header, _KEY.match)
         if fraction == 0:
             return None
         return Match(self.id, fraction, (f"{fraction:.0%} of keys are x-flux processor LoRA tensors",))
