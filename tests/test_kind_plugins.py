@@ -3,7 +3,6 @@ point) is recognised by its key suffixes, read, applied exactly and reported, wi
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from plugin_dist import install_plugin
 import lora_compat
 from lora_compat import plugins
-from lora_compat.hooks import ENTRY_POINT_GROUP, hookimpl
+from lora_compat.hooks import hookimpl
 from lora_compat.patches import LoraPatch
 from lora_compat.patches.build import IncompletePatch, build_patch, split_key
 
@@ -204,27 +204,9 @@ def test_duplicate_kind_id_and_non_kinds_are_refused():
 def test_entry_point_kind_is_discovered(tmp_path):
     """A tiny distribution with a ``lora_compat`` entry point holding the kind, installed into a target dir: the
     CLI lists the kind with its plugin, ``inspect`` reports it, and it applies exactly."""
-    package = tmp_path / "src"
-    (package / "tri_lora").mkdir(parents=True)
-    (package / "tri_lora" / "__init__.py").write_text(KIND_SOURCE)
-    (package / "pyproject.toml").write_text(textwrap.dedent(f"""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "tri-lora"
-        version = "1.0"
-        [project.entry-points.{ENTRY_POINT_GROUP}]
-        tri = "tri_lora"
-        [tool.setuptools]
-        packages = ["tri_lora"]
-    """))
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(package)], check=True, capture_output=True)
+    env = install_plugin(tmp_path, "tri_lora", KIND_SOURCE, "tri")
     tensors = tri_tensors(2)
     lora = write_tri_file(tmp_path / "tri.safetensors", tensors)
-    env = {**os.environ, "PYTHONPATH": str(target)}
     cli = [sys.executable, "-m", "lora_compat"]
 
     listed = json.loads(subprocess.run(cli + ["dialects", "--json"], env=env, check=True,

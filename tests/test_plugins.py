@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from plugin_dist import install_plugin
 import lora_compat
 from lora_compat import plugins
 from lora_compat.dialects.kohya import KohyaDialect
-from lora_compat.hooks import ENTRY_POINT_GROUP, hookimpl
+from lora_compat.hooks import hookimpl
 
 PLUGIN_SOURCE = '''
 """A made-up dialect: keys "acme/<component>/<module path>/up|down", scale 1."""
@@ -106,27 +105,9 @@ def test_duplicate_dialect_id_is_refused(tmp_path):
 
 def test_entry_point_package_is_discovered(tmp_path):
     """Build a tiny distribution with a `lora_compat` entry point and install it into a target dir."""
-    package = tmp_path / "src"
-    (package / "acme_lora").mkdir(parents=True)
-    (package / "acme_lora" / "__init__.py").write_text(PLUGIN_SOURCE)
-    (package / "pyproject.toml").write_text(textwrap.dedent(f"""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "acme-lora"
-        version = "1.0"
-        [project.entry-points.{ENTRY_POINT_GROUP}]
-        acme = "acme_lora"
-        [tool.setuptools]
-        packages = ["acme_lora"]
-    """))
-    target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(target), str(package)], check=True, capture_output=True)
+    env = install_plugin(tmp_path, "acme_lora", PLUGIN_SOURCE, "acme")
     up, down = torch.randn(8, 2), torch.randn(2, 8)
     lora = write_acme_file(tmp_path / "style.safetensors", up, down)
-    env = {**os.environ, "PYTHONPATH": str(target)}
     cli = [sys.executable, "-m", "lora_compat"]
 
     listed = json.loads(subprocess.run(cli + ["dialects", "--json"], env=env, check=True,
