@@ -31,7 +31,7 @@ from lora_compat.apply import check_patchset, component_modules, resolve_patchse
 from lora_compat.archs import ModuleIndex
 from lora_compat.errors import LoraCompatError
 from lora_compat.patcher import Entry, Patcher, sync_config
-from lora_compat.patches import LohaPatch, Patch
+from lora_compat.patches import Patch
 from lora_compat.patches.dora import check_dora_strength
 from lora_compat.patchset import PatchSet
 
@@ -96,8 +96,8 @@ def _is_plain_lora(patch: Patch) -> bool:
     return patch.low_rank() is not None
 
 
-def _is_peft_loha(patch: object) -> bool:
-    return type(patch) is LohaPatch and patch.t1 is None and patch.t2 is None
+def _is_peft_loha(patch: Patch) -> bool:
+    return patch.peft_loha() is not None
 
 
 def choose_route(patchset: PatchSet, pipe: Any = None) -> str:
@@ -277,7 +277,7 @@ def _load_through_diffusers(pipe: Any, patchset: PatchSet, name: str) -> None:
 def _load_through_peft(pipe: Any, patchset: PatchSet, name: str) -> None:
     from peft import LoHaConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    by_component: dict[str, dict[str, LohaPatch]] = {}
+    by_component: dict[str, dict[str, Patch]] = {}
     for target, patch in patchset.items():
         component, _, path = target.partition(".")
         # a module PEFT already wraps (an earlier LoHa adapter): address the wrapper, which takes the new adapter
@@ -285,17 +285,18 @@ def _load_through_peft(pipe: Any, patchset: PatchSet, name: str) -> None:
     modules = component_modules(pipe)
     for component, patches in by_component.items():
         model = modules[component]
-        ranks = {path: p.rank for path, p in patches.items()}
-        alphas = {path: p.scale.value() * p.rank for path, p in patches.items()}
+        held = {path: p.peft_loha() for path, p in patches.items()}
+        ranks = {path: factors["hada_w1_b"].shape[0] for path, (factors, _) in held.items()}
+        alphas = {path: scale.value() * ranks[path] for path, (_, scale) in held.items()}
         first = next(iter(patches))
         config = LoHaConfig(r=ranks[first], alpha=alphas[first], target_modules=list(patches),
                             rank_pattern={f"^{k}$": v for k, v in ranks.items()},
                             alpha_pattern={f"^{k}$": v for k, v in alphas.items()})
         inject_adapter_in_model(config, model, adapter_name=name)
         state = {}
-        for path, patch in patches.items():
-            for role in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
-                state[f"{path}.{role}"] = getattr(patch, role[len("hada_"):].replace("_", "")).load()
+        for path, (factors, _) in held.items():
+            for role, ref in factors.items():
+                state[f"{path}.{role}"] = ref.load()
         configs = getattr(model, "peft_config", None) or {}
         configs[name] = config
         model.peft_config = configs

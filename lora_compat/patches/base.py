@@ -263,6 +263,11 @@ class Patch(ABC):
         low_rank = self.low_rank()
         return None if low_rank is None else (low_rank, None)
 
+    def peft_loha(self) -> "tuple[Mapping[str, Ref], Scale] | None":
+        """The patch as PEFT's LoHa layer holds it: ``{"hada_w1_a": ..., "hada_w1_b": ..., "hada_w2_a": ...,
+        "hada_w2_b": ...}`` and the rank scale, or ``None`` when a PEFT LoHa layer cannot hold it."""
+        return None
+
     def to_tensors(self) -> dict[str, Tensor]:
         """The patch's tensors under kohya/LyCORIS suffixes (``lora_down.weight``, ``hada_w1_a``, ``diff``...), in
         their stored dtype: what :attr:`suffixes` and :meth:`from_parts` read back. ``ValueError`` for a patch

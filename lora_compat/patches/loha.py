@@ -48,6 +48,11 @@ class LohaPatch(FactorisedPatch):
     def host_native(self) -> bool:
         return self.t1 is None and self.t2 is None
 
+    def peft_loha(self) -> "tuple[dict[str, Ref], Scale] | None":
+        if self.t1 is not None or self.t2 is not None:  # the PEFT route loads LoHa without Tucker factors
+            return None
+        return {"hada_w1_a": self.w1a, "hada_w1_b": self.w1b, "hada_w2_a": self.w2a, "hada_w2_b": self.w2b}, self.scale
+
     def implied_weight_shape(self) -> Shape:
         if self.t1 is not None:
             return (self.w1a.shape[1], self.w1b.shape[1], *self.t1.shape[2:])
