@@ -6,7 +6,7 @@ from typing import Mapping
 from .._lazy import torch
 
 from .base import BuildContext, Patch, Ref, Shape, Tensor, stored
-from .oft import cayley, constraint_tensors, lycoris_constrain, skew
+from .oft import cayley, constraint_tensors, lycoris_constrain, rotation_refs, skew
 
 
 class BoftPatch(Patch):
@@ -34,12 +34,7 @@ class BoftPatch(Patch):
         return self.blocks.shape[-1]
 
     def refs(self) -> dict[str, Ref]:
-        refs = {"blocks": self.blocks}
-        if isinstance(self.constraint, Ref):
-            refs["alpha"] = self.constraint
-        if self.rescale is not None:
-            refs["rescale"] = self.rescale
-        return refs
+        return rotation_refs(self.blocks, self.constraint, self.rescale)
 
     def to_tensors(self) -> dict[str, Tensor]:
         return {**stored((("oft_blocks", self.blocks), ("rescale", self.rescale))),

@@ -28,6 +28,16 @@ def lycoris_constrain(q: Tensor, constraint: float) -> Tensor:
     return q
 
 
+def rotation_refs(blocks: Ref, constraint: Ref | float | None, rescale: Ref | None) -> dict[str, Ref]:
+    """The tensors of an OFT/BOFT patch by role: its blocks, a stored constraint (``alpha``) and ``rescale``."""
+    refs = {"blocks": blocks}
+    if isinstance(constraint, Ref):
+        refs["alpha"] = constraint
+    if rescale is not None:
+        refs["rescale"] = rescale
+    return refs
+
+
 class OftPatch(Patch):
     """Blockwise rotation of the output rows: ``W'_k = rescale ⊙ R_kᵀ · W_k``.
 
@@ -59,12 +69,7 @@ class OftPatch(Patch):
         return self.blocks.shape[-1]
 
     def refs(self) -> dict[str, Ref]:
-        refs = {"blocks": self.blocks}
-        if isinstance(self.constraint, Ref):
-            refs["alpha"] = self.constraint
-        if self.rescale is not None:
-            refs["rescale"] = self.rescale
-        return refs
+        return rotation_refs(self.blocks, self.constraint, self.rescale)
 
     def to_tensors(self) -> dict[str, Tensor]:
         return {**stored((("oft_diag" if self.style == "rotation" else "oft_blocks", self.blocks),
