@@ -167,9 +167,10 @@ def _diffusers_flat(target: str, one_text_encoder: bool) -> str:
     """SD.Next's flat name of a diffusers module: ``lora_te_`` for the text encoder of a one-encoder model,
     ``lora_te1_`` / ``lora_te2_`` with two (its ``assign_network_names_to_compvis_modules``)."""
     component, _, path = target.partition(".")
-    prefix = {"unet": "lora_unet_", "transformer": "lora_transformer_",
-              "text_encoder": "lora_te_" if one_text_encoder else "lora_te1_",
-              "text_encoder_2": "lora_te2_"}.get(component, f"lora_{component}_")
+    prefixes = {"unet": "lora_unet_", "transformer": "lora_transformer_", **TE_PREFIXES}
+    if one_text_encoder:
+        prefixes["text_encoder"] = "lora_te_"
+    prefix = prefixes.get(component, f"lora_{component}_")
     if component.startswith("text_encoder") and not path.startswith(("text_model.", "encoder.block.")):
         path = "text_model." + path
     return prefix + path.replace(".", "_")
