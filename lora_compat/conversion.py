@@ -26,9 +26,10 @@ from .core import Detection, Source, detect
 from .deltas import CHECKPOINT_HINT, BaseWeights, module_delta
 from .errors import LoraCompatError, UnmatchedKeysError
 from .files import LoraFile
-from .hostkeys import HostName, fused_lora, fused_rows, index_for_file, kohya_names, kohya_tensors
+from .hostkeys import HostName, fused_rows, host_route, index_for_file, kohya_names, kohya_tensors
 from .outputs import atomic_output, refuse_inputs
 from .patches import Patch
+from .patches.rows import fused_lora
 from .patchset import PatchSet
 
 TARGETS = ("kohya", "webui", "diffusers", "peft", "bfl")
@@ -261,18 +262,11 @@ class _KohyaWriter:
             self._put(tensors, module, sources[0], parts[0][2])  # the fused source patch, unsplit
             return
         total = _fused_rows(self.index, module)
-        if not all(p.weight_low_rank() is not None for _, p, _ in parts):
+        own = fused_lora([(host_route(h, total), p) for h, p, _ in parts], total)
+        if own is None:  # unlike a host (which falls back to lora_compat's patch), a written file must refuse
             kinds = sorted({p.kind for _, p, _ in parts})
             raise LoraCompatError(f"{self.patchset.source}: {module} fuses parts of kinds {kinds}; only plain "
                                   "LoRA parts can be assembled into one fused module")
-        if any(h.swap for h, _, _ in parts):  # whole module with swapped halves: swap the up rows back
-            (host, patch, target), = parts
-            up, down, scale = patch.low_rank().factors()
-            own = {"lora_down.weight": down, "lora_up.weight": torch.cat([up[up.shape[0] // 2:],
-                                                                          up[: up.shape[0] // 2]]) * scale,
-                   "alpha": torch.tensor(float(down.shape[0]))}
-        else:
-            own = fused_lora([(h.rows or (0, total), p) for h, p, _ in parts], total)
         if self.to == "bfl":
             own = {_bfl_suffix(k): v for k, v in own.items()}
         for suffix, tensor in own.items():

@@ -13,11 +13,13 @@ import torch
 from . import plugins
 from .archs import ModuleIndex
 from .core import detect
+from .dialects.flux_names import comfy_text_encoder
 from .errors import LoraCompatError
-from .archs.flux import bfl_parts, is_flux_transformer, rows_from_file
+from .archs.flux import Route, bfl_parts, is_flux_transformer, rows_from_file
 from .archs.sd import sgm_aliases
 from .patches import Patch, Ref
 from .patches.build import IncompletePatch, build_patch, suffix_role
+from .patches.rows import FusedPatch, fused_lora
 from .patchset import PatchSet
 
 #: component → kohya prefix, per text-encoder layout (SD1/SD2 have one text encoder)
@@ -38,14 +40,6 @@ def kohya_tensors(patch: Patch) -> dict[str, torch.Tensor]:
     """The tensors of a patch under kohya/LyCORIS suffixes (``lora_down.weight``, ``hada_w1_a``, ``diff``...),
     in their stored dtype (each kind's ``to_tensors``). Raises ``ValueError`` for kinds with no kohya form."""
     return patch.to_tensors()
-
-
-#: ComfyUI's generic text-encoder names (``text_encoders.<clip state-dict prefix>``), per component and layout
-COMFY_TEXT_ENCODERS = {("text_encoder", False): "text_encoders.clip_l.transformer.",
-                       ("text_encoder_2", False): "text_encoders.clip_g.transformer.",
-                       ("text_encoder_2", True): "text_encoders.t5xxl.transformer."}
-#: bases whose text encoder ComfyUI holds under another name (SD2's OpenCLIP-H is ``clip_h``)
-COMFY_TEXT_ENCODERS_BY_BASE = {("sd2", "text_encoder"): "text_encoders.clip_h.transformer."}
 
 
 def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, base: str | None = None
@@ -71,8 +65,7 @@ def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, bas
                     whole = len(parts) == 1 and not part.swap
                     maps[component][part.target] = HostName(flat, None if whole else (part.start, part.stop), part.swap)
         elif comfy and component.startswith("text_encoder"):
-            prefix = COMFY_TEXT_ENCODERS_BY_BASE.get((base, component)) or \
-                COMFY_TEXT_ENCODERS.get((component, _is_t5(index, component)), f"text_encoders.{component}.")
+            prefix = comfy_text_encoder(component, _is_t5(index, component), base) or f"text_encoders.{component}."
             maps[component] = {path: HostName(prefix + (path if _is_t5(index, component) else _clip_path(path)))
                                for path in modules}
         elif _is_t5(index, component):
@@ -111,24 +104,6 @@ def _clip_path(path: str) -> str:
 
 def _is_t5(index: ModuleIndex, component: str) -> bool:
     return any(p.startswith("encoder.block.") for p in index.components.get(component, {}))
-
-
-def fused_lora(parts: list[tuple[tuple[int, int], Patch]], total_rows: int) -> dict[str, torch.Tensor]:
-    """LoRA parts on row ranges of one fused module → one exact LoRA for the fused module (fp32):
-    ``down = [down_1; down_2; ...]``, ``up`` block-diagonal with each part's scale folded in, alpha = rank;
-    rows no part covers are zero."""
-    downs, blocks = [], []
-    for (start, stop), patch in parts:
-        up, down, scale = patch.low_rank().factors()
-        downs.append(down)
-        blocks.append(((start, stop), up * scale))
-    down = torch.cat(downs)
-    up = torch.zeros(total_rows, down.shape[0])
-    col = 0
-    for (start, stop), block in blocks:
-        up[start:stop, col:col + block.shape[1]] = block
-        col += block.shape[1]
-    return {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(float(down.shape[0]))}
 
 
 @dataclass
@@ -192,9 +167,10 @@ def _diffusers_flat(target: str, one_text_encoder: bool) -> str:
     """SD.Next's flat name of a diffusers module: ``lora_te_`` for the text encoder of a one-encoder model,
     ``lora_te1_`` / ``lora_te2_`` with two (its ``assign_network_names_to_compvis_modules``)."""
     component, _, path = target.partition(".")
-    prefix = {"unet": "lora_unet_", "transformer": "lora_transformer_",
-              "text_encoder": "lora_te_" if one_text_encoder else "lora_te1_",
-              "text_encoder_2": "lora_te2_"}.get(component, f"lora_{component}_")
+    prefixes = {"unet": "lora_unet_", "transformer": "lora_transformer_", **TE_PREFIXES}
+    if one_text_encoder:
+        prefixes["text_encoder"] = "lora_te_"
+    prefix = prefixes.get(component, f"lora_{component}_")
     if component.startswith("text_encoder") and not path.startswith(("text_model.", "encoder.block.")):
         path = "text_model." + path
     return prefix + path.replace(".", "_")
@@ -213,13 +189,21 @@ def _put(conversion: Conversion, name: str, patch: Patch, host: HostName | None)
 
 
 def _put_fused(conversion: Conversion, module: str, parts: list[tuple[HostName, Patch]], index) -> None:
-    """Patches on parts of a fused Flux module: one exact fused LoRA when all parts are plain LoRA; otherwise
-    the module is left to lora_compat's own patch (its tensors cannot be written for the host)."""
+    """Patches on parts of a fused Flux module: one exact fused LoRA when the host computes it itself
+    (:meth:`FusedPatch.host_native`); otherwise the module is left to lora_compat's own patch."""
     total = fused_rows(index, module[len("lora_unet_"):]) or max(h.rows[1] if h.rows else 0 for h, _ in parts)
-    if all(p.weight_low_rank() is not None for _, p in parts) and not any(h.swap for h, _ in parts):
-        for suffix, tensor in fused_lora([(h.rows or (0, total), p) for h, p in parts], total).items():
+    routed = [(host_route(h, total), p) for h, p in parts]
+    patch = FusedPatch(routed)
+    if patch.host_native():
+        for suffix, tensor in fused_lora(routed, total).items():
             conversion.tensors[f"{module}.{suffix}"] = tensor
-    conversion.patches[module] = (FusedParts(parts, total), None)
+    conversion.patches[module] = (patch, None)
+
+
+def host_route(name: HostName, total: int) -> Route:
+    """The rows of a fused host module (of ``total`` rows) that a host name points at."""
+    start, stop = name.rows or (0, total)
+    return Route(name.name, start, stop, name.swap)
 
 
 def fused_rows(index: ModuleIndex, bfl_name: str) -> int | None:
@@ -245,45 +229,6 @@ def index_from_state_dict(shapes: Mapping[str, tuple[int, ...]], prefix: str = "
         return None
     table, _ = canonical_from_bfl(host)
     return ModuleIndex({"transformer": table})
-
-
-class FusedParts(Patch):
-    """Patches on row ranges of one fused host module (the host passes the fused weight)."""
-
-    kind = "fused"
-    linear_in_strength = False
-
-    def __init__(self, parts: list[tuple[HostName, Patch]], total: int):
-        self.parts, self.total = parts, total
-
-    @property
-    def params(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(p for _, patch in self.parts for p in patch.params))
-
-    def refs(self) -> dict[str, Ref]:
-        return {f"{i}:{k}": r for i, (_, p) in enumerate(self.parts) for k, r in p.refs().items()}
-
-    def misfit(self, shapes):
-        return None
-
-    def host_native(self) -> bool:
-        return all(p.weight_low_rank() is not None for _, p in self.parts) and not any(h.swap for h, _ in self.parts)
-
-    def with_dora_strength(self, mode: str) -> "FusedParts":
-        parts = [(host, patch.with_dora_strength(mode)) for host, patch in self.parts]
-        return self if all(new is old for (_, new), (_, old) in zip(parts, self.parts)) else FusedParts(parts, self.total)
-
-    def delta(self, base, strength=1.0):
-        from lora_compat.patches.rows import swap_halves
-
-        out: dict[str, torch.Tensor] = {}
-        for host, patch in self.parts:
-            start, stop = host.rows or (0, self.total)
-            view = {k: (swap_halves(v) if host.swap else v)[start:stop] for k, v in base.items() if v.dim() >= 1}
-            for param, delta in patch.delta(view, strength).items():
-                full = out.setdefault(param, torch.zeros_like(base[param], dtype=torch.float32))
-                full[start:stop] = swap_halves(delta) if host.swap else delta
-        return out
 
 
 # -- patches rebuilt from a host's weights dict -----------------------------------------------------------------

@@ -7,10 +7,10 @@ from ..files import Header, LoraFile
 from ..patches.build import split_key
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, claimed_fraction
-from .flux_names import BFL_HEADS, COMFY_TEXT_ENCODERS, resolve_bfl, widen_inputs
+from .flux_names import BFL_HEADS, BFL_TEXT_ENCODERS, resolve_bfl, widen_inputs
 
 PREFIXES = ("diffusion_model.", "model.diffusion_model.")
-_TEXT_ENCODER_PREFIXES = tuple(COMFY_TEXT_ENCODERS)
+_TEXT_ENCODER_PREFIXES = tuple(BFL_TEXT_ENCODERS)
 #: every BFL key starts with one of these (one call rejects the rest)
 _HEADS = (*PREFIXES, *BFL_HEADS, *_TEXT_ENCODER_PREFIXES)
 

@@ -5,8 +5,9 @@ from ..archs import ModuleIndex
 from ..files import Header, LoraFile
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, index_prefixes, kohya_resolver
+from .kohya import KOHYA_PREFIXES
 
-LYCORIS_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lycoris_", "oft_unet_")
+LYCORIS_PREFIXES = (*KOHYA_PREFIXES, "lycoris_", "oft_unet_")
 #: suffixes that plain kohya LoRA never writes
 LYCORIS_ONLY = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a",
                 "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "oft_blocks", "oft_diag", "diff", "diff_b",

@@ -129,6 +129,11 @@ class FusedPatch(Patch):
     def misfit(self, shapes: Mapping[str, Shape]) -> str | None:
         return None  # each part was checked against its canonical module's shapes
 
+    def host_native(self) -> bool:
+        """Plain LoRA parts in unswapped rows: what a host computes itself from :func:`fused_lora`'s tensors."""
+        return all(patch.weight_low_rank() is not None for _, patch in self.parts) and \
+            not any(route.swap for route, _ in self.parts)
+
     def with_dora_strength(self, mode: str) -> "FusedPatch":
         parts = [(route, patch.with_dora_strength(mode)) for route, patch in self.parts]
         return self if all(new is old for (_, new), (_, old) in zip(parts, self.parts)) else FusedPatch(parts)
@@ -143,6 +148,27 @@ class FusedPatch(Patch):
                                                         device=base[host].device))
                 place(route, full, delta)
         return out
+
+
+def fused_lora(parts: Sequence[tuple["Route", Patch]], total_rows: int) -> dict[str, Tensor] | None:
+    """Patches on row ranges of one fused module → one exact LoRA for the fused module (fp32):
+    ``down = [down_1; down_2; ...]``, ``up`` block-diagonal with each part's scale folded in, alpha = rank;
+    rows no part covers are zero; a part in swapped halves has its up rows swapped back. ``None`` when a part is
+    not a plain LoRA (no bare ``up``/``down`` pair): each caller decides what then becomes of the module."""
+    low_ranks = [patch.weight_low_rank() for _, patch in parts]
+    if any(low_rank is None for low_rank in low_ranks):
+        return None
+    factors = [low_rank.factors() for low_rank in low_ranks]
+    down = torch.cat([d for _, d, _ in factors])
+    up = torch.zeros(total_rows, down.shape[0])
+    col = 0
+    for (route, _), (part_up, _, scale) in zip(parts, factors):
+        block = part_up * scale
+        rows = torch.zeros(total_rows, block.shape[1])
+        rows[route.start:route.stop] = block
+        up[:, col:col + block.shape[1]] = swap_halves(rows) if route.swap else rows
+        col += block.shape[1]
+    return {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(float(down.shape[0]))}
 
 
 def route_view(route: "Route", host_params: Mapping[str, Tensor]) -> dict[str, Tensor]:
