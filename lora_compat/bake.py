@@ -25,7 +25,8 @@ import torch
 from . import plugins
 from .apply import check_patchset, resolve_patchset
 from .archs import ModuleIndex
-from .archs.flux import Route, canonical_from_bfl, is_bfl_transformer
+from .archs.flux import canonical_from_bfl, is_bfl_transformer
+from .archs.routes import Route
 from .archs.sd import sgm_aliases
 from .errors import LoraCompatError
 from .files import SAFETENSORS_DTYPES, LoraFile

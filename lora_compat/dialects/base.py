@@ -12,7 +12,8 @@ from itertools import repeat
 from typing import Callable, ClassVar, Iterable, Mapping, Union
 
 from ..archs import ModuleIndex
-from ..archs.flux import Part, scaled_parts
+from ..archs.flux import scaled_parts
+from ..archs.routes import Part
 from ..errors import NotALoraError
 from ..files import Header, LoraFile
 from ..patches import Patch, Ref, Scale
