@@ -226,6 +226,16 @@ class Arch:
     #: model structure hint: ``{component: module table}`` of real modules → True when they are this family
     #: (default: a component in this family's fused layout, either way)
     model_hint: Callable[[Mapping[str, ModuleTable]], bool] | None = None
+    #: component → the model class names (``type(model).__name__``) that hold it, for a bare model handed in
+    component_classes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def component_of(self, class_name: str) -> str | None:
+        """The component a model of this class is, in this family (``None``: not one of its classes)."""
+        return next((c for c, names in self.component_classes.items() if class_name in names), None)
+
+    def describe(self) -> str:
+        """How ``describe_components`` names a model of this family found by structure."""
+        return f"a {self.id}-family model"
 
     def looks_like(self, components: Mapping[str, ModuleTable]) -> bool:
         """Whether real modules (of any size) look like this family, by structure."""

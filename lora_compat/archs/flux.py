@@ -228,6 +228,8 @@ def _flux_hint(metadata: Mapping[str, str]) -> bool:
 FLUX1 = Arch(
     id="flux1", title="FLUX.1 (dev/schnell family)", table_file="flux1.json.gz",
     kohya_prefixes=FLUX_KOHYA_PREFIXES, metadata_hint=_flux_hint,
+    component_classes={"transformer": ("FluxTransformer2DModel",), "text_encoder": ("CLIPTextModel",),
+                       "text_encoder_2": ("T5EncoderModel",)},
     fused_layout=FusedLayout(is_flux_transformer, is_bfl_transformer, bfl_parts, canonical_from_bfl),
 )
 

@@ -228,12 +228,17 @@ def component_parts(index: ModuleIndex, component: str, bfl_name: str) -> Resolv
 
 
 def index_prefixes(index: ModuleIndex) -> dict[str, str]:
+    """kohya-style prefix → component for ``index``: the prefixes its architecture gave it; for a transformer
+    without a UNet, those of the first registered family whose ``lora_unet_`` names a transformer; else the
+    generic SD-style table."""
     if index.kohya_prefixes:
         return index.kohya_prefixes
     if index.has_component("transformer") and not index.has_component("unet"):
-        from ..archs.flux import FLUX_KOHYA_PREFIXES  # lora_unet_ names the Flux transformer
+        from ..plugins import archs  # the registry imports the dialects: asked when first needed
 
-        return FLUX_KOHYA_PREFIXES
+        family = next((a for a in archs().values() if a.kohya_prefixes.get("lora_unet_") == "transformer"), None)
+        if family is not None:
+            return dict(family.kohya_prefixes)
     return DEFAULT_KOHYA_PREFIXES
 
 
