@@ -77,6 +77,10 @@ def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, bas
                                for path in modules}
         elif _is_t5(index, component):
             maps[component] = {path: HostName("lora_te3_" + path.replace(".", "_")) for path in modules}
+        elif not component.startswith("text_encoder") and component in index.kohya_prefixes.values():
+            # another family's component: named by the first kohya prefix its architecture gives it
+            prefix = next(p for p, c in index.kohya_prefixes.items() if c == component)
+            maps[component] = {path: HostName(prefix + path.replace(".", "_")) for path in modules}
         else:
             prefix = te_prefixes.get(component, TE_PREFIXES.get(component, f"lora_{component}_"))
             maps[component] = {path: HostName(prefix + _clip_path(path).replace(".", "_")) for path in modules}
