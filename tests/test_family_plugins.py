@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from plugin_dist import install_plugin
 import lora_compat
 from lora_compat import plugins
 from lora_compat.archs import Arch
@@ -131,3 +134,34 @@ def test_bakes_with_a_registered_family(toy, tmp_path):
     for key, value in state.items():
         want = expected.get(f"transformer.{key}", value)
         torch.testing.assert_close(baked[key], want, rtol=1e-5, atol=1e-6)
+
+
+FAMILY_SOURCE = '''
+"""Toy transformer: a made-up base family (one module, as a third party ships it)."""
+from lora_compat.archs import Arch
+from lora_compat.hooks import hookimpl
+
+TOY = Arch(id="toy", title="Toy transformer", table_file=TABLE, kohya_prefixes={"lora_unet_": "transformer"},
+           metadata_hint=lambda md: md.get("ss_base_model_version") == "toy",
+           component_classes={"transformer": ("ToyModel",)})
+
+
+@hookimpl
+def register_archs(register):
+    register(TOY)
+'''
+
+
+def test_a_family_from_an_entry_point(tmp_path):
+    torch.manual_seed(0)
+    table = _table_file(ToyModel(), tmp_path / "toy.json.gz")
+    env = install_plugin(tmp_path, "toy_family", f"TABLE = {str(table)!r}\n" + FAMILY_SOURCE, "toy")
+    path, _ = _kohya_file(tmp_path / "toy_lora.safetensors")
+    cli = [sys.executable, "-m", "lora_compat"]
+    listed = json.loads(subprocess.run(cli + ["dialects", "--json"], env=env, check=True, capture_output=True,
+                                       text=True).stdout)
+    assert {"id": "toy", "plugin": "toy", "title": "Toy transformer"} in listed["bases"]
+    inspected = json.loads(subprocess.run(cli + ["inspect", "--json", str(path)], env=env, check=True,
+                                          capture_output=True, text=True).stdout)
+    assert (inspected["dialect"], inspected["base"], inspected["base_candidates"]) == ("kohya", "toy", ["toy"])
+    assert (inspected["components"], inspected["targets"], inspected["unmatched"]) == ({"transformer": 2}, 2, [])
