@@ -234,12 +234,18 @@ def index_prefixes(index: ModuleIndex) -> dict[str, str]:
     if index.kohya_prefixes:
         return index.kohya_prefixes
     if index.has_component("transformer") and not index.has_component("unet"):
-        from ..plugins import archs  # the registry imports the dialects: asked when first needed
-
-        family = next((a for a in archs().values() if a.kohya_prefixes.get("lora_unet_") == "transformer"), None)
-        if family is not None:
-            return dict(family.kohya_prefixes)
+        prefixes = transformer_kohya_prefixes()
+        if prefixes is not None:
+            return prefixes
     return DEFAULT_KOHYA_PREFIXES
+
+
+def transformer_kohya_prefixes() -> dict[str, str] | None:
+    """The kohya prefixes of the first registered family whose ``lora_unet_`` names a transformer (FLUX.1)."""
+    from ..plugins import archs  # the registry imports the dialects: asked when first needed
+
+    family = next((a for a in archs().values() if a.kohya_prefixes.get("lora_unet_") == "transformer"), None)
+    return dict(family.kohya_prefixes) if family is not None else None
 
 
 def any_key_starts(header: Header, prefixes: str | tuple[str, ...]) -> bool:
