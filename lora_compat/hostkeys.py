@@ -44,8 +44,6 @@ def kohya_tensors(patch: Patch) -> dict[str, torch.Tensor]:
 COMFY_TEXT_ENCODERS = {("text_encoder", False): "text_encoders.clip_l.transformer.",
                        ("text_encoder_2", False): "text_encoders.clip_g.transformer.",
                        ("text_encoder_2", True): "text_encoders.t5xxl.transformer."}
-#: bases whose text encoder ComfyUI holds under another name (SD2's OpenCLIP-H is ``clip_h``)
-COMFY_TEXT_ENCODERS_BY_BASE = {("sd2", "text_encoder"): "text_encoders.clip_h.transformer."}
 
 
 def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, base: str | None = None
@@ -71,7 +69,7 @@ def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, bas
                     whole = len(parts) == 1 and not part.swap
                     maps[component][part.target] = HostName(flat, None if whole else (part.start, part.stop), part.swap)
         elif comfy and component.startswith("text_encoder"):
-            prefix = COMFY_TEXT_ENCODERS_BY_BASE.get((base, component)) or \
+            prefix = _family_comfy_prefix(base, component) or \
                 COMFY_TEXT_ENCODERS.get((component, _is_t5(index, component)), f"text_encoders.{component}.")
             maps[component] = {path: HostName(prefix + (path if _is_t5(index, component) else _clip_path(path)))
                                for path in modules}
@@ -90,6 +88,12 @@ def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, bas
         if found is not None:
             names[target] = found
     return names
+
+
+def _family_comfy_prefix(base: str | None, component: str) -> str | None:
+    """ComfyUI's prefix for ``component`` as the registered family ``base`` names it (SD2: ``clip_h``)."""
+    arch = plugins.archs().get(base) if base is not None else None
+    return arch.comfy_text_encoders.get(component) if arch is not None else None
 
 
 def index_for_file(index: ModuleIndex, patchset: PatchSet) -> ModuleIndex:

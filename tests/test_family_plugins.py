@@ -165,3 +165,38 @@ def test_a_family_from_an_entry_point(tmp_path):
                                           capture_output=True, text=True).stdout)
     assert (inspected["dialect"], inspected["base"], inspected["base_candidates"]) == ("kohya", "toy", ["toy"])
     assert (inspected["components"], inspected["targets"], inspected["unmatched"]) == ({"transformer": 2}, 2, [])
+
+
+@pytest.mark.parametrize("base, target, name", [
+    ("sd15", "text_encoder.encoder.layers.0.self_attn.q_proj",
+     "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"),
+    ("sd2", "text_encoder.encoder.layers.0.self_attn.q_proj",
+     "text_encoders.clip_h.transformer.text_model.encoder.layers.0.self_attn.q_proj"),
+    ("sdxl", "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj",
+     "text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj"),
+    ("flux1", "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q",
+     "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"),
+])
+def test_comfy_text_encoder_names_per_family(base, target, name):
+    # ComfyUI's LoRA key for a text-encoder module: "text_encoders." + its CLIP state-dict name
+    from lora_compat.hostkeys import kohya_names
+
+    index = plugins.archs()[base].index
+    assert kohya_names(index, [target], comfy=True, base=base)[target].name == name
+
+
+def test_comfy_text_encoder_names_come_from_the_family():
+    from dataclasses import replace
+
+    from lora_compat.archs.sd import SD2
+    from lora_compat.hostkeys import kohya_names
+
+    arch = replace(SD2, id="sd2_fork", comfy_text_encoders={"text_encoder": "text_encoders.clip_x.transformer."})
+    plugin = types.SimpleNamespace(register_archs=hookimpl(lambda register: register(arch)))
+    plugins.register_plugin(plugin, name="sd2-fork")
+    try:
+        target = "text_encoder.encoder.layers.0.self_attn.q_proj"
+        got = kohya_names(arch.index, [target], comfy=True, base="sd2_fork")[target].name
+    finally:
+        plugins.unregister_plugin(plugin)
+    assert got == "text_encoders.clip_x.transformer.text_model.encoder.layers.0.self_attn.q_proj"

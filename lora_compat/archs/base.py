@@ -226,6 +226,9 @@ class Arch:
     #: model structure hint: ``{component: module table}`` of real modules → True when they are this family
     #: (default: a component in this family's fused layout, either way)
     model_hint: Callable[[Mapping[str, ModuleTable]], bool] | None = None
+    #: text-encoder component → ComfyUI's name prefix for it in this family (``text_encoders.clip_h.transformer.``
+    #: for SD2's OpenCLIP-H); components left out take ComfyUI's generic names
+    comfy_text_encoders: Mapping[str, str] = field(default_factory=dict)
     #: component → the model class names (``type(model).__name__``) that hold it, for a bare model handed in
     component_classes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 

@@ -99,6 +99,7 @@ SD2 = Arch(
     kohya_prefixes=SD_KOHYA_PREFIXES,
     metadata_hint=_hint({"sd_v2", "sd_v2_v"}, ("stable-diffusion-v2",)),
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
+    comfy_text_encoders={"text_encoder": "text_encoders.clip_h.transformer."},
 )
 SDXL = Arch(
     id="sdxl", title="Stable Diffusion XL", table_file="sdxl.json.gz",
