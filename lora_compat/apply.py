@@ -43,15 +43,23 @@ def guess_base(index: ModuleIndex) -> str | None:
     return None
 
 
+def component_of_class(class_name: str, default: str = "unet") -> str:
+    """The component name a LoRA's keys use for a bare model of this class, as the registered families say."""
+    for arch in plugins.archs().values():
+        component = arch.component_of(class_name)
+        if component is not None:
+            return component
+    return default
+
+
 def describe_components(index: ModuleIndex) -> str | None:
     """Which base the components are: a registered base at full size, else the family by structure."""
-    from .archs.flux import is_bfl_transformer, is_flux_transformer
-
     base = guess_base(index)
     if base is not None:
         return base
-    if any(is_flux_transformer(m) or is_bfl_transformer(m) for m in index.components.values()):
-        return "a flux1-family model"
+    family = next((a for a in plugins.archs().values() if a.looks_like(index.components)), None)
+    if family is not None:
+        return family.describe()
     if index.has_component("unet"):
         return "a Stable Diffusion UNet model"
     return None

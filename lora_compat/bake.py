@@ -25,8 +25,9 @@ import torch
 from . import plugins
 from .apply import check_patchset, resolve_patchset
 from .archs import ModuleIndex
-from .archs.flux import Route, canonical_from_bfl, is_bfl_transformer
+from .archs.routes import Route
 from .archs.sd import sgm_aliases
+from .dialects.base import transformer_kohya_prefixes
 from .errors import LoraCompatError
 from .files import SAFETENSORS_DTYPES, LoraFile
 from .outputs import atomic_output, refuse_inputs
@@ -244,21 +245,22 @@ def _single_file_parts(file: LoraFile) -> list[_Part]:
 def _index(parts: Iterable[_Part]) -> ModuleIndex:
     """The canonical (diffusers-named) index of the checkpoint, with routes to its own module names."""
     tables, routes = {}, {}
+    layouts = [a.fused_layout for a in plugins.archs().values() if a.fused_layout is not None]
     for part in parts:
         host = part.host_table()
         component = part.component
-        if is_bfl_transformer(host):
+        layout = next((lay for lay in layouts if lay.is_fused(host)), None)
+        if layout is not None:  # a fused-layout transformer (BFL Flux): indexed by its canonical modules
             component = part.component = "transformer"
-            tables[component], routes[component] = canonical_from_bfl(host)
+            tables[component], routes[component] = layout.canonical(host)
         elif "input_blocks.0.0" in host:  # SGM UNet: canonical names from the base whose UNet it is
             tables[component], routes[component] = _sgm_unet(host)
         else:
             tables[component] = host
     index = ModuleIndex(tables, None, routes)
-    from .archs.flux import FLUX_KOHYA_PREFIXES
-
-    if "transformer" in tables:
-        index.kohya_prefixes = dict(FLUX_KOHYA_PREFIXES)
+    prefixes = transformer_kohya_prefixes() if "transformer" in tables else None
+    if prefixes is not None:
+        index.kohya_prefixes = prefixes
     return index
 
 

@@ -65,11 +65,16 @@ def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, bas
                     whole = len(parts) == 1 and not part.swap
                     maps[component][part.target] = HostName(flat, None if whole else (part.start, part.stop), part.swap)
         elif comfy and component.startswith("text_encoder"):
-            prefix = comfy_text_encoder(component, _is_t5(index, component), base) or f"text_encoders.{component}."
+            prefix = _family_comfy_prefix(base, component) or \
+                comfy_text_encoder(component, _is_t5(index, component), base) or f"text_encoders.{component}."
             maps[component] = {path: HostName(prefix + (path if _is_t5(index, component) else _clip_path(path)))
                                for path in modules}
         elif _is_t5(index, component):
             maps[component] = {path: HostName("lora_te3_" + path.replace(".", "_")) for path in modules}
+        elif not component.startswith("text_encoder") and component in index.kohya_prefixes.values():
+            # another family's component: named by the first kohya prefix its architecture gives it
+            prefix = next(p for p, c in index.kohya_prefixes.items() if c == component)
+            maps[component] = {path: HostName(prefix + path.replace(".", "_")) for path in modules}
         else:
             prefix = te_prefixes.get(component, TE_PREFIXES.get(component, f"lora_{component}_"))
             maps[component] = {path: HostName(prefix + _clip_path(path).replace(".", "_")) for path in modules}
@@ -79,6 +84,12 @@ def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, bas
         if found is not None:
             names[target] = found
     return names
+
+
+def _family_comfy_prefix(base: str | None, component: str) -> str | None:
+    """ComfyUI's prefix for ``component`` as the registered family ``base`` names it (SD2: ``clip_h``)."""
+    arch = plugins.archs().get(base) if base is not None else None
+    return arch.comfy_text_encoders.get(component) if arch is not None else None
 
 
 def index_for_file(index: ModuleIndex, patchset: PatchSet) -> ModuleIndex:

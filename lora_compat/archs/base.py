@@ -6,17 +6,26 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
-Shape = tuple[int, ...]
-ParamShapes = dict[str, Shape]
+from .routes import FusedLayout, ModuleTable, ParamShapes, Part, Route, Shape
 
 TABLES = Path(__file__).parent / "tables"
 
 if TYPE_CHECKING:
     import torch
 
-    from .flux import Part, Route
+__all__ = ["Arch", "ModuleIndex", "ParamShapes", "Shape", "TABLES"]
+
+
+def _registered_archs() -> list["Arch"]:
+    from ..plugins import archs  # the registry sits above this package; imported when first asked
+
+    return list(archs().values())
+
+
+def _layouts(archs: Iterable["Arch"]) -> list[FusedLayout]:
+    return [a.fused_layout for a in archs if a.fused_layout is not None]
 
 
 def _text_model_variants(path: str) -> Iterable[str]:
@@ -37,7 +46,8 @@ class ModuleIndex:
 
     def __init__(self, components: Mapping[str, Mapping[str, ParamShapes]],
                  alias_makers: Mapping[str, Callable[[Iterable[str]], dict[str, str]]] | None = None,
-                 routes: Mapping[str, Mapping[str, "Route"]] | None = None):
+                 routes: Mapping[str, Mapping[str, "Route"]] | None = None,
+                 layouts: Sequence[FusedLayout] | None = None):
         self.components = {c: dict(mods) for c, mods in components.items()}
         self._alias_makers = dict(alias_makers or {})
         #: component → canonical module path → where it lives in a fused (BFL-layout) host module
@@ -46,6 +56,8 @@ class ModuleIndex:
         self.kohya_prefixes: dict[str, str] = {}
         #: False: resolve by name only (used when no full-size base fits, e.g. tiny test models)
         self.check_shapes = True
+        #: the fused layouts known for these components (``None``: those of every registered architecture)
+        self._layouts = None if layouts is None else list(layouts)
 
     def names_only(self) -> "ModuleIndex":
         """A view of this index that skips shape checks."""
@@ -56,30 +68,37 @@ class ModuleIndex:
 
     def with_components(self, components: Mapping[str, Mapping[str, ParamShapes]]) -> "ModuleIndex":
         """This index (same aliases, routes, kohya prefixes and shape checking) over other module tables."""
-        other = ModuleIndex(components, self._alias_makers, self.routes)
+        other = ModuleIndex(components, self._alias_makers, self.routes, self._layouts)
         other.kohya_prefixes, other.check_shapes = dict(self.kohya_prefixes), self.check_shapes
         return other
 
     @classmethod
-    def from_modules(cls, modules: Mapping[str, torch.nn.Module]) -> "ModuleIndex":
-        """The index of real modules. A BFL-layout (fused) Flux transformer is indexed by the canonical
-        (split) modules it is equivalent to, with a route from each to its rows of the host module."""
-        from .flux import FLUX_KOHYA_PREFIXES, canonical_from_bfl, is_bfl_transformer, is_flux_transformer
-        from .sd import sgm_aliases  # the UNet alias rule is the only one that needs no config
-
+    def from_modules(cls, modules: Mapping[str, torch.nn.Module],
+                     archs: Sequence["Arch"] | None = None) -> "ModuleIndex":
+        """The index of real modules. A component in a family's fused layout (a BFL-layout Flux transformer) is
+        indexed by the canonical (split) modules it is equivalent to, with a route from each to its rows of the
+        host module. ``archs``: the families asked (default: every registered one)."""
+        archs = _registered_archs() if archs is None else list(archs)
+        layouts = _layouts(archs)
         table, routes = {}, {}
         for component, module in modules.items():
             table[component], wrapped = _module_table(module)
             if wrapped:
                 routes[component] = wrapped
-            if is_bfl_transformer(table[component]):
+            layout = next((lay for lay in layouts if lay.is_fused(table[component])), None)
+            if layout is not None:
                 host = table[component]
-                table[component], routes[component] = canonical_from_bfl(host)
+                table[component], routes[component] = layout.canonical(host)
                 table[component].update({path: shapes for path, shapes in host.items()
                                          if not any(r.host == path for r in routes[component].values())})
-        index = cls(table, {"unet": sgm_aliases}, routes)
-        if any(is_flux_transformer(mods) for mods in table.values()):
-            index.kohya_prefixes = dict(FLUX_KOHYA_PREFIXES)
+        makers: dict[str, Callable[[Iterable[str]], dict[str, str]]] = {}
+        for arch in archs:
+            for component, maker in arch.alias_makers.items():
+                makers.setdefault(component, maker)
+        index = cls(table, makers, routes, layouts)
+        family = next((a for a in archs if a.looks_like(table)), None)
+        if family is not None:
+            index.kohya_prefixes = dict(family.kohya_prefixes)
         return index
 
     def route(self, target: str) -> "Route | None":
@@ -109,9 +128,13 @@ class ModuleIndex:
 
     @cached_property
     def _fused_maps(self) -> dict[str, dict[str, list["Part"]]]:
-        from .flux import bfl_parts, is_flux_transformer
-
-        return {c: bfl_parts(modules) for c, modules in self.components.items() if is_flux_transformer(modules)}
+        layouts = _layouts(_registered_archs()) if self._layouts is None else self._layouts
+        maps: dict[str, dict[str, list[Part]]] = {}
+        for component, modules in self.components.items():
+            layout = next((lay for lay in layouts if lay.is_split(modules)), None)
+            if layout is not None:
+                maps[component] = layout.parts(modules)
+        return maps
 
     @cached_property
     def _split_maps(self) -> dict[str, dict[str, list["Part"]]]:
@@ -168,8 +191,6 @@ def _module_table(module: torch.nn.Module) -> tuple[dict[str, ParamShapes], dict
     """``{module path: {param: shape}}`` of the modules that hold parameters. Modules wrapped by a PEFT tuner
     layer (``to_q.base_layer`` next to ``to_q.lora_A``...) are listed under their own name with a route to the
     ``base_layer``; the adapters' own parameters are not model modules and are left out."""
-    from .flux import Route
-
     named = dict(module.named_modules())
     wrappers = {name[: -len(".base_layer")] for name in named if name.endswith(".base_layer")}
     table: dict[str, ParamShapes] = {}
@@ -200,6 +221,31 @@ class Arch:
     #: metadata hints: a function of the file's metadata returning True when it names this base
     metadata_hint: Callable[[Mapping[str, str]], bool] = lambda md: False
     alias_makers: Mapping[str, Callable[[Iterable[str]], dict[str, str]]] = field(default_factory=dict)
+    #: a component of this family that exists split and fused (FLUX.1's diffusers and BFL transformers)
+    fused_layout: FusedLayout | None = None
+    #: model structure hint: ``{component: module table}`` of real modules → True when they are this family
+    #: (default: a component in this family's fused layout, either way)
+    model_hint: Callable[[Mapping[str, ModuleTable]], bool] | None = None
+    #: text-encoder component → ComfyUI's name prefix for it in a plugin's family; components left out (and the
+    #: built-in families, whose prefixes are ``dialects.flux_names.COMFY_TEXT_ENCODERS``) take the built-in names
+    comfy_text_encoders: Mapping[str, str] = field(default_factory=dict)
+    #: component → the model class names (``type(model).__name__``) that hold it, for a bare model handed in
+    component_classes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def component_of(self, class_name: str) -> str | None:
+        """The component a model of this class is, in this family (``None``: not one of its classes)."""
+        return next((c for c, names in self.component_classes.items() if class_name in names), None)
+
+    def describe(self) -> str:
+        """How ``describe_components`` names a model of this family found by structure."""
+        return f"a {self.id}-family model"
+
+    def looks_like(self, components: Mapping[str, ModuleTable]) -> bool:
+        """Whether real modules (of any size) look like this family, by structure."""
+        if self.model_hint is not None:
+            return self.model_hint(components)
+        layout = self.fused_layout
+        return layout is not None and any(layout.is_split(m) or layout.is_fused(m) for m in components.values())
 
     @cached_property
     def index(self) -> ModuleIndex:
@@ -207,7 +253,7 @@ class Arch:
             raw = json.load(f)
         table = {c: {m: {p: tuple(s) for p, s in params.items()} for m, params in mods.items()}
                  for c, mods in raw["components"].items()}
-        index = ModuleIndex(table, self.alias_makers)
+        index = ModuleIndex(table, self.alias_makers, layouts=_layouts([self]))
         index.kohya_prefixes = dict(self.kohya_prefixes)
         return index
 

@@ -7,10 +7,10 @@ range is derived from the model's own shapes, never from a hard-coded width.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from .base import Arch, ParamShapes
+from .base import Arch
+from .routes import FusedLayout, ParamShapes, Part, Route
 
 #: BFL module in ``double_blocks.N`` → the canonical modules in ``transformer_blocks.N``, in row order
 DOUBLE_BLOCK = {
@@ -58,31 +58,6 @@ _DOUBLE = re.compile(r"^transformer_blocks\.(\d+)\.")
 _SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)\.")
 _BFL_DOUBLE = re.compile(r"^double_blocks\.(\d+)\.")
 _BFL_SINGLE = re.compile(r"^single_blocks\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class Part:
-    """Rows ``[start, stop)`` of a fused BFL module that one canonical module occupies."""
-
-    target: str
-    start: int
-    stop: int
-    swap: bool = False
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where a canonical module lives in a fused (BFL-layout) host: rows of a host module, and the host's
-    names for its parameters (``weight`` → ``scale`` for the BFL norms)."""
-
-    host: str
-    start: int
-    stop: int
-    swap: bool = False
-    param_names: tuple[tuple[str, str], ...] = ()
-
-    def host_param(self, param: str) -> str:
-        return dict(self.param_names).get(param, param)
 
 
 def _blocks(paths: Iterable[str], pattern: re.Pattern) -> list[int]:
@@ -253,6 +228,9 @@ def _flux_hint(metadata: Mapping[str, str]) -> bool:
 FLUX1 = Arch(
     id="flux1", title="FLUX.1 (dev/schnell family)", table_file="flux1.json.gz",
     kohya_prefixes=FLUX_KOHYA_PREFIXES, metadata_hint=_flux_hint,
+    component_classes={"transformer": ("FluxTransformer2DModel",), "text_encoder": ("CLIPTextModel",),
+                       "text_encoder_2": ("T5EncoderModel",)},
+    fused_layout=FusedLayout(is_flux_transformer, is_bfl_transformer, bfl_parts, canonical_from_bfl),
 )
 
 #: FLUX.1-dev's published configs (transformer, CLIP-L, T5-XXL v1.1 encoder)

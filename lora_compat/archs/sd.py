@@ -85,23 +85,26 @@ def _hint(values: set[str], architecture_prefixes: tuple[str, ...]):
 SD_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                      "lora_te2_": "text_encoder_2"}
 
+SD_CLASSES = {"unet": ("UNet2DConditionModel",), "text_encoder": ("CLIPTextModel",),
+              "text_encoder_2": ("CLIPTextModelWithProjection",)}
+
 SD15 = Arch(
     id="sd15", title="Stable Diffusion 1.x", table_file="sd15.json.gz",
     kohya_prefixes=SD_KOHYA_PREFIXES,
     metadata_hint=_hint({"sd_v1"}, ("stable-diffusion-v1",)),
-    alias_makers={"unet": sgm_aliases},
+    alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
 )
 SD2 = Arch(
     id="sd2", title="Stable Diffusion 2.x", table_file="sd2.json.gz",
     kohya_prefixes=SD_KOHYA_PREFIXES,
     metadata_hint=_hint({"sd_v2", "sd_v2_v"}, ("stable-diffusion-v2",)),
-    alias_makers={"unet": sgm_aliases},
+    alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
 )
 SDXL = Arch(
     id="sdxl", title="Stable Diffusion XL", table_file="sdxl.json.gz",
     kohya_prefixes=SD_KOHYA_PREFIXES,
     metadata_hint=_hint({"sdxl_base_v1-0", "sdxl_base_v0-9"}, ("stable-diffusion-xl",)),
-    alias_makers={"unet": sgm_aliases},
+    alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
 )
 
 # Official configs (the published model_index/unet/text_encoder config.json values that matter for shapes).

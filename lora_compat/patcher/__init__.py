@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Literal, Mapping
 
 import torch
 
-from ..apply import check_patchset, component_modules, resolve_patchset
+from ..apply import check_patchset, component_modules, component_of_class, resolve_patchset
 from ..archs import ModuleIndex
 from ..blocks import factors as block_factors
 from ..errors import LoraCompatError
@@ -34,11 +34,6 @@ from .hot import HotBackend, StepClock, TermSource
 from .merged import MergeBackend, PristineMode
 
 Mode = Literal["merge", "hot"]
-
-#: single-module targets: the component name a LoRA's keys use for this class
-COMPONENT_BY_CLASS = {"UNet2DConditionModel": "unet", "FluxTransformer2DModel": "transformer",
-                      "CLIPTextModel": "text_encoder", "CLIPTextModelWithProjection": "text_encoder_2",
-                      "T5EncoderModel": "text_encoder_2"}
 
 #: PatchSets of recently used sources kept (header parsed and mapped once; tensors stay on disk until used)
 RECENT_SOURCES = 8
@@ -213,7 +208,7 @@ class Patcher:
     # -- internals ------------------------------------------------------------------------------------
     def _current_modules(self) -> dict[str, torch.nn.Module]:
         if isinstance(self._target, torch.nn.Module):
-            name = self._component or COMPONENT_BY_CLASS.get(type(self._target).__name__, "unet")
+            name = self._component or component_of_class(type(self._target).__name__)
             return {name: self._target}
         return component_modules(self._target)
 

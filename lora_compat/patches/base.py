@@ -19,7 +19,7 @@ from .._lazy import torch
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from ..archs.flux import Route
+    from ..archs.routes import Route
 else:  # only annotations (deferred in every patch module) name it: building patches must not import torch
     Tensor = "torch.Tensor"
 
