@@ -17,7 +17,7 @@ import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal, Mapping
+from typing import Iterable, Iterator, Literal, Mapping, NamedTuple
 
 import torch
 
@@ -26,11 +26,11 @@ from ..archs import ModuleIndex
 from ..blocks import factors as block_factors
 from ..errors import LoraCompatError
 from ..fusion_gate import FusionGates
-from ..patches import Patch
 from ..patches.dora import DoraStrength, check_dora_strength
 from ..patchset import PatchSet
 from .entries import Entry, SourceLike, as_entries, source_key, source_name
 from .hot import HotBackend, StepClock, TermSource
+from .merge import Contribution
 from .merged import MergeBackend, PristineMode
 
 Mode = Literal["merge", "hot"]
@@ -63,6 +63,18 @@ class _Loaded:
     dora_strength: str = "interpolate"
     #: target → block-weight multiplier (``Entry.blocks``)
     blocks: dict[str, float] = field(default_factory=dict)
+
+
+class _Stack(NamedTuple):
+    """What one target gets: its contributions summed in a fixed order, each with its source."""
+
+    #: what decides whether the module must be recomputed (see ``_signature``)
+    signature: tuple
+    contributions: list[Contribution]
+    sources: list[TermSource]
+
+
+_NOTHING = _Stack((), [], [])
 
 
 def sync_config(component: torch.nn.Module) -> None:
@@ -109,10 +121,10 @@ class Patcher:
         if fusion is not None and not isinstance(fusion, FusionGates):
             fusion = FusionGates.load(fusion, self._current_modules())
         self.fusion = fusion
-        self._backend = MergeBackend(pristine) if mode == "merge" else HotBackend(fusion)
+        self._backend: MergeBackend | HotBackend = MergeBackend(pristine) if mode == "merge" else HotBackend(fusion)
         self._lock = threading.RLock()
         self._modules: dict[str, torch.nn.Module] = {}
-        self._applied: dict[str, tuple[tuple, list[tuple[Patch, float]]]] = {}
+        self._applied: dict[str, _Stack] = {}
         self._loaded: list[_Loaded] = []
         self._cache: "OrderedDict[tuple[str, tuple[int, ...]], PatchSet]" = OrderedDict()
         self._warned: set[str] = set()
@@ -137,8 +149,7 @@ class Patcher:
                                               "LoRA in part of the denoising only, which needs "
                                               "Patcher(mode='hot') and callback_on_step_end=step_callback()")
             modules = self._refresh_modules()
-            if isinstance(self._backend, HotBackend):
-                self._backend.bind(modules)
+            self._backend.bind(modules)
             index = ModuleIndex.from_modules(modules)
             loaded = [self._load(entry, index) for entry in wanted]  # may raise: nothing touched yet
             report = SetReport()
@@ -149,7 +160,8 @@ class Patcher:
             self._submodules = {}
             stale = self._adopt_external_changes(modules)
             changed = sorted(t for t in set(desired) | set(self._applied)
-                             if t in stale or desired.get(t, ((), []))[0] != self._applied.get(t, ((), []))[0])
+                             if t in stale
+                             or desired.get(t, _NOTHING).signature != self._applied.get(t, _NOTHING).signature)
             names = {item.key: source_name(item.entry.source) for item in loaded}
             self._transaction(modules, changed, desired, names)
             for component in {t.partition(".")[0] for t in changed}:
@@ -192,18 +204,17 @@ class Patcher:
         ``pipe(..., callback_on_step_end=patcher.step_callback())``. The step count is read from the
         pipeline (``num_timesteps``), else ``num_steps``. The clock is at step 0 when this is called and
         goes back to step 0 after the last step, so one callback serves several pipeline calls."""
-        if not isinstance(self._backend, HotBackend):
+        clock = self._backend.clock
+        if clock is None:
             raise LoraCompatError("start/stop step fractions need Patcher(mode='hot'): merge mode would rewrite "
                                   "the weights at every step")
-        self._backend.clock.fraction = 0.0
-        return StepCallback(self._backend.clock, num_steps)
+        clock.fraction = 0.0
+        return StepCallback(clock, num_steps)
 
     def memory(self) -> dict[str, int]:
         """Bytes held for restoring: ``pristine_copies`` (copies) and ``buffers`` (patched values written
         into fresh buffers while the originals stay untouched)."""
-        if isinstance(self._backend, MergeBackend):
-            return {"pristine_copies": self._backend.pristine_bytes(), "buffers": self._backend.buffer_bytes()}
-        return {"pristine_copies": 0, "buffers": 0}
+        return self._backend.memory()
 
     # -- internals ------------------------------------------------------------------------------------
     def _current_modules(self) -> dict[str, torch.nn.Module]:
@@ -262,11 +273,10 @@ class Patcher:
         check_patchset(patchset, index, self.strict)  # raises on a wrong base; warns loudly on unmatched keys
         return patchset
 
-    def _desired(self, loaded: list[_Loaded]) -> dict[str, tuple[tuple, list[tuple[Patch, float]], list]]:
-        """target → (signature, contributions, their sources), summed in a fixed order independent of the
-        list order."""
+    def _desired(self, loaded: list[_Loaded]) -> dict[str, _Stack]:
+        """target → its stack, summed in a fixed order independent of the list order."""
         order = sorted(range(len(loaded)), key=lambda i: (loaded[i].key, loaded[i].entry.strength, i))
-        desired: dict[str, tuple[list, list]] = {}
+        desired: dict[str, tuple[list[Contribution], list[TermSource]]] = {}
         for i in order:
             item = loaded[i]
             entry = item.entry
@@ -276,9 +286,10 @@ class Patcher:
                     continue
                 strength *= item.blocks.get(target, 1.0)
                 contributions, sources = desired.setdefault(target, ([], []))
-                contributions.append((patch, strength))
+                contributions.append(Contribution(patch, strength))
                 sources.append(TermSource(item.key, entry.start, entry.stop, item.dora_strength))
-        return {t: (_signature(contribs, sources), contribs, sources) for t, (contribs, sources) in desired.items()}
+        return {t: _Stack(_signature(contribs, sources), contribs, sources)
+                for t, (contribs, sources) in desired.items()}
 
     def _submodule(self, modules: Mapping[str, torch.nn.Module], target: str) -> torch.nn.Module:
         """The module of ``target``, looked up once per ``set``."""
@@ -296,15 +307,16 @@ class Patcher:
         return stale
 
     def _transaction(self, modules: Mapping[str, torch.nn.Module], changed: list[str],
-                     desired: Mapping[str, tuple[tuple, list]], names: Mapping[str, str]) -> None:
-        done: list[tuple[str, tuple[tuple, list] | None]] = []
+                     desired: Mapping[str, _Stack], names: Mapping[str, str]) -> None:
+        done: list[tuple[str, _Stack | None]] = []
         try:
             for target in changed:
                 module = self._submodule(modules, target)
                 previous = self._applied.get(target)
                 done.append((target, previous))
                 wanted = desired.get(target)
-                self._backend.apply(target, module, *(wanted[1:] if wanted else ([], [])))
+                stack = wanted or _NOTHING
+                self._backend.apply(target, module, stack.contributions, stack.sources)
                 if wanted:
                     self._applied[target] = wanted
                 else:
@@ -314,18 +326,19 @@ class Patcher:
             if isinstance(exc, LoraCompatError):
                 raise
             target = done[-1][0] if done else "?"
-            sources = ", ".join(names[key] for key, *_ in desired.get(target, ((), []))[0]) or "(restoring)"
+            sources = ", ".join(names[key] for key, *_ in desired.get(target, _NOTHING).signature) or "(restoring)"
             raise LoraCompatError(f"applying {sources} failed at {target}: {type(exc).__name__}: {exc}; "
                                   "every parameter was restored to its state before set()") from exc
 
-    def _rollback(self, modules: Mapping[str, torch.nn.Module], done: list[tuple[str, tuple | None]]) -> None:
+    def _rollback(self, modules: Mapping[str, torch.nn.Module], done: list[tuple[str, _Stack | None]]) -> None:
         """Recompute every module touched by the failed ``set`` from its previous stack (deterministic, so
         bit-identical); a module whose previous stack cannot be read any more goes back to pristine."""
         for target, previous in reversed(done):
             component, _, path = target.partition(".")
             module = modules[component].get_submodule(path)
             try:
-                self._backend.apply(target, module, *(previous[1:] if previous else ([], [])))
+                stack = previous or _NOTHING
+                self._backend.apply(target, module, stack.contributions, stack.sources)
             except Exception:
                 self._backend.apply(target, module, [], [])
                 previous = None
@@ -335,11 +348,11 @@ class Patcher:
                 self._applied.pop(target, None)
 
 
-def _signature(contributions: list[tuple[Patch, float]], sources: list[TermSource]) -> tuple:
+def _signature(contributions: list[Contribution], sources: list[TermSource]) -> tuple:
     """What decides whether a module must be recomputed: each source with its strength, step window and DoRA
     strength convention."""
-    return tuple((src.key, strength, src.start, src.stop, src.dora_strength)
-                 for (_, strength), src in zip(contributions, sources))
+    return tuple((src.key, term.strength, src.start, src.stop, src.dora_strength)
+                 for term, src in zip(contributions, sources))
 
 
 class StepCallback:

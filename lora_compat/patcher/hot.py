@@ -241,6 +241,8 @@ class GateGroup:
 
 
 class HotBackend:
+    """Adds each module's patches in a forward hook; the weights are never written."""
+
     def __init__(self, fusion: FusionGates | None = None) -> None:
         self.hooks: dict[str, HotPatch] = {}
         self.clock = StepClock()
@@ -273,6 +275,10 @@ class HotBackend:
                                   "hot mode never changes weights or shapes, use Patcher(mode='merge')")
         if contributions:
             self.hooks[target] = HotPatch(module, contributions, sources, self.clock, self._groups.get(target))
+
+    def memory(self) -> dict[str, int]:
+        """Hooks keep no copies and write no buffers."""
+        return {"pristine_copies": 0, "buffers": 0}
 
     def release(self) -> None:
         for hook in self.hooks.values():

@@ -1,7 +1,7 @@
 """The merge computation: new parameter values from pristine ones and a stack of patches, in fp32."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -9,7 +9,14 @@ from ..patches import Patch
 from ..patches.rows import place, route_view
 from ..patches.widen import pad_weight
 
-Contribution = tuple[Patch, float]
+
+class Contribution(NamedTuple):
+    """One patch of a module's stack with the strength it is applied at (a tuple: ``patch, s = c`` works)."""
+
+    patch: Patch
+    strength: float
+
+
 #: half-precision weights are merged in blocks of about this many elements (an fp32 block that stays in cache)
 CHUNK_ELEMENTS = 1 << 19
 

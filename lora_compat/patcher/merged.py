@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import torch
 
@@ -35,9 +35,15 @@ class ParamRecord:
 class MergeBackend:
     """Computes each touched parameter from its pristine value in fp32 and writes the rounded result."""
 
+    #: no step clock: merged weights cannot change between denoising steps
+    clock = None
+
     def __init__(self, pristine: PristineMode):
         self.pristine_mode = pristine
         self.records: dict[str, dict[str, ParamRecord]] = {}
+
+    def bind(self, modules: Mapping[str, torch.nn.Module]) -> None:
+        """Nothing to map onto the modules (the hot backend maps its fusion gates here)."""
 
     def adopt_external_changes(self, target: str, module: torch.nn.Module, warned: set[str]) -> bool:
         """Forget parameters someone else replaced or wrote (their current value becomes the original).
@@ -128,6 +134,9 @@ class MergeBackend:
 
     def release(self) -> None:
         self.records.clear()
+
+    def memory(self) -> dict[str, int]:
+        return {"pristine_copies": self.pristine_bytes(), "buffers": self.buffer_bytes()}
 
     def pristine_bytes(self) -> int:
         """Bytes held only for restoring: copies (not the originals the model would hold anyway)."""
