@@ -15,7 +15,8 @@ from .archs import ModuleIndex
 from .core import detect
 from .dialects.flux_names import comfy_text_encoder
 from .errors import LoraCompatError
-from .archs.flux import Route, bfl_parts, is_flux_transformer, rows_from_file
+from .archs.flux import bfl_parts, is_flux_transformer, rows_from_file
+from .archs.routes import Route
 from .archs.sd import sgm_aliases
 from .patches import Patch, Ref
 from .patches.build import IncompletePatch, build_patch, suffix_role

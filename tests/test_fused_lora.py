@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_compat.archs.flux import Route
+from lora_compat.archs.routes import Route
 from lora_compat.patches import Ref, Scale
 from lora_compat.patches.loha import LohaPatch
 from lora_compat.patches.lora import LoraPatch

@@ -14,7 +14,7 @@ from .._lazy import torch
 from .base import FactorisedPatch, Patch, Ref, Shape, Tensor
 
 if TYPE_CHECKING:
-    from ..archs.flux import Route
+    from ..archs.routes import Route
 
 
 def swap_halves(t: Tensor) -> Tensor:
