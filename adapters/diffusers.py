@@ -131,21 +131,10 @@ def _wrapper_kinds(pipe: Any, patchset: PatchSet) -> set[str]:
 def to_diffusers_state_dict(patchset: PatchSet) -> dict[str, torch.Tensor]:
     """Canonical diffusers/PEFT tensors of a plain-LoRA PatchSet: ``<component>.<module>.lora_A.weight`` /
     ``lora_B.weight`` (+ ``lora_B.bias``), the rank scale baked into ``lora_B``, no ``.alpha`` keys.
-    Targets must be real module paths (a PatchSet fitted to the pipeline)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for target, patch in patchset.items():
-        target = target.removesuffix(".base_layer")  # a module PEFT already wraps: address the wrapper
-        low_rank = patch.low_rank()
-        if low_rank is None:
-            raise LoraCompatError(f"{patchset.source}: {target} is a {patch.kind} patch, not a plain LoRA")
-        down, up = low_rank.peft_factors()
-        scale = low_rank.scale.value()
-        # down as stored (PEFT copies it into its own parameter); the scale is folded into up in fp32
-        tensors[f"{target}.lora_A.weight"] = down
-        tensors[f"{target}.lora_B.weight"] = up if scale == 1.0 else torch.mul(up.float(), scale)
-        if low_rank.bias is not None:
-            tensors[f"{target}.lora_B.bias"] = low_rank.bias.load() * scale
-    return tensors
+    Targets must be real module paths (a PatchSet fitted to the pipeline). Written by the diffusers dialect."""
+    from lora_compat.plugins import dialects
+
+    return dialects()["diffusers"].write(patchset, None, scale_in_up=True).tensors  # type: ignore[call-arg]
 
 
 # -- loading --------------------------------------------------------------------------------------------------

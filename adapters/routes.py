@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_compat.errors import LoraCompatError
-from lora_compat.hostkeys import Conversion, convert
+from lora_compat.hostkeys import Conversion, convert_for_host
 from lora_compat.matrix import RouteQuery
 
 from . import comfyui, webui
@@ -53,7 +53,7 @@ HOST_FACTS: dict[tuple[str, str], HostFact] = {
 
 def _converted(file: Any, layout: str) -> Conversion | str:
     try:
-        return convert(file, layout)
+        return convert_for_host(file, layout)
     except LoraCompatError as exc:  # the adapters print this and leave the file to the host's own reader
         return f"refused: lora_compat cannot name it for the host ({exc}); the host reads it itself"
 

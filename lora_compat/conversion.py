@@ -1,6 +1,7 @@
 """``convert``: write a LoRA in another dialect, exactly where the target can hold the patches.
 
-Targets: ``kohya`` (sd-scripts names: diffusers-style for SD1/SD2, SGM for SDXL, BFL for Flux), ``webui``
+Each target is written by the registered dialect whose ``writes`` names it (:meth:`Dialect.write`). Targets:
+``kohya`` (sd-scripts names: diffusers-style for SD1/SD2, SGM for SDXL, BFL for Flux), ``webui``
 (AUTOMATIC1111's compvis/SGM names), ``diffusers`` (``<component>.<module>.lora_A/lora_B`` with
 ``lora_adapter_metadata``), ``peft`` (``base_model.model.`` + ``adapter_config.json``), ``bfl``
 (``diffusion_model.<BFL name>``, Flux). kohya/webui/bfl keep every LyCORIS kind; diffusers/peft hold LoRA
@@ -11,7 +12,6 @@ the base weights ``checkpoint`` gives.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +21,15 @@ import torch
 
 from . import plugins
 from .archs import ModuleIndex
-from .archs.flux import is_flux_transformer
 from .core import Detection, Source, detect
-from .deltas import CHECKPOINT_HINT, BaseWeights, module_delta
+from .deltas import BaseWeights
+from .dialects.base import write_targets
 from .errors import LoraCompatError, UnmatchedKeysError
 from .files import LoraFile
-from .hostkeys import HostName, fused_rows, host_route, index_for_file, kohya_names, kohya_tensors
+from .hostkeys import index_for_file
 from .outputs import atomic_output, refuse_inputs
-from .patches import Patch
-from .patches.rows import fused_lora
 from .patchset import PatchSet
 
-TARGETS = ("kohya", "webui", "diffusers", "peft", "bfl")
 #: metadata carried over from the source file (trigger words, names, training notes)
 KEPT_METADATA = ("ss_tag_frequency", "ss_output_name", "ss_dataset_dirs", "ss_training_comment",
                  "modelspec.title", "modelspec.trigger_phrase", "modelspec.description", "modelspec.architecture")
@@ -64,8 +61,8 @@ def convert_state_dict(source: Source, to: str, *, base: str | None = None, rank
     or single-file safetensors, or a :class:`lora_compat.bake.Checkpoint`): the same from a checkpoint's
     headers, and the base weights that ``rank`` needs to compress kinds whose delta depends on the weight
     (DoRA, OFT/BOFT, IA3, GLoRA)."""
-    if to not in TARGETS:
-        raise LoraCompatError(f"unknown target dialect {to!r}; choose from {', '.join(TARGETS)}")
+    if to not in write_targets():
+        raise LoraCompatError(f"unknown target dialect {to!r}; choose from {', '.join(write_targets())}")
     if components is not None and checkpoint is not None:
         raise LoraCompatError("pass components= or checkpoint=, not both")
     detection = detect(source, base)
@@ -114,16 +111,19 @@ def _by_names_if_misfit(detection: Detection, base: str) -> PatchSet:
 def write_patchset(patchset: PatchSet, index: ModuleIndex, to: str, report: ConvertReport,
                    source_metadata: dict | None = None, rank: int | None = None, weights: BaseWeights | None = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, str], ConvertReport]:
-    """Tensors and metadata of ``patchset`` (canonical targets of ``index``) in dialect ``to``; ``weights``:
-    the base weights for compressing kinds whose delta depends on them."""
-    writer = _LoraWriter(patchset, index, rank, report, weights) if to in ("diffusers", "peft") else \
-        _KohyaWriter(patchset, index, to, report, weights)
-    tensors = writer.write()
-    metadata = _metadata(dict(source_metadata or {}), report, writer.extra_metadata())
-    report.modules, report.tensors = writer.modules, len(tensors)
+    """Tensors and metadata of ``patchset`` (canonical targets of ``index``) in dialect ``to``, written by the
+    registered dialect that writes it; ``weights``: the base weights for compressing kinds whose delta depends
+    on them."""
+    dialect = write_targets().get(to)
+    if dialect is None:
+        raise LoraCompatError(f"unknown target dialect {to!r}; choose from {', '.join(write_targets())}")
+    written = dialect.write(patchset, index, target=to, base=report.base, rank=rank, weights=weights)
+    metadata = _metadata(dict(source_metadata or {}), report, written.metadata)
+    report.modules, report.tensors = written.modules, len(written.tensors)
+    report.svd_errors.update(written.svd_errors)
     if report.svd_errors:
-        report.overall_error = writer.overall_error()
-    return tensors, metadata, report
+        report.overall_error = written.overall_error
+    return written.tensors, metadata, report
 
 
 def save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], to: str, out: str | Path) -> Path:
@@ -189,219 +189,3 @@ def _metadata(source: dict, report: ConvertReport, extra: dict[str, str]) -> dic
                      "lora_compat.base": report.base or ""})
     metadata.update(extra)
     return metadata
-
-
-class _KohyaWriter:
-    """kohya / webui / bfl: every kind keeps its own tensors; fused Flux modules are assembled exactly."""
-
-    def __init__(self, patchset: PatchSet, index: ModuleIndex, to: str, report: ConvertReport,
-                 weights: BaseWeights | None = None):
-        self.patchset, self.index, self.to, self.report, self.weights = patchset, index, to, report, weights
-        self.modules = 0
-        self.ranks: list[int] = []
-        self.alphas: list[float] = []
-
-    def names(self) -> dict[str, HostName]:
-        targets = list(self.patchset)
-        if self.to == "bfl":
-            if not any(is_flux_transformer(m) for m in self.index.components.values()):
-                raise LoraCompatError("the bfl dialect names Flux modules; this LoRA is for "
-                                      f"{self.report.base}")
-            names = kohya_names(self.index, targets, comfy=True)
-            return {t: HostName(_bfl_name(n.name), n.rows, n.swap) if n.name.startswith("lora_unet_") else n
-                    for t, n in names.items()}
-        names = kohya_names(self.index, targets)
-        if self.to == "kohya" and self.report.base in ("sd15", "sd2"):  # sd-scripts: diffusers-style names
-            names = {t: (HostName("lora_unet_" + t.partition(".")[2].replace(".", "_")) if t.startswith("unet.")
-                         else n) for t, n in names.items()}
-        return names
-
-    def write(self) -> dict[str, torch.Tensor]:
-        names = self.names()
-        tensors: dict[str, torch.Tensor] = {}
-        fused: dict[str, list[tuple[HostName, Patch, str]]] = {}
-        for target, patch in self.patchset.items():
-            name = names.get(target)
-            if name is None:
-                raise LoraCompatError(f"{self.patchset.source}: {target} has no name in the {self.to} dialect")
-            if name.rows is None and not name.swap:
-                self._put(tensors, name.name, patch, target)
-            else:
-                fused.setdefault(name.name, []).append((name, patch, target))
-        for module, parts in fused.items():
-            self._put_fused(tensors, module, parts)
-        return tensors
-
-    def _put(self, tensors: dict, name: str, patch: Patch, target: str) -> None:
-        try:
-            own = kohya_tensors(patch)
-        except ValueError as exc:
-            own = self._diff(patch, target, exc)
-        if self.to == "bfl":
-            own = {_bfl_suffix(k): v for k, v in own.items()}
-        for suffix, tensor in own.items():
-            tensors[f"{name}.{suffix}"] = tensor
-        self.modules += 1
-        if patch.rank:
-            self.ranks.append(patch.rank)
-
-    def _diff(self, patch: Patch, target: str, exc: ValueError) -> dict[str, torch.Tensor]:
-        """A PEFT OFT/BOFT/IA3 patch (no kohya/LyCORIS form; linear in the strength, like a ``diff``) as its exact
-        change of the checkpoint's weights (LyCORIS ``diff`` / ``diff_b``, which every host reads)."""
-        if not patch.written_as_diff:
-            raise LoraCompatError(f"{self.patchset.source}: {target}: {exc}") from None
-        if self.weights is None:
-            raise LoraCompatError(f"{self.patchset.source}: {target}: {exc}; it can be written as the exact "
-                                  f"change of a checkpoint's weights: {CHECKPOINT_HINT}") from None
-        delta, bias = module_delta(patch, self.index, target, self.weights)
-        return {"diff": delta.contiguous()} if bias is None else {"diff": delta.contiguous(), "diff_b": bias}
-
-    def _put_fused(self, tensors: dict, module: str, parts: list[tuple[HostName, Patch, str]]) -> None:
-        sources = [p.sliced_from for _, p, _ in parts]
-        if all(s is not None for s in sources) and len({id(s) for s in sources}) == 1:
-            self._put(tensors, module, sources[0], parts[0][2])  # the fused source patch, unsplit
-            return
-        total = _fused_rows(self.index, module)
-        own = fused_lora([(host_route(h, total), p) for h, p, _ in parts], total)
-        if own is None:  # unlike a host (which falls back to lora_compat's patch), a written file must refuse
-            kinds = sorted({p.kind for _, p, _ in parts})
-            raise LoraCompatError(f"{self.patchset.source}: {module} fuses parts of kinds {kinds}; only plain "
-                                  "LoRA parts can be assembled into one fused module")
-        if self.to == "bfl":
-            own = {_bfl_suffix(k): v for k, v in own.items()}
-        for suffix, tensor in own.items():
-            tensors[f"{module}.{suffix}"] = tensor
-        self.modules += 1
-        self.ranks.append(int(own.get("lora_down.weight", own.get("lora_A.weight")).shape[0]))
-
-    def extra_metadata(self) -> dict[str, str]:
-        if not self.ranks:
-            return {}
-        return {"ss_network_module": "networks.lora" if self.to != "bfl" else "", "ss_network_dim": str(max(self.ranks))}
-
-
-def _bfl_name(kohya: str) -> str:
-    """``lora_unet_double_blocks_0_img_attn_qkv`` → ``diffusion_model.double_blocks.0.img_attn.qkv``."""
-    from .archs.flux import DOUBLE_BLOCK, SINGLE_BLOCK, TOP_LEVEL
-
-    flat = kohya[len("lora_unet_"):]
-    for table, head in ((DOUBLE_BLOCK, "double_blocks"), (SINGLE_BLOCK, "single_blocks")):
-        if flat.startswith(head + "_"):
-            number, _, rest = flat[len(head) + 1:].partition("_")
-            for name in table:
-                if name.replace(".", "_") == rest:
-                    return f"diffusion_model.{head}.{number}.{name}"
-    for name in TOP_LEVEL:
-        if name.replace(".", "_") == flat:
-            return f"diffusion_model.{name}"
-    raise LoraCompatError(f"{kohya}: not a Flux BFL module name")
-
-
-def _bfl_suffix(suffix: str) -> str:
-    return {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}.get(suffix, suffix)
-
-
-def _fused_rows(index: ModuleIndex, module: str) -> int:
-    name = module[len("lora_unet_"):] if module.startswith("lora_unet_") else module[len("diffusion_model."):]
-    rows = fused_rows(index, name)
-    if rows is None:
-        raise LoraCompatError(f"{module}: not a fused module of this base")
-    return rows
-
-
-class _LoraWriter:
-    """diffusers / peft: LoRA (and PEFT DoRA) tensors, scales in ``lora_adapter_metadata`` / the PEFT config."""
-
-    def __init__(self, patchset: PatchSet, index: ModuleIndex, rank: int | None, report: ConvertReport,
-                 weights: BaseWeights | None = None):
-        self.patchset, self.index, self.rank, self.report, self.weights = patchset, index, rank, report, weights
-        self.to = report.target
-        self.modules = 0
-        self.configs: dict[str, dict[str, Any]] = {}
-        self._error_sums = [0.0, 0.0]
-
-    def write(self) -> dict[str, torch.Tensor]:
-        components = sorted({t.partition(".")[0] for t in self.patchset})
-        if self.to == "peft" and len(components) > 1:
-            raise LoraCompatError(f"{self.patchset.source}: a PEFT adapter holds one model; this LoRA patches "
-                                  f"{', '.join(components)} (use --to diffusers)")
-        tensors: dict[str, torch.Tensor] = {}
-        for target, patch in self.patchset.items():
-            component, _, path = target.partition(".")
-            key = f"base_model.model.{path}" if self.to == "peft" else target
-            up, down, alpha, extra = self._factors(target, patch)
-            tensors[f"{key}.lora_A.weight"] = down
-            tensors[f"{key}.lora_B.weight"] = up
-            for suffix, tensor in extra.items():
-                tensors[f"{key}.{suffix}"] = tensor
-            config = self.configs.setdefault(component, {"rank_pattern": {}, "alpha_pattern": {},
-                                                         "target_modules": [], "use_dora": False,
-                                                         "lora_bias": False})
-            config["rank_pattern"][path] = int(down.shape[0])
-            config["alpha_pattern"][path] = alpha
-            config["target_modules"].append(path)
-            config["use_dora"] |= "lora_magnitude_vector" in extra
-            config["lora_bias"] |= "lora_B.bias" in extra
-            self.modules += 1
-        return tensors
-
-    def _factors(self, target: str, patch: Patch) -> tuple[torch.Tensor, torch.Tensor, float, dict]:
-        extra: dict[str, torch.Tensor] = {}
-        peft = patch.peft_lora()
-        if peft is not None:
-            low_rank, magnitude = peft
-            if magnitude is not None:
-                extra["lora_magnitude_vector"] = magnitude.loader()
-            scale = low_rank.scale.value()
-            if low_rank.bias is not None:
-                extra["lora_B.bias"] = low_rank.bias.load() * scale
-            shapes = self.index.shapes(target) or {}
-            # a module shape the patch does not fit is not the real one (a smaller model than the table's):
-            # the file's own shapes decide then
-            weight = shapes.get("weight") if shapes and patch.misfit(shapes) is None else None
-            down, up = low_rank.peft_factors(weight)
-            return up, down, scale * low_rank.rank, extra
-        if self.rank is None:
-            raise LoraCompatError(f"{self.patchset.source}: {target} is a {patch.kind} patch, which the {self.to} "
-                                  f"dialect cannot hold; pass rank=R (--rank R) to compress it to a LoRA by SVD")
-        weight, bias = module_delta(patch, self.index, target, self.weights)
-        delta = weight.reshape(weight.shape[0], -1)
-        up, down, error = svd_factors(delta, self.rank)
-        if weight.dim() == 4:  # a conv LoRA: down is the kernel, up a 1x1 conv
-            down, up = down.reshape(down.shape[0], *weight.shape[1:]), up.reshape(*up.shape, 1, 1)
-        if bias is not None:  # carried exactly (scale alpha/rank = 1)
-            extra["lora_B.bias"] = bias
-        norm = float(delta.norm())
-        self.report.svd_errors[target] = error
-        self._error_sums[0] += (error * norm) ** 2
-        self._error_sums[1] += norm ** 2
-        return up, down, float(down.shape[0]), extra
-
-    def overall_error(self) -> float:
-        return math.sqrt(self._error_sums[0] / self._error_sums[1]) if self._error_sums[1] else 0.0
-
-    def extra_metadata(self) -> dict[str, str]:
-        flat: dict[str, Any] = {}
-        for component, config in self.configs.items():
-            ranks = config["rank_pattern"]
-            default_rank = max(set(ranks.values()), key=list(ranks.values()).count)
-            peft = {"r": default_rank, "lora_alpha": float(default_rank), "rank_pattern": ranks,
-                    "alpha_pattern": config["alpha_pattern"], "target_modules": sorted(config["target_modules"]),
-                    "use_dora": config["use_dora"], "lora_bias": config["lora_bias"], "use_rslora": False}
-            if self.to == "peft":
-                peft.update({"peft_type": "LORA", "bias": "none", "init_lora_weights": True})
-                return {"lora_compat.peft_config": json.dumps(peft)}
-            for key, value in peft.items():
-                flat[f"{component}.{key}"] = value
-        return {"lora_adapter_metadata": json.dumps(flat)} if flat else {}
-
-
-def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``up @ down`` of rank ≤ ``rank`` closest to ``delta`` (Frobenius), and the relative error."""
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    r = min(rank, s.shape[0])
-    up = (u[:, :r] * s[:r]).float()
-    down = vh[:r].float()
-    norm = float(delta.norm())
-    error = float((delta - up @ down).norm()) / norm if norm else 0.0
-    return up, down, error

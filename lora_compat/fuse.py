@@ -43,9 +43,10 @@ import torch
 
 from . import plugins
 from .archs import ModuleIndex
-from .conversion import ConvertReport, save, source_paths, svd_factors, write_patchset
+from .conversion import ConvertReport, save, source_paths, write_patchset
 from .core import detect
 from .deltas import BaseWeights, module_delta
+from .dialects.writing import svd_factors
 from .errors import LoraCompatError, UnmatchedKeysError
 from .fusion_gate import FusionGates, gate
 from .outputs import refuse_inputs

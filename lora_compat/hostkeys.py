@@ -7,7 +7,7 @@ with its BFL name and, for a part of a fused module, the rows it occupies.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 import torch
 
 from . import plugins
@@ -131,12 +131,16 @@ class Conversion:
 
 
 # -- converting a whole file -------------------------------------------------------------------------------------------------
-def convert(filename: str, layout: str, index: ModuleIndex | None = None, base: str | None = None) -> Conversion:
+def convert_for_host(filename: str, layout: str, index: ModuleIndex | None = None, base: str | None = None
+                     ) -> Conversion:
     """Read ``filename`` (any dialect) and name its patches for a host. ``layout``: ``compvis`` (A1111: SGM
     UNet names), ``diffusers`` (SD.Next: ``lora_unet_<diffusers name>``, ``lora_transformer_``) or ``comfy``
-    (Forge/ComfyUI: SGM / BFL names, fused Flux modules). ``index``: the host model's own modules (canonical
+    (Forge/ComfyUI: SGM / BFL names, fused Flux modules): the kohya dialect's write tables
+    (:func:`lora_compat.dialects.kohya_write.write_names`). ``index``: the host model's own modules (canonical
     names), when known; otherwise the detected base's full-size table. ``base``: the host model's base, when
     the host knows it: it decides where the header alone cannot (instead of the file's first candidate)."""
+    from .dialects.kohya_write import write_names  # the dialects' writers name through this module
+
     detection = detect(filename)
     if index is not None:
         patchset = detection.dialect.read(detection.file, index).fitted(index)
@@ -155,11 +159,7 @@ def convert(filename: str, layout: str, index: ModuleIndex | None = None, base: 
         patchset = detection.patchset
         index = index_for_file(plugins.archs()[base].index, patchset)
     conversion = Conversion(dialect=detection.dialect.id, base=base, unmatched=sorted(patchset.unmatched))
-    if layout == "diffusers":
-        one_te = "text_encoder_2" not in index.components
-        names = {t: HostName(_diffusers_flat(t, one_te)) for t in patchset}
-    else:
-        names = kohya_names(index, list(patchset), comfy=layout == "comfy", base=base)
+    names = write_names(index, list(patchset), layout, base)
     fused: dict[str, list[tuple[HostName, Patch]]] = {}
     for target, patch in patchset.items():
         name = names.get(target)
@@ -171,21 +171,12 @@ def convert(filename: str, layout: str, index: ModuleIndex | None = None, base: 
         else:
             fused.setdefault(name.name, []).append((name, patch))
     for module, parts in fused.items():
-        _put_fused(conversion, module, parts, index)
+        total = fused_rows(index, module[len("lora_unet_"):]) or max(h.rows[1] if h.rows else 0 for h, _ in parts)
+        patch, tensors = fused_module(module, parts, total)
+        for suffix, tensor in tensors.items():
+            conversion.tensors[f"{module}.{suffix}"] = tensor
+        conversion.patches[module] = (patch, None)
     return conversion
-
-
-def _diffusers_flat(target: str, one_text_encoder: bool) -> str:
-    """SD.Next's flat name of a diffusers module: ``lora_te_`` for the text encoder of a one-encoder model,
-    ``lora_te1_`` / ``lora_te2_`` with two (its ``assign_network_names_to_compvis_modules``)."""
-    component, _, path = target.partition(".")
-    prefixes = {"unet": "lora_unet_", "transformer": "lora_transformer_", **TE_PREFIXES}
-    if one_text_encoder:
-        prefixes["text_encoder"] = "lora_te_"
-    prefix = prefixes.get(component, f"lora_{component}_")
-    if component.startswith("text_encoder") and not path.startswith(("text_model.", "encoder.block.")):
-        path = "text_model." + path
-    return prefix + path.replace(".", "_")
 
 
 def _put(conversion: Conversion, name: str, patch: Patch, host: HostName | None) -> None:
@@ -200,16 +191,26 @@ def _put(conversion: Conversion, name: str, patch: Patch, host: HostName | None)
         conversion.tensors[f"{name}.{suffix}"] = tensor
 
 
-def _put_fused(conversion: Conversion, module: str, parts: list[tuple[HostName, Patch]], index) -> None:
-    """Patches on parts of a fused Flux module: one exact fused LoRA when the host computes it itself
-    (:meth:`FusedPatch.host_native`); otherwise the module is left to lora_compat's own patch."""
-    total = fused_rows(index, module[len("lora_unet_"):]) or max(h.rows[1] if h.rows else 0 for h, _ in parts)
+def fused_module(module: str, parts: Sequence[tuple[HostName, Patch]], total: int, *, written: str | None = None
+                 ) -> tuple[FusedPatch, dict[str, torch.Tensor]]:
+    """Patches on parts (rows) of one fused module of ``total`` rows (BFL ``qkv``, ``linear1``): the patch
+    lora_compat computes for the whole module, and its tensors as one exact fused LoRA (:func:`fused_lora`),
+    which only plain LoRA parts have.
+
+    Where there is no such LoRA, what is being written decides: a file (``written``: its source, for the
+    message) refuses, since it could not hold the module; for a host (``written`` ``None``) the tensors are
+    empty, as they are for swapped rows (:meth:`FusedPatch.host_native`), and the host falls back to
+    lora_compat's own patch."""
     routed = [(host_route(h, total), p) for h, p in parts]
     patch = FusedPatch(routed)
-    if patch.host_native():
-        for suffix, tensor in fused_lora(routed, total).items():
-            conversion.tensors[f"{module}.{suffix}"] = tensor
-    conversion.patches[module] = (patch, None)
+    if written is None:
+        return patch, (fused_lora(routed, total) or {}) if patch.host_native() else {}
+    tensors = fused_lora(routed, total)
+    if tensors is None:
+        kinds = sorted({p.kind for _, p in parts})
+        raise LoraCompatError(f"{written}: {module} fuses parts of kinds {kinds}; only plain LoRA parts can be "
+                              "assembled into one fused module")
+    return patch, tensors
 
 
 def host_route(name: HostName, total: int) -> Route:

@@ -239,10 +239,10 @@ def test_cli_convert_of_a_small_flux_file(tmp_path: Path, small_flux, base: list
 
 
 def test_host_names_of_a_small_flux_file_need_no_model(tmp_path: Path, small_flux) -> None:
-    """The webui/ComfyUI naming (``hostkeys.convert`` with no host index) lays out fused modules by the file too."""
+    """The webui/ComfyUI naming (``hostkeys.convert_for_host``, no host index) lays out fused modules by the file."""
     from safetensors.torch import save_file
 
-    from lora_compat.hostkeys import convert as host_convert
+    from lora_compat.hostkeys import convert_for_host as host_convert
 
     source, merged = write_flux_file(tmp_path, small_flux, "diffusers", FLUX_PARTIAL)
     conversion = host_convert(str(source), "comfy")

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from lora_compat.errors import LoraCompatError
-from lora_compat.hostkeys import Conversion, convert, host_native, index_from_state_dict, updown
+from lora_compat.hostkeys import Conversion, convert_for_host, host_native, index_from_state_dict, updown
 from lora_compat.patches import Patch
 
 def comfy_native(patch: Patch) -> bool:
@@ -124,7 +124,7 @@ def load_for_models(model: Any, clip: Any, path: str, strength_model: float, str
     found = dict(comfy_modules or sys.modules)
     comfy_sd, comfy_lora = found["comfy.sd"], found["comfy.lora"]
     shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()} if model is not None else {}
-    conversion = convert(path, "comfy", index_from_state_dict(shapes), base=loaded_base(model, clip))
+    conversion = convert_for_host(path, "comfy", index_from_state_dict(shapes), base=loaded_base(model, clip))
     if comfy_reads_itself(conversion):
         from safetensors.torch import load_file
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from lora_compat.errors import LoraCompatError
-from lora_compat.hostkeys import Conversion, HostName, convert, host_native, patch_from_weights, updown
+from lora_compat.hostkeys import Conversion, HostName, convert_for_host, host_native, patch_from_weights, updown
 from lora_compat.patches import Patch
 
 SETTING = "lora_compat_enabled"
@@ -92,7 +92,7 @@ def _read_converted(holder: Any, filename: str, layout: str) -> Callable[[], Non
     if not enabled():
         return None
     try:
-        conversion = convert(filename, layout, MODEL_INDEX["index"])
+        conversion = convert_for_host(filename, layout, MODEL_INDEX["index"])
     except LoraCompatError as exc:
         print(f"[lora_compat] {Path(filename).name}: {exc}", file=sys.stderr)
         return None
@@ -228,7 +228,7 @@ def forge_split(conversion: Conversion) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def _forge_convert(filename: str) -> dict[str, torch.Tensor]:
-    conversion = convert(filename, "comfy", MODEL_INDEX["index"])
+    conversion = convert_for_host(filename, "comfy", MODEL_INDEX["index"])
     CONVERTED[filename] = conversion
     report(filename, conversion)
     if forge_reads_itself(conversion):
@@ -376,6 +376,6 @@ def install(host_modules: Mapping[str, Any] | None = None) -> str | None:
     return None
 
 
-__all__ = ["install", "install_a1111", "install_sdnext", "install_forge", "convert", "make_module_type",
-           "patch_from_weights", "updown", "fix_empty_request", "forge_state_dict", "forge_weight_calculator", "set_model",
-           "forge_split", "forge_reads_itself", "CONVERTED"]
+__all__ = ["install", "install_a1111", "install_sdnext", "install_forge", "convert_for_host", "make_module_type",
+           "patch_from_weights", "updown", "fix_empty_request", "forge_state_dict", "forge_weight_calculator",
+           "set_model", "forge_split", "forge_reads_itself", "CONVERTED"]

@@ -1,7 +1,9 @@
 """The dialect contract and the shared machinery every dialect reads with.
 
 A dialect is one module with a :class:`Dialect` subclass: ``detect(header)`` scores the header alone
-(no tensor data), ``read(file, index)`` maps the file's modules to canonical targets of ``index``.
+(no tensor data), ``read(file, index)`` maps the file's modules to canonical targets of ``index``, and a
+dialect that writes (``writes``: the ``convert`` targets it serves) ``write(patchset, index)`` gives its
+tensors back under its names, from the same name tables ``read`` inverts.
 """
 from __future__ import annotations
 
@@ -9,17 +11,21 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import repeat
-from typing import Callable, ClassVar, Iterable, Mapping, Union
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Mapping, Union
 
 from ..archs import ModuleIndex
 from ..archs.flux import scaled_parts
 from ..archs.routes import Part
-from ..errors import NotALoraError
+from ..errors import LoraCompatError, NotALoraError
 from ..files import Header, LoraFile
 from ..patches import Patch, Ref, Scale
 from ..patches.build import IncompletePatch, build_patch, kind_table, split_key, suffix_role
 from ..patches.base import numel
 from ..patchset import PatchSet
+
+if TYPE_CHECKING:
+    from ..deltas import BaseWeights
+    from .writing import Written
 
 DEFAULT_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                           "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_2",
@@ -48,6 +54,8 @@ class Dialect(ABC):
     refuses: ClassVar[bool] = False
     #: the bases this dialect can be read against (``None``: whatever is registered)
     bases: ClassVar[tuple[str, ...] | None] = None
+    #: the ``convert`` targets this dialect writes (``write``'s ``target``); empty: it reads only
+    writes: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def detect(self, header: Header) -> Match | None:
@@ -57,8 +65,37 @@ class Dialect(ABC):
     def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
         """Map the file's tensors to patches on ``index`` 's modules (tensor data stays lazy)."""
 
+    def write(self, patchset: PatchSet, index: ModuleIndex, *, target: str | None = None, base: str | None = None,
+              rank: int | None = None, weights: "BaseWeights | None" = None) -> "Written":
+        """``patchset`` (canonical targets of ``index``) as this dialect's tensors and header entries.
+        ``target``: one of :attr:`writes` (default its first); ``base``: the base the patches are for;
+        ``rank``: compress kinds the dialect cannot hold to LoRAs of this rank (where it offers that);
+        ``weights``: the base weights, for kinds whose change depends on them."""
+        raise LoraCompatError(f"the {self.id} dialect reads only; convert writes the targets "
+                              f"{', '.join(write_targets())}")
+
+    def write_target(self, target: str | None) -> str:
+        """``target`` checked against :attr:`writes` (``None``: the first)."""
+        if target is None and self.writes:
+            return self.writes[0]
+        if target not in self.writes:
+            raise LoraCompatError(f"the {self.id} dialect writes {', '.join(self.writes) or 'nothing'}, "
+                                  f"not {target!r}")
+        return target
+
     def __repr__(self) -> str:
         return f"<dialect {self.id}>"
+
+
+def write_targets() -> dict[str, Dialect]:
+    """Every ``convert`` target → the registered dialect that writes it (the first to name it)."""
+    from ..plugins import dialects  # the registry imports the dialects: asked when first needed
+
+    targets: dict[str, Dialect] = {}
+    for dialect in dialects().values():
+        for target in dialect.writes:
+            targets.setdefault(target, dialect)
+    return targets
 
 
 class RefusingDialect(Dialect):

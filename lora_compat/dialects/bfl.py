@@ -3,16 +3,26 @@ lora_down/lora_up(+alpha) or LyCORIS kinds (``lokr_*``, ``hada_*``); ComfyUI tex
 from __future__ import annotations
 
 from ..archs import ModuleIndex
+from ..deltas import BaseWeights
+from ..errors import LoraCompatError
 from ..files import Header, LoraFile
+from ..hostkeys import HostName, kohya_names
 from ..patches.build import split_key
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, claimed_fraction
 from .flux_names import BFL_HEADS, BFL_TEXT_ENCODERS, resolve_bfl, widen_inputs
+from .kohya_write import KohyaWriter
+from .writing import Written
 
 PREFIXES = ("diffusion_model.", "model.diffusion_model.")
 _TEXT_ENCODER_PREFIXES = tuple(BFL_TEXT_ENCODERS)
 #: every BFL key starts with one of these (one call rejects the rest)
 _HEADS = (*PREFIXES, *BFL_HEADS, *_TEXT_ENCODER_PREFIXES)
+#: the component ``resolve_bfl`` reads BFL module names into, and the base whose ComfyUI text-encoder names
+#: (``BFL_TEXT_ENCODERS``) it reads
+_TRANSFORMER, _BASE = "transformer", "flux1"
+#: kohya suffix → the one BFL files carry
+_SUFFIXES = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
 
 
 def strip_prefix(key: str) -> str:
@@ -35,6 +45,8 @@ class BflDialect(Dialect):
     id = "bfl"
     description = "Flux LoRAs on BFL module names (diffusion_model.double_blocks...: ai-toolkit, ComfyUI)"
     bases = ("flux1",)
+    #: ``diffusion_model.<BFL name>``, fused modules assembled exactly; every LyCORIS kind keeps its tensors
+    writes = ("bfl",)
 
     def detect(self, header: Header) -> Match | None:
         fraction = claimed_fraction(header, is_bfl_key)
@@ -48,3 +60,32 @@ class BflDialect(Dialect):
     def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
         reader = ModuleReader(lambda module: resolve_bfl(index, module))
         return widen_inputs(reader.read(file, index, self.id, dotted=True, rename=strip_prefix), index)
+
+    def write(self, patchset: PatchSet, index: ModuleIndex, *, target: str | None = None, base: str | None = None,
+              rank: int | None = None, weights: BaseWeights | None = None) -> Written:
+        """``diffusion_model.<BFL name>`` (parts of a fused module assembled into one exact LoRA) and ComfyUI's
+        text-encoder names; every kind keeps its own tensors (``lora_A``/``lora_B`` for LoRA)."""
+        target = self.write_target(target)
+        if not index.fused_modules(_TRANSFORMER):
+            raise LoraCompatError(f"the bfl dialect names Flux modules; this LoRA is for {base}")
+        return KohyaWriter(patchset, index, target, weights, _SUFFIXES).write(bfl_names(index, list(patchset)))
+
+
+def bfl_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
+    """Canonical target → its BFL name: the inverse of :func:`resolve_bfl` by construction. A transformer module
+    is named by the fused module of ``index`` it is part of (with its rows, unless it is the whole module), a text
+    encoder by the ComfyUI name ``BFL_TEXT_ENCODERS`` reads."""
+    others = [t for t in targets if t.partition(".")[0] != _TRANSFORMER]
+    names = {t: n for t, n in kohya_names(index, others, comfy=True, base=_BASE).items()
+             if n.name.startswith(_TEXT_ENCODER_PREFIXES)}
+    transformer: dict[str, HostName] = {}
+    for module, parts in index.fused_modules(_TRANSFORMER).items():
+        whole = len(parts) == 1 and not parts[0].swap
+        for part in parts:
+            transformer[f"{_TRANSFORMER}.{part.target}"] = HostName(
+                PREFIXES[0] + module, None if whole else (part.start, part.stop), part.swap)
+    for target in targets:
+        found = transformer.get(target.removesuffix(".base_layer"))  # a module PEFT wraps: the wrapper's name
+        if found is not None:
+            names[target] = found
+    return names

@@ -5,13 +5,16 @@ from __future__ import annotations
 import re
 
 from ..archs import ModuleIndex
+from ..deltas import BaseWeights
 from ..files import Header, LoraFile
 from ..patches import Ref, Scale
 from ..patches.build import split_key
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction, component_parts
 from .flux_names import DIFFUSERS_FLUX_HEADS, widen_inputs
+from .lora_write import LoraWriter
 from .peft_scaling import PeftScaling, metadata_configs
+from .writing import Written
 
 COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
@@ -69,6 +72,8 @@ class DiffusersDialect(Dialect):
     id = "diffusers"
     description = ("diffusers save_lora_weights files (unet./text_encoder(_2)./transformer. or bare Flux names + "
                    "lora_A/lora_B), legacy layouts")
+    #: ``<component>.<module>.lora_A/lora_B`` with ``lora_adapter_metadata``: LoRA and PEFT DoRA
+    writes = ("diffusers",)
 
     def detect(self, header: Header) -> Match | None:
         fraction = claimed_fraction(header, is_diffusers_key)
@@ -104,6 +109,16 @@ class DiffusersDialect(Dialect):
         reader = ModuleReader(resolve, scale_for, extra_warnings=warnings)
         rename = _rename
         return widen_inputs(reader.read(file, index, self.id, dotted=True, rename=rename), index)
+
+    def write(self, patchset: PatchSet, index: ModuleIndex | None, *, target: str | None = None,
+              base: str | None = None, rank: int | None = None, weights: BaseWeights | None = None,
+              scale_in_up: bool = False) -> Written:
+        """Canonical names (what ``read`` resolves by ``index.resolve``), the scales in ``lora_adapter_metadata``;
+        other kinds than LoRA/DoRA need ``rank`` (truncated SVD). ``scale_in_up``: the state dict diffusers'
+        ``load_lora_weights`` takes (the rank scale folded into ``lora_B``, no metadata, plain LoRA only; a
+        ``.base_layer`` target names its PEFT wrapper); ``index`` may then be ``None``."""
+        target = self.write_target(target)
+        return LoraWriter(patchset, index, target, rank, weights, scale_in_up=scale_in_up).write()
 
 
 def _rename(key: str) -> str:

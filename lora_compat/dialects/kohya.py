@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from ..archs import ModuleIndex
+from ..deltas import BaseWeights
 from ..files import Header, LoraFile
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, claimed_fraction, kohya_resolver
+from .kohya_write import KohyaWriter, write_names
+from .writing import Written
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
@@ -18,6 +21,9 @@ def is_kohya_key(key: str) -> bool:
 class KohyaDialect(Dialect):
     id = "kohya"
     description = "kohya sd-scripts LoRA/LoCon/DyLoRA (lora_unet_/lora_te_ names: SD1-style, SGM, Flux BFL names)"
+    #: ``webui``: AUTOMATIC1111's compvis/SGM names for every base; ``kohya``: sd-scripts' (diffusers-style UNet
+    #: names for SD1/SD2); every LyCORIS kind keeps its own tensors
+    writes = ("kohya", "webui")
 
     def detect(self, header: Header) -> Match | None:
         fraction = claimed_fraction(header, is_kohya_key)
@@ -28,6 +34,15 @@ class KohyaDialect(Dialect):
     def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
         patchset = ModuleReader(kohya_resolver(index)).read(file, index, self.id, dotted=False)
         return explain_trailing_underscores(patchset)
+
+    def write(self, patchset: PatchSet, index: ModuleIndex, *, target: str | None = None, base: str | None = None,
+              rank: int | None = None, weights: BaseWeights | None = None) -> Written:
+        """Kohya-style names of ``target``'s layout (:func:`~lora_compat.dialects.kohya_write.write_names`);
+        ``rank`` is not needed: every kind has its own tensors here (PEFT OFT/BOFT/IA3 are written as their exact
+        ``diff`` of ``weights``)."""
+        target = self.write_target(target)
+        names = write_names(index, list(patchset), target, base)
+        return KohyaWriter(patchset, index, target, weights).write(names)
 
 
 def explain_trailing_underscores(patchset: PatchSet) -> PatchSet:

@@ -6,11 +6,14 @@ import re
 from pathlib import Path
 
 from ..archs import ModuleIndex
+from ..deltas import BaseWeights
 from ..files import Header, LoraFile
 from ..patches import Ref, Scale
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, any_key_starts, claimed_fraction
+from .lora_write import LoraWriter
 from .peft_scaling import PeftScaling
+from .writing import Written
 
 PREFIX = "base_model.model."
 _ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.default(\.|$)")
@@ -44,6 +47,9 @@ def load_adapter_config(path: Path | None) -> dict | None:
 class PeftDialect(Dialect):
     id = "peft"
     description = "PEFT save_pretrained adapters (base_model.model. + lora_A/lora_B, adapter_config.json)"
+    #: one model's LoRA/DoRA: ``base_model.model.<module>``, the config under ``lora_compat.peft_config``
+    #: (``conversion.save`` writes it out as ``adapter_config.json``)
+    writes = ("peft",)
 
     def detect(self, header: Header) -> Match | None:
         if not any_key_starts(header, PREFIX):
@@ -79,3 +85,10 @@ class PeftDialect(Dialect):
 
         reader = ModuleReader(resolve, scale_for, extra_warnings=warnings)
         return reader.read(file, index, self.id, dotted=True, rename=strip_adapter_name)
+
+    def write(self, patchset: PatchSet, index: ModuleIndex, *, target: str | None = None, base: str | None = None,
+              rank: int | None = None, weights: BaseWeights | None = None) -> Written:
+        """One component's modules by their path after ``base_model.model.`` (what ``read`` resolves against each
+        component), the scales in the PEFT config; other kinds than LoRA/DoRA need ``rank``."""
+        target = self.write_target(target)
+        return LoraWriter(patchset, index, target, rank, weights, model_prefix=PREFIX).write()

@@ -15,7 +15,7 @@ from hostmodels import (STRENGTH, VARIANTS, assert_close, assert_restored, asser
                         text_model, tree)
 from hoststubs import comfy_env
 from lora_compat.adapters import comfyui
-from lora_compat.hostkeys import convert
+from lora_compat.hostkeys import convert_for_host
 from lora_compat.oracles.peft_oracle import write_peft_file
 
 CPU = torch.device("cpu")
@@ -96,7 +96,7 @@ def test_comfyui_chain_with_comfyuis_own_loader(comfy, sd15, sd_files) -> None:
     first, second = sd_files["lora"], sd_files["dora_in"]
     want = sequential(sd15, [first, second])
     model, clip = comfy_models(comfy, sd15)
-    tensors = convert(str(first), "comfy").tensors
+    tensors = convert_for_host(str(first), "comfy").tensors
     model, clip = comfy.sd.load_lora_for_models(model, clip, tensors, STRENGTH, STRENGTH)
     model, clip = node(comfy, model, clip, second)
     got = patched(model, clip, lambda: parameters_by_name(sd15))
