@@ -69,12 +69,11 @@ class PeftDialect(Dialect):
             warnings.append("no adapter_config.json beside the file: alpha = rank (scale 1) assumed")
         scaling = PeftScaling.from_config(config) if config else None
         base_class = ((config or {}).get("auto_mapping") or {}).get("base_model_class")
-        preferred = BASE_CLASS_COMPONENT.get(base_class)
-        order = [c for c in ([preferred] if preferred else []) + list(index.components) if index.has_component(c)]
+        order = _read_order(index, BASE_CLASS_COMPONENT.get(base_class))
 
         def resolve(module: str) -> str | None:
             path = module[len(PREFIX):] if module.startswith(PREFIX) else module
-            for component in dict.fromkeys(order):
+            for component in order:
                 found = index.resolve(f"{component}.{path}")
                 if found:
                     return f"{found[0]}.{found[1]}"
@@ -91,4 +90,25 @@ class PeftDialect(Dialect):
         """One component's modules by their path after ``base_model.model.`` (what ``read`` resolves against each
         component), the scales in the PEFT config; other kinds than LoRA/DoRA need ``rank``."""
         target = self.write_target(target)
-        return LoraWriter(patchset, index, target, rank, weights, model_prefix=PREFIX).write()
+        written = LoraWriter(patchset, index, target, rank, weights, model_prefix=PREFIX).write()
+        component = next(iter(patchset), "").partition(".")[0]
+        order = _read_order(index, None)
+        misread = any(next((c for c in order if index.resolve(f"{c}.{t.partition('.')[2]}")), component) != component
+                      for t in patchset)
+        if misread and component in _COMPONENT_CLASS:
+            # ``read`` would take these paths for an earlier component (SDXL's text_encoder_2 has text_encoder's
+            # paths): name the model's class, as PEFT's own ``auto_mapping`` does
+            config = json.loads(written.metadata["lora_compat.peft_config"])
+            config["auto_mapping"] = {"base_model_class": _COMPONENT_CLASS[component]}
+            written.metadata["lora_compat.peft_config"] = json.dumps(config)
+        return written
+
+
+#: component → the model class ``read`` takes it from (the inverse of :data:`BASE_CLASS_COMPONENT`)
+_COMPONENT_CLASS = {component: name for name, component in BASE_CLASS_COMPONENT.items()}
+
+
+def _read_order(index: ModuleIndex, preferred: str | None) -> list[str]:
+    """The components ``read`` resolves a path against, in order: the config's model class's first."""
+    return list(dict.fromkeys(c for c in ([preferred] if preferred else []) + list(index.components)
+                              if index.has_component(c)))
