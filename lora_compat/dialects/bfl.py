@@ -2,17 +2,20 @@
 lora_down/lora_up(+alpha) or LyCORIS kinds (``lokr_*``, ``hada_*``); ComfyUI text-encoder names too."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..archs import ModuleIndex
-from ..deltas import BaseWeights
 from ..errors import LoraCompatError
 from ..files import Header, LoraFile
-from ..hostkeys import HostName, kohya_names
 from ..patches.build import split_key
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, claimed_fraction
 from .flux_names import BFL_HEADS, BFL_TEXT_ENCODERS, resolve_bfl, widen_inputs
-from .kohya_write import KohyaWriter
-from .writing import Written
+
+if TYPE_CHECKING:
+    from ..deltas import BaseWeights
+    from ..hostkeys import HostName
+    from .writing import Written
 
 PREFIXES = ("diffusion_model.", "model.diffusion_model.")
 _TEXT_ENCODER_PREFIXES = tuple(BFL_TEXT_ENCODERS)
@@ -62,23 +65,27 @@ class BflDialect(Dialect):
         return widen_inputs(reader.read(file, index, self.id, dotted=True, rename=strip_prefix), index)
 
     def write(self, patchset: PatchSet, index: ModuleIndex, *, target: str | None = None, base: str | None = None,
-              rank: int | None = None, weights: BaseWeights | None = None) -> Written:
+              rank: int | None = None, weights: "BaseWeights | None" = None) -> "Written":
         """``diffusion_model.<BFL name>`` (parts of a fused module assembled into one exact LoRA) and ComfyUI's
         text-encoder names; every kind keeps its own tensors (``lora_A``/``lora_B`` for LoRA)."""
+        from .kohya_write import KohyaWriter  # torch: not imported for header work
+
         target = self.write_target(target)
         if not index.fused_modules(_TRANSFORMER):
             raise LoraCompatError(f"the bfl dialect names Flux modules; this LoRA is for {base}")
         return KohyaWriter(patchset, index, target, weights, _SUFFIXES).write(bfl_names(index, list(patchset)))
 
 
-def bfl_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
+def bfl_names(index: ModuleIndex, targets: list[str]) -> dict[str, "HostName"]:
     """Canonical target → its BFL name: the inverse of :func:`resolve_bfl` by construction. A transformer module
     is named by the fused module of ``index`` it is part of (with its rows, unless it is the whole module), a text
     encoder by the ComfyUI name ``BFL_TEXT_ENCODERS`` reads."""
+    from ..hostkeys import HostName, kohya_names
+
     others = [t for t in targets if t.partition(".")[0] != _TRANSFORMER]
     names = {t: n for t, n in kohya_names(index, others, comfy=True, base=_BASE).items()
              if n.name.startswith(_TEXT_ENCODER_PREFIXES)}
-    transformer: dict[str, HostName] = {}
+    transformer: dict[str, "HostName"] = {}
     for module, parts in index.fused_modules(_TRANSFORMER).items():
         whole = len(parts) == 1 and not parts[0].swap
         for part in parts:

@@ -3,18 +3,20 @@ legacy attention-processor / ``.lora.down`` / ``lora_linear_layer`` layouts."""
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from ..archs import ModuleIndex
-from ..deltas import BaseWeights
 from ..files import Header, LoraFile
 from ..patches import Ref, Scale
 from ..patches.build import split_key
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction, component_parts
 from .flux_names import DIFFUSERS_FLUX_HEADS, widen_inputs
-from .lora_write import LoraWriter
 from .peft_scaling import PeftScaling, metadata_configs
-from .writing import Written
+
+if TYPE_CHECKING:
+    from ..deltas import BaseWeights
+    from .writing import Written
 
 COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "transformer.")
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
@@ -111,12 +113,14 @@ class DiffusersDialect(Dialect):
         return widen_inputs(reader.read(file, index, self.id, dotted=True, rename=rename), index)
 
     def write(self, patchset: PatchSet, index: ModuleIndex | None, *, target: str | None = None,
-              base: str | None = None, rank: int | None = None, weights: BaseWeights | None = None,
-              scale_in_up: bool = False) -> Written:
+              base: str | None = None, rank: int | None = None, weights: "BaseWeights | None" = None,
+              scale_in_up: bool = False) -> "Written":
         """Canonical names (what ``read`` resolves by ``index.resolve``), the scales in ``lora_adapter_metadata``;
         other kinds than LoRA/DoRA need ``rank`` (truncated SVD). ``scale_in_up``: the state dict diffusers'
         ``load_lora_weights`` takes (the rank scale folded into ``lora_B``, no metadata, plain LoRA only; a
         ``.base_layer`` target names its PEFT wrapper); ``index`` may then be ``None``."""
+        from .lora_write import LoraWriter  # torch: not imported for header work
+
         target = self.write_target(target)
         return LoraWriter(patchset, index, target, rank, weights, scale_in_up=scale_in_up).write()
 

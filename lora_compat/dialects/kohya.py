@@ -1,13 +1,16 @@
 """kohya sd-scripts LoRA / LoCon / DyLoRA: ``lora_unet_*``, ``lora_te[12]_*`` + lora_down/lora_up/alpha."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..archs import ModuleIndex
-from ..deltas import BaseWeights
 from ..files import Header, LoraFile
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, claimed_fraction, kohya_resolver
-from .kohya_write import KohyaWriter, write_names
-from .writing import Written
+
+if TYPE_CHECKING:
+    from ..deltas import BaseWeights
+    from .writing import Written
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
@@ -36,10 +39,12 @@ class KohyaDialect(Dialect):
         return explain_trailing_underscores(patchset)
 
     def write(self, patchset: PatchSet, index: ModuleIndex, *, target: str | None = None, base: str | None = None,
-              rank: int | None = None, weights: BaseWeights | None = None) -> Written:
+              rank: int | None = None, weights: "BaseWeights | None" = None) -> "Written":
         """Kohya-style names of ``target``'s layout (:func:`~lora_compat.dialects.kohya_write.write_names`);
         ``rank`` is not needed: every kind has its own tensors here (PEFT OFT/BOFT/IA3 are written as their exact
         ``diff`` of ``weights``)."""
+        from .kohya_write import KohyaWriter, write_names  # torch: not imported for header work
+
         target = self.write_target(target)
         names = write_names(index, list(patchset), target, base)
         return KohyaWriter(patchset, index, target, weights).write(names)

@@ -4,16 +4,18 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..archs import ModuleIndex
-from ..deltas import BaseWeights
 from ..files import Header, LoraFile
 from ..patches import Ref, Scale
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, any_key_starts, claimed_fraction
-from .lora_write import LoraWriter
 from .peft_scaling import PeftScaling
-from .writing import Written
+
+if TYPE_CHECKING:
+    from ..deltas import BaseWeights
+    from .writing import Written
 
 PREFIX = "base_model.model."
 _ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.default(\.|$)")
@@ -86,9 +88,11 @@ class PeftDialect(Dialect):
         return reader.read(file, index, self.id, dotted=True, rename=strip_adapter_name)
 
     def write(self, patchset: PatchSet, index: ModuleIndex, *, target: str | None = None, base: str | None = None,
-              rank: int | None = None, weights: BaseWeights | None = None) -> Written:
+              rank: int | None = None, weights: "BaseWeights | None" = None) -> "Written":
         """One component's modules by their path after ``base_model.model.`` (what ``read`` resolves against each
         component), the scales in the PEFT config; other kinds than LoRA/DoRA need ``rank``."""
+        from .lora_write import LoraWriter  # torch: not imported for header work
+
         target = self.write_target(target)
         written = LoraWriter(patchset, index, target, rank, weights, model_prefix=PREFIX).write()
         component = next(iter(patchset), "").partition(".")[0]
