@@ -4,16 +4,21 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 from .. import __version__
 from . import describe, hosts, library, write
-from .describe import format_inspection
+from .describe import cmd_demo, cmd_dialects, cmd_inspect, cmd_matrix, format_inspection
 from .errors import describe_error, run_command
+from .hosts import cmd_install
+from .library import cmd_index, cmd_recommend, cmd_search
 from .parsing import add_command
+from .write import cmd_bake, cmd_convert, cmd_merge
 
-__all__ = ["main", "build_parser", "format_inspection", "describe_error"]
+# the names cli.py had, kept importable from here
+__all__ = ["main", "build_parser", "format_inspection", "describe_error", "cmd_inspect", "cmd_dialects", "cmd_demo",
+           "cmd_convert", "cmd_bake", "cmd_matrix", "cmd_index", "cmd_search", "cmd_recommend", "cmd_merge",
+           "cmd_install"]
 
 #: the subcommands, in the order ``--help`` lists them
 COMMANDS = (describe.INSPECT, describe.DIALECTS, describe.DEMO, write.CONVERT, write.BAKE, describe.MATRIX,
@@ -36,7 +41,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     (``--debug`` or ``LORA_COMPAT_DEBUG=1`` adds the traceback); Ctrl-C exits 130, SIGTERM 143 (outputs in
     progress are removed either way), a closed stdout pipe (``| head``) 141 in silence."""
     return run_command(build_parser().parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
