@@ -32,7 +32,10 @@ from lora_compat.apply import component_modules
 from lora_compat.errors import LoraCompatError
 from lora_compat.patcher import Entry
 
-from . import diffusers as adapter
+from .diffusers_load import _restore_originals
+from .diffusers_patcher import _components, _patcher_modules, _reconcile_patcher, peft_writes_in_place, \
+    remove_patcher_adapters
+from .diffusers_state import _forget, _lock, _peft_adapter_names, _state, _tuner_layers
 
 METHODS = ("get_list_adapters", "get_active_adapters", "set_adapters", "delete_adapters", "unload_lora_weights",
            "disable_lora", "enable_lora", "fuse_lora", "unfuse_lora")
@@ -67,17 +70,17 @@ def uninstall() -> None:
 
 
 def _patcher_names(pipe: Any) -> list[str]:
-    return list(adapter._state(pipe).patcher_entries)
+    return list(_state(pipe).patcher_entries)
 
 
 # -- listing --------------------------------------------------------------------------------------------------
 def _get_list_adapters(original):
     def get_list_adapters(self) -> dict[str, list[str]]:
         listed = original(self)
-        state = adapter._state(self)
+        state = _state(self)
         ours: dict[str, list[str]] = {}
         for name, entry in state.patcher_entries.items():
-            for component in adapter._components(entry):
+            for component in _components(entry):
                 ours.setdefault(component, []).append(name)
         if not ours:
             return listed
@@ -95,7 +98,7 @@ def _get_list_adapters(original):
 def _get_active_adapters(original):
     def get_active_adapters(self) -> list[str]:
         active = list(original(self))
-        state = adapter._state(self)
+        state = _state(self)
         active += [n for n in state.patcher_entries if n not in state.inactive and n not in active]
         if state.order:  # the order of the last set_adapters call, as diffusers reports it
             position = {n: i for i, n in enumerate(state.order)}
@@ -117,7 +120,7 @@ def _weighted(entry: Entry, name: str, weight: Any) -> Entry:
         raise LoraCompatError(f"set_adapters: the weight of adapter {name!r} must be a number or a dict "
                               f"{{component: number}}, not {weight!r}")
     factors = {}
-    for component in adapter._components(entry):
+    for component in _components(entry):
         value = weight.get(component)
         value = 1.0 if value is None else value
         if not isinstance(value, numbers.Real) or isinstance(value, bool):
@@ -131,8 +134,8 @@ def _weighted(entry: Entry, name: str, weight: Any) -> Entry:
 
 def _set_adapters(original):
     def set_adapters(self, adapter_names, adapter_weights=None):
-        with adapter._lock:
-            state = adapter._state(self)
+        with _lock:
+            state = _state(self)
             ours = set(state.patcher_entries)
             if not ours:
                 return original(self, adapter_names, adapter_weights)
@@ -143,7 +146,7 @@ def _set_adapters(original):
             if len(names) != len(weights):  # diffusers' own checks and messages, before anything changes
                 raise ValueError(f"Length of adapter names {len(names)} is not equal to the length of the weights "
                                  f"{len(weights)}")
-            theirs_present = adapter._peft_adapter_names(self)
+            theirs_present = _peft_adapter_names(self)
             missing = set(names) - ours - theirs_present
             if missing:
                 raise ValueError(f"Adapter name(s) {missing} not in the list of present adapters: "
@@ -158,7 +161,7 @@ def _set_adapters(original):
             state.patcher_entries.update(chosen)
             state.inactive = ours - set(chosen)
             try:
-                adapter._reconcile_patcher(self, state)
+                _reconcile_patcher(self, state)
             except BaseException:
                 state.patcher_entries, state.inactive = before
                 raise
@@ -171,20 +174,20 @@ def _set_adapters(original):
 # -- removing -------------------------------------------------------------------------------------------------
 def _delete_adapters(original):
     def delete_adapters(self, adapter_names):
-        with adapter._lock:
-            state = adapter._state(self)
+        with _lock:
+            state = _state(self)
             names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
             ours = [n for n in names if n in state.patcher_entries]
             theirs = [n for n in names if n not in ours]
             _refuse_fused_under_patcher(self, state, theirs, keep=[n for n in state.patcher_entries if n not in ours])
             if ours:  # first: PEFT layers fused over modules the patcher writes are still there to lift
-                adapter.remove_patcher_adapters(self, state, ours, bake=True)
+                remove_patcher_adapters(self, state, ours, bake=True)
             result = None
             if theirs or not ours:
                 result = original(self, theirs if ours else adapter_names)
             for name in theirs:  # diffusers/peft-route adapters of lora_compat.load: the name is free again
                 if state.routes.get(name) is not None:
-                    adapter._forget(state, name)
+                    _forget(state, name)
             return result
 
     return delete_adapters
@@ -212,21 +215,21 @@ def _refuse_fused_under_patcher(pipe: Any, state: Any, deleted: list[str], keep:
 
 def _unload_lora_weights(original):
     def unload_lora_weights(self, *args, **kwargs):
-        with adapter._lock:
-            state = adapter._state(self)
-            fused = any(getattr(layer, "merged", False) for layer in adapter._tuner_layers(self)) or \
+        with _lock:
+            state = _state(self)
+            fused = any(getattr(layer, "merged", False) for layer in _tuner_layers(self)) or \
                 (bool(state.fused) and not state.disabled)
             # first, while the PEFT wrappers the patcher's targets may run through (``...base_layer``) still exist
-            adapter.remove_patcher_adapters(self, state, _patcher_names(self), bake=True)
+            remove_patcher_adapters(self, state, _patcher_names(self), bake=True)
             result = original(self, *args, **kwargs)
             for name in list(state.routes):
-                adapter._forget(state, name)
+                _forget(state, name)
             state.disabled, state.order = False, []
             if fused:  # diffusers keeps fused adapters in the weights: so do we
                 state.originals.clear()
                 self.__dict__.pop("fuse_lora", None)
             else:  # nothing fused now: undo the drift of any earlier fuse_lora/unfuse_lora round trip
-                adapter._restore_originals(self, state)
+                _restore_originals(self, state)
             return result
 
     return unload_lora_weights
@@ -236,12 +239,12 @@ def _unload_lora_weights(original):
 def _toggle(disabled: bool):
     def wrap(original):
         def toggle(self):
-            with adapter._lock:
+            with _lock:
                 result = original(self)
-                state = adapter._state(self)
+                state = _state(self)
                 previous, state.disabled = state.disabled, disabled
                 try:
-                    adapter._reconcile_patcher(self, state)
+                    _reconcile_patcher(self, state)
                 except BaseException:
                     state.disabled = previous
                     raise
@@ -254,9 +257,9 @@ def _toggle(disabled: bool):
 
 def _fuse_lora(original):
     def fuse_lora(self, components=None, lora_scale=1.0, safe_fusing=False, adapter_names=None, **kwargs):
-        with adapter._lock:
-            state = adapter._state(self)
-            with adapter.peft_writes_in_place(self, adapter._patcher_modules(state, [])):
+        with _lock:
+            state = _state(self)
+            with peft_writes_in_place(self, _patcher_modules(state, [])):
                 result = original(self, components=components, lora_scale=lora_scale, safe_fusing=safe_fusing,
                                   adapter_names=adapter_names, **kwargs)
             before = copy.deepcopy(state.fused)
@@ -265,14 +268,14 @@ def _fuse_lora(original):
                 if not chosen:  # as PEFT: the named adapters, else the active ones
                     continue
                 fused = state.fused.setdefault(name, {})
-                for component in adapter._components(entry):
+                for component in _components(entry):
                     strength = entry.strength_for(component)
                     if component in components and component not in fused and strength is not None:
                         fused[component] = strength * lora_scale
                 if not fused:
                     del state.fused[name]
             try:
-                adapter._reconcile_patcher(self, state)
+                _reconcile_patcher(self, state)
             except BaseException:
                 state.fused = before
                 raise
@@ -283,11 +286,11 @@ def _fuse_lora(original):
 
 def _unfuse_lora(original):
     def unfuse_lora(self, components=None, **kwargs):
-        with adapter._lock:
+        with _lock:
             # PEFT's unmerge subtracts; where it subtracts from weights the patcher writes, they are rewritten
-            rewrite = any(getattr(layer, "merged", False) for layer in adapter._tuner_layers(self))
-            state = adapter._state(self)
-            with adapter.peft_writes_in_place(self, adapter._patcher_modules(state, [])):
+            rewrite = any(getattr(layer, "merged", False) for layer in _tuner_layers(self))
+            state = _state(self)
+            with peft_writes_in_place(self, _patcher_modules(state, [])):
                 result = original(self, components=components, **kwargs)
             before = copy.deepcopy(state.fused)
             for name in list(state.fused):
@@ -295,7 +298,7 @@ def _unfuse_lora(original):
                 if not state.fused[name]:
                     del state.fused[name]
             try:
-                adapter._reconcile_patcher(self, state, rewrite=rewrite)
+                _reconcile_patcher(self, state, rewrite=rewrite)
             except BaseException:
                 state.fused = before
                 raise

@@ -25,7 +25,7 @@ from lora_compat.hostkeys import Conversion, convert_for_host
 from lora_compat.matrix import RouteQuery
 
 from . import comfyui, webui
-from .diffusers import choose_route
+from .diffusers_load import choose_route
 
 
 @dataclass(frozen=True)

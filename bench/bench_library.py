@@ -23,6 +23,7 @@ from library_files import BASES, PARAPHRASES, QUERIES, TOPICS, write_lora  # noq
 from lora_compat import library as library_module  # noqa: E402
 from lora_compat import retrieval  # noqa: E402
 from lora_compat.library import Library, semantic_available  # noqa: E402
+from lora_compat.library.documents import embedding_entry  # noqa: E402
 
 #: a fresh process: open the library, run one search (the BM25 index comes from the saved copy), report timings
 COLD_SEARCH = """
@@ -119,8 +120,8 @@ def bench_semantic(db: Path, encoded_rows: int, cold_runs: int) -> None:
         seconds = time.perf_counter() - start
         print(f"embedding {len(originals)} documents: {seconds:.2f} s = {len(originals) / seconds:.0f} documents/s")
         # the copies get their original's vector, inserted directly (encoding 10,000 documents takes minutes here)
-        vectors = {row["path"]: encoded[library_module._embedding_entry(row)[0]] for row in originals}
-        records = [(*library_module._embedding_entry(row)[0], library_module.SEMANTIC_MODEL_ID,
+        vectors = {row["path"]: encoded[embedding_entry(row).key] for row in originals}
+        records = [(*embedding_entry(row).key, library_module.SEMANTIC_MODEL_ID,
                     vectors[row["path"].split(".copy")[0]].tobytes()) for row in rows if ".copy" in row["path"]]
         with library.db:
             library.db.executemany("INSERT OR REPLACE INTO embeddings (file_key, doc_digest, model, vector) "

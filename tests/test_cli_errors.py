@@ -148,7 +148,7 @@ def test_the_library_database_is_created_whole_with_umask_permissions(tmp_path, 
 
 
 def test_a_library_database_that_fails_to_be_created_leaves_nothing(tmp_path, monkeypatch, capsys):
-    import lora_compat.library as library
+    import lora_compat.library.schema as library
 
     monkeypatch.setattr(library, "MIGRATIONS", (*library.MIGRATIONS[:3], "CREATE TABLE loras (x)"))
     db = tmp_path / "lib.sqlite"
@@ -404,7 +404,7 @@ def test_semantic_search_says_what_it_loads(tmp_path, small_lora, monkeypatch, c
     capsys.readouterr()
     monkeypatch.setattr(retrieval, "load_embedder", functools.lru_cache(maxsize=1)(lambda: None))  # a cold one
     monkeypatch.setattr(retrieval, "semantic_available", lambda: True)
-    monkeypatch.setattr("lora_compat.library.semantic_available", lambda: True)
+    monkeypatch.setattr("lora_compat.library.store.semantic_available", lambda: True)
     monkeypatch.setattr(Library, "search", lambda self, *a, **k: [])
     assert main(["search", "cat", "--db", db, "--semantic"]) == 0
     err = capsys.readouterr().err

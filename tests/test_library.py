@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_compat.cli import main
-from lora_compat import library as library_module
+from lora_compat.library import store as library_module
 from lora_compat import retrieval
 from lora_compat.errors import LoraCompatError
 from lora_compat.library import MIGRATIONS, Library
