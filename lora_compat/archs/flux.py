@@ -10,6 +10,7 @@ import re
 from typing import Iterable, Mapping
 
 from .base import Arch
+from .names import HostNames
 from .routes import FusedLayout, ParamShapes, Part, Route
 
 #: BFL module in ``double_blocks.N`` → the canonical modules in ``transformer_blocks.N``, in row order
@@ -104,29 +105,6 @@ def bfl_parts(modules: Mapping[str, ParamShapes]) -> dict[str, list[Part]]:
             row += rows
         result[bfl] = parts
     return result
-
-
-def scaled_parts(parts: list[Part], rows: int, width: tuple[int, int] | None = None) -> list[Part] | None:
-    """The parts of a fused module laid out for a patch of ``rows`` output rows, when the model is another width
-    than the table's: FLUX.1 keeps its proportions at any width (q, k, v equal, the MLP part 4x), so the table's
-    boundaries scale by ``width`` = (the patch's input columns, the table's). The parts the rows cover are kept
-    (xlabs' single-block qkv covers q, k, v of ``linear1``). Without ``width``, the whole module is tried first,
-    then its first parts. ``None`` when no layout gives whole rows."""
-    if width is not None:
-        new, old = width
-        if any((p.start * new) % old or (p.stop * new) % old for p in parts):
-            return None
-        scaled = [Part(p.target, p.start * new // old, p.stop * new // old, p.swap) for p in parts]
-        covered = [p for p in scaled if p.stop <= rows]
-        return covered if covered and covered[-1].stop == rows else None
-    for count in range(len(parts), 0, -1):
-        if count == 1 and len(parts) > 1:
-            break  # one part of a fused module alone is no layout a trainer writes
-        end = parts[count - 1].stop
-        if any((rows * p.start) % end or (rows * p.stop) % end for p in parts[:count]):
-            continue
-        return [Part(p.target, rows * p.start // end, rows * p.stop // end, p.swap) for p in parts[:count]]
-    return None
 
 
 def rows_from_file(modules: Mapping[str, ParamShapes], rows: Mapping[str, int]) -> dict[str, ParamShapes]:
@@ -230,7 +208,11 @@ FLUX1 = Arch(
     kohya_prefixes=FLUX_KOHYA_PREFIXES, metadata_hint=_flux_hint,
     component_classes={"transformer": ("FluxTransformer2DModel",), "text_encoder": ("CLIPTextModel",),
                        "text_encoder_2": ("T5EncoderModel",)},
-    fused_layout=FusedLayout(is_flux_transformer, is_bfl_transformer, bfl_parts, canonical_from_bfl),
+    fused_layout=FusedLayout(is_flux_transformer, is_bfl_transformer, bfl_parts, canonical_from_bfl,
+                             rows_from_file),
+    # the transformer under its BFL names (its fused layout), CLIP-L under lora_te_, T5 under lora_te3_
+    host_names={"transformer": HostNames("lora_unet_"), "text_encoder": HostNames("lora_te_", encoder="clip"),
+                "text_encoder_2": HostNames("lora_te3_", encoder="t5")},
 )
 
 #: FLUX.1-dev's published configs (transformer, CLIP-L, T5-XXL v1.1 encoder)

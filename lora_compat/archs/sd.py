@@ -5,6 +5,8 @@ import re
 from typing import Iterable, Mapping
 
 from .base import Arch
+from .names import HostNames
+from .routes import ModuleTable
 
 RESNET_TO_SGM = {
     "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -87,24 +89,41 @@ SD_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1
 
 SD_CLASSES = {"unet": ("UNet2DConditionModel",), "text_encoder": ("CLIPTextModel",),
               "text_encoder_2": ("CLIPTextModelWithProjection",)}
+#: the UNet under its SGM (compvis) names; one CLIP encoder under lora_te_, SDXL's two under lora_te1_/lora_te2_
+_UNET_NAMES = HostNames("lora_unet_", aliases=sgm_aliases)
+SD_NAMES = {"unet": _UNET_NAMES, "text_encoder": HostNames("lora_te_", encoder="clip")}
+SDXL_NAMES = {"unet": _UNET_NAMES, "text_encoder": HostNames("lora_te1_", encoder="clip"),
+              "text_encoder_2": HostNames("lora_te2_", encoder="clip")}
+STRUCTURE_TITLE = "a Stable Diffusion UNet model"
+
+
+def _structure(two_text_encoders: bool):
+    """A model with a UNet is a Stable Diffusion one; SDXL's has a second text encoder."""
+    def hint(components: Mapping[str, ModuleTable]) -> bool:
+        return "unet" in components and ("text_encoder_2" in components) == two_text_encoders
+    return hint
+
 
 SD15 = Arch(
     id="sd15", title="Stable Diffusion 1.x", table_file="sd15.json.gz",
     kohya_prefixes=SD_KOHYA_PREFIXES,
     metadata_hint=_hint({"sd_v1"}, ("stable-diffusion-v1",)),
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
+    host_names=SD_NAMES, model_hint=_structure(False), structure_title=STRUCTURE_TITLE,
 )
 SD2 = Arch(
     id="sd2", title="Stable Diffusion 2.x", table_file="sd2.json.gz",
     kohya_prefixes=SD_KOHYA_PREFIXES,
     metadata_hint=_hint({"sd_v2", "sd_v2_v"}, ("stable-diffusion-v2",)),
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
+    host_names=SD_NAMES, model_hint=_structure(False), structure_title=STRUCTURE_TITLE,
 )
 SDXL = Arch(
     id="sdxl", title="Stable Diffusion XL", table_file="sdxl.json.gz",
     kohya_prefixes=SD_KOHYA_PREFIXES,
     metadata_hint=_hint({"sdxl_base_v1-0", "sdxl_base_v0-9"}, ("stable-diffusion-xl",)),
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
+    host_names=SDXL_NAMES, model_hint=_structure(True), structure_title=STRUCTURE_TITLE,
 )
 
 # Official configs (the published model_index/unet/text_encoder config.json values that matter for shapes).
