@@ -255,7 +255,8 @@ def _index(parts: Iterable[_Part]) -> ModuleIndex:
             tables[component], routes[component] = aliased
         else:
             tables[component] = host
-    return ModuleIndex(tables, None, routes)  # its kohya prefixes: those of the family it looks like
+    # names and prefixes as the family it looks like reads them (its alias names: SGM names of an SD UNet)
+    return ModuleIndex(tables, alias_makers(), routes)
 
 
 def _aliased(component: str, host: Mapping[str, Mapping[str, tuple[int, ...]]]) -> tuple[dict, dict] | None:

@@ -32,16 +32,19 @@ def kohya_tensors(patch: Patch) -> dict[str, torch.Tensor]:
     return patch.to_tensors()
 
 
-def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, base: str | None = None
-                ) -> dict[str, HostName]:
+def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, base: str | None = None, *,
+                trainer: bool = False) -> dict[str, HostName]:
     """Canonical target → flat kohya-style host name, as the family of ``index`` names each component
     (:meth:`ModuleIndex.host_names`: SGM names for an SD UNet, BFL names with rows for a Flux transformer,
     ``text_model_`` paths for CLIP, transformers paths for T5). ``comfy``: text encoders under ComfyUI's generic
-    ``text_encoders.clip_l.transformer.`` names (``clip_h`` for SD2's, given ``base``)."""
+    ``text_encoders.clip_l.transformer.`` names (``clip_h`` for SD2's, given ``base``). ``trainer``: the names
+    sd-scripts writes for ``base`` 's family where they differ from the hosts' (:attr:`Arch.trainer_names`:
+    SD1/SD2 UNets under diffusers names)."""
     names: dict[str, HostName] = {}
     maps: dict[str, dict[str, HostName]] = {}
+    family = plugins.archs().get(base) if trainer and base is not None else None
     for component in {t.partition(".")[0] for t in targets}:
-        naming = index.host_names(component)
+        naming = (family.trainer_names.get(component) if family is not None else None) or index.host_names(component)
         comfy_prefix = None
         if comfy and naming.encoder is not None:
             comfy_prefix = _family_comfy_prefix(base, component) or \

@@ -278,6 +278,9 @@ class Arch:
     #: component → how the hosts (webuis, ComfyUI, sd-scripts) name its modules; a component left out is named
     #: flat under the first kohya prefix that reads it (text encoders: sd-scripts' ``lora_te*_`` convention)
     host_names: Mapping[str, HostNames] = field(default_factory=dict)
+    #: component → how the trainer (sd-scripts, ``convert --to kohya``) names its modules where it differs from
+    #: the hosts (SD1/SD2: the UNet under its diffusers names)
+    trainer_names: Mapping[str, HostNames] = field(default_factory=dict)
     #: how ``describe_components`` names a model of this family found by structure (default: "a <id>-family model")
     structure_title: str | None = None
 

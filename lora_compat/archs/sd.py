@@ -94,6 +94,8 @@ _UNET_NAMES = HostNames("lora_unet_", aliases=sgm_aliases)
 SD_NAMES = {"unet": _UNET_NAMES, "text_encoder": HostNames("lora_te_", encoder="clip")}
 SDXL_NAMES = {"unet": _UNET_NAMES, "text_encoder": HostNames("lora_te1_", encoder="clip"),
               "text_encoder_2": HostNames("lora_te2_", encoder="clip")}
+#: sd-scripts writes SD1/SD2 UNets under their diffusers names (SDXL's under SGM names, as the hosts)
+SD_TRAINER_NAMES = {"unet": HostNames("lora_unet_")}
 STRUCTURE_TITLE = "a Stable Diffusion UNet model"
 
 
@@ -109,14 +111,16 @@ SD15 = Arch(
     kohya_prefixes=SD_KOHYA_PREFIXES,
     metadata_hint=_hint({"sd_v1"}, ("stable-diffusion-v1",)),
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
-    host_names=SD_NAMES, model_hint=_structure(False), structure_title=STRUCTURE_TITLE,
+    host_names=SD_NAMES, trainer_names=SD_TRAINER_NAMES, model_hint=_structure(False),
+    structure_title=STRUCTURE_TITLE,
 )
 SD2 = Arch(
     id="sd2", title="Stable Diffusion 2.x", table_file="sd2.json.gz",
     kohya_prefixes=SD_KOHYA_PREFIXES,
     metadata_hint=_hint({"sd_v2", "sd_v2_v"}, ("stable-diffusion-v2",)),
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
-    host_names=SD_NAMES, model_hint=_structure(False), structure_title=STRUCTURE_TITLE,
+    host_names=SD_NAMES, trainer_names=SD_TRAINER_NAMES, model_hint=_structure(False),
+    structure_title=STRUCTURE_TITLE,
 )
 SDXL = Arch(
     id="sdxl", title="Stable Diffusion XL", table_file="sdxl.json.gz",
