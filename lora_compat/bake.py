@@ -26,7 +26,7 @@ from . import plugins
 from .apply import check_patchset, resolve_patchset
 from .archs import ModuleIndex
 from .archs.base import alias_makers
-from .archs.routes import Route
+from .archs.routes import FusedLayout, Route
 from .errors import LoraCompatError
 from .files import SAFETENSORS_DTYPES, LoraFile
 from .outputs import atomic_output, refuse_inputs
@@ -35,9 +35,6 @@ from .patches.dora import check_dora_strength
 from .patcher.entries import source_key
 from .patches.rows import route_view
 
-#: single-file prefixes → component
-SINGLE_FILE_PREFIXES = {"model.diffusion_model.": "unet", "cond_stage_model.transformer.": "text_encoder",
-                        "conditioner.embedders.0.transformer.": "text_encoder"}
 COMPONENT_FOLDERS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -221,33 +218,48 @@ def _folder_parts(root: Path, files: Mapping[Path, LoraFile]) -> list[_Part]:
 
 
 def _single_file_parts(file: LoraFile) -> list[_Part]:
-    parts: dict[str, _Part] = {}
+    prefixes = _checkpoint_prefixes()
     keys = list(file.header.shapes)
-    bare_flux = any(k.startswith(("double_blocks.", "single_blocks.")) for k in keys)
+    bare = [k for k in keys if not k.startswith(tuple(prefixes))]
+    bare_fused = bool(bare) and _fused_layout(_Part("transformer", "", dict.fromkeys(bare, file)).host_table()) \
+        is not None
+    parts: dict[str, _Part] = {}
     for key in keys:
-        for prefix, component in SINGLE_FILE_PREFIXES.items():
-            if key.startswith(prefix):
-                break
-        else:
-            prefix, component = ("", "transformer") if bare_flux else (None, None)
+        prefix = next((p for p in prefixes if key.startswith(p)), "" if bare_fused else None)
         if prefix is None:
             continue
-        part = parts.setdefault(prefix, _Part(component, prefix))
+        part = parts.setdefault(prefix, _Part(prefixes.get(prefix, "transformer"), prefix))
         part.files[key] = file
     if not parts:
         raise LoraCompatError(f"{file.header.display_name}: no known checkpoint layout (expected "
-                              "model.diffusion_model.*, cond_stage_model.*, or Flux double_blocks.*)")
+                              f"{', '.join(p + '*' for p in prefixes)}, or a bare transformer in a family's fused "
+                              "layout, e.g. Flux double_blocks.*)")
     return list(parts.values())
+
+
+def _checkpoint_prefixes() -> dict[str, str]:
+    """Single-file key prefix → component, as the registered families hold them (the first family's wins; a
+    component in another family's fused layout is found by its modules, :func:`_index`)."""
+    prefixes: dict[str, str] = {}
+    for arch in plugins.archs().values():
+        for prefix, component in arch.checkpoint_prefixes.items():
+            prefixes.setdefault(prefix, component)
+    return prefixes
+
+
+def _fused_layout(host: Mapping[str, Mapping[str, tuple[int, ...]]]) -> FusedLayout | None:
+    """The registered fused layout (BFL Flux) these host modules are in, or ``None``."""
+    layouts = [a.fused_layout for a in plugins.archs().values() if a.fused_layout is not None]
+    return next((lay for lay in layouts if lay.is_fused(host)), None)
 
 
 def _index(parts: Iterable[_Part]) -> ModuleIndex:
     """The canonical (diffusers-named) index of the checkpoint, with routes to its own module names."""
     tables, routes = {}, {}
-    layouts = [a.fused_layout for a in plugins.archs().values() if a.fused_layout is not None]
     for part in parts:
         host = part.host_table()
         component = part.component
-        layout = next((lay for lay in layouts if lay.is_fused(host)), None)
+        layout = _fused_layout(host)
         if layout is not None:  # a fused-layout transformer (BFL Flux): indexed by its canonical modules
             component = part.component = "transformer"
             tables[component], routes[component] = layout.canonical(host)

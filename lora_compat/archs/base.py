@@ -283,6 +283,11 @@ class Arch:
     trainer_names: Mapping[str, HostNames] = field(default_factory=dict)
     #: how ``describe_components`` names a model of this family found by structure (default: "a <id>-family model")
     structure_title: str | None = None
+    #: single-file checkpoint key prefix → the component it holds (``model.diffusion_model.`` → ``unet``)
+    checkpoint_prefixes: Mapping[str, str] = field(default_factory=dict)
+    #: ComfyUI's class names for a loaded model of this family: its model config (``comfy.supported_models``)
+    #: and its text-encoder model (``clip.cond_stage_model``)
+    comfy_classes: tuple[str, ...] = ()
 
     def names_for(self, component: str) -> HostNames | None:
         """How the hosts name ``component`` 's modules in this family (``None``: the family does not say)."""

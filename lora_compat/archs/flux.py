@@ -213,6 +213,8 @@ FLUX1 = Arch(
     # the transformer under its BFL names (its fused layout), CLIP-L under lora_te_, T5 under lora_te3_
     host_names={"transformer": HostNames("lora_unet_"), "text_encoder": HostNames("lora_te_", encoder="clip"),
                 "text_encoder_2": HostNames("lora_te3_", encoder="t5")},
+    # single files: the transformer under model.diffusion_model. or bare (found by its fused layout)
+    checkpoint_prefixes={"model.diffusion_model.": "transformer"}, comfy_classes=("Flux", "FluxClipModel"),
 )
 
 #: FLUX.1-dev's published configs (transformer, CLIP-L, T5-XXL v1.1 encoder)

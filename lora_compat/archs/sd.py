@@ -97,6 +97,9 @@ SDXL_NAMES = {"unet": _UNET_NAMES, "text_encoder": HostNames("lora_te1_", encode
 #: sd-scripts writes SD1/SD2 UNets under their diffusers names (SDXL's under SGM names, as the hosts)
 SD_TRAINER_NAMES = {"unet": HostNames("lora_unet_")}
 STRUCTURE_TITLE = "a Stable Diffusion UNet model"
+#: where a single-file SD checkpoint holds its components (SD1/SD2 CLIP, SDXL's CLIP-L)
+SD_CHECKPOINT_PREFIXES = {"model.diffusion_model.": "unet", "cond_stage_model.transformer.": "text_encoder",
+                          "conditioner.embedders.0.transformer.": "text_encoder"}
 
 
 def _structure(two_text_encoders: bool):
@@ -113,6 +116,7 @@ SD15 = Arch(
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
     host_names=SD_NAMES, trainer_names=SD_TRAINER_NAMES, model_hint=_structure(False),
     structure_title=STRUCTURE_TITLE,
+    checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SD15", "SD1ClipModel"),
 )
 SD2 = Arch(
     id="sd2", title="Stable Diffusion 2.x", table_file="sd2.json.gz",
@@ -121,6 +125,7 @@ SD2 = Arch(
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
     host_names=SD_NAMES, trainer_names=SD_TRAINER_NAMES, model_hint=_structure(False),
     structure_title=STRUCTURE_TITLE,
+    checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SD20", "SD2ClipModel"),
 )
 SDXL = Arch(
     id="sdxl", title="Stable Diffusion XL", table_file="sdxl.json.gz",
@@ -128,6 +133,7 @@ SDXL = Arch(
     metadata_hint=_hint({"sdxl_base_v1-0", "sdxl_base_v0-9"}, ("stable-diffusion-xl",)),
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
     host_names=SDXL_NAMES, model_hint=_structure(True), structure_title=STRUCTURE_TITLE,
+    checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SDXL", "SDXLClipModel"),
 )
 
 # Official configs (the published model_index/unet/text_encoder config.json values that matter for shapes).
