@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 from .names import HostNames, kohya_convention
-from .routes import FusedLayout, ModuleTable, ParamShapes, Part, Route, Shape
+from .routes import BlockLayout, FusedLayout, ModuleTable, ParamShapes, Part, Route, Shape
 
 TABLES = Path(__file__).parent / "tables"
 
@@ -288,6 +288,9 @@ class Arch:
     #: ComfyUI's class names for a loaded model of this family: its model config (``comfy.supported_models``)
     #: and its text-encoder model (``clip.cond_stage_model``)
     comfy_classes: tuple[str, ...] = ()
+    #: the family's blocks for per-block weights (LoRA Block Weight syntax); ``None``: text encoders are ``BASE``,
+    #: other modules in no block
+    blocks: BlockLayout | None = None
 
     def names_for(self, component: str) -> HostNames | None:
         """How the hosts name ``component`` 's modules in this family (``None``: the family does not say)."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
-from .base import Arch
-from .names import HostNames
-from .routes import FusedLayout, ParamShapes, Part, Route
+from .base import Arch, ModuleIndex
+from .names import HostNames, is_t5
+from .routes import BlockLayout, FusedLayout, ParamShapes, Part, Route
 
 #: BFL module in ``double_blocks.N`` → the canonical modules in ``transformer_blocks.N``, in row order
 DOUBLE_BLOCK = {
@@ -192,6 +192,28 @@ def _canonical_parts(path: str, host: Mapping[str, ParamShapes]) -> list[tuple[s
     return None
 
 
+_BLOCK = re.compile(r"^(single_transformer_blocks|transformer_blocks|single_blocks|double_blocks)\.(\d+)\.")
+#: a transformer module's block when the host uses BFL names (ComfyUI-style)
+_BFL_IN = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in")
+
+
+def lbw_block(component: str, path: str, index: ModuleIndex) -> str | None:
+    """LoRA Block Weight block (its Flux vector): ``CLIP``, ``T5``, ``IN`` (the input embedders), ``D00``-``D18``,
+    ``S00``-``S37``, ``OUT`` (the final layer)."""
+    modules = index.components.get(component, {})
+    if component.startswith("text_encoder"):
+        return "T5" if is_t5(modules) else "CLIP"
+    if not is_flux_transformer(modules):
+        return None
+    if m := _BLOCK.match(path):
+        return f"{'S' if m.group(1).startswith('single') else 'D'}{int(m.group(2)):02}"
+    if path.startswith(("x_embedder", "context_embedder", "time_text_embed", *_BFL_IN)):
+        return "IN"
+    if path.startswith(("norm_out", "proj_out", "final_layer")):
+        return "OUT"
+    return None
+
+
 FLUX_KOHYA_PREFIXES = {"lora_unet_": "transformer", "lora_transformer_": "transformer",
                        "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                        "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_2"}
@@ -215,6 +237,7 @@ FLUX1 = Arch(
                 "text_encoder_2": HostNames("lora_te3_", encoder="t5")},
     # single files: the transformer under model.diffusion_model. or bare (found by its fused layout)
     checkpoint_prefixes={"model.diffusion_model.": "transformer"}, comfy_classes=("Flux", "FluxClipModel"),
+    blocks=BlockLayout("flux", lbw_block),
 )
 
 #: FLUX.1-dev's published configs (transformer, CLIP-L, T5-XXL v1.1 encoder)

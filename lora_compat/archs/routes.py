@@ -6,7 +6,7 @@ This module imports nothing from the family modules, so ``base`` and every famil
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 Shape = tuple[int, ...]
 ParamShapes = dict[str, Shape]
@@ -55,6 +55,17 @@ class FusedLayout:
     #: the width the LoRA was made for (``None``: the table's own rows). Raises ``ValueError`` when the rows
     #: disagree within one fused module
     sized: Callable[[ModuleTable, Mapping[str, int]], dict[str, ParamShapes]] | None = None
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """A family's blocks in the webui "LoRA Block Weight" syntax (hako-mikan/sd-webui-lora-block-weight)."""
+
+    #: the LBW vector the family's blocks are named in: ``"sd"`` (BASE, IN00-IN11, M00, OUT00-OUT11) or ``"flux"``
+    #: (CLIP, T5, IN, D00-D18, S00-S37, OUT)
+    vector: str
+    #: (component, module path, the model's ``ModuleIndex``) → the module's block id, ``None``: in no block
+    block_of: Callable[[str, str, Any], "str | None"]
 
 
 def scaled_parts(parts: list[Part], rows: int, width: tuple[int, int] | None = None) -> list[Part] | None:
