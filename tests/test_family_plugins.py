@@ -38,15 +38,14 @@ def _table_file(model: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def toy(tmp_path):
+def _registered_toy(tmp_path: Path, **naming):
+    """Register the toy family (``naming``: its kohya prefixes and host names) and yield its model."""
     torch.manual_seed(0)
     model = ToyModel()
     arch = Arch(id="toy", title="Toy transformer", table_file=str(_table_file(model, tmp_path / "toy.json.gz")),
-                kohya_prefixes={"lora_unet_": "transformer"},
                 metadata_hint=lambda md: md.get("ss_base_model_version") == "toy",
                 component_classes={"transformer": ("ToyModel",)},
-                model_hint=lambda components: any("blocks.0.proj_in" in m for m in components.values()))
+                model_hint=lambda components: any("blocks.0.proj_in" in m for m in components.values()), **naming)
     plugin = types.SimpleNamespace(register_archs=hookimpl(lambda register: register(arch)))
     plugins.register_plugin(plugin, name="toy-family")
     try:
@@ -55,15 +54,22 @@ def toy(tmp_path):
         plugins.unregister_plugin(plugin)
 
 
+@pytest.fixture
+def toy(tmp_path):
+    yield from _registered_toy(tmp_path, kohya_prefixes={"lora_unet_": "transformer"})
+
+
 RANK, ALPHA = 2, 1.0
 
 
-def _kohya_file(path: Path) -> tuple[Path, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    g = torch.Generator().manual_seed(1)
+def _kohya_file(path: Path, prefix: str = "lora_unet_", seed: int = 1
+                ) -> tuple[Path, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A kohya-style LoRA on two toy modules, named ``prefix`` + the flattened module path."""
+    g = torch.Generator().manual_seed(seed)
     tensors, factors = {}, {}
     for module, (out, inp) in (("blocks.0.proj_in", (16, 8)), ("blocks.1.proj_out", (8, 16))):
         down, up = torch.randn(RANK, inp, generator=g), torch.randn(out, RANK, generator=g)
-        flat = "lora_unet_" + module.replace(".", "_")
+        flat = prefix + module.replace(".", "_")
         tensors[f"{flat}.lora_down.weight"], tensors[f"{flat}.lora_up.weight"] = down, up
         tensors[f"{flat}.alpha"] = torch.tensor(ALPHA)
         factors[module] = (down, up)
@@ -144,20 +150,9 @@ def _toy_host_paths(paths):
 @pytest.fixture
 def toy_named(tmp_path):
     """The toy family with its own kohya prefix and host names, declared by its Arch alone."""
-    torch.manual_seed(0)
-    model = ToyModel()
-    arch = Arch(id="toy", title="Toy transformer", table_file=str(_table_file(model, tmp_path / "toy.json.gz")),
-                kohya_prefixes={"lora_toy_": "transformer"}, alias_makers={"transformer": _toy_host_paths},
-                host_names={"transformer": HostNames("lora_toy_", aliases=_toy_host_paths)},
-                metadata_hint=lambda md: md.get("ss_base_model_version") == "toy",
-                component_classes={"transformer": ("ToyModel",)},
-                model_hint=lambda components: any("blocks.0.proj_in" in m for m in components.values()))
-    plugin = types.SimpleNamespace(register_archs=hookimpl(lambda register: register(arch)))
-    plugins.register_plugin(plugin, name="toy-family")
-    try:
-        yield model
-    finally:
-        plugins.unregister_plugin(plugin)
+    yield from _registered_toy(tmp_path, kohya_prefixes={"lora_toy_": "transformer"},
+                               alias_makers={"transformer": _toy_host_paths},
+                               host_names={"transformer": HostNames("lora_toy_", aliases=_toy_host_paths)})
 
 
 #: the toy modules under the family's host names (written by hand, not by lora_compat)
@@ -166,16 +161,7 @@ TOY_HOST_NAMES = {"blocks.0.proj_in": "lora_toy_layers_0_in", "blocks.1.proj_out
 
 def _toy_prefixed_file(path: Path) -> tuple[Path, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """A kohya-style LoRA on the toy modules under the family's own prefix and flattened module paths."""
-    g = torch.Generator().manual_seed(2)
-    tensors, factors = {}, {}
-    for module, (out, inp) in (("blocks.0.proj_in", (16, 8)), ("blocks.1.proj_out", (8, 16))):
-        down, up = torch.randn(RANK, inp, generator=g), torch.randn(out, RANK, generator=g)
-        flat = "lora_toy_" + module.replace(".", "_")
-        tensors[f"{flat}.lora_down.weight"], tensors[f"{flat}.lora_up.weight"] = down, up
-        tensors[f"{flat}.alpha"] = torch.tensor(ALPHA)
-        factors[module] = (down, up)
-    save_file(tensors, str(path), metadata={"ss_base_model_version": "toy"})
-    return path, factors
+    return _kohya_file(path, "lora_toy_", seed=2)
 
 
 def _host_named(factors) -> dict[str, torch.Tensor]:
