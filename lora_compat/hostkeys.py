@@ -1,8 +1,9 @@
 """Patches back into host-readable form: the kohya/LyCORIS tensors of each kind, and the flat module names the
 webui family and ComfyUI map (``lora_unet_<SGM or BFL name>``, ``lora_te[12]_text_model_...``).
 
-Canonical targets are diffusers names; a UNet target is written with its SGM (compvis) name, a Flux target
-with its BFL name and, for a part of a fused module, the rows it occupies.
+Canonical targets are diffusers names; each component is written as its family declares (``Arch.host_names``):
+an SD UNet target with its SGM (compvis) name, a Flux target with its BFL name and, for a part of a fused
+module, the rows it occupies.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ import torch
 from . import plugins
 from .archs import ModuleIndex
 from .archs.names import HostName
+from .archs.routes import Route
 from .core import detect
 from .dialects.flux_names import comfy_text_encoder
 from .errors import LoraCompatError
-from .archs.routes import Route
 from .patches import Patch, Ref
 from .patches.build import IncompletePatch, build_patch, suffix_role
 from .patches.rows import FusedPatch, fused_lora
