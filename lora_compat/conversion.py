@@ -210,11 +210,7 @@ class _KohyaWriter:
             names = kohya_names(self.index, targets, comfy=True)
             return {t: HostName(_bfl_name(n.name), n.rows, n.swap) if n.name.startswith("lora_unet_") else n
                     for t, n in names.items()}
-        names = kohya_names(self.index, targets)
-        if self.to == "kohya" and self.report.base in ("sd15", "sd2"):  # sd-scripts: diffusers-style names
-            names = {t: (HostName("lora_unet_" + t.partition(".")[2].replace(".", "_")) if t.startswith("unet.")
-                         else n) for t, n in names.items()}
-        return names
+        return kohya_names(self.index, targets, base=self.report.base, trainer=self.to == "kohya")
 
     def write(self) -> dict[str, torch.Tensor]:
         names = self.names()
