@@ -306,3 +306,15 @@ def test_comfy_text_encoder_names_come_from_the_family():
     finally:
         plugins.unregister_plugin(plugin)
     assert got == "text_encoders.clip_x.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+
+
+def test_catalogue_names_come_from_the_families(tmp_path):
+    from lora_compat.library import catalog_base
+
+    for _ in _registered_toy(tmp_path, kohya_prefixes={"lora_unet_": "transformer"}, catalog_names=("toy 1.0",)):
+        assert catalog_base("Toy 1.0") == "toy"
+        assert catalog_base("Toy 2.0") is None
+        # the built-in families' Civitai baseModel names and A1111 "sd version" values
+        assert [catalog_base(n) for n in ("SD 1.5", "Pony", "Flux.1 D", "sd1", "sdxl")] == \
+            ["sd15", "sdxl", "flux1", "sd15", "sdxl"]
+    assert catalog_base("Toy 1.0") is None

@@ -291,6 +291,9 @@ class Arch:
     #: the family's blocks for per-block weights (LoRA Block Weight syntax); ``None``: text encoders are ``BASE``,
     #: other modules in no block
     blocks: BlockLayout | None = None
+    #: how model catalogues and sidecars name this family, lower case: Civitai's ``baseModel`` ("sdxl 1.0",
+    #: "pony") and the A1111 sidecar's ``sd version`` ("sdxl")
+    catalog_names: tuple[str, ...] = ()
 
     def names_for(self, component: str) -> HostNames | None:
         """How the hosts name ``component`` 's modules in this family (``None``: the family does not say)."""

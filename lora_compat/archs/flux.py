@@ -237,6 +237,7 @@ FLUX1 = Arch(
                 "text_encoder_2": HostNames("lora_te3_", encoder="t5")},
     # single files: the transformer under model.diffusion_model. or bare (found by its fused layout)
     checkpoint_prefixes={"model.diffusion_model.": "transformer"}, comfy_classes=("Flux", "FluxClipModel"),
+    catalog_names=("flux.1 d", "flux.1 s"),
     blocks=BlockLayout("flux", lbw_block),
 )
 

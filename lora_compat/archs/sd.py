@@ -145,6 +145,7 @@ SD15 = Arch(
     host_names=SD_NAMES, trainer_names=SD_TRAINER_NAMES, model_hint=_structure(False),
     structure_title=STRUCTURE_TITLE,
     blocks=SD_BLOCKS, checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SD15", "SD1ClipModel"),
+    catalog_names=("sd 1.5", "sd 1.4", "sd1"),
 )
 SD2 = Arch(
     id="sd2", title="Stable Diffusion 2.x", table_file="sd2.json.gz",
@@ -154,6 +155,7 @@ SD2 = Arch(
     host_names=SD_NAMES, trainer_names=SD_TRAINER_NAMES, model_hint=_structure(False),
     structure_title=STRUCTURE_TITLE,
     blocks=SD_BLOCKS, checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SD20", "SD2ClipModel"),
+    catalog_names=("sd 2.0", "sd 2.1", "sd2"),
 )
 SDXL = Arch(
     id="sdxl", title="Stable Diffusion XL", table_file="sdxl.json.gz",
@@ -162,6 +164,7 @@ SDXL = Arch(
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
     host_names=SDXL_NAMES, model_hint=_structure(True), structure_title=STRUCTURE_TITLE,
     blocks=SD_BLOCKS, checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SDXL", "SDXLClipModel"),
+    catalog_names=("sdxl 1.0", "sdxl 0.9", "pony", "illustrious", "sdxl"),
 )
 
 # Official configs (the published model_index/unet/text_encoder config.json values that matter for shapes).
