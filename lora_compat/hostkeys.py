@@ -48,8 +48,7 @@ def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, bas
         naming = (family.trainer_names.get(component) if family is not None else None) or index.host_names(component)
         comfy_prefix = None
         if comfy and naming.encoder is not None:
-            comfy_prefix = _family_comfy_prefix(base, component) or \
-                comfy_text_encoder(component, naming.encoder == "t5", base) or f"text_encoders.{component}."
+            comfy_prefix = comfy_text_encoder(component, naming.encoder == "t5", base) or f"text_encoders.{component}."
         maps[component] = naming.names(index.components.get(component, {}), index.fused_modules(component),
                                        comfy_prefix)
     for target in targets:
@@ -58,12 +57,6 @@ def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, bas
         if found is not None:
             names[target] = found
     return names
-
-
-def _family_comfy_prefix(base: str | None, component: str) -> str | None:
-    """ComfyUI's prefix for ``component`` as the registered family ``base`` names it (SD2: ``clip_h``)."""
-    arch = plugins.archs().get(base) if base is not None else None
-    return arch.comfy_text_encoders.get(component) if arch is not None else None
 
 
 def index_for_file(index: ModuleIndex, patchset: PatchSet) -> ModuleIndex:

@@ -270,8 +270,8 @@ class Arch:
     #: model structure hint: ``{component: module table}`` of real modules → True when they are this family
     #: (default: a component in this family's fused layout, either way)
     model_hint: Callable[[Mapping[str, ModuleTable]], bool] | None = None
-    #: text-encoder component → ComfyUI's name prefix for it in a plugin's family; components left out (and the
-    #: built-in families, whose prefixes are ``dialects.flux_names.COMFY_TEXT_ENCODERS``) take the built-in names
+    #: text-encoder component → ComfyUI's generic name prefix for it (``text_encoders.<clip state-dict prefix>``:
+    #: comfy/sd1_clip.py, sd2_clip.py, sdxl_clip.py, flux.py); what the dialects read is its inverse
     comfy_text_encoders: Mapping[str, str] = field(default_factory=dict)
     #: component → the model class names (``type(model).__name__``) that hold it, for a bare model handed in
     component_classes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

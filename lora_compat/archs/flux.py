@@ -238,6 +238,8 @@ FLUX1 = Arch(
     # single files: the transformer under model.diffusion_model. or bare (found by its fused layout)
     checkpoint_prefixes={"model.diffusion_model.": "transformer"}, comfy_classes=("Flux", "FluxClipModel"),
     catalog_names=("flux.1 d", "flux.1 s"),
+    comfy_text_encoders={"text_encoder": "text_encoders.clip_l.transformer.",
+                         "text_encoder_2": "text_encoders.t5xxl.transformer."},
     blocks=BlockLayout("flux", lbw_block),
 )
 

@@ -146,6 +146,7 @@ SD15 = Arch(
     structure_title=STRUCTURE_TITLE,
     blocks=SD_BLOCKS, checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SD15", "SD1ClipModel"),
     catalog_names=("sd 1.5", "sd 1.4", "sd1"),
+    comfy_text_encoders={"text_encoder": "text_encoders.clip_l.transformer."},
 )
 SD2 = Arch(
     id="sd2", title="Stable Diffusion 2.x", table_file="sd2.json.gz",
@@ -156,6 +157,7 @@ SD2 = Arch(
     structure_title=STRUCTURE_TITLE,
     blocks=SD_BLOCKS, checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SD20", "SD2ClipModel"),
     catalog_names=("sd 2.0", "sd 2.1", "sd2"),
+    comfy_text_encoders={"text_encoder": "text_encoders.clip_h.transformer."},  # OpenCLIP-H
 )
 SDXL = Arch(
     id="sdxl", title="Stable Diffusion XL", table_file="sdxl.json.gz",
@@ -165,6 +167,7 @@ SDXL = Arch(
     host_names=SDXL_NAMES, model_hint=_structure(True), structure_title=STRUCTURE_TITLE,
     blocks=SD_BLOCKS, checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SDXL", "SDXLClipModel"),
     catalog_names=("sdxl 1.0", "sdxl 0.9", "pony", "illustrious", "sdxl"),
+    comfy_text_encoders={"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.clip_g.transformer."},
 )
 
 # Official configs (the published model_index/unet/text_encoder config.json values that matter for shapes).
