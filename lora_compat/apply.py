@@ -58,11 +58,7 @@ def describe_components(index: ModuleIndex) -> str | None:
     if base is not None:
         return base
     family = next((a for a in plugins.archs().values() if a.looks_like(index.components)), None)
-    if family is not None:
-        return family.describe()
-    if index.has_component("unet"):
-        return "a Stable Diffusion UNet model"
-    return None
+    return family.describe() if family is not None else None
 
 
 def resolve_patchset(source: Source | PatchSet, index: ModuleIndex, base: str | None = None) -> PatchSet:

@@ -25,9 +25,8 @@ import torch
 from . import plugins
 from .apply import check_patchset, resolve_patchset
 from .archs import ModuleIndex
-from .archs.routes import Route
-from .archs.sd import sgm_aliases
-from .dialects.base import transformer_kohya_prefixes
+from .archs.base import alias_makers
+from .archs.routes import FusedLayout, Route
 from .errors import LoraCompatError
 from .files import SAFETENSORS_DTYPES, LoraFile
 from .outputs import atomic_output, refuse_inputs
@@ -36,9 +35,6 @@ from .patches.dora import check_dora_strength
 from .patcher.entries import source_key
 from .patches.rows import route_view
 
-#: single-file prefixes → component
-SINGLE_FILE_PREFIXES = {"model.diffusion_model.": "unet", "cond_stage_model.transformer.": "text_encoder",
-                        "conditioner.embedders.0.transformer.": "text_encoder"}
 COMPONENT_FOLDERS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -151,8 +147,7 @@ class Checkpoint:
         self.routed = _index(self.parts)
         self.params = params_by_module(self.parts)
         #: the same modules without routes: the index LoRAs are read against (names and shapes)
-        self.index = ModuleIndex(self.routed.components, {"unet": sgm_aliases})
-        self.index.kohya_prefixes = dict(self.routed.kohya_prefixes)
+        self.index = ModuleIndex(self.routed.components, alias_makers())
 
     def __call__(self, target: str) -> dict[str, torch.Tensor] | None:
         """The fp32 parameters of the canonical module ``target`` (rows of a fused module), or ``None``."""
@@ -223,65 +218,83 @@ def _folder_parts(root: Path, files: Mapping[Path, LoraFile]) -> list[_Part]:
 
 
 def _single_file_parts(file: LoraFile) -> list[_Part]:
-    parts: dict[str, _Part] = {}
+    prefixes = _checkpoint_prefixes()
     keys = list(file.header.shapes)
-    bare_flux = any(k.startswith(("double_blocks.", "single_blocks.")) for k in keys)
+    bare = [k for k in keys if not k.startswith(tuple(prefixes))]
+    bare_fused = bool(bare) and _fused_layout(_Part("transformer", "", dict.fromkeys(bare, file)).host_table()) \
+        is not None
+    parts: dict[str, _Part] = {}
     for key in keys:
-        for prefix, component in SINGLE_FILE_PREFIXES.items():
-            if key.startswith(prefix):
-                break
-        else:
-            prefix, component = ("", "transformer") if bare_flux else (None, None)
+        prefix = next((p for p in prefixes if key.startswith(p)), "" if bare_fused else None)
         if prefix is None:
             continue
-        part = parts.setdefault(prefix, _Part(component, prefix))
+        part = parts.setdefault(prefix, _Part(prefixes.get(prefix, "transformer"), prefix))
         part.files[key] = file
     if not parts:
         raise LoraCompatError(f"{file.header.display_name}: no known checkpoint layout (expected "
-                              "model.diffusion_model.*, cond_stage_model.*, or Flux double_blocks.*)")
+                              f"{', '.join(p + '*' for p in prefixes)}, or a bare transformer in a family's fused "
+                              "layout, e.g. Flux double_blocks.*)")
     return list(parts.values())
+
+
+def _checkpoint_prefixes() -> dict[str, str]:
+    """Single-file key prefix → component, as the registered families hold them (the first family's wins; a
+    component in another family's fused layout is found by its modules, :func:`_index`)."""
+    prefixes: dict[str, str] = {}
+    for arch in plugins.archs().values():
+        for prefix, component in arch.checkpoint_prefixes.items():
+            prefixes.setdefault(prefix, component)
+    return prefixes
+
+
+def _fused_layout(host: Mapping[str, Mapping[str, tuple[int, ...]]]) -> FusedLayout | None:
+    """The registered fused layout (BFL Flux) these host modules are in, or ``None``."""
+    layouts = [a.fused_layout for a in plugins.archs().values() if a.fused_layout is not None]
+    return next((lay for lay in layouts if lay.is_fused(host)), None)
 
 
 def _index(parts: Iterable[_Part]) -> ModuleIndex:
     """The canonical (diffusers-named) index of the checkpoint, with routes to its own module names."""
     tables, routes = {}, {}
-    layouts = [a.fused_layout for a in plugins.archs().values() if a.fused_layout is not None]
     for part in parts:
         host = part.host_table()
         component = part.component
-        layout = next((lay for lay in layouts if lay.is_fused(host)), None)
+        layout = _fused_layout(host)
         if layout is not None:  # a fused-layout transformer (BFL Flux): indexed by its canonical modules
             component = part.component = "transformer"
             tables[component], routes[component] = layout.canonical(host)
-        elif "input_blocks.0.0" in host:  # SGM UNet: canonical names from the base whose UNet it is
-            tables[component], routes[component] = _sgm_unet(host)
+        elif (aliased := _aliased(component, host)) is not None:  # an SD UNet under SGM names
+            tables[component], routes[component] = aliased
         else:
             tables[component] = host
-    index = ModuleIndex(tables, None, routes)
-    prefixes = transformer_kohya_prefixes() if "transformer" in tables else None
-    if prefixes is not None:
-        index.kohya_prefixes = prefixes
-    return index
+    # names and prefixes as the family it looks like reads them (its alias names: SGM names of an SD UNet)
+    return ModuleIndex(tables, alias_makers(), routes)
 
 
-def _sgm_unet(host: Mapping[str, Mapping[str, tuple[int, ...]]]) -> tuple[dict, dict]:
-    """Diffusers names for an SGM-named UNet: the registered base whose UNet layout has exactly these SGM
-    names (shapes preferred, names alone for models of another width)."""
-    candidates = []
+def _aliased(component: str, host: Mapping[str, Mapping[str, tuple[int, ...]]]) -> tuple[dict, dict] | None:
+    """Canonical names for a component held under a family's alias names (an SD UNet under SGM names): the
+    registered base whose aliases of its own table are these names (shapes preferred, names alone for models of
+    another width). ``None`` when the host's names are no family's aliases."""
+    candidates, aliased = [], False
     for arch in plugins.archs().values():
-        unet = arch.index.components.get("unet")
-        if not unet:
+        maker = arch.alias_makers.get(component)
+        table = arch.index.components.get(component) if maker is not None else None
+        if not table:
             continue
-        aliases = {s: p for s, p in sgm_aliases(unet).items() if s in host}
+        aliases = {s: p for s, p in maker(table).items() if s in host}
+        aliased = aliased or bool(aliases)
         covered = len(aliases) / max(1, len(host))
         if covered >= 0.9:  # names alone decide for models of another width (a few shortcut convs may differ)
-            exact = all(unet[p] == host[s] for s, p in aliases.items())
+            exact = all(table[p] == host[s] for s, p in aliases.items())
             candidates.append((exact, covered, aliases))
     if not candidates:
-        raise LoraCompatError("the checkpoint's UNet (SGM names) matches none of the registered bases")
+        if aliased:
+            raise LoraCompatError(f"the checkpoint's {component} (under a family's alias names, e.g. SGM) matches "
+                                  "none of the registered bases")
+        return None
     aliases = max(candidates, key=lambda c: (c[0], c[1]))[2]
-    table = {path: dict(host[sgm]) for sgm, path in aliases.items()}
-    routes = {path: Route(sgm, 0, next(iter(host[sgm].values()))[0]) for sgm, path in aliases.items()}
+    table = {path: dict(host[alias]) for alias, path in aliases.items()}
+    routes = {path: Route(alias, 0, next(iter(host[alias].values()))[0]) for alias, path in aliases.items()}
     return table, routes
 
 

@@ -9,12 +9,9 @@ input embedders), ``D00``-``D18``, ``S00``-``S37``, ``OUT`` (the final layer). M
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping, Sequence, Union
 
 from .archs import ModuleIndex
-from .archs.flux import is_flux_transformer
-from .archs.sd import sgm_aliases
 from .errors import LoraCompatError
 
 BLOCKID26 = ["BASE", *[f"IN{i:02}" for i in range(12)], "M00", *[f"OUT{i:02}" for i in range(12)]]
@@ -39,10 +36,6 @@ PRESETS: dict[str, list[float]] = {
     "FLUXALL": [1.0] * 61,
 }
 BlockSpec = Union[str, Sequence[float], Mapping[str, float]]
-_SGM = re.compile(r"^(input_blocks|middle_block|output_blocks)\.?(\d+)?")
-_FLUX = re.compile(r"^(single_transformer_blocks|transformer_blocks|single_blocks|double_blocks)\.(\d+)\.")
-#: a Flux module's block when the host uses BFL names (ComfyUI-style)
-_BFL_IN = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in")
 
 
 def parse(spec: BlockSpec) -> dict[str, float]:
@@ -73,44 +66,20 @@ def parse(spec: BlockSpec) -> dict[str, float]:
 
 
 def block_of(target: str, index: ModuleIndex) -> str | None:
-    """The LBW block of a canonical target (``None``: in no block)."""
+    """The LBW block of a canonical target (``None``: in no block), as the model's family places it
+    (:attr:`Arch.blocks`)."""
     component, _, path = target.partition(".")
-    path = path.removesuffix(".base_layer")
-    modules = index.components.get(component, {})
-    if component.startswith("text_encoder"):
-        if is_flux_transformer(index.components.get("transformer", {})):
-            return "T5" if any(p.startswith("encoder.block.") for p in modules) else "CLIP"
-        return "BASE"
-    if is_flux_transformer(modules):
-        if m := _FLUX.match(path):
-            return f"{'S' if m.group(1).startswith('single') else 'D'}{int(m.group(2)):02}"
-        if path.startswith(("x_embedder", "context_embedder", "time_text_embed", *_BFL_IN)):
-            return "IN"
-        if path.startswith(("norm_out", "proj_out", "final_layer")):
-            return "OUT"
-        return None
-    if component == "unet":
-        sgm = _sgm_names(index).get(path)
-        if sgm and (m := _SGM.match(sgm)):
-            kind, number = m.group(1), m.group(2)
-            if kind == "middle_block":
-                return "M00"
-            return f"{'IN' if kind == 'input_blocks' else 'OUT'}{int(number):02}"
-    return None
-
-
-def _sgm_names(index: ModuleIndex) -> dict[str, str]:
-    cached = index.__dict__.get("_lbw_sgm")
-    if cached is None:
-        cached = {path: sgm for sgm, path in sgm_aliases(index.components.get("unet", {})).items()}
-        index.__dict__["_lbw_sgm"] = cached
-    return cached
+    layout = index.family.blocks if index.family is not None else None
+    if layout is None:
+        return "BASE" if component.startswith("text_encoder") else None
+    return layout.block_of(component, path.removesuffix(".base_layer"), index)
 
 
 def factors(targets, index: ModuleIndex, spec: BlockSpec) -> dict[str, float]:
     """Target → weight multiplier (targets in no block, or in a block the spec does not give, keep 1)."""
     weights = parse(spec)
-    flux = any(is_flux_transformer(m) for m in index.components.values())
+    layout = index.family.blocks if index.family is not None else None
+    flux = layout is not None and layout.vector == "flux"
     if flux != ("D00" in weights) and not isinstance(spec, Mapping):
         raise LoraCompatError(f"block weights for {'Flux (61 values)' if 'D00' in weights else 'SD (12-26 values)'} "
                               f"given to a {'Flux' if flux else 'UNet'} model")

@@ -46,16 +46,14 @@ def kohya_sd15(path: Path, rank: int = 2) -> Path:
 
 def loha_sdxl_sgm(path: Path, rank: int = 2) -> Path:
     """LyCORIS LoHa on SDXL's middle-block attention layers, under sd-scripts' SGM names."""
-    from .archs.sd import sgm_aliases
-
     gen = torch.Generator().manual_seed(1)
     modules = _targets(SDXL, "unet", ATTENTION_LEAVES)
-    sgm = {path: alias for alias, path in sgm_aliases(SDXL.index.components["unet"]).items()}
+    host = SDXL.index.host_names("unet").names(SDXL.index.components["unet"])  # lora_unet_<SGM name>
     tensors = {}
     for module, shape in modules.items():
         if not module.startswith("mid_block.") or len(shape) != 2:
             continue
-        name = "lora_unet_" + sgm[module].replace(".", "_")
+        name = host[module].name
         for factor in ("1", "2"):
             tensors[f"{name}.hada_w{factor}_a"] = torch.randn(shape[0], rank, generator=gen).half() * 0.05
             tensors[f"{name}.hada_w{factor}_b"] = torch.randn(rank, shape[1], generator=gen).half() * 0.05

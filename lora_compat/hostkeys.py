@@ -1,8 +1,9 @@
 """Patches back into host-readable form: the kohya/LyCORIS tensors of each kind, and the flat module names the
 webui family and ComfyUI map (``lora_unet_<SGM or BFL name>``, ``lora_te[12]_text_model_...``).
 
-Canonical targets are diffusers names; a UNet target is written with its SGM (compvis) name, a Flux target
-with its BFL name and, for a part of a fused module, the rows it occupies.
+Canonical targets are diffusers names; each component is written as its family declares (``Arch.host_names``):
+an SD UNet target with its SGM (compvis) name, a Flux target with its BFL name and, for a part of a fused
+module, the rows it occupies.
 """
 from __future__ import annotations
 
@@ -12,29 +13,15 @@ import torch
 
 from . import plugins
 from .archs import ModuleIndex
+from .archs.names import HostName
+from .archs.routes import Route
 from .core import detect
 from .dialects.flux_names import comfy_text_encoder
 from .errors import LoraCompatError
-from .archs.flux import bfl_parts, is_flux_transformer, rows_from_file
-from .archs.routes import Route
-from .archs.sd import sgm_aliases
 from .patches import Patch, Ref
 from .patches.build import IncompletePatch, build_patch, suffix_role
 from .patches.rows import FusedPatch, fused_lora
 from .patchset import PatchSet
-
-#: component → kohya prefix, per text-encoder layout (SD1/SD2 have one text encoder)
-TE_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-
-
-@dataclass(frozen=True)
-class HostName:
-    """Where a canonical target lives under host names: a flat module name and, for a part of a fused
-    module, its rows ``(start, stop)`` and whether the halves swap (Flux ``final_layer.adaLN_modulation.1``)."""
-
-    name: str
-    rows: tuple[int, int] | None = None
-    swap: bool = False
 
 
 def kohya_tensors(patch: Patch) -> dict[str, torch.Tensor]:
@@ -43,42 +30,24 @@ def kohya_tensors(patch: Patch) -> dict[str, torch.Tensor]:
     return patch.to_tensors()
 
 
-def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, base: str | None = None
-                ) -> dict[str, HostName]:
-    """Canonical target → flat kohya-style host name (SGM names for a UNet, BFL names for a Flux transformer,
-    ``text_model_`` paths for CLIP, transformers paths for T5). ``comfy``: text encoders under ComfyUI's
-    generic ``text_encoders.clip_l.transformer.`` names (``clip_h`` for SD2's, given ``base``)."""
+def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, base: str | None = None, *,
+                trainer: bool = False) -> dict[str, HostName]:
+    """Canonical target → flat kohya-style host name, as the family of ``index`` names each component
+    (:meth:`ModuleIndex.host_names`: SGM names for an SD UNet, BFL names with rows for a Flux transformer,
+    ``text_model_`` paths for CLIP, transformers paths for T5). ``comfy``: text encoders under ComfyUI's generic
+    ``text_encoders.clip_l.transformer.`` names (``clip_h`` for SD2's, given ``base``). ``trainer``: the names
+    sd-scripts writes for ``base`` 's family where they differ from the hosts' (:attr:`Arch.trainer_names`:
+    SD1/SD2 UNets under diffusers names)."""
     names: dict[str, HostName] = {}
-    components = {t.partition(".")[0] for t in targets}
-    te_prefixes = TE_PREFIXES if "text_encoder_2" in index.components and \
-        not _is_t5(index, "text_encoder_2") else {"text_encoder": "lora_te_"}
     maps: dict[str, dict[str, HostName]] = {}
-    for component in components:
-        modules = index.components.get(component, {})
-        if component == "unet":
-            maps[component] = {path: HostName("lora_unet_" + sgm.replace(".", "_"))
-                               for sgm, path in sgm_aliases(modules).items()}
-        elif is_flux_transformer(modules):
-            maps[component] = {}
-            for bfl, parts in bfl_parts(modules).items():
-                flat = "lora_unet_" + bfl.replace(".", "_")
-                for part in parts:
-                    whole = len(parts) == 1 and not part.swap
-                    maps[component][part.target] = HostName(flat, None if whole else (part.start, part.stop), part.swap)
-        elif comfy and component.startswith("text_encoder"):
-            prefix = _family_comfy_prefix(base, component) or \
-                comfy_text_encoder(component, _is_t5(index, component), base) or f"text_encoders.{component}."
-            maps[component] = {path: HostName(prefix + (path if _is_t5(index, component) else _clip_path(path)))
-                               for path in modules}
-        elif _is_t5(index, component):
-            maps[component] = {path: HostName("lora_te3_" + path.replace(".", "_")) for path in modules}
-        elif not component.startswith("text_encoder") and component in index.kohya_prefixes.values():
-            # another family's component: named by the first kohya prefix its architecture gives it
-            prefix = next(p for p, c in index.kohya_prefixes.items() if c == component)
-            maps[component] = {path: HostName(prefix + path.replace(".", "_")) for path in modules}
-        else:
-            prefix = te_prefixes.get(component, TE_PREFIXES.get(component, f"lora_{component}_"))
-            maps[component] = {path: HostName(prefix + _clip_path(path).replace(".", "_")) for path in modules}
+    family = plugins.archs().get(base) if trainer and base is not None else None
+    for component in {t.partition(".")[0] for t in targets}:
+        naming = (family.trainer_names.get(component) if family is not None else None) or index.host_names(component)
+        comfy_prefix = None
+        if comfy and naming.encoder is not None:
+            comfy_prefix = comfy_text_encoder(component, naming.encoder == "t5", base) or f"text_encoders.{component}."
+        maps[component] = naming.names(index.components.get(component, {}), index.fused_modules(component),
+                                       comfy_prefix)
     for target in targets:
         component, _, path = target.partition(".")
         found = maps.get(component, {}).get(path.removesuffix(".base_layer"))
@@ -87,35 +56,25 @@ def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, bas
     return names
 
 
-def _family_comfy_prefix(base: str | None, component: str) -> str | None:
-    """ComfyUI's prefix for ``component`` as the registered family ``base`` names it (SD2: ``clip_h``)."""
-    arch = plugins.archs().get(base) if base is not None else None
-    return arch.comfy_text_encoders.get(component) if arch is not None else None
-
-
 def index_for_file(index: ModuleIndex, patchset: PatchSet) -> ModuleIndex:
-    """A base's full-size table with the rows the file's own tensors imply for a Flux transformer, so its fused
-    modules are laid out for the width the LoRA was made for (with no model at hand, the file is the only
-    witness of the width; other components are named by the table alone)."""
+    """A base's full-size table with the rows the file's own tensors imply for a component in a fused layout
+    (a Flux transformer), so its fused modules are laid out for the width the LoRA was made for (with no model
+    at hand, the file is the only witness of the width; other components are named by the table alone)."""
     rows: dict[str, dict[str, int]] = {}
     for target, patch in patchset.items():
         count = (patch.inner if patch.wraps else patch).out_rows()  # a DoRA patch: the rows it was made for
         if count is not None:
             component, _, path = target.partition(".")
             rows.setdefault(component, {})[path] = count
+    tables = {}
     try:
-        return index.with_components({c: rows_from_file(modules, rows.get(c, {})) if is_flux_transformer(modules)
-                                      else modules for c, modules in index.components.items()})
+        for component, modules in index.components.items():
+            layout = index.split_layout(component)
+            sized = layout.sized if layout is not None else None
+            tables[component] = sized(modules, rows.get(component, {})) if sized is not None else modules
     except ValueError as exc:
         raise LoraCompatError(f"{patchset.source}: {exc}") from None
-
-
-def _clip_path(path: str) -> str:
-    return path if path.startswith("text_model.") else f"text_model.{path}"
-
-
-def _is_t5(index: ModuleIndex, component: str) -> bool:
-    return any(p.startswith("encoder.block.") for p in index.components.get(component, {}))
+    return index.with_components(tables)
 
 
 @dataclass
@@ -231,16 +190,16 @@ def fused_rows(index: ModuleIndex, bfl_name: str) -> int | None:
 def index_from_state_dict(shapes: Mapping[str, tuple[int, ...]], prefix: str = "diffusion_model.") -> ModuleIndex | None:
     """The canonical index of a BFL-layout Flux model known by its state dict (``diffusion_model.<name>.<param>``
     → shape), as ComfyUI and Forge hold it; ``None`` for other models."""
-    from .archs.flux import canonical_from_bfl, is_bfl_transformer
-
     host: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
         if key.startswith(prefix):
             module, _, param = key[len(prefix):].rpartition(".")
             host.setdefault(module, {})[param] = tuple(shape)
-    if not is_bfl_transformer(host):
+    layout = next((a.fused_layout for a in plugins.archs().values()
+                   if a.fused_layout is not None and a.fused_layout.is_fused(host)), None)
+    if layout is None:
         return None
-    table, _ = canonical_from_bfl(host)
+    table, _ = layout.canonical(host)
     return ModuleIndex({"transformer": table})
 
 

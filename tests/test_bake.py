@@ -152,3 +152,22 @@ print(json.dumps({{"added": after - before}}))
     assert added < 1.3 * size, (added, size)
     baked = tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors"
     assert baked.stat().st_size == size
+
+
+def test_bake_reads_sgm_named_loras(tmp_path: Path) -> None:
+    """A LoRA under SGM names (A1111's, sd-scripts' SDXL layout) bakes like the diffusers-named file it came from:
+    the checkpoint's index reads names as the family it looks like does (its alias names)."""
+    components = make_sd15_components(seed=100)
+    save_file(single_file_tensors(components), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "lora").mkdir()
+    source, _ = write_lycoris_file(tmp_path / "lora", components, "lora", seed=3)
+    lora_compat.convert(source, "webui", tmp_path / "sgm.safetensors")
+    assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(str(tmp_path / "sgm.safetensors")))
+    report = bake(tmp_path / "model.safetensors", [(tmp_path / "sgm.safetensors", 0.8)],
+                  tmp_path / "baked.safetensors", progress=False)
+    assert report.unmatched == {}
+    baked = load_file(str(tmp_path / "baked.safetensors"))
+    want = _expected(components, [(source, 0.8)])
+    expected = {f"{c}.{n}": p.detach() for c, m in want.items() for n, p in m.named_parameters()}
+    for key, name in single_file_names(components).items():
+        assert torch.equal(baked[name], expected[key]), key

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from plugin_dist import install_plugin
 import lora_compat
 from lora_compat import plugins
-from lora_compat.archs import Arch
+from lora_compat.archs import Arch, HostNames
 from lora_compat.hooks import hookimpl
 
 
@@ -38,15 +38,14 @@ def _table_file(model: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def toy(tmp_path):
+def _registered_toy(tmp_path: Path, **naming):
+    """Register the toy family (``naming``: its kohya prefixes and host names) and yield its model."""
     torch.manual_seed(0)
     model = ToyModel()
     arch = Arch(id="toy", title="Toy transformer", table_file=str(_table_file(model, tmp_path / "toy.json.gz")),
-                kohya_prefixes={"lora_unet_": "transformer"},
                 metadata_hint=lambda md: md.get("ss_base_model_version") == "toy",
                 component_classes={"transformer": ("ToyModel",)},
-                model_hint=lambda components: any("blocks.0.proj_in" in m for m in components.values()))
+                model_hint=lambda components: any("blocks.0.proj_in" in m for m in components.values()), **naming)
     plugin = types.SimpleNamespace(register_archs=hookimpl(lambda register: register(arch)))
     plugins.register_plugin(plugin, name="toy-family")
     try:
@@ -55,15 +54,22 @@ def toy(tmp_path):
         plugins.unregister_plugin(plugin)
 
 
+@pytest.fixture
+def toy(tmp_path):
+    yield from _registered_toy(tmp_path, kohya_prefixes={"lora_unet_": "transformer"})
+
+
 RANK, ALPHA = 2, 1.0
 
 
-def _kohya_file(path: Path) -> tuple[Path, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    g = torch.Generator().manual_seed(1)
+def _kohya_file(path: Path, prefix: str = "lora_unet_", seed: int = 1
+                ) -> tuple[Path, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A kohya-style LoRA on two toy modules, named ``prefix`` + the flattened module path."""
+    g = torch.Generator().manual_seed(seed)
     tensors, factors = {}, {}
     for module, (out, inp) in (("blocks.0.proj_in", (16, 8)), ("blocks.1.proj_out", (8, 16))):
         down, up = torch.randn(RANK, inp, generator=g), torch.randn(out, RANK, generator=g)
-        flat = "lora_unet_" + module.replace(".", "_")
+        flat = prefix + module.replace(".", "_")
         tensors[f"{flat}.lora_down.weight"], tensors[f"{flat}.lora_up.weight"] = down, up
         tensors[f"{flat}.alpha"] = torch.tensor(ALPHA)
         factors[module] = (down, up)
@@ -136,12 +142,105 @@ def test_bakes_with_a_registered_family(toy, tmp_path):
         torch.testing.assert_close(baked[key], want, rtol=1e-5, atol=1e-6)
 
 
+def _toy_host_paths(paths):
+    """The made-up host's own names of the toy modules (as SGM names are a UNet's): ``layers.N.in``/``.out``."""
+    return {p.replace("blocks.", "layers.").replace("proj_in", "in").replace("proj_out", "out"): p for p in paths}
+
+
+@pytest.fixture
+def toy_named(tmp_path):
+    """The toy family with its own kohya prefix and host names, declared by its Arch alone."""
+    yield from _registered_toy(tmp_path, kohya_prefixes={"lora_toy_": "transformer"},
+                               alias_makers={"transformer": _toy_host_paths},
+                               host_names={"transformer": HostNames("lora_toy_", aliases=_toy_host_paths)})
+
+
+#: the toy modules under the family's host names (written by hand, not by lora_compat)
+TOY_HOST_NAMES = {"blocks.0.proj_in": "lora_toy_layers_0_in", "blocks.1.proj_out": "lora_toy_layers_1_out"}
+
+
+def _toy_prefixed_file(path: Path) -> tuple[Path, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A kohya-style LoRA on the toy modules under the family's own prefix and flattened module paths."""
+    return _kohya_file(path, "lora_toy_", seed=2)
+
+
+def _host_named(factors) -> dict[str, torch.Tensor]:
+    return {f"{TOY_HOST_NAMES[m]}.{suffix}": tensor for m, (down, up) in factors.items()
+            for suffix, tensor in (("lora_down.weight", down), ("lora_up.weight", up))}
+
+
+@pytest.mark.parametrize("to", ["kohya", "webui"])
+def test_converts_to_the_family_host_names(toy_named, tmp_path, to):
+    from safetensors.torch import load_file
+
+    path, factors = _toy_prefixed_file(tmp_path / "toy_lora.safetensors")
+    out = tmp_path / f"toy_{to}.safetensors"
+    lora_compat.convert(path, to, out, base="toy")
+    written = load_file(str(out))
+    want = _host_named(factors)
+    assert sorted(written) == sorted([*want, *(f"{n}.alpha" for n in TOY_HOST_NAMES.values())])
+    for key, value in want.items():
+        assert torch.equal(written[key], value), key
+    assert all(float(written[f"{n}.alpha"]) == ALPHA for n in TOY_HOST_NAMES.values())
+    # the family's host names read back (its aliases) and apply exactly, then bake
+    expected = _expected(toy_named, factors, 0.5)
+    got = lora_compat.patched_weights(out, {"transformer": toy_named}, 0.5)
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_bakes_a_file_under_the_family_host_names(toy_named, tmp_path):
+    from safetensors.torch import load_file
+
+    from lora_compat.bake import bake
+
+    path, factors = _toy_prefixed_file(tmp_path / "toy_lora.safetensors")
+    lora_compat.convert(path, "kohya", tmp_path / "toy_kohya.safetensors", base="toy")
+    checkpoint = tmp_path / "toy_checkpoint"
+    (checkpoint / "transformer").mkdir(parents=True)
+    state = {k: v.detach().clone().contiguous() for k, v in toy_named.state_dict().items()}
+    save_file(state, str(checkpoint / "transformer" / "diffusion_pytorch_model.safetensors"))
+    report = bake(checkpoint, [(tmp_path / "toy_kohya.safetensors", 1.0)], tmp_path / "baked", progress=False)
+    assert report.unmatched == {}
+    baked = load_file(str(tmp_path / "baked" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    expected = _expected(toy_named, factors)
+    for key, value in state.items():
+        torch.testing.assert_close(baked[key], expected.get(f"transformer.{key}", value), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["compvis", "comfy"])
+@pytest.mark.parametrize("with_model", [False, True])
+def test_host_converters_use_the_family_host_names(toy_named, tmp_path, layout, with_model):
+    # what the webui extension and the ComfyUI node hand the host: the family's names, with or without the model
+    from lora_compat.archs import ModuleIndex
+    from lora_compat.hostkeys import convert_for_host
+
+    path, factors = _toy_prefixed_file(tmp_path / "toy_lora.safetensors")
+    index = ModuleIndex.from_modules({"transformer": toy_named}) if with_model else None
+    conversion = convert_for_host(str(path), layout, index)
+    want = _host_named(factors)
+    assert sorted(conversion.tensors) == sorted([*want, *(f"{n}.alpha" for n in TOY_HOST_NAMES.values())])
+    for key, value in want.items():
+        assert torch.equal(conversion.tensors[key], value), key
+    assert conversion.unmatched == []
+
+
 FAMILY_SOURCE = '''
 """Toy transformer: a made-up base family (one module, as a third party ships it)."""
-from lora_compat.archs import Arch
+from lora_compat.archs import Arch, HostNames
 from lora_compat.hooks import hookimpl
 
-TOY = Arch(id="toy", title="Toy transformer", table_file=TABLE, kohya_prefixes={"lora_unet_": "transformer"},
+
+def host_paths(paths):
+    """The toy host's own names: layers.N.in / layers.N.out."""
+    return {p.replace("blocks.", "layers.").replace("proj_in", "in").replace("proj_out", "out"): p for p in paths}
+
+
+TOY = Arch(id="toy", title="Toy transformer", table_file=TABLE,
+           kohya_prefixes={"lora_unet_": "transformer", "lora_toy_": "transformer"},
+           alias_makers={"transformer": host_paths},
+           host_names={"transformer": HostNames("lora_toy_", aliases=host_paths)},
            metadata_hint=lambda md: md.get("ss_base_model_version") == "toy",
            component_classes={"transformer": ("ToyModel",)})
 
@@ -165,6 +264,13 @@ def test_a_family_from_an_entry_point(tmp_path):
                                           capture_output=True, text=True).stdout)
     assert (inspected["dialect"], inspected["base"], inspected["base_candidates"]) == ("kohya", "toy", ["toy"])
     assert (inspected["components"], inspected["targets"], inspected["unmatched"]) == ({"transformer": 2}, 2, [])
+    out = tmp_path / "toy_kohya.safetensors"
+    subprocess.run(cli + ["convert", "--to", "kohya", "-o", str(out), str(path)], env=env, check=True,
+                   capture_output=True, text=True)
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(str(out))) == sorted(f"{n}.{s}" for n in TOY_HOST_NAMES.values()
+                                                 for s in ("alpha", "lora_down.weight", "lora_up.weight"))
 
 
 @pytest.mark.parametrize("base, target, name", [
@@ -200,3 +306,15 @@ def test_comfy_text_encoder_names_come_from_the_family():
     finally:
         plugins.unregister_plugin(plugin)
     assert got == "text_encoders.clip_x.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+
+
+def test_catalogue_names_come_from_the_families(tmp_path):
+    from lora_compat.library import catalog_base
+
+    for _ in _registered_toy(tmp_path, kohya_prefixes={"lora_unet_": "transformer"}, catalog_names=("toy 1.0",)):
+        assert catalog_base("Toy 1.0") == "toy"
+        assert catalog_base("Toy 2.0") is None
+        # the built-in families' Civitai baseModel names and A1111 "sd version" values
+        assert [catalog_base(n) for n in ("SD 1.5", "Pony", "Flux.1 D", "sd1", "sdxl")] == \
+            ["sd15", "sdxl", "flux1", "sd15", "sdxl"]
+    assert catalog_base("Toy 1.0") is None

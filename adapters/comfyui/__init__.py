@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
+from lora_compat import plugins
 from lora_compat.errors import LoraCompatError
 from lora_compat.hostkeys import Conversion, convert_for_host, host_native, index_from_state_dict, updown
 from lora_compat.patches import Patch
@@ -48,20 +49,16 @@ def comfy_reads_itself(conversion: Conversion) -> bool:
     return conversion.dialect == "bfl-control"
 
 
-#: ComfyUI's model configs (``comfy.supported_models``, subclasses included) → lora_compat base
-MODEL_CONFIG_BASES = {"SD15": "sd15", "SD20": "sd2", "SDXL": "sdxl", "Flux": "flux1"}
-#: ComfyUI's text-encoder models (``clip.cond_stage_model``, subclasses included) → lora_compat base
-CLIP_MODEL_BASES = {"SD1ClipModel": "sd15", "SD2ClipModel": "sd2", "SDXLClipModel": "sdxl", "FluxClipModel": "flux1"}
-
-
 def loaded_base(model: Any, clip: Any) -> str | None:
-    """The base of the loaded model: its ``model_config`` class, else its CLIP's class (``None``: unknown)."""
-    holders = ((getattr(getattr(model, "model", None), "model_config", None), MODEL_CONFIG_BASES),
-               (getattr(clip, "cond_stage_model", None), CLIP_MODEL_BASES))
-    for holder, table in holders:
+    """The base of the loaded model: its ``model_config`` class, else its CLIP's class, as the registered families
+    name them (``Arch.comfy_classes``, subclasses included; ``None``: unknown)."""
+    archs = list(plugins.archs().values())
+    for holder in (getattr(getattr(model, "model", None), "model_config", None),
+                   getattr(clip, "cond_stage_model", None)):
         for cls in type(holder).__mro__ if holder is not None else ():
-            if cls.__name__ in table:
-                return table[cls.__name__]
+            arch = next((a for a in archs if cls.__name__ in a.comfy_classes), None)
+            if arch is not None:
+                return arch.id
     return None
 
 

@@ -8,20 +8,31 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
-from .routes import FusedLayout, ModuleTable, ParamShapes, Part, Route, Shape
+from .names import HostNames, kohya_convention
+from .routes import BlockLayout, FusedLayout, ModuleTable, ParamShapes, Part, Route, Shape
 
 TABLES = Path(__file__).parent / "tables"
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Arch", "ModuleIndex", "ParamShapes", "Shape", "TABLES"]
+__all__ = ["Arch", "HostNames", "ModuleIndex", "ParamShapes", "Shape", "TABLES"]
 
 
 def _registered_archs() -> list["Arch"]:
     from ..plugins import archs  # the registry sits above this package; imported when first asked
 
     return list(archs().values())
+
+
+def alias_makers(archs: Iterable["Arch"] | None = None) -> dict[str, Callable[[Iterable[str]], dict[str, str]]]:
+    """Component → the alias names of its modules (SD's SGM names), from the first family that gives them
+    (``archs``: default every registered family)."""
+    makers: dict[str, Callable[[Iterable[str]], dict[str, str]]] = {}
+    for arch in _registered_archs() if archs is None else archs:
+        for component, maker in arch.alias_makers.items():
+            makers.setdefault(component, maker)
+    return makers
 
 
 def _layouts(archs: Iterable["Arch"]) -> list[FusedLayout]:
@@ -52,8 +63,10 @@ class ModuleIndex:
         self._alias_makers = dict(alias_makers or {})
         #: component → canonical module path → where it lives in a fused (BFL-layout) host module
         self.routes = {c: dict(r) for c, r in (routes or {}).items()}
-        #: kohya-style name prefix → component (set by the architecture; dialects fall back to SD's)
+        #: kohya-style name prefix → component (set by the architecture; see :meth:`read_prefixes`)
         self.kohya_prefixes: dict[str, str] = {}
+        #: the family these modules are (``None``: not said; :attr:`family` then asks the families' hints)
+        self.arch: Arch | None = None
         #: False: resolve by name only (used when no full-size base fits, e.g. tiny test models)
         self.check_shapes = True
         #: the fused layouts known for these components (``None``: those of every registered architecture)
@@ -69,7 +82,7 @@ class ModuleIndex:
     def with_components(self, components: Mapping[str, Mapping[str, ParamShapes]]) -> "ModuleIndex":
         """This index (same aliases, routes, kohya prefixes and shape checking) over other module tables."""
         other = ModuleIndex(components, self._alias_makers, self.routes, self._layouts)
-        other.kohya_prefixes, other.check_shapes = dict(self.kohya_prefixes), self.check_shapes
+        other.kohya_prefixes, other.check_shapes, other.arch = dict(self.kohya_prefixes), self.check_shapes, self.arch
         return other
 
     @classmethod
@@ -91,15 +104,47 @@ class ModuleIndex:
                 table[component], routes[component] = layout.canonical(host)
                 table[component].update({path: shapes for path, shapes in host.items()
                                          if not any(r.host == path for r in routes[component].values())})
-        makers: dict[str, Callable[[Iterable[str]], dict[str, str]]] = {}
-        for arch in archs:
-            for component, maker in arch.alias_makers.items():
-                makers.setdefault(component, maker)
-        index = cls(table, makers, routes, layouts)
+        index = cls(table, alias_makers(archs), routes, layouts)
         family = next((a for a in archs if a.looks_like(table)), None)
         if family is not None:
-            index.kohya_prefixes = dict(family.kohya_prefixes)
+            index.arch, index.kohya_prefixes = family, dict(family.kohya_prefixes)
         return index
+
+    @cached_property
+    def family(self) -> "Arch | None":
+        """The family these modules are: the one that made the index, else the first registered family they look
+        like by structure (:meth:`Arch.looks_like`), else ``None``."""
+        if self.arch is not None:
+            return self.arch
+        return next((a for a in _registered_archs() if a.looks_like(self.components)), None)
+
+    def read_prefixes(self) -> dict[str, str]:
+        """kohya-style prefix → component that names in this index are read with: the family's; for modules no
+        family claims, every prefix a registered family reads, naming the component of the first family whose
+        component for it these modules have (else of the first family that reads it)."""
+        if self.kohya_prefixes:
+            return self.kohya_prefixes
+        if self.family is not None:
+            return dict(self.family.kohya_prefixes)
+        merged: dict[str, str] = {}
+        for arch in _registered_archs():
+            for prefix, component in arch.kohya_prefixes.items():
+                if prefix not in merged or (merged[prefix] not in self.components and component in self.components):
+                    merged[prefix] = component
+        return merged
+
+    def host_names(self, component: str) -> HostNames:
+        """How the hosts name ``component`` 's modules: as its family says (:meth:`Arch.names_for`); for a
+        component no family names, sd-scripts' convention (:func:`kohya_convention`)."""
+        modules = self.components.get(component, {})
+        naming = self.family.names_for(component) if self.family is not None else None
+        return naming if naming is not None and naming.fits(modules) else kohya_convention(component, self.components)
+
+    def split_layout(self, component: str) -> FusedLayout | None:
+        """The fused layout whose split (canonical) form ``component`` 's modules are in, if any."""
+        layouts = _layouts(_registered_archs()) if self._layouts is None else self._layouts
+        modules = self.components.get(component, {})
+        return next((lay for lay in layouts if lay.is_split(modules)), None)
 
     def route(self, target: str) -> "Route | None":
         """Where a canonical target lives in a fused host, or ``None`` when the host has the module itself."""
@@ -128,10 +173,9 @@ class ModuleIndex:
 
     @cached_property
     def _fused_maps(self) -> dict[str, dict[str, list["Part"]]]:
-        layouts = _layouts(_registered_archs()) if self._layouts is None else self._layouts
         maps: dict[str, dict[str, list[Part]]] = {}
         for component, modules in self.components.items():
-            layout = next((lay for lay in layouts if lay.is_split(modules)), None)
+            layout = self.split_layout(component)
             if layout is not None:
                 maps[component] = layout.parts(modules)
         return maps
@@ -226,11 +270,39 @@ class Arch:
     #: model structure hint: ``{component: module table}`` of real modules → True when they are this family
     #: (default: a component in this family's fused layout, either way)
     model_hint: Callable[[Mapping[str, ModuleTable]], bool] | None = None
-    #: text-encoder component → ComfyUI's name prefix for it in a plugin's family; components left out (and the
-    #: built-in families, whose prefixes are ``dialects.flux_names.COMFY_TEXT_ENCODERS``) take the built-in names
+    #: text-encoder component → ComfyUI's generic name prefix for it (``text_encoders.<clip state-dict prefix>``:
+    #: comfy/sd1_clip.py, sd2_clip.py, sdxl_clip.py, flux.py); what the dialects read is its inverse
     comfy_text_encoders: Mapping[str, str] = field(default_factory=dict)
     #: component → the model class names (``type(model).__name__``) that hold it, for a bare model handed in
     component_classes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: component → how the hosts (webuis, ComfyUI, sd-scripts) name its modules; a component left out is named
+    #: flat under the first kohya prefix that reads it (text encoders: sd-scripts' ``lora_te*_`` convention)
+    host_names: Mapping[str, HostNames] = field(default_factory=dict)
+    #: component → how the trainer (sd-scripts, ``convert --to kohya``) names its modules where it differs from
+    #: the hosts (SD1/SD2: the UNet under its diffusers names)
+    trainer_names: Mapping[str, HostNames] = field(default_factory=dict)
+    #: how ``describe_components`` names a model of this family found by structure (default: "a <id>-family model")
+    structure_title: str | None = None
+    #: single-file checkpoint key prefix → the component it holds (``model.diffusion_model.`` → ``unet``)
+    checkpoint_prefixes: Mapping[str, str] = field(default_factory=dict)
+    #: ComfyUI's class names for a loaded model of this family: its model config (``comfy.supported_models``)
+    #: and its text-encoder model (``clip.cond_stage_model``)
+    comfy_classes: tuple[str, ...] = ()
+    #: the family's blocks for per-block weights (LoRA Block Weight syntax); ``None``: text encoders are ``BASE``,
+    #: other modules in no block
+    blocks: BlockLayout | None = None
+    #: how model catalogues and sidecars name this family, lower case: Civitai's ``baseModel`` ("sdxl 1.0",
+    #: "pony") and the A1111 sidecar's ``sd version`` ("sdxl")
+    catalog_names: tuple[str, ...] = ()
+
+    def names_for(self, component: str) -> HostNames | None:
+        """How the hosts name ``component`` 's modules in this family (``None``: the family does not say)."""
+        declared = self.host_names.get(component)
+        if declared is not None:
+            return declared
+        if component.startswith("text_encoder"):
+            return None
+        return next((HostNames(p) for p, c in self.kohya_prefixes.items() if c == component), None)
 
     def component_of(self, class_name: str) -> str | None:
         """The component a model of this class is, in this family (``None``: not one of its classes)."""
@@ -238,7 +310,7 @@ class Arch:
 
     def describe(self) -> str:
         """How ``describe_components`` names a model of this family found by structure."""
-        return f"a {self.id}-family model"
+        return self.structure_title or f"a {self.id}-family model"
 
     def looks_like(self, components: Mapping[str, ModuleTable]) -> bool:
         """Whether real modules (of any size) look like this family, by structure."""
@@ -254,7 +326,7 @@ class Arch:
         table = {c: {m: {p: tuple(s) for p, s in params.items()} for m, params in mods.items()}
                  for c, mods in raw["components"].items()}
         index = ModuleIndex(table, self.alias_makers, layouts=_layouts([self]))
-        index.kohya_prefixes = dict(self.kohya_prefixes)
+        index.kohya_prefixes, index.arch = dict(self.kohya_prefixes), self
         return index
 
     @property

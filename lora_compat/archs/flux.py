@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
-from .base import Arch
-from .routes import FusedLayout, ParamShapes, Part, Route
+from .base import Arch, ModuleIndex
+from .names import HostNames, is_t5
+from .routes import BlockLayout, FusedLayout, ParamShapes, Part, Route
 
 #: BFL module in ``double_blocks.N`` → the canonical modules in ``transformer_blocks.N``, in row order
 DOUBLE_BLOCK = {
@@ -106,29 +107,6 @@ def bfl_parts(modules: Mapping[str, ParamShapes]) -> dict[str, list[Part]]:
     return result
 
 
-def scaled_parts(parts: list[Part], rows: int, width: tuple[int, int] | None = None) -> list[Part] | None:
-    """The parts of a fused module laid out for a patch of ``rows`` output rows, when the model is another width
-    than the table's: FLUX.1 keeps its proportions at any width (q, k, v equal, the MLP part 4x), so the table's
-    boundaries scale by ``width`` = (the patch's input columns, the table's). The parts the rows cover are kept
-    (xlabs' single-block qkv covers q, k, v of ``linear1``). Without ``width``, the whole module is tried first,
-    then its first parts. ``None`` when no layout gives whole rows."""
-    if width is not None:
-        new, old = width
-        if any((p.start * new) % old or (p.stop * new) % old for p in parts):
-            return None
-        scaled = [Part(p.target, p.start * new // old, p.stop * new // old, p.swap) for p in parts]
-        covered = [p for p in scaled if p.stop <= rows]
-        return covered if covered and covered[-1].stop == rows else None
-    for count in range(len(parts), 0, -1):
-        if count == 1 and len(parts) > 1:
-            break  # one part of a fused module alone is no layout a trainer writes
-        end = parts[count - 1].stop
-        if any((rows * p.start) % end or (rows * p.stop) % end for p in parts[:count]):
-            continue
-        return [Part(p.target, rows * p.start // end, rows * p.stop // end, p.swap) for p in parts[:count]]
-    return None
-
-
 def rows_from_file(modules: Mapping[str, ParamShapes], rows: Mapping[str, int]) -> dict[str, ParamShapes]:
     """``modules`` (a diffusers-layout Flux table) with the output rows a LoRA's own tensors imply: a module the
     LoRA patches takes its patch's rows; a part of a fused BFL module that the LoRA leaves out takes the rows of a
@@ -214,6 +192,28 @@ def _canonical_parts(path: str, host: Mapping[str, ParamShapes]) -> list[tuple[s
     return None
 
 
+_BLOCK = re.compile(r"^(single_transformer_blocks|transformer_blocks|single_blocks|double_blocks)\.(\d+)\.")
+#: a transformer module's block when the host uses BFL names (ComfyUI-style)
+_BFL_IN = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in")
+
+
+def lbw_block(component: str, path: str, index: ModuleIndex) -> str | None:
+    """LoRA Block Weight block (its Flux vector): ``CLIP``, ``T5``, ``IN`` (the input embedders), ``D00``-``D18``,
+    ``S00``-``S37``, ``OUT`` (the final layer)."""
+    modules = index.components.get(component, {})
+    if component.startswith("text_encoder"):
+        return "T5" if is_t5(modules) else "CLIP"
+    if not is_flux_transformer(modules):
+        return None
+    if m := _BLOCK.match(path):
+        return f"{'S' if m.group(1).startswith('single') else 'D'}{int(m.group(2)):02}"
+    if path.startswith(("x_embedder", "context_embedder", "time_text_embed", *_BFL_IN)):
+        return "IN"
+    if path.startswith(("norm_out", "proj_out", "final_layer")):
+        return "OUT"
+    return None
+
+
 FLUX_KOHYA_PREFIXES = {"lora_unet_": "transformer", "lora_transformer_": "transformer",
                        "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                        "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_2"}
@@ -230,7 +230,17 @@ FLUX1 = Arch(
     kohya_prefixes=FLUX_KOHYA_PREFIXES, metadata_hint=_flux_hint,
     component_classes={"transformer": ("FluxTransformer2DModel",), "text_encoder": ("CLIPTextModel",),
                        "text_encoder_2": ("T5EncoderModel",)},
-    fused_layout=FusedLayout(is_flux_transformer, is_bfl_transformer, bfl_parts, canonical_from_bfl),
+    fused_layout=FusedLayout(is_flux_transformer, is_bfl_transformer, bfl_parts, canonical_from_bfl,
+                             rows_from_file),
+    # the transformer under its BFL names (its fused layout), CLIP-L under lora_te_, T5 under lora_te3_
+    host_names={"transformer": HostNames("lora_unet_"), "text_encoder": HostNames("lora_te_", encoder="clip"),
+                "text_encoder_2": HostNames("lora_te3_", encoder="t5")},
+    # single files: the transformer under model.diffusion_model. or bare (found by its fused layout)
+    checkpoint_prefixes={"model.diffusion_model.": "transformer"}, comfy_classes=("Flux", "FluxClipModel"),
+    catalog_names=("flux.1 d", "flux.1 s"),
+    comfy_text_encoders={"text_encoder": "text_encoders.clip_l.transformer.",
+                         "text_encoder_2": "text_encoders.t5xxl.transformer."},
+    blocks=BlockLayout("flux", lbw_block),
 )
 
 #: FLUX.1-dev's published configs (transformer, CLIP-L, T5-XXL v1.1 encoder)

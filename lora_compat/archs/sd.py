@@ -4,7 +4,9 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
-from .base import Arch
+from .base import Arch, ModuleIndex
+from .names import HostNames
+from .routes import BlockLayout, ModuleTable
 
 RESNET_TO_SGM = {
     "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -73,6 +75,33 @@ def _to_sgm(path: str, layers: int, up_with_attn: set[int]) -> str | None:
     return None
 
 
+_SGM_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.?(\d+)?")
+
+
+def lbw_block(component: str, path: str, index: ModuleIndex) -> str | None:
+    """LoRA Block Weight block: ``BASE`` for the text encoders; ``IN00``-``IN11``, ``M00``, ``OUT00``-``OUT11``
+    from the UNet's SGM (compvis) block index; UNet ``conv_in``/``time_embed``/``out`` are in no block."""
+    if component.startswith("text_encoder"):
+        return "BASE"
+    if component != "unet":
+        return None
+    sgm = _sgm_names(index).get(path)
+    if sgm and (m := _SGM_BLOCK.match(sgm)):
+        kind, number = m.group(1), m.group(2)
+        if kind == "middle_block":
+            return "M00"
+        return f"{'IN' if kind == 'input_blocks' else 'OUT'}{int(number):02}"
+    return None
+
+
+def _sgm_names(index: ModuleIndex) -> dict[str, str]:
+    cached = index.__dict__.get("_lbw_sgm")
+    if cached is None:
+        cached = {path: sgm for sgm, path in sgm_aliases(index.components.get("unet", {})).items()}
+        index.__dict__["_lbw_sgm"] = cached
+    return cached
+
+
 def _hint(values: set[str], architecture_prefixes: tuple[str, ...]):
     def hint(metadata: Mapping[str, str]) -> bool:
         if metadata.get("ss_base_model_version", "") in values:
@@ -87,24 +116,58 @@ SD_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1
 
 SD_CLASSES = {"unet": ("UNet2DConditionModel",), "text_encoder": ("CLIPTextModel",),
               "text_encoder_2": ("CLIPTextModelWithProjection",)}
+#: the UNet under its SGM (compvis) names; one CLIP encoder under lora_te_, SDXL's two under lora_te1_/lora_te2_
+_UNET_NAMES = HostNames("lora_unet_", aliases=sgm_aliases)
+SD_NAMES = {"unet": _UNET_NAMES, "text_encoder": HostNames("lora_te_", encoder="clip")}
+SDXL_NAMES = {"unet": _UNET_NAMES, "text_encoder": HostNames("lora_te1_", encoder="clip"),
+              "text_encoder_2": HostNames("lora_te2_", encoder="clip")}
+#: sd-scripts writes SD1/SD2 UNets under their diffusers names (SDXL's under SGM names, as the hosts)
+SD_TRAINER_NAMES = {"unet": HostNames("lora_unet_")}
+STRUCTURE_TITLE = "a Stable Diffusion UNet model"
+SD_BLOCKS = BlockLayout("sd", lbw_block)
+#: where a single-file SD checkpoint holds its components (SD1/SD2 CLIP, SDXL's CLIP-L)
+SD_CHECKPOINT_PREFIXES = {"model.diffusion_model.": "unet", "cond_stage_model.transformer.": "text_encoder",
+                          "conditioner.embedders.0.transformer.": "text_encoder"}
+
+
+def _structure(two_text_encoders: bool):
+    """A model with a UNet is a Stable Diffusion one; SDXL's has a second text encoder."""
+    def hint(components: Mapping[str, ModuleTable]) -> bool:
+        return "unet" in components and ("text_encoder_2" in components) == two_text_encoders
+    return hint
+
 
 SD15 = Arch(
     id="sd15", title="Stable Diffusion 1.x", table_file="sd15.json.gz",
     kohya_prefixes=SD_KOHYA_PREFIXES,
     metadata_hint=_hint({"sd_v1"}, ("stable-diffusion-v1",)),
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
+    host_names=SD_NAMES, trainer_names=SD_TRAINER_NAMES, model_hint=_structure(False),
+    structure_title=STRUCTURE_TITLE,
+    blocks=SD_BLOCKS, checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SD15", "SD1ClipModel"),
+    catalog_names=("sd 1.5", "sd 1.4", "sd1"),
+    comfy_text_encoders={"text_encoder": "text_encoders.clip_l.transformer."},
 )
 SD2 = Arch(
     id="sd2", title="Stable Diffusion 2.x", table_file="sd2.json.gz",
     kohya_prefixes=SD_KOHYA_PREFIXES,
     metadata_hint=_hint({"sd_v2", "sd_v2_v"}, ("stable-diffusion-v2",)),
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
+    host_names=SD_NAMES, trainer_names=SD_TRAINER_NAMES, model_hint=_structure(False),
+    structure_title=STRUCTURE_TITLE,
+    blocks=SD_BLOCKS, checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SD20", "SD2ClipModel"),
+    catalog_names=("sd 2.0", "sd 2.1", "sd2"),
+    comfy_text_encoders={"text_encoder": "text_encoders.clip_h.transformer."},  # OpenCLIP-H
 )
 SDXL = Arch(
     id="sdxl", title="Stable Diffusion XL", table_file="sdxl.json.gz",
     kohya_prefixes=SD_KOHYA_PREFIXES,
     metadata_hint=_hint({"sdxl_base_v1-0", "sdxl_base_v0-9"}, ("stable-diffusion-xl",)),
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
+    host_names=SDXL_NAMES, model_hint=_structure(True), structure_title=STRUCTURE_TITLE,
+    blocks=SD_BLOCKS, checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SDXL", "SDXLClipModel"),
+    catalog_names=("sdxl 1.0", "sdxl 0.9", "pony", "illustrious", "sdxl"),
+    comfy_text_encoders={"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.clip_g.transformer."},
 )
 
 # Official configs (the published model_index/unet/text_encoder config.json values that matter for shapes).

@@ -14,8 +14,7 @@ from itertools import repeat
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Mapping, Union
 
 from ..archs import ModuleIndex
-from ..archs.flux import scaled_parts
-from ..archs.routes import Part
+from ..archs.routes import Part, scaled_parts
 from ..errors import LoraCompatError, NotALoraError
 from ..files import Header, LoraFile
 from ..patches import Patch, Ref, Scale
@@ -26,10 +25,6 @@ from ..patchset import PatchSet
 if TYPE_CHECKING:
     from ..deltas import BaseWeights
     from .writing import Written
-
-DEFAULT_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                          "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_2",
-                          "lora_transformer_": "transformer"}
 
 
 @dataclass(frozen=True)
@@ -265,24 +260,8 @@ def component_parts(index: ModuleIndex, component: str, bfl_name: str) -> Resolv
 
 
 def index_prefixes(index: ModuleIndex) -> dict[str, str]:
-    """kohya-style prefix → component for ``index``: the prefixes its architecture gave it; for a transformer
-    without a UNet, those of the first registered family whose ``lora_unet_`` names a transformer; else the
-    generic SD-style table."""
-    if index.kohya_prefixes:
-        return index.kohya_prefixes
-    if index.has_component("transformer") and not index.has_component("unet"):
-        prefixes = transformer_kohya_prefixes()
-        if prefixes is not None:
-            return prefixes
-    return DEFAULT_KOHYA_PREFIXES
-
-
-def transformer_kohya_prefixes() -> dict[str, str] | None:
-    """The kohya prefixes of the first registered family whose ``lora_unet_`` names a transformer (FLUX.1)."""
-    from ..plugins import archs  # the registry imports the dialects: asked when first needed
-
-    family = next((a for a in archs().values() if a.kohya_prefixes.get("lora_unet_") == "transformer"), None)
-    return dict(family.kohya_prefixes) if family is not None else None
+    """kohya-style prefix → component for ``index``: those of its family (:meth:`ModuleIndex.read_prefixes`)."""
+    return index.read_prefixes()
 
 
 def any_key_starts(header: Header, prefixes: str | tuple[str, ...]) -> bool:

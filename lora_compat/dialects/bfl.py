@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..archs import ModuleIndex
+from ..archs.names import HostName
 from ..errors import LoraCompatError
 from ..files import Header, LoraFile
 from ..patches.build import split_key
@@ -14,7 +15,6 @@ from .flux_names import BFL_HEADS, BFL_TEXT_ENCODERS, resolve_bfl, widen_inputs
 
 if TYPE_CHECKING:
     from ..deltas import BaseWeights
-    from ..hostkeys import HostName
     from .writing import Written
 
 PREFIXES = ("diffusion_model.", "model.diffusion_model.")
@@ -76,16 +76,16 @@ class BflDialect(Dialect):
         return KohyaWriter(patchset, index, target, weights, _SUFFIXES).write(bfl_names(index, list(patchset)))
 
 
-def bfl_names(index: ModuleIndex, targets: list[str]) -> dict[str, "HostName"]:
+def bfl_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
     """Canonical target → its BFL name: the inverse of :func:`resolve_bfl` by construction. A transformer module
     is named by the fused module of ``index`` it is part of (with its rows, unless it is the whole module), a text
     encoder by the ComfyUI name ``BFL_TEXT_ENCODERS`` reads."""
-    from ..hostkeys import HostName, kohya_names
+    from ..hostkeys import kohya_names
 
     others = [t for t in targets if t.partition(".")[0] != _TRANSFORMER]
     names = {t: n for t, n in kohya_names(index, others, comfy=True, base=_BASE).items()
              if n.name.startswith(_TEXT_ENCODER_PREFIXES)}
-    transformer: dict[str, "HostName"] = {}
+    transformer: dict[str, HostName] = {}
     for module, parts in index.fused_modules(_TRANSFORMER).items():
         whole = len(parts) == 1 and not parts[0].swap
         for part in parts:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..archs import ModuleIndex
+from ..archs.flux import FLUX1
 from ..patches.widen import WidenPatch
 from ..patchset import PatchSet
 from .base import Resolved, component_parts
@@ -12,34 +13,35 @@ BFL_HEADS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.
 #: first segment of every diffusers FluxTransformer2DModel module name
 DIFFUSERS_FLUX_HEADS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
                         "time_text_embed.", "norm_out.", "proj_out.")
-#: ComfyUI's generic text-encoder names (``text_encoders.<clip state-dict prefix>``), per base and component: the
-#: one table hosts are written with (``hostkeys.kohya_names``); what the dialects read is its inverse
-COMFY_TEXT_ENCODERS: dict[str, dict[str, str]] = {
-    "sd15": {"text_encoder": "text_encoders.clip_l.transformer."},
-    "sd2": {"text_encoder": "text_encoders.clip_h.transformer."},  # SD2's OpenCLIP-H
-    "sdxl": {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.clip_g.transformer."},
-    "flux1": {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.t5xxl.transformer."},
-}
-
 
 def comfy_components(base: str) -> dict[str, str]:
-    """ComfyUI text-encoder prefix → component, for ``base`` (the inverse of its :data:`COMFY_TEXT_ENCODERS`)."""
-    return {prefix: component for component, prefix in COMFY_TEXT_ENCODERS.get(base, {}).items()}
+    """ComfyUI text-encoder prefix → component, for ``base`` (the inverse of its ``Arch.comfy_text_encoders``)."""
+    arch = _families().get(base)
+    return {prefix: component for component, prefix in arch.comfy_text_encoders.items()} if arch else {}
 
 
 def comfy_text_encoder(component: str, t5: bool, base: str | None = None) -> str | None:
-    """The ComfyUI prefix of a text-encoder component (a T5 encoder when ``t5``): the base's own when it has one,
-    else the first base's that holds an encoder of that kind there; ``None`` when no base does."""
-    tables = [COMFY_TEXT_ENCODERS[base]] if base in COMFY_TEXT_ENCODERS else []
-    for table in (*tables, *COMFY_TEXT_ENCODERS.values()):
-        prefix = table.get(component)
+    """The ComfyUI prefix of a text-encoder component (a T5 encoder when ``t5``): the base's own when it names
+    one, else the first registered family's that holds an encoder of that kind there; ``None`` when none does."""
+    families = _families()
+    own = families[base].comfy_text_encoders.get(component) if base in families else None
+    if own is not None:
+        return own
+    for arch in families.values():
+        prefix = arch.comfy_text_encoders.get(component)
         if prefix is not None and (".t5" in prefix) == t5:
             return prefix
     return None
 
 
+def _families():
+    from ..plugins import archs  # the registry imports the dialects: asked when first needed
+
+    return archs()
+
+
 #: the text-encoder prefixes the BFL dialects read (FLUX.1's)
-BFL_TEXT_ENCODERS = comfy_components("flux1")
+BFL_TEXT_ENCODERS = {prefix: component for component, prefix in FLUX1.comfy_text_encoders.items()}
 
 
 def resolve_bfl(index: ModuleIndex, name: str) -> Resolved:

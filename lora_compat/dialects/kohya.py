@@ -12,13 +12,22 @@ if TYPE_CHECKING:
     from ..deltas import BaseWeights
     from .writing import Written
 
+#: sd-scripts' own prefixes; a third-party family's kohya prefixes are claimed too (:func:`family_prefixes`)
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha")
 
 
-def is_kohya_key(key: str) -> bool:
+def family_prefixes() -> tuple[str, ...]:
+    """The kohya prefixes third-party families read (their ``Arch.kohya_prefixes``) beyond sd-scripts' own."""
+    from .. import plugins
+
+    return tuple(dict.fromkeys(p for r in plugins.registry().archs.values() if r.plugin != "builtin"
+                               for p in r.obj.kohya_prefixes if p not in KOHYA_PREFIXES))  # type: ignore[attr-defined]
+
+
+def is_kohya_key(key: str, prefixes: tuple[str, ...] = KOHYA_PREFIXES) -> bool:
     module, _, suffix = key.partition(".")
-    return module.startswith(KOHYA_PREFIXES) and suffix in KOHYA_SUFFIXES
+    return module.startswith(prefixes) and suffix in KOHYA_SUFFIXES
 
 
 class KohyaDialect(Dialect):
@@ -29,7 +38,8 @@ class KohyaDialect(Dialect):
     writes = ("kohya", "webui")
 
     def detect(self, header: Header) -> Match | None:
-        fraction = claimed_fraction(header, is_kohya_key)
+        prefixes = (*KOHYA_PREFIXES, *family_prefixes())
+        fraction = claimed_fraction(header, lambda key: is_kohya_key(key, prefixes))
         if fraction == 0 or not any(k.endswith(".lora_down.weight") for k in header.keys()):
             return None
         return Match(self.id, fraction, (f"{fraction:.0%} of keys are kohya lora_down/lora_up/alpha",))

@@ -15,11 +15,14 @@ import torch
 from ..archs import ModuleIndex
 from ..deltas import CHECKPOINT_HINT, BaseWeights, module_delta
 from ..errors import LoraCompatError
-from ..hostkeys import TE_PREFIXES, HostName, fused_module, fused_rows, kohya_names, kohya_tensors
+from ..archs.names import HostName
+from ..hostkeys import fused_module, fused_rows, kohya_names, kohya_tensors
 from ..patches import Patch
 from ..patchset import PatchSet
 from .writing import Written
 
+#: SD.Next's prefixes of the text encoders of a two-encoder model, in the diffusers layout (:func:`sdnext_name`)
+TE_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 #: the layouts :func:`write_names` names: the ``convert`` targets ``kohya`` and ``webui``, and the host layouts
 #: ``compvis`` (A1111: as ``webui``), ``comfy`` (Forge/ComfyUI) and ``diffusers`` (SD.Next)
 LAYOUTS = ("kohya", "webui", "compvis", "comfy", "diffusers")
@@ -28,15 +31,12 @@ LAYOUTS = ("kohya", "webui", "compvis", "comfy", "diffusers")
 def write_names(index: ModuleIndex, targets: list[str], layout: str, base: str | None = None
                 ) -> dict[str, HostName]:
     """Canonical target → its flat kohya-style name in ``layout`` (see :data:`LAYOUTS`; another value names as
-    ``compvis``). ``base``: the base the targets are for (SD1/SD2 ``kohya`` files use diffusers-style UNet names,
-    as sd-scripts writes them; ``comfy`` names text encoders as ComfyUI does for that base)."""
+    ``compvis``). ``base``: the base the targets are for (``kohya``: the names sd-scripts writes for its family,
+    ``Arch.trainer_names``; ``comfy``: text encoders named as ComfyUI does for that base)."""
     if layout == "diffusers":
         one_text_encoder = "text_encoder_2" not in index.components
         return {t: HostName(sdnext_name(t, one_text_encoder)) for t in targets}
-    names = kohya_names(index, targets, comfy=layout == "comfy", base=base)
-    if layout == "kohya" and base in ("sd15", "sd2"):  # sd-scripts: diffusers-style UNet names
-        names = {t: HostName(sdnext_name(t, True)) if t.startswith("unet.") else n for t, n in names.items()}
-    return names
+    return kohya_names(index, targets, comfy=layout == "comfy", base=base, trainer=layout == "kohya")
 
 
 def sdnext_name(target: str, one_text_encoder: bool) -> str:

@@ -5,7 +5,7 @@ from ..archs import ModuleIndex
 from ..files import Header, LoraFile
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, index_prefixes, kohya_resolver
-from .kohya import KOHYA_PREFIXES
+from .kohya import KOHYA_PREFIXES, family_prefixes
 
 LYCORIS_PREFIXES = (*KOHYA_PREFIXES, "lycoris_", "oft_unet_")
 #: suffixes that plain kohya LoRA never writes
@@ -32,9 +32,10 @@ class LycorisDialect(Dialect):
         claimed = specific = False
         count = 0
         extra = plugin_suffixes()
+        prefixes = (*LYCORIS_PREFIXES, *family_prefixes())
         for key in header.keys():
             module, _, suffix = key.partition(".")
-            if module.startswith(LYCORIS_PREFIXES) and (suffix in KNOWN or suffix in extra):
+            if module.startswith(prefixes) and (suffix in KNOWN or suffix in extra):
                 count += 1
                 claimed = True
                 specific = specific or suffix in LYCORIS_ONLY or suffix in extra or \

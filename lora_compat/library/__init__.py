@@ -27,10 +27,10 @@ from __future__ import annotations
 from ..retrieval import (SEMANTIC_DIMENSION, SEMANTIC_INSTALL, SEMANTIC_MIN, SEMANTIC_MODEL_ID, EmbeddingKey,
                          file_sha256, load_embedder, semantic_available)
 from .documents import SearchResult
-from .entries import CIVITAI_BASES, EXTENSIONS, autov2
+from .entries import EXTENSIONS, autov2, catalog_base
 from .schema import MIGRATIONS, default_db
 from .store import IndexReport, Library
 
-__all__ = ["Library", "IndexReport", "SearchResult", "MIGRATIONS", "EXTENSIONS", "CIVITAI_BASES", "default_db",
+__all__ = ["Library", "IndexReport", "SearchResult", "MIGRATIONS", "EXTENSIONS", "catalog_base", "default_db",
            "autov2", "SEMANTIC_DIMENSION", "SEMANTIC_INSTALL", "SEMANTIC_MIN", "SEMANTIC_MODEL_ID", "EmbeddingKey",
            "file_sha256", "load_embedder", "semantic_available"]

@@ -15,9 +15,15 @@ from ..errors import LoraCompatError, NotALoraError
 from ..retrieval import file_sha256
 
 EXTENSIONS = (".safetensors", ".ckpt", ".pt")
-#: Civitai ``baseModel`` names → bases
-CIVITAI_BASES = {"sd 1.5": "sd15", "sd 1.4": "sd15", "sd 2.0": "sd2", "sd 2.1": "sd2", "sdxl 1.0": "sdxl",
-                 "sdxl 0.9": "sdxl", "pony": "sdxl", "illustrious": "sdxl", "flux.1 d": "flux1", "flux.1 s": "flux1"}
+
+
+def catalog_base(name: object) -> str | None:
+    """The base a catalogue name gives (Civitai's ``baseModel``, the A1111 sidecar's ``sd version``), as the
+    registered families name themselves (``Arch.catalog_names``)."""
+    from ..plugins import archs
+
+    wanted = str(name).lower()
+    return next((arch.id for arch in archs().values() if wanted in arch.catalog_names), None)
 
 
 @dataclass
@@ -99,11 +105,10 @@ def read_sidecars(path: Path) -> Sidecars:
             found.preferred_weight = float(weight)
         if isinstance(a1111.get("description"), str):
             found.description = a1111["description"]
-        version = str(a1111.get("sd version", "")).lower()
-        found.base = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl"}.get(version)
+        found.base = catalog_base(a1111.get("sd version", ""))
     civitai = _read_json(path.with_suffix(".civitai.info"))
     if isinstance(civitai, dict):
-        found.base = found.base or CIVITAI_BASES.get(str(civitai.get("baseModel", "")).lower())
+        found.base = found.base or catalog_base(civitai.get("baseModel", ""))
         if isinstance(civitai.get("description"), str):
             found.description = " ".join(filter(None, [found.description, civitai["description"]]))
         model = civitai.get("model")
