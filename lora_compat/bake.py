@@ -31,7 +31,7 @@ from .dialects.base import transformer_kohya_prefixes
 from .errors import LoraCompatError
 from .files import SAFETENSORS_DTYPES, LoraFile
 from .outputs import atomic_output, refuse_inputs
-from .patcher.merge import merged_values
+from .patcher.values import merged_values
 from .patches.dora import check_dora_strength
 from .patcher.entries import source_key
 from .patches.rows import route_view

@@ -205,14 +205,14 @@ def test_a_set_that_fails_midway_leaves_every_parameter_as_before(lora_files, dt
 
 
 def test_out_of_memory_midway_is_rolled_back_and_named(lora_files, monkeypatch):
-    from lora_compat.patcher import merged
+    from lora_compat.patcher import merge_backend
 
     model = make_sd15_components()
     patcher = Patcher(model)
     patcher.set([(lora_files["lora"], 1.0)])
     before = snapshot(model)
     calls = {"n": 0}
-    real = merged.merged_values
+    real = merge_backend.merged_values
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -220,7 +220,7 @@ def test_out_of_memory_midway_is_rolled_back_and_named(lora_files, monkeypatch):
             raise MemoryError("simulated out of memory")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(merged, "merged_values", flaky)
+    monkeypatch.setattr(merge_backend, "merged_values", flaky)
     with pytest.raises(LoraCompatError, match=r"applying .*full.* failed at unet\..*MemoryError"):
         patcher.set([(lora_files["full"], 1.0)])
     monkeypatch.undo()

@@ -30,8 +30,8 @@ from ..patches.dora import DoraStrength, check_dora_strength
 from ..patchset import PatchSet
 from .entries import Entry, SourceLike, as_entries, source_key, source_name
 from .hot import HotBackend, StepClock, TermSource
-from .merge import Contribution
-from .merged import MergeBackend, PristineMode
+from .merge_backend import MergeBackend, PristineMode
+from .values import Contribution
 
 Mode = Literal["merge", "hot"]
 

@@ -7,7 +7,8 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from .merge import Contribution, merged_values
+from .factors import FactorCache
+from .values import Contribution, merged_values
 
 PristineMode = Literal["cpu", "same-device"]
 
@@ -41,6 +42,8 @@ class MergeBackend:
     def __init__(self, pristine: PristineMode):
         self.pristine_mode = pristine
         self.records: dict[str, dict[str, ParamRecord]] = {}
+        #: the scaled fp32 factors of recently used LoRAs: switching back does not read their files again
+        self.factors = FactorCache()
 
     def bind(self, modules: Mapping[str, torch.nn.Module]) -> None:
         """Nothing to map onto the modules (the hot backend maps its fusion gates here)."""
@@ -81,7 +84,7 @@ class MergeBackend:
             buffers = {name: self._buffer(records.get(name), params[name], shapes[name])
                        for name in touched if name in params}
             out = {name: b for name, b in buffers.items() if b is not None and name == "weight" and b.is_contiguous()}
-            new = merged_values(base, contributions, out)
+            new = merged_values(base, contributions, out, self.factors)
         for name in list(records):
             if name not in new:
                 self._restore(records.pop(name))
@@ -134,6 +137,7 @@ class MergeBackend:
 
     def release(self) -> None:
         self.records.clear()
+        self.factors.clear()
 
     def memory(self) -> dict[str, int]:
         return {"pristine_copies": self.pristine_bytes(), "buffers": self.buffer_bytes()}
