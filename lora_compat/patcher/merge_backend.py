@@ -7,7 +7,8 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from .factors import FactorCache
+from .entries import changes_key_with_content
+from .factors import FactorCache, scaled_factors
 from .values import Contribution, merged_values
 
 PristineMode = Literal["cpu", "same-device"]
@@ -84,16 +85,26 @@ class MergeBackend:
             buffers = {name: self._buffer(records.get(name), params[name], shapes[name])
                        for name in touched if name in params}
             out = {name: b for name, b in buffers.items() if b is not None and name == "weight" and b.is_contiguous()}
-            new = merged_values(base, contributions, out, self.factors)
+            new = merged_values(base, contributions, out, self._factor_source(sources, len(contributions)))
         for name in list(records):
             if name not in new:
                 self._restore(records.pop(name))
         for name, value in new.items():
             self._write(records, name, params[name], value, buffers.get(name))
         if isinstance(module, torch.nn.Linear):  # an input-widening patch may have changed the shape
-            module.out_features, module.in_features = module.weight.shape
+            shape = module.weight.shape
+            if (module.out_features, module.in_features) != shape:  # nn.Module.__setattr__ is slow
+                module.out_features, module.in_features = shape
         if not records:
             self.records.pop(target, None)
+
+    def _factor_source(self, sources: Sequence[object], count: int):
+        """The cache when every term comes from a file (an edited file is a new source with new patches);
+        tensors in memory are read afresh, as they may have been changed in place."""
+        keys = [getattr(source, "key", None) for source in sources]
+        if len(keys) == count and all(isinstance(k, str) and changes_key_with_content(k) for k in keys):
+            return self.factors
+        return scaled_factors
 
     def _buffer(self, record: ParamRecord | None, param: torch.nn.Parameter, shape: torch.Size) -> torch.Tensor | None:
         """Where the new value goes: our own buffer (fresh at first touch or when the shape changes) or
