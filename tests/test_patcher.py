@@ -376,9 +376,10 @@ def test_cache_hits_misses_and_budget():
     cache = FactorCache()
     first = cache(low_rank, 1.0)
     assert cache(low_rank, 1.0) is first and cache.bytes == (6 * 4 + 4 * 3 + 6) * 4
-    # the exact bits of the strength: -0.0 scales up to negative zeros
-    negative = cache(low_rank, -0.0)
-    assert torch.signbit(negative.up).all() and not torch.signbit(cache(low_rank, 0.0).up).any()
+    # the exact bits of the strength: -0.0 and 0.0 scale ``up`` to zeros of opposite signs
+    negative, positive = cache(low_rank, -0.0), cache(low_rank, 0.0)
+    assert negative is not positive
+    assert torch.equal(torch.signbit(negative.up), ~torch.signbit(positive.up))
     empty = FactorCache(budget=0)
     kept_nothing = empty(low_rank, 1.0)
     assert empty.bytes == 0 and empty(low_rank, 1.0) is not kept_nothing
