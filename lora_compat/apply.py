@@ -122,7 +122,7 @@ def patched_weights(source: Source | PatchSet, components: Components, strength:
     index = ModuleIndex.from_modules(modules)
     patchset = resolve_patchset(source, index, base).with_dora_strength(dora_strength)
     check_patchset(patchset, index, strict)
-    from .patcher.merge import merged_values  # the patcher's own computation, so both agree bit for bit
+    from .patcher.values import merged_values  # the patcher's own computation, so both agree bit for bit
 
     result: dict[str, torch.Tensor] = {}
     for target, patch in patchset.items():

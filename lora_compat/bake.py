@@ -30,7 +30,7 @@ from .archs.routes import FusedLayout, Route
 from .errors import LoraCompatError
 from .files import SAFETENSORS_DTYPES, LoraFile
 from .outputs import atomic_output, refuse_inputs
-from .patcher.merge import merged_values
+from .patcher.values import merged_values
 from .patches.dora import check_dora_strength
 from .patcher.entries import source_key
 from .patches.rows import route_view

@@ -7,14 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import lora_compat
-from lora_compat import Entry, LoraCompatError, Patcher
+from lora_compat import Entry, LoraCompatError, LoraFile, Patcher
 
 import lora_pool as pool
 from lora_pool import KINDS
 from lora_compat.oracles.models import make_sd15_components
+from lora_compat.patcher import factors as factors_module
+from lora_compat.patcher.factors import FactorCache, scaled_factors
+from lora_compat.patches.base import LowRank, Ref, Scale
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -205,14 +208,14 @@ def test_a_set_that_fails_midway_leaves_every_parameter_as_before(lora_files, dt
 
 
 def test_out_of_memory_midway_is_rolled_back_and_named(lora_files, monkeypatch):
-    from lora_compat.patcher import merged
+    from lora_compat.patcher import merge_backend
 
     model = make_sd15_components()
     patcher = Patcher(model)
     patcher.set([(lora_files["lora"], 1.0)])
     before = snapshot(model)
     calls = {"n": 0}
-    real = merged.merged_values
+    real = merge_backend.merged_values
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -220,7 +223,7 @@ def test_out_of_memory_midway_is_rolled_back_and_named(lora_files, monkeypatch):
             raise MemoryError("simulated out of memory")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(merged, "merged_values", flaky)
+    monkeypatch.setattr(merge_backend, "merged_values", flaky)
     with pytest.raises(LoraCompatError, match=r"applying .*full.* failed at unet\..*MemoryError"):
         patcher.set([(lora_files["full"], 1.0)])
     monkeypatch.undo()
@@ -297,3 +300,88 @@ def test_concurrent_sets_serialise(lora_files):
     assert not errors
     final = [(e.source, e.strength) for e in patcher.active]
     assert_identical(model, fresh_with(checkpoint, final))
+
+
+# -- merge mode keeps the scaled factors of recently used LoRAs: the same bits as reading afresh ------------------
+def counting_reads(monkeypatch) -> dict[str, int]:
+    reads = {"n": 0}
+    real = factors_module.scaled_factors
+
+    def counted(low_rank, strength):
+        reads["n"] += 1
+        return real(low_rank, strength)
+
+    monkeypatch.setattr(factors_module, "scaled_factors", counted)
+    return reads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_switching_back_reuses_factors_bit_identically(lora_files, dtype, monkeypatch):
+    checkpoint = make_sd15_components(dtype=dtype)
+    model = copy.deepcopy(checkpoint)
+    patcher = Patcher(model)
+    reads = counting_reads(monkeypatch)
+    stack = [(lora_files["lora"], 0.7), (lora_files["loha"], 0.5)]
+    patcher.set(stack)
+    first_reads = reads["n"]
+    assert first_reads > 0
+    patcher.set([(lora_files["lokr"], 1.0)])
+    patcher.set(stack)  # back: the LoRA's factors come from the cache
+    assert reads["n"] == first_reads
+    monkeypatch.undo()
+    assert_identical(model, fresh_with(checkpoint, stack))
+    patcher.set([(lora_files["lora"], 0.3)])  # another strength is another entry, computed afresh
+    assert_identical(model, fresh_with(checkpoint, [(lora_files["lora"], 0.3)]))
+    patcher.close()
+
+
+def test_in_memory_sources_are_read_afresh(lora_files):
+    """Tensors in memory may be changed in place under the same identity: their factors are never kept."""
+    checkpoint = make_sd15_components()
+    model = copy.deepcopy(checkpoint)
+    state = load_file(str(lora_files["lora"]))
+    source = LoraFile.from_state_dict(state)
+    patcher = Patcher(model)
+    patcher.set([(source, 1.0)])
+    assert patcher._backend.factors.bytes == 0
+    for name in [k for k in state if k.endswith("lora_up.weight")]:
+        state[name].mul_(2)
+    patcher.set([(lora_files["lokr"], 1.0)])
+    patcher.set([(source, 1.0)])
+    expected = fresh_with(checkpoint, [(LoraFile.from_state_dict(state), 1.0)])
+    assert_identical(model, expected)
+    assert any(not torch.equal(v, expected[k]) for k, v in fresh_with(checkpoint, [(lora_files["lora"], 1.0)]).items())
+    patcher.close()
+
+
+def _low_rank() -> tuple[LowRank, torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    up = torch.randn(6, 4, generator=gen).half()
+    down = torch.randn(4, 3, 1, 1, generator=gen).half()
+    bias = torch.randn(6, generator=gen).half()
+    return LowRank(Ref.of(up), Ref.of(down), Scale(2.0, 4), Ref.of(bias)), up, down, bias
+
+
+def test_factors_are_scaled_once_in_fp32():
+    low_rank, up, down, bias = _low_rank()
+    got = FactorCache()(low_rank, 0.75)
+    factor = 2.0 / 4 * 0.75
+    assert torch.equal(got.up, up.float() * factor) and got.up.dtype == torch.float32
+    assert torch.equal(got.down, down.float().reshape(4, 3))
+    assert torch.equal(got.bias, bias.float() * factor)
+
+
+def test_cache_hits_misses_and_budget():
+    low_rank, *_ = _low_rank()
+    cache = FactorCache()
+    first = cache(low_rank, 1.0)
+    assert cache(low_rank, 1.0) is first and cache.bytes == (6 * 4 + 4 * 3 + 6) * 4
+    # the exact bits of the strength: -0.0 and 0.0 scale ``up`` to zeros of opposite signs
+    negative, positive = cache(low_rank, -0.0), cache(low_rank, 0.0)
+    assert negative is not positive
+    assert torch.equal(torch.signbit(negative.up), ~torch.signbit(positive.up))
+    empty = FactorCache(budget=0)
+    kept_nothing = empty(low_rank, 1.0)
+    assert empty.bytes == 0 and empty(low_rank, 1.0) is not kept_nothing
+    reference = scaled_factors(low_rank, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(kept_nothing, reference))

@@ -30,8 +30,8 @@ from ..patches.dora import DoraStrength, check_dora_strength
 from ..patchset import PatchSet
 from .entries import Entry, SourceLike, as_entries, source_key, source_name
 from .hot import HotBackend, StepClock, TermSource
-from .merge import Contribution
-from .merged import MergeBackend, PristineMode
+from .merge_backend import MergeBackend, PristineMode
+from .values import Contribution
 
 Mode = Literal["merge", "hot"]
 
@@ -129,6 +129,8 @@ class Patcher:
         self._cache: "OrderedDict[tuple[str, tuple[int, ...]], PatchSet]" = OrderedDict()
         self._warned: set[str] = set()
         self._submodules: dict[str, torch.nn.Module] = {}
+        #: component → {path: module}, walked once per ``set`` (``get_submodule`` per target costs more)
+        self._tables: dict[str, dict[str, torch.nn.Module]] = {}
         self._claim(self._current_modules())
 
     # -- public API ---------------------------------------------------------------------------------
@@ -150,14 +152,14 @@ class Patcher:
                                               "Patcher(mode='hot') and callback_on_step_end=step_callback()")
             modules = self._refresh_modules()
             self._backend.bind(modules)
-            index = ModuleIndex.from_modules(modules)
+            index = _LazyIndex(modules)
             loaded = [self._load(entry, index) for entry in wanted]  # may raise: nothing touched yet
             report = SetReport()
             for item in loaded:
                 if item.patchset.unmatched:
                     report.unmatched[source_name(item.entry.source)] = sorted(item.patchset.unmatched)
             desired = self._desired(loaded)
-            self._submodules = {}
+            self._submodules, self._tables = {}, {}
             stale = self._adopt_external_changes(modules)
             changed = sorted(t for t in set(desired) | set(self._applied)
                              if t in stale
@@ -249,14 +251,14 @@ class Patcher:
         self._modules = modules
         return modules
 
-    def _load(self, entry: Entry, index: ModuleIndex) -> _Loaded:
+    def _load(self, entry: Entry, index: "_LazyIndex") -> _Loaded:
         key = source_key(entry.source)
         cache_key = (key, tuple(id(m) for m in self._modules.values()))
         patchset = self._cache.get(cache_key)
         if patchset is None:
-            patchset = self._read(entry.source, index)
+            patchset = self._read(entry.source, index.get())
             self._cache[cache_key] = patchset
-        blocks = block_factors(patchset, index, entry.blocks) if entry.blocks is not None else {}
+        blocks = block_factors(patchset, index.get(), entry.blocks) if entry.blocks is not None else {}
         dora_strength = entry.dora_strength or self.dora_strength
         return _Loaded(entry, key, patchset.with_dora_strength(dora_strength), dora_strength, blocks)
 
@@ -296,7 +298,13 @@ class Patcher:
         module = self._submodules.get(target)
         if module is None:
             component, _, path = target.partition(".")
-            module = self._submodules[target] = modules[component].get_submodule(path)
+            table = self._tables.get(component)
+            if table is None:
+                table = self._tables[component] = dict(modules[component].named_modules(remove_duplicate=False))
+            module = table.get(path)
+            if module is None:
+                module = modules[component].get_submodule(path)
+            self._submodules[target] = module
         return module
 
     def _adopt_external_changes(self, modules: Mapping[str, torch.nn.Module]) -> set[str]:
@@ -346,6 +354,19 @@ class Patcher:
                 self._applied[target] = previous
             else:
                 self._applied.pop(target, None)
+
+
+class _LazyIndex:
+    """The components' :class:`ModuleIndex`, built on first use: a ``set`` whose sources are all cached and
+    need no block weights never walks the model for it."""
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module]):
+        self._modules, self._index = modules, None
+
+    def get(self) -> ModuleIndex:
+        if self._index is None:
+            self._index = ModuleIndex.from_modules(self._modules)
+        return self._index
 
 
 def _signature(contributions: list[Contribution], sources: list[TermSource]) -> tuple:

@@ -80,6 +80,12 @@ def source_key(source: SourceLike) -> str:
     return f"{type(source).__name__}:{id(source)}"
 
 
+def changes_key_with_content(key: str) -> bool:
+    """Whether a source with this key gets a new key when its content changes (a path: size and mtime are in
+    it), so what was read from it may be kept; an object in memory may be changed in place under one key."""
+    return key.startswith("path:")
+
+
 def source_name(source: SourceLike) -> str:
     if isinstance(source, (str, os.PathLike)):
         return str(source)

@@ -16,7 +16,7 @@ from torch.func import functional_call
 from ..errors import LoraCompatError
 from ..fusion_gate import FusionGates, GateLayer, gate
 from ..patches import Patch
-from .merge import Contribution
+from .values import Contribution
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class FusedPatch(Patch):
     """Patches on canonical (split) modules that live in rows of one fused host module.
 
     ``delta`` places each part's change in its rows (zero elsewhere); the merge computes each row range
-    exactly like the split module would (see ``patcher.merge``).
+    exactly like the split module would (see ``patcher.values``).
     """
 
     kind = "fused"

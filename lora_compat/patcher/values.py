@@ -1,4 +1,4 @@
-"""The merge computation: new parameter values from pristine ones and a stack of patches, in fp32."""
+"""Patched values: new parameter values from pristine ones and a stack of contributions, summed in fp32."""
 from __future__ import annotations
 
 from typing import Mapping, NamedTuple, Sequence
@@ -8,6 +8,7 @@ import torch
 from ..patches import Patch
 from ..patches.rows import place, route_view
 from ..patches.widen import pad_weight
+from .factors import FactorSource, scaled_factors
 
 
 class Contribution(NamedTuple):
@@ -22,19 +23,21 @@ CHUNK_ELEMENTS = 1 << 19
 
 
 def merged_values(base: Mapping[str, torch.Tensor], contributions: Sequence[Contribution],
-                  out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                  out: Mapping[str, torch.Tensor] | None = None,
+                  factors: FactorSource = scaled_factors) -> dict[str, torch.Tensor]:
     """``base + Σ deltas`` for every parameter the contributions touch, summed in a fixed order in fp32.
 
     ``base`` holds the pristine parameters in their own dtype. Plain LoRA terms are folded into one GEMM
     (``[s₁·up₁ | s₂·up₂] @ [down₁; down₂]``) added to the base with ``addmm``, block of rows by block of
     rows; other kinds add their fp32 delta. When ``out`` gives a buffer for the weight (any dtype), the
     rounded result is written straight into it and that buffer is returned; other values are fp32.
+    ``factors`` gives the plain LoRA terms' scaled factors (the Patcher passes its :class:`FactorCache`).
 
     ``set`` patches replace the base value before anything is added (exact: no ``value - base`` round
     trip); input-widening patches zero-pad the base weight first.
     """
     if any(patch.row_parts is not None for patch, _ in contributions):
-        return _merged_fused(base, contributions, out)
+        return _merged_fused(base, contributions, out, factors)
     widths = [widening[0] for widening in (patch.widening() for patch, _ in contributions) if widening is not None]
     if widths:
         base = pad_weight(base, max(widths))
@@ -54,11 +57,11 @@ def merged_values(base: Mapping[str, torch.Tensor], contributions: Sequence[Cont
     for patch, strength in contributions:
         low_rank = patch.low_rank() if "weight" in base else None
         if low_rank is not None:
-            up, down, scale = low_rank.factors()
-            ups.append(up * (scale * strength))
+            up, down, bias = factors(low_rank, strength)
+            ups.append(up)
             downs.append(down)
-            if low_rank.bias is not None:
-                _accumulate(deltas, "bias", low_rank.bias.load() * (scale * strength))
+            if bias is not None:
+                _accumulate(deltas, "bias", bias)
         else:
             others.append((patch, strength))
     if others:
@@ -87,7 +90,7 @@ def merged_values(base: Mapping[str, torch.Tensor], contributions: Sequence[Cont
 
 
 def _merged_fused(base: Mapping[str, torch.Tensor], contributions: Sequence[Contribution],
-                  out: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+                  out: Mapping[str, torch.Tensor] | None, factors: FactorSource) -> dict[str, torch.Tensor]:
     """A fused host weight (BFL ``qkv``/``linear1``): each canonical module's rows are merged exactly as the
     split module would be (same inputs, same order), the rows no patch covers stay as they were."""
     groups: dict = {}
@@ -109,7 +112,7 @@ def _merged_fused(base: Mapping[str, torch.Tensor], contributions: Sequence[Cont
     for route in sorted(groups, key=lambda r: r.start):
         host_weight = result.get(route.host_param("weight"))
         sub_out = None if route.swap or host_weight is None else {"weight": host_weight[route.start:route.stop]}
-        for param, value in merged_values(route_view(route, base), groups[route], sub_out).items():
+        for param, value in merged_values(route_view(route, base), groups[route], sub_out, factors).items():
             if sub_out is not None and param == "weight" and value.data_ptr() == sub_out["weight"].data_ptr():
                 continue
             place(route, result[route.host_param(param)], value)

@@ -7,7 +7,9 @@ from typing import Literal, Mapping, Sequence
 
 import torch
 
-from .merge import Contribution, merged_values
+from .entries import changes_key_with_content
+from .factors import FactorCache, scaled_factors
+from .values import Contribution, merged_values
 
 PristineMode = Literal["cpu", "same-device"]
 
@@ -41,6 +43,8 @@ class MergeBackend:
     def __init__(self, pristine: PristineMode):
         self.pristine_mode = pristine
         self.records: dict[str, dict[str, ParamRecord]] = {}
+        #: the scaled fp32 factors of recently used LoRAs: switching back does not read their files again
+        self.factors = FactorCache()
 
     def bind(self, modules: Mapping[str, torch.nn.Module]) -> None:
         """Nothing to map onto the modules (the hot backend maps its fusion gates here)."""
@@ -81,16 +85,26 @@ class MergeBackend:
             buffers = {name: self._buffer(records.get(name), params[name], shapes[name])
                        for name in touched if name in params}
             out = {name: b for name, b in buffers.items() if b is not None and name == "weight" and b.is_contiguous()}
-            new = merged_values(base, contributions, out)
+            new = merged_values(base, contributions, out, self._factor_source(sources, len(contributions)))
         for name in list(records):
             if name not in new:
                 self._restore(records.pop(name))
         for name, value in new.items():
             self._write(records, name, params[name], value, buffers.get(name))
         if isinstance(module, torch.nn.Linear):  # an input-widening patch may have changed the shape
-            module.out_features, module.in_features = module.weight.shape
+            shape = module.weight.shape
+            if (module.out_features, module.in_features) != shape:  # nn.Module.__setattr__ is slow
+                module.out_features, module.in_features = shape
         if not records:
             self.records.pop(target, None)
+
+    def _factor_source(self, sources: Sequence[object], count: int):
+        """The cache when every term comes from a file (an edited file is a new source with new patches);
+        tensors in memory are read afresh, as they may have been changed in place."""
+        keys = [getattr(source, "key", None) for source in sources]
+        if len(keys) == count and all(isinstance(k, str) and changes_key_with_content(k) for k in keys):
+            return self.factors
+        return scaled_factors
 
     def _buffer(self, record: ParamRecord | None, param: torch.nn.Parameter, shape: torch.Size) -> torch.Tensor | None:
         """Where the new value goes: our own buffer (fresh at first touch or when the shape changes) or
@@ -134,6 +148,7 @@ class MergeBackend:
 
     def release(self) -> None:
         self.records.clear()
+        self.factors.clear()
 
     def memory(self) -> dict[str, int]:
         return {"pristine_copies": self.pristine_bytes(), "buffers": self.buffer_bytes()}
