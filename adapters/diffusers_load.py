@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lora_compat.apply import check_patchset, component_modules, resolve_patchset
+from lora_compat.models import check_patchset, component_modules, resolve_patchset
 from lora_compat.archs import ModuleIndex
 from lora_compat.errors import LoraCompatError
 from lora_compat.patcher import Entry

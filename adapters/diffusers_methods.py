@@ -28,7 +28,7 @@ import functools
 import numbers
 from typing import Any, Callable
 
-from lora_compat.apply import component_modules
+from lora_compat.models import component_modules
 from lora_compat.errors import LoraCompatError
 from lora_compat.patcher import Entry
 

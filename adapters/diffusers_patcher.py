@@ -9,7 +9,7 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
-from lora_compat.apply import component_modules
+from lora_compat.models import component_modules
 from lora_compat.patcher import Entry, Patcher, sync_config
 from lora_compat.patchset import PatchSet
 

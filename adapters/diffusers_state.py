@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lora_compat.apply import component_modules
+from lora_compat.models import component_modules
 from lora_compat.patcher import Entry, Patcher
 from lora_compat.patchset import PatchSet
 

@@ -1,7 +1,7 @@
 """What each host does with a LoRA file once lora_compat's adapter is installed, measured by running the
 adapters' own decisions on it: the host columns of the compatibility matrix (``lora-compat matrix``).
 
-The matrix (``lora_compat.matrix``) imports no adapter; the CLI hands it :func:`host_routes`. Each column comes
+The matrix (``lora_compat.tools.matrix``) imports no adapter; the CLI hands it :func:`host_routes`. Each column comes
 from the code the adapter runs when the host loads the file:
 
 - diffusers: ``adapters.diffusers.choose_route`` on the file's patches;
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_compat.errors import LoraCompatError
-from lora_compat.hostkeys import Conversion, convert_for_host
-from lora_compat.matrix import RouteQuery
+from lora_compat.hosts.convert import Conversion, convert_for_host
+from lora_compat.tools.matrix import RouteQuery
 
 from . import comfyui, webui
 from .diffusers_load import choose_route

@@ -21,15 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from library_files import BASES, PARAPHRASES, QUERIES, TOPICS, write_lora  # noqa: E402
 
 from lora_compat import library as library_module  # noqa: E402
-from lora_compat import retrieval  # noqa: E402
-from lora_compat.library import Library, semantic_available  # noqa: E402
-from lora_compat.library.documents import embedding_entry  # noqa: E402
+from lora_compat.tools.library import retrieval  # noqa: E402
+from lora_compat.tools.library import Library, semantic_available  # noqa: E402
+from lora_compat.tools.library.documents import embedding_entry  # noqa: E402
 
 #: a fresh process: open the library, run one search (the BM25 index comes from the saved copy), report timings
 COLD_SEARCH = """
 import json, sys, time
 start = time.perf_counter()
-from lora_compat.library import Library
+from lora_compat.tools.library import Library
 imported = time.perf_counter()
 with Library(sys.argv[1], semantic=sys.argv[2] == "1") as library:
     results = library.search("a knight in plate armor holding a sword", base="sdxl", k=5)
@@ -40,7 +40,7 @@ with Library(sys.argv[1], semantic=sys.argv[2] == "1") as library:
 MODEL_LOAD = """
 import json, time
 start = time.perf_counter()
-from lora_compat.library import load_embedder
+from lora_compat.tools.library import load_embedder
 load_embedder()
 print(json.dumps({"load": time.perf_counter() - start}))
 """

@@ -15,23 +15,27 @@ from typing import TYPE_CHECKING
 from .errors import (BaseMismatchError, CorruptFileError, LoraCompatError, NotALoraError, UnknownDialectError,
                      UnmatchedKeysError, UnsafeFileError)
 
+from ._moved import install as _install_moved
+
+_install_moved()  # the modules' earlier names keep importing
+
 # the rest is imported on first use, so commands that need no tensors (``lora-compat search``) start without
 # importing torch
 _LAZY = {
-    "LoraCompatWarning": ".apply", "patched_weights": ".apply",
-    "ConvertReport": ".conversion", "convert": ".conversion", "convert_state_dict": ".conversion",
-    "detect": ".core", "read": ".core", "LoraFile": ".files", "FusionGates": ".fusion_gate",
-    "Inspection": ".inspection", "inspect": ".inspection",
+    "LoraCompatWarning": ".models", "patched_weights": ".models",
+    "ConvertReport": ".tools.convert", "convert": ".tools.convert", "convert_state_dict": ".tools.convert",
+    "detect": ".detection", "read": ".detection", "LoraFile": ".files", "FusionGates": ".tools.autolora_gate",
+    "Inspection": ".tools.inspection", "inspect": ".tools.inspection",
     "Entry": ".patcher", "Patcher": ".patcher", "SetReport": ".patcher", "PatchSet": ".patchset",
 }
 
 if TYPE_CHECKING:
-    from .apply import LoraCompatWarning, patched_weights
-    from .conversion import ConvertReport, convert, convert_state_dict
-    from .core import detect, read
+    from .models import LoraCompatWarning, patched_weights
+    from .tools.convert import ConvertReport, convert, convert_state_dict
+    from .detection import detect, read
     from .files import LoraFile
-    from .fusion_gate import FusionGates
-    from .inspection import Inspection, inspect
+    from .tools.autolora_gate import FusionGates
+    from .tools.inspection import Inspection, inspect
     from .patcher import Entry, Patcher, SetReport
     from .patchset import PatchSet
 

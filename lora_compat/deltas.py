@@ -6,7 +6,7 @@ SVD) and the ``svd``/``ties``/``dare`` merges.
   else from the patch's own factors (a model of another width or depth; a kernel stored flattened, as
   LoHa/LoKr store 3x3 convs, is taken from the base's module of that name).
 - DoRA, OFT/BOFT, IA3 and GLoRA (its ``W·a1·a2`` term) change the weight as a function of the weight: their
-  delta needs the base weights, from a checkpoint (``BaseWeights``, e.g. :class:`lora_compat.bake.Checkpoint`).
+  delta needs the base weights, from a checkpoint (``BaseWeights``, e.g. :class:`lora_compat.tools.bake.Checkpoint`).
 
 Deltas are at strength 1 unless asked otherwise, in fp32.
 """

@@ -7,7 +7,7 @@ from typing import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from .patches import Patch
-from .patches.rows import FusedPatch
+from .patches.fused import FusedPatch
 
 if TYPE_CHECKING:
     from .archs import ModuleIndex

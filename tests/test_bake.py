@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora_compat
-from lora_compat.bake import bake
+from lora_compat.tools.bake import bake
 from lora_compat.cli import main
 
 from lora_compat.oracles.lycoris_oracle import write_lycoris_file
@@ -141,7 +141,7 @@ warnings.filterwarnings("ignore")
 def peak():  # VmHWM: ru_maxrss would carry the parent's peak across exec
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 
-from lora_compat.bake import bake
+from lora_compat.tools.bake import bake
 before = peak()
 bake({str(checkpoint)!r}, [({str(tmp_path / 'lora.safetensors')!r}, 1.0)], {str(tmp_path / 'out')!r}, progress=False)
 after = peak()

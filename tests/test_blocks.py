@@ -11,7 +11,7 @@ import torch
 
 import lora_compat
 from lora_compat import Entry, LoraCompatError, Patcher
-from lora_compat.blocks import BLOCKID26, parse
+from lora_compat.tools.block_weights import BLOCKID26, parse
 
 from lora_compat.oracles.lycoris_oracle import write_lycoris_file
 from lora_compat.oracles.models import make_sd15_components, make_sdxl_components

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from lora_compat.cli import main
-from lora_compat.examples import EXAMPLES, write_examples
+from lora_compat.tools.examples import EXAMPLES, write_examples
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_compat.cli import main
-from lora_compat.examples import kohya_sd15
+from lora_compat.tools.examples import kohya_sd15
 
 @pytest.fixture(scope="module")
 def lora(tmp_path_factory) -> Path:
@@ -101,12 +101,12 @@ def test_matrix_with_a_broken_corpus(tmp_path, capsys):
 
 
 def test_an_unexpected_exception_is_one_line_naming_it(monkeypatch, lora, tmp_path, capsys):
-    import lora_compat.conversion
+    import lora_compat.tools.convert
 
     def broken(*args, **kwargs):
         raise KeyError("fused_rows")
 
-    monkeypatch.setattr(lora_compat.conversion, "convert", broken)
+    monkeypatch.setattr(lora_compat.tools.convert, "convert", broken)
     assert main(["convert", str(lora), "--to", "bfl", "-o", str(tmp_path / "x.safetensors")]) == 2
     line = one_error_line(capsys, "convert")
     assert "internal error: KeyError: 'fused_rows'" in line and "--debug" in line
@@ -139,7 +139,7 @@ def test_an_unknown_base_is_refused_with_the_known_ones(tmp_path, small_lora, ca
 
 
 def test_the_library_database_is_created_whole_with_umask_permissions(tmp_path, odd_umask):
-    from lora_compat.library import MIGRATIONS, Library
+    from lora_compat.tools.library import MIGRATIONS, Library
 
     with Library(tmp_path / "lib.sqlite", semantic=False) as library:
         assert library.schema_version == len(MIGRATIONS)
@@ -148,7 +148,7 @@ def test_the_library_database_is_created_whole_with_umask_permissions(tmp_path, 
 
 
 def test_a_library_database_that_fails_to_be_created_leaves_nothing(tmp_path, monkeypatch, capsys):
-    import lora_compat.library.schema as library
+    import lora_compat.tools.library.schema as library
 
     monkeypatch.setattr(library, "MIGRATIONS", (*library.MIGRATIONS[:3], "CREATE TABLE loras (x)"))
     db = tmp_path / "lib.sqlite"
@@ -317,7 +317,7 @@ def test_broken_pipe_in_process(small_lora, monkeypatch):
 SLOW_BAKE = """
 import sys, time
 from pathlib import Path
-import lora_compat.bake as bake
+import lora_compat.tools.bake as bake
 
 marker = Path(sys.argv[1])
 write = bake._StreamWriter.write
@@ -396,15 +396,15 @@ def test_atomic_output_removes_its_temporary_on_any_exception(tmp_path):
 def test_semantic_search_says_what_it_loads(tmp_path, small_lora, monkeypatch, capsys):
     import functools
 
-    import lora_compat.retrieval as retrieval
-    from lora_compat.library import Library
+    import lora_compat.tools.library.retrieval as retrieval
+    from lora_compat.tools.library import Library
 
     db = str(tmp_path / "library.sqlite")
     assert main(["index", str(small_lora.parent), "--db", db, "--no-semantic", "--quiet"]) == 0
     capsys.readouterr()
     monkeypatch.setattr(retrieval, "load_embedder", functools.lru_cache(maxsize=1)(lambda: None))  # a cold one
     monkeypatch.setattr(retrieval, "semantic_available", lambda: True)
-    monkeypatch.setattr("lora_compat.library.store.semantic_available", lambda: True)
+    monkeypatch.setattr("lora_compat.tools.library.store.semantic_available", lambda: True)
     monkeypatch.setattr(Library, "search", lambda self, *a, **k: [])
     assert main(["search", "cat", "--db", db, "--semantic"]) == 0
     err = capsys.readouterr().err

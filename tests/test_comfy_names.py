@@ -5,7 +5,7 @@ import pytest
 
 from lora_compat import plugins
 from lora_compat.dialects.flux_names import comfy_components, resolve_bfl
-from lora_compat.hostkeys import kohya_names
+from lora_compat.dialects.kohya_names import kohya_names
 
 #: the prefix ComfyUI holds each base's text encoders under (comfy/sd1_clip.py, sd2_clip.py, sdxl_clip.py, flux.py)
 EXPECTED = {"sd15": {"text_encoder": "text_encoders.clip_l.transformer."},

@@ -1,5 +1,5 @@
 """ControlNet, Control-LoRA and T2I-Adapter checkpoints → diffusers. The original layouts are written by the
-test's own mapping (from dialects.md §6), independently of lora_compat.controlnet."""
+test's own mapping (from dialects.md §6), independently of lora_compat.tools.controlnet."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_compat import controlnet
+from lora_compat.tools import controlnet
 from lora_compat.cli import main
 
 from corpus import load

@@ -204,7 +204,7 @@ def test_fused_parts_of_different_widths_are_refused(tmp_path: Path) -> None:
 def test_a_given_base_another_base_fits_is_refused() -> None:
     """SD1.5 cross-attention shapes (768-wide context) with --base sd2 (1024): the file fits sd15, so it is not
     renamed after sd2 by names alone (it used to be written with no tensors); header only, nothing read."""
-    from lora_compat.conversion import convert_state_dict
+    from lora_compat.tools.convert import convert_state_dict
     from lora_compat.files import Header, LoraFile
 
     shapes = {}
@@ -239,10 +239,10 @@ def test_cli_convert_of_a_small_flux_file(tmp_path: Path, small_flux, base: list
 
 
 def test_host_names_of_a_small_flux_file_need_no_model(tmp_path: Path, small_flux) -> None:
-    """The webui/ComfyUI naming (``hostkeys.convert_for_host``, no host index) lays out fused modules by the file."""
+    """The webui/ComfyUI naming (``hosts.convert.convert_for_host``, no host index) lays out fused modules by the file."""
     from safetensors.torch import save_file
 
-    from lora_compat.hostkeys import convert_for_host as host_convert
+    from lora_compat.hosts.convert import convert_for_host as host_convert
 
     source, merged = write_flux_file(tmp_path, small_flux, "diffusers", FLUX_PARTIAL)
     conversion = host_convert(str(source), "comfy")

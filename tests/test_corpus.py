@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import lora_compat
-from lora_compat.apply import resolve_patchset
+from lora_compat.models import resolve_patchset
 from lora_compat.archs import ModuleIndex
 from lora_compat import corpus
 from lora_compat.errors import NotALoraError
@@ -122,7 +122,7 @@ def test_a_few_unknown_modules_do_not_hide_the_base_its_names_fit():
 
 
 def test_lora_of_an_unsupported_family_is_refused_when_applied():
-    from lora_compat.apply import check_patchset
+    from lora_compat.models import check_patchset
     from lora_compat.errors import BaseMismatchError
 
     patchset = lora_compat.read(header_only_file("invokeai_qwen_image_lora_kohya_format.json"))
@@ -145,7 +145,7 @@ def test_sd2_is_not_confused_with_sd15(name):
 
 
 def test_sdxl_lora_given_sd15_components_is_a_base_mismatch():
-    from lora_compat.apply import check_patchset
+    from lora_compat.models import check_patchset
     from lora_compat.errors import BaseMismatchError
 
     index = ModuleIndex.from_modules(meta_components("derived_sd15_kohya_lora_full.json"))

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import lora_compat
 from lora_compat.cli import main
-from lora_compat.fuse import merge
+from lora_compat.tools.merge import merge
 
 from lora_compat.oracles.lycoris_oracle import write_lycoris_file
 from lora_compat.oracles.models import make_sd15_components

@@ -11,7 +11,7 @@ import torch
 
 import lora_compat
 from lora_compat import LoraCompatError, plugins
-from lora_compat.conversion import convert_state_dict, save
+from lora_compat.tools.convert import convert_state_dict, save
 from lora_compat.dialects import Dialect
 from lora_compat.dialects.writing import Written
 from lora_compat.hooks import hookimpl

@@ -8,7 +8,7 @@ multiplier (the whole ΔW stays applied at 0) and PEFT's scaling (``m·W/‖W‖
 
 Every path a strength reaches a DoRA module through is checked: ``patched_weights``, the Patcher (merge and
 hot mode, block weights, per-entry override), ``bake`` (API and CLI), ``merge`` (ties/dare full deltas),
-the diffusers adapter (``load``/``set_strength``) and ``hostkeys.updown`` (what the webui, Forge and ComfyUI
+the diffusers adapter (``load``/``set_strength``) and ``hosts.convert.updown`` (what the webui, Forge and ComfyUI
 adapters call with the host's multiplier), against float64 transcriptions of the hosts' own DoRA code.
 """
 from __future__ import annotations
@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 
 import lora_compat
 from lora_compat import Entry, Patcher
-from lora_compat.bake import bake
+from lora_compat.tools.bake import bake
 from lora_compat.cli import main
-from lora_compat.fuse import merged_patchset
-from lora_compat.hostkeys import patch_from_weights, updown
+from lora_compat.tools.merge import merged_patchset
+from lora_compat.hosts.convert import patch_from_weights, updown
 
 from lora_compat.oracles.lycoris_oracle import write_lycoris_file
 from lora_compat.oracles.models import make_sd15_components
@@ -179,7 +179,7 @@ def lycoris_modules(path: Path, components: dict) -> list[tuple[str, dict, torch
 @pytest.mark.parametrize("variant", ["dora_out", "dora_in"])
 @pytest.mark.parametrize("strength", STRENGTHS)
 def test_updown_equals_a1111_finalize_updown(sd15, files, variant, strength):
-    """``hostkeys.updown`` with the host's multiplier (what the webui and Forge adapters call) gives the change
+    """``hosts.convert.updown`` with the host's multiplier (what the webui and Forge adapters call) gives the change
     the A1111 family's own DoRA code computes, on both axes."""
     modules = lycoris_modules(files[variant][0], sd15)
     assert len(modules) > 100

@@ -126,7 +126,7 @@ def test_converts_with_a_registered_family(toy, tmp_path):
 def test_bakes_with_a_registered_family(toy, tmp_path):
     from safetensors.torch import load_file
 
-    from lora_compat.bake import bake
+    from lora_compat.tools.bake import bake
 
     path, factors = _kohya_file(tmp_path / "toy_lora.safetensors")
     expected = _expected(toy, factors, 0.75)
@@ -193,7 +193,7 @@ def test_converts_to_the_family_host_names(toy_named, tmp_path, to):
 def test_bakes_a_file_under_the_family_host_names(toy_named, tmp_path):
     from safetensors.torch import load_file
 
-    from lora_compat.bake import bake
+    from lora_compat.tools.bake import bake
 
     path, factors = _toy_prefixed_file(tmp_path / "toy_lora.safetensors")
     lora_compat.convert(path, "kohya", tmp_path / "toy_kohya.safetensors", base="toy")
@@ -214,7 +214,7 @@ def test_bakes_a_file_under_the_family_host_names(toy_named, tmp_path):
 def test_host_converters_use_the_family_host_names(toy_named, tmp_path, layout, with_model):
     # what the webui extension and the ComfyUI node hand the host: the family's names, with or without the model
     from lora_compat.archs import ModuleIndex
-    from lora_compat.hostkeys import convert_for_host
+    from lora_compat.hosts.convert import convert_for_host
 
     path, factors = _toy_prefixed_file(tmp_path / "toy_lora.safetensors")
     index = ModuleIndex.from_modules({"transformer": toy_named}) if with_model else None
@@ -285,7 +285,7 @@ def test_a_family_from_an_entry_point(tmp_path):
 ])
 def test_comfy_text_encoder_names_per_family(base, target, name):
     # ComfyUI's LoRA key for a text-encoder module: "text_encoders." + its CLIP state-dict name
-    from lora_compat.hostkeys import kohya_names
+    from lora_compat.dialects.kohya_names import kohya_names
 
     index = plugins.archs()[base].index
     assert kohya_names(index, [target], comfy=True, base=base)[target].name == name
@@ -295,7 +295,7 @@ def test_comfy_text_encoder_names_come_from_the_family():
     from dataclasses import replace
 
     from lora_compat.archs.sd import SD2
-    from lora_compat.hostkeys import kohya_names
+    from lora_compat.dialects.kohya_names import kohya_names
 
     arch = replace(SD2, id="sd2_fork", comfy_text_encoders={"text_encoder": "text_encoders.clip_x.transformer."})
     plugin = types.SimpleNamespace(register_archs=hookimpl(lambda register: register(arch)))
@@ -309,7 +309,7 @@ def test_comfy_text_encoder_names_come_from_the_family():
 
 
 def test_catalogue_names_come_from_the_families(tmp_path):
-    from lora_compat.library import catalog_base
+    from lora_compat.tools.library import catalog_base
 
     for _ in _registered_toy(tmp_path, kohya_prefixes={"lora_unet_": "transformer"}, catalog_names=("toy 1.0",)):
         assert catalog_base("Toy 1.0") == "toy"

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import lora_compat
 from lora_compat import Patcher
-from lora_compat.apply import check_patchset, resolve_patchset
+from lora_compat.models import check_patchset, resolve_patchset
 from lora_compat.archs import ModuleIndex
 from lora_compat.errors import BaseMismatchError
 

@@ -8,7 +8,7 @@ from lora_compat.archs.routes import Route
 from lora_compat.patches import Ref, Scale
 from lora_compat.patches.loha import LohaPatch
 from lora_compat.patches.lora import LoraPatch
-from lora_compat.patches.rows import FusedPatch, fused_lora
+from lora_compat.patches.fused import FusedPatch, fused_lora
 
 
 def _lora(out: int, rank: int, alpha: float, seed: int) -> tuple[LoraPatch, torch.Tensor]:

@@ -3,7 +3,7 @@ retrieval_and_fusion.md §1) on random inputs and inside a FLUX.1 transformer, o
 saturated gates it is the plain sum; gate files are checked by key names and shapes; nothing is invented.
 
 The DiffSynth layer → diffusers modules table below is written from the reference, independently of
-``lora_compat.fusion_gate``.
+``lora_compat.tools.autolora_gate``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import lora_compat
 from lora_compat import Patcher
 from lora_compat.errors import LoraCompatError
-from lora_compat.fusion_gate import FusionGates, gate, host_layers
+from lora_compat.tools.autolora_gate import FusionGates, gate, host_layers
 
 from lora_compat.oracles.models import make_sd15_components
 from flux_models import (PARTIAL, bfl_table, diffusers_file, flux_forward, kohya_flux_file, make_bfl_host,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_compat.install_host import install
+from lora_compat.hosts.install import install
 
 from installed import PURELIB, ROOT, clean_env, installed_site, pip_install
 
@@ -93,7 +93,7 @@ def installed_folder(tmp_path: Path, host: str, copy: bool) -> Path:
 
 def test_a_link_resolves_into_this_checkout() -> None:
     """The tests below rely on it: the editable install's host folders live in the checkout."""
-    from lora_compat.install_host import source_folder
+    from lora_compat.hosts.install import source_folder
 
     assert source_folder("webui") == ROOT / "adapters" / "webui"
 
@@ -202,7 +202,7 @@ def test_a_copy_made_from_an_installed_wheel_carries_an_installable_source(tmp_p
         import sys
         import lora_compat
         assert lora_compat.__file__.startswith(sys.argv[1]), lora_compat.__file__
-        from lora_compat.install_host import install
+        from lora_compat.hosts.install import install
         print(install("comfyui", sys.argv[2], copy=True)[0])
     """)
     done = subprocess.run([sys.executable, "-P", "-c", code, str(site), str(root)], cwd=tmp_path,

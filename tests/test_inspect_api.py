@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import lora_compat
-from lora_compat.examples import kohya_sd15
+from lora_compat.tools.examples import kohya_sd15
 from lora_compat.patches import OftPatch, Ref
 
 

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from lora_compat.cli import main
-from lora_compat.library import store as library_module
-from lora_compat import retrieval
+from lora_compat.tools.library import store as library_module
+from lora_compat.tools.library import retrieval
 from lora_compat.errors import LoraCompatError
-from lora_compat.library import MIGRATIONS, Library
+from lora_compat.tools.library import MIGRATIONS, Library
 
 from library_files import BASES, PARAPHRASES, QUERIES, TOPICS, write_lora
 

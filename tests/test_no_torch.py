@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_compat.archs import SDXL
 from lora_compat.archs.sd import sgm_aliases
-from lora_compat.examples import ATTENTION_LEAVES, TEXT_LEAVES, write_examples
+from lora_compat.tools.examples import ATTENTION_LEAVES, TEXT_LEAVES, write_examples
 
 from lora_pool import lora_files
 

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 import lora_compat
-from lora_compat import core, files, plugins
+from lora_compat import files, plugins
+from lora_compat.detection import detect
 from lora_compat.errors import CorruptFileError
-from lora_compat.examples import kohya_sd15
+from lora_compat.tools.examples import kohya_sd15
 from lora_compat.files import LoraFile
 
 #: header entries the quick check must pass to _parse_entry's verdict: well-formed ones and one of each fault
@@ -73,12 +74,12 @@ def test_whole_file_spans_match_the_entry_by_entry_check(tmp_path: Path) -> None
 
 def test_detecting_the_same_file_again_reuses_the_decision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     file = LoraFile.open(kohya_sd15(tmp_path / "style.safetensors"))
-    first = core.detect(file)
+    first = detect(file)
     reads: list[str] = []
     dialect = type(first.dialect)
     original = dialect.read
     monkeypatch.setattr(dialect, "read", lambda self, f, index: reads.append("read") or original(self, f, index))
-    again = core.detect(file)
+    again = detect(file)
     assert reads == []
     assert (again.dialect, again.base, again.base_candidates, again.base_reason, dict(again.patchset),
             again.patchset.unmatched, again.patchset.warnings) == \
@@ -88,23 +89,23 @@ def test_detecting_the_same_file_again_reuses_the_decision(tmp_path: Path, monke
     again.patchset.warnings.append("changed by the caller")
     again.patchset.patches.clear()
     again.base_candidates.append("nothing")
-    third = core.detect(file)
+    third = detect(file)
     assert "changed by the caller" not in third.patchset.warnings
     assert dict(third.patchset) == dict(first.patchset) and third.base_candidates == first.base_candidates
     # another base argument is another decision; a changed registry decides again
-    core.detect(file, "sd15")
+    detect(file, "sd15")
     assert reads == ["read"]
     plugins.reset_registry()
-    core.detect(file)
+    detect(file)
     assert len(reads) > 1
 
 
 def test_resolve_patchset_of_a_detected_file_reads_only_the_model(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_compat.apply import resolve_patchset
+    from lora_compat.models import resolve_patchset
 
     file = LoraFile.open(kohya_sd15(tmp_path / "style.safetensors"))
-    detection = core.detect(file)
+    detection = detect(file)
     index = plugins.archs()["sd15"].index
     indexes: list[object] = []
     dialect = type(detection.dialect)
@@ -137,7 +138,7 @@ def test_state_dict_files_detect_as_before() -> None:
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 2, 1, 1),
                "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(2.0)}
     file = LoraFile.from_state_dict(tensors)
-    first, again = core.detect(file), core.detect(file)
+    first, again = detect(file), detect(file)
     assert (first.base, list(first.patchset)) == (again.base, list(again.patchset))
     assert list(first.patchset) == ["unet.down_blocks.0.attentions.0.proj_in"]
 
@@ -162,7 +163,7 @@ def test_a_detected_file_is_freed_without_the_cycle_collector(tmp_path: Path) ->
     try:
         file = LoraFile.open(path)
         lora_compat.read(file)
-        core.detect(file, "sd15")
+        detect(file, "sd15")
         assert torch.equal(file.tensor(next(iter(file.keys()))), file.tensor(next(iter(file.keys()))))
         del file
         lora_compat.inspect(path)
@@ -185,7 +186,7 @@ def test_a_file_with_bundled_embeddings_detects_again_as_the_first_time() -> Non
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 2, 1, 1),
                "bundle_emb.mytoken.string_to_param.*": torch.zeros(1, 768)}
     file = LoraFile.from_state_dict(tensors)
-    first, again = core.detect(file), core.detect(file)
+    first, again = detect(file), detect(file)
     assert first.file is not file and again.file is first.file
     assert "bundle_emb.mytoken.string_to_param.*" not in again.file
     assert again.warnings == first.warnings and "mytoken" in again.warnings[0]

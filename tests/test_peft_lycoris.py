@@ -234,7 +234,7 @@ def test_bake_into_a_checkpoint_gives_peft_merge(tmp_path, files, sd15, checkpoi
     lora_compat a stack adds each file's change of the original weights, here PEFT's merges of LoHa and BOFT."""
     from safetensors.torch import load_file
 
-    from lora_compat.bake import bake
+    from lora_compat.tools.bake import bake
 
     (loha, after_loha), (boft, after_boft) = files("loha", "peft"), files("boft", "diffusers")
     bake(checkpoint, [(loha, 1.0), (boft, 1.0)], tmp_path / "baked", progress=False)
@@ -334,7 +334,7 @@ def test_a_plain_torch_model(tmp_path, config):
         warnings.simplefilter("ignore", lora_compat.LoraCompatWarning)
         got = lora_compat.patched_weights(path, {"model": net})
     if full_conv1d:
-        from lora_compat.apply import resolve_patchset
+        from lora_compat.models import resolve_patchset
         from lora_compat.archs import ModuleIndex
 
         expected.pop("model.c1.weight")

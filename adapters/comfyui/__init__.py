@@ -23,7 +23,7 @@ import torch
 
 from lora_compat import plugins
 from lora_compat.errors import LoraCompatError
-from lora_compat.hostkeys import Conversion, convert_for_host, host_native, index_from_state_dict, updown
+from lora_compat.hosts.convert import Conversion, convert_for_host, host_native, index_from_state_dict, updown
 from lora_compat.patches import Patch
 
 def comfy_native(patch: Patch) -> bool:
@@ -225,7 +225,7 @@ class LoraCompatInfo:
 
     def info(self, lora_name):
         from lora_compat.cli import format_inspection
-        from lora_compat.inspection import inspect
+        from lora_compat.tools.inspection import inspect
 
         text = format_inspection(inspect(_lora_path(lora_name)))
         return {"ui": {"text": [text]}, "result": (text,)}

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from lora_compat.errors import LoraCompatError
-from lora_compat.hostkeys import Conversion, HostName, convert_for_host, host_native, patch_from_weights, updown
+from lora_compat.hosts.convert import Conversion, HostName, convert_for_host, host_native, patch_from_weights, updown
 from lora_compat.patches import Patch
 
 SETTING = "lora_compat_enabled"
@@ -348,7 +348,7 @@ def set_model(state_dict_shapes: Mapping[str, tuple[int, ...]] | None = None, co
     """Tell the hooks which model is loaded: Forge's BFL-named state dict shapes, or diffusers components
     (SD.Next); row ranges of fused Flux modules then come from this model's shapes."""
     from lora_compat.archs import ModuleIndex
-    from lora_compat.hostkeys import index_from_state_dict
+    from lora_compat.hosts.convert import index_from_state_dict
 
     if components is not None:
         MODEL_INDEX["index"] = ModuleIndex.from_modules(components)

@@ -12,7 +12,7 @@ from .errors import FAILED, describe_error, print_error
 from .parsing import Command, arg
 
 if TYPE_CHECKING:
-    from ..inspection import Inspection
+    from ..tools.inspection import Inspection
 
 
 def format_inspection(result: Inspection) -> str:
@@ -50,7 +50,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """describe LoRA files from their headers (dialect, base, kinds, ranks...)
 
     Describe LoRA files from their headers alone; no tensor data is read."""
-    from ..inspection import inspect
+    from ..tools.inspection import inspect
 
     status = 0
     for index, path in enumerate(args.paths):
@@ -110,7 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from ..examples import write_examples
+    from ..tools.examples import write_examples
 
     directory = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="lora-compat-demo-"))
     if args.dir:
@@ -133,7 +133,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .. import corpus as corpus_data
-    from .. import matrix
+    from ..tools import matrix
     from ..adapters.routes import host_routes
 
     # the CLI puts the pieces together: the matrix measures the host columns with the host adapters' own routing

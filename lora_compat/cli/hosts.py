@@ -11,7 +11,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
     Link (or copy) lora-compat's host folder into a webui's extensions/ (AUTOMATIC1111, Forge, SD.Next) or ComfyUI's
     custom_nodes/. Idempotent."""
-    from ..install_host import install
+    from ..hosts.install import install
 
     target, state = install(args.host, args.dir, copy=args.copy)
     print(f"{state}: {target}")

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 from .parsing import Argument, Command, arg
 
 if TYPE_CHECKING:
-    from ..library import Library
+    from ..tools.library import Library
 
 T = TypeVar("T")
 
 
 def _with_library(args: argparse.Namespace, call: Callable[[Library], T]) -> T:
     """``call(library)`` on the library of ``--db``."""
-    from ..library import Library
+    from ..tools.library import Library
 
     with Library(args.db, semantic=args.semantic) as library:
         return call(library)
@@ -26,7 +26,7 @@ def _with_library(args: argparse.Namespace, call: Callable[[Library], T]) -> T:
 def _announce_semantic(library: Library, args: argparse.Namespace) -> None:
     """Say on stderr when the semantic model is about to be loaded: a cold start takes seconds (torch,
     sentence-transformers and the MiniLM weights) and would otherwise pass in silence."""
-    from ..retrieval import SEMANTIC_MODEL_ID, load_embedder
+    from ..tools.library.retrieval import SEMANTIC_MODEL_ID, load_embedder
 
     has_rows = library.db.execute("SELECT 1 FROM loras WHERE status = 'ok' LIMIT 1").fetchone() is not None
     if has_rows and library._use_semantic(None) and load_embedder.cache_info().currsize == 0:

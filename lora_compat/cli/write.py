@@ -46,7 +46,7 @@ def _print_svd(errors: dict[str, float], overall: float | None, rank: int | None
 
 def _convert_control(args: argparse.Namespace, kind: str) -> int:
     """ControlNet / Control-LoRA / T2I-Adapter checkpoints → a diffusers model folder."""
-    from .. import controlnet
+    from ..tools import controlnet
     from ..outputs import atomic_output, refuse_inputs
 
     if args.to != "diffusers":
@@ -73,7 +73,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     Write SRC in another dialect. Exact where the target can hold the patches; kinds diffusers/PEFT cannot hold are
     refused unless --rank R compresses them by truncated SVD (the error per module and overall is printed)."""
-    from ..conversion import convert
+    from ..tools.convert import convert
     from ..errors import NotALoraError, UnmatchedKeysError
 
     try:
@@ -99,7 +99,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
 
     Merge one or more LoRAs into a full checkpoint, computed in fp32 and written in the checkpoint's dtype, streamed
     tensor by tensor."""
-    from ..bake import bake
+    from ..tools.bake import bake
 
     loras = weighted(args.loras)
     report = bake(args.checkpoint, loras, args.out, strict=args.strict, dora_strength=args.dora_strength)
@@ -115,7 +115,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     Merge LoRAs with weights into one file: concat (exact, ranks add up), svd to --rank (errors printed), ties/dare
     on full deltas (PEFT's definitions, seeded), linear only where exact."""
     from ..errors import UnmatchedKeysError
-    from ..fuse import merge
+    from ..tools.merge import merge
 
     sources = weighted(args.loras)
     try:

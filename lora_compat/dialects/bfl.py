@@ -80,7 +80,7 @@ def bfl_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
     """Canonical target → its BFL name: the inverse of :func:`resolve_bfl` by construction. A transformer module
     is named by the fused module of ``index`` it is part of (with its rows, unless it is the whole module), a text
     encoder by the ComfyUI name ``BFL_TEXT_ENCODERS`` reads."""
-    from ..hostkeys import kohya_names
+    from .kohya_names import kohya_names
 
     others = [t for t in targets if t.partition(".")[0] != _TRANSFORMER]
     names = {t: n for t, n in kohya_names(index, others, comfy=True, base=_BASE).items()

@@ -1,9 +1,9 @@
 """Writing kohya-style files: flat module names (``lora_unet_<name>``, ``lora_te1_text_model_...``) with each kind's
 kohya/LyCORIS tensors. The kohya dialect writes the ``kohya`` and ``webui`` targets with it, the bfl dialect the
 ``bfl`` target (BFL names, ``lora_A``/``lora_B`` suffixes), and the host converter
-(:func:`lora_compat.hostkeys.convert_for_host`) names its layouts with :func:`write_names`.
+(:func:`lora_compat.hosts.convert.convert_for_host`) names its layouts with :func:`write_names`.
 
-The names are :func:`lora_compat.hostkeys.kohya_names`, the tables ``kohya_resolver`` reads by, so what is
+The names are :func:`lora_compat.dialects.kohya_names.kohya_names`, the tables ``kohya_resolver`` reads by, so what is
 written reads back to the same canonical targets (``tests/test_dialect_roundtrip.py``).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ..archs import ModuleIndex
 from ..deltas import CHECKPOINT_HINT, BaseWeights, module_delta
 from ..errors import LoraCompatError
 from ..archs.names import HostName
-from ..hostkeys import fused_module, fused_rows, kohya_names, kohya_tensors
+from .kohya_names import fused_module, fused_rows, kohya_names, kohya_tensors
 from ..patches import Patch
 from ..patchset import PatchSet
 from .writing import Written

@@ -50,7 +50,7 @@ class PeftDialect(Dialect):
     id = "peft"
     description = "PEFT save_pretrained adapters (base_model.model. + lora_A/lora_B, adapter_config.json)"
     #: one model's LoRA/DoRA: ``base_model.model.<module>``, the config under ``lora_compat.peft_config``
-    #: (``conversion.save`` writes it out as ``adapter_config.json``)
+    #: (``tools.convert.save`` writes it out as ``adapter_config.json``)
     writes = ("peft",)
 
     def detect(self, header: Header) -> Match | None:

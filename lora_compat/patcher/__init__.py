@@ -21,11 +21,11 @@ from typing import Iterable, Iterator, Literal, Mapping, NamedTuple
 
 import torch
 
-from ..apply import check_patchset, component_modules, component_of_class, resolve_patchset
+from ..models import check_patchset, component_modules, component_of_class, resolve_patchset
 from ..archs import ModuleIndex
-from ..blocks import factors as block_factors
+from ..tools.block_weights import factors as block_factors
 from ..errors import LoraCompatError
-from ..fusion_gate import FusionGates
+from ..tools.autolora_gate import FusionGates
 from ..patches.dora import DoraStrength, check_dora_strength
 from ..patchset import PatchSet
 from .entries import Entry, SourceLike, as_entries, source_key, source_name
@@ -97,7 +97,7 @@ class Patcher:
 
     ``fusion`` (hot mode, FLUX.1): a LoRAFusion gate file (or loaded ``FusionGates``); the LoRAs' outputs in
     every gated layer are then combined by the AutoLoRA gate instead of summed (see
-    :mod:`lora_compat.fusion_gate`).
+    :mod:`lora_compat.tools.autolora_gate`).
 
     ``dora_strength``: how DoRA modules read an entry's strength (an ``Entry`` may override it):
     ``"interpolate"`` (default) ``W + s·(W_dora − W)``, as A1111, SD.Next, Forge and ComfyUI do: 0 is off,

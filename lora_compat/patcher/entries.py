@@ -19,7 +19,7 @@ class Entry:
     """One LoRA in a stack. ``components`` limits it to some components (a collection of names) or gives
     per-component strength multipliers (``{"unet": 1.0, "text_encoder": 0.5}``). ``blocks``: per-block
     weights in the LoRA Block Weight syntax (a preset name like ``"INS"``, 12/17/20/26 values for SD, 61 for
-    Flux, or ``{"IN04": 0.5, ...}``; see :mod:`lora_compat.blocks`). ``start``/``stop``: the fraction of the
+    Flux, or ``{"IN04": 0.5, ...}``; see :mod:`lora_compat.tools.block_weights`). ``start``/``stop``: the fraction of the
     denoising steps the LoRA runs in (hot mode, with ``Patcher.step_callback()``); it runs at step ``i`` of
     ``n`` when ``start <= i / n < stop``. ``dora_strength``: how its DoRA modules read the strength
     (``"interpolate"`` or ``"library"``, see :mod:`lora_compat.patches.dora`); ``None`` takes the Patcher's."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..errors import LoraCompatError
-from ..fusion_gate import FusionGates, GateLayer, gate
+from ..tools.autolora_gate import FusionGates, GateLayer, gate
 from ..patches import Patch
 from .values import Contribution
 

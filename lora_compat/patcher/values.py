@@ -6,7 +6,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 
 from ..patches import Patch
-from ..patches.rows import place, route_view
+from ..patches.fused import place, route_view
 from ..patches.widen import pad_weight
 from .factors import FactorSource, scaled_factors
 

@@ -307,7 +307,7 @@ class FactorisedPatch(Patch):
 
     def rows(self, start: int, stop: int, total: int, swap: bool = False) -> "Patch":
         """Materialised and sliced (a kind that slices its own factors exactly overrides this)."""
-        from .rows import RowsOf
+        from .fused import RowsOf
 
         return RowsOf(self, start, stop, total, swap)
 

@@ -6,7 +6,7 @@ from typing import Mapping
 from .._lazy import torch
 
 from .base import BuildContext, Patch, Ref, Shape, Tensor, numel, stored
-from .rows import row_ref
+from .fused import row_ref
 
 
 class FullPatch(Patch):

@@ -7,7 +7,7 @@ from .._lazy import torch
 
 from .base import (ONE, BuildContext, FactorisedPatch, LowRank, Patch, Ref, Scale, Shape, Tensor, alpha_tensors, flat,
                    numel, stored)
-from .rows import row_ref
+from .fused import row_ref
 
 
 class LoraPatch(FactorisedPatch):

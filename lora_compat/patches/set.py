@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .base import BuildContext, Patch, Ref, Shape, Tensor
-from .rows import row_ref
+from .fused import row_ref
 
 
 class SetPatch(Patch):

@@ -15,7 +15,7 @@ from hostmodels import (STRENGTH, VARIANTS, assert_close, assert_restored, asser
                         text_model, tree)
 from hoststubs import comfy_env
 from lora_compat.adapters import comfyui
-from lora_compat.hostkeys import convert_for_host
+from lora_compat.hosts.convert import convert_for_host
 from lora_compat.oracles.peft_oracle import write_peft_file
 
 CPU = torch.device("cpu")

@@ -40,7 +40,7 @@ def _register_setting() -> None:
 def _model_loaded(sd_model) -> None:
     """Row ranges of fused Flux modules come from the loaded model's own shapes."""
     from lora_compat.adapters import webui
-    from lora_compat.apply import component_modules
+    from lora_compat.models import component_modules
 
     pipe = getattr(sd_model, "pipe", sd_model)
     forge_unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)

@@ -24,7 +24,7 @@ The parts: :mod:`.schema` (the database and its migrations), :mod:`.entries` (wh
 """
 from __future__ import annotations
 
-from ..retrieval import (SEMANTIC_DIMENSION, SEMANTIC_INSTALL, SEMANTIC_MIN, SEMANTIC_MODEL_ID, EmbeddingKey,
+from .retrieval import (SEMANTIC_DIMENSION, SEMANTIC_INSTALL, SEMANTIC_MIN, SEMANTIC_MODEL_ID, EmbeddingKey,
                          file_sha256, load_embedder, semantic_available)
 from .documents import SearchResult
 from .entries import EXTENSIONS, autov2, catalog_base

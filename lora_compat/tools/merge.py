@@ -28,7 +28,7 @@ DoRA's change depends on the base weights, so svd/ties/dare merge DoRA LoRAs onl
 apply at strength ``w_i``; ``"library"``: ``ΔW_i`` is the library's change at strength ``w_i`` (LyCORIS'
 multiplier, PEFT's scaling), merged with weight 1.
 
-The AutoLoRA learned gate (input-dependent fusion, hot mode only) lives in :mod:`lora_compat.fusion_gate`
+The AutoLoRA learned gate (input-dependent fusion, hot mode only) lives in :mod:`lora_compat.tools.autolora_gate`
 and is re-exported here: ``Patcher(target, mode="hot", fusion=FusionGates.load(path, target))``.
 """
 from __future__ import annotations
@@ -41,19 +41,19 @@ from typing import Any, Sequence
 
 import torch
 
-from . import plugins
-from .archs import ModuleIndex
-from .conversion import ConvertReport, save, source_paths, write_patchset
-from .core import detect
-from .deltas import BaseWeights, module_delta
-from .dialects.writing import svd_factors
-from .errors import LoraCompatError, UnmatchedKeysError
-from .fusion_gate import FusionGates, gate
-from .outputs import refuse_inputs
-from .patches import FullPatch, LoraPatch, Patch, Ref
-from .patches.base import LowRank
-from .patches.dora import check_dora_strength
-from .patchset import PatchSet
+from .. import plugins
+from ..archs import ModuleIndex
+from .convert import ConvertReport, save, source_paths, write_patchset
+from ..detection import detect
+from ..deltas import BaseWeights, module_delta
+from ..dialects.writing import svd_factors
+from ..errors import LoraCompatError, UnmatchedKeysError
+from .autolora_gate import FusionGates, gate
+from ..outputs import refuse_inputs
+from ..patches import FullPatch, LoraPatch, Patch, Ref
+from ..patches.base import LowRank
+from ..patches.dora import check_dora_strength
+from ..patchset import PatchSet
 
 METHODS = ("concat", "svd", "ties", "dare", "linear")
 
@@ -75,7 +75,7 @@ def _read_all(sources: Sequence[tuple[Any, float]], base: str | None, components
     if components is not None and checkpoint is not None:
         raise LoraCompatError("pass components= or checkpoint=, not both")
     if components is not None or checkpoint is not None:
-        from .apply import component_modules, resolve_patchset
+        from ..models import component_modules, resolve_patchset
 
         weights = None
         if checkpoint is not None:

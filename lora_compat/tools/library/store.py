@@ -13,8 +13,8 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from ..errors import LoraCompatError
-from ..retrieval import (SEMANTIC_DIMENSION, SEMANTIC_INSTALL, SEMANTIC_MODEL_ID, EmbeddingKey, _Bm25Index,
+from ...errors import LoraCompatError
+from .retrieval import (SEMANTIC_DIMENSION, SEMANTIC_INSTALL, SEMANTIC_MODEL_ID, EmbeddingKey, _Bm25Index,
                          _build_bm25, _load_bm25, _rank, _save_bm25, load_embedder, semantic_available)
 from . import schema
 from .documents import WORD, SearchResult, bm25_document, embedding_entry, search_result
@@ -287,7 +287,7 @@ class Library:
         indexed = {row[0] for row in self.db.execute("SELECT DISTINCT base FROM loras WHERE base IS NOT NULL")}
         if base in indexed:
             return
-        from .. import plugins
+        from ... import plugins
 
         known = sorted(set(plugins.archs()) | indexed)
         if base not in known:

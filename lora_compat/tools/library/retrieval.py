@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LoraCompatError
+from ...errors import LoraCompatError
 
 #: version of the saved BM25 index layout (``<db>.bm25/<library id>-<generation>/``)
 BM25_CACHE_FORMAT = 1

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import corpus as corpus_data
-from .errors import LoraCompatError, NotALoraError
+from .. import corpus as corpus_data
+from ..errors import LoraCompatError, NotALoraError
 
 Progress = Callable[[str], None]
 
@@ -115,7 +115,7 @@ def _placeholders(data: dict) -> Callable[[str], Any]:
 
 def corpus_rows(corpus: Path, progress: Progress | None = None, routes: HostRoutes | None = None) -> list[Row]:
     """A row per corpus layout, read from its header; ``routes`` measures the host columns (none: left empty)."""
-    from .core import detect
+    from ..detection import detect
 
     entries = sorted(corpus_data.index(corpus), key=lambda e: e["file"])
     rows = []
@@ -142,8 +142,8 @@ def corpus_rows(corpus: Path, progress: Progress | None = None, routes: HostRout
         base = detection.base
         generating = corpus_data.generating_model(data)
         if generating is not None:  # written on a tiny config: map it onto that model, shapes checked
-            from .apply import resolve_patchset
-            from .archs import ModuleIndex
+            from ..models import resolve_patchset
+            from ..archs import ModuleIndex
 
             fitted = resolve_patchset(detection.file, ModuleIndex.from_modules(generating))
             base = entry.get("base")
@@ -192,17 +192,17 @@ def generated_rows(progress: Progress | None = None, routes: HostRoutes | None =
     project's tolerance (fp32 relative error < 1e-5), so the matrix does not depend on the machine's BLAS."""
     import tempfile
 
-    from .oracles import require
+    from ..oracles import require
 
     require()
-    from .apply import patched_weights
-    from .core import read
+    from ..models import patched_weights
+    from ..detection import read
     from .inspection import inspect
 
     with quiet_libraries():
-        from .oracles.lycoris_oracle import ALGOS, write_lycoris_file
-        from .oracles.models import make_sd15_components
-        from .oracles.peft_oracle import VARIANTS, write_peft_file
+        from ..oracles.lycoris_oracle import ALGOS, write_lycoris_file
+        from ..oracles.models import make_sd15_components
+        from ..oracles.peft_oracle import VARIANTS, write_peft_file
 
         components = make_sd15_components(seed=100)
     rows = []
@@ -245,10 +245,10 @@ def build(corpus: Path, progress: Progress | None = None) -> dict:
     if key not in _BUILT:
         if not _HOST_ROUTES:
             raise LoraCompatError("the matrix's host columns are measured by the host adapters: call "
-                                  "lora_compat.matrix.use_host_routes(lora_compat.adapters.routes.host_routes) "
+                                  "lora_compat.tools.matrix.use_host_routes(lora_compat.adapters.routes.host_routes) "
                                   "first (`lora-compat matrix` does)")
         routes = _HOST_ROUTES[0]
-        from .oracles import require
+        from ..oracles import require
 
         require()  # before the corpus rows: a missing library should not cost the minute they take
         with quiet_libraries():

@@ -8,7 +8,7 @@ import torch
 
 from . import plugins
 from .archs import ModuleIndex
-from .core import Source, detect, no_cyclic_gc
+from .detection import Source, detect, no_cyclic_gc
 from .errors import BaseMismatchError, UnmatchedKeysError
 from .patches.dora import check_dora_strength
 from .patchset import PatchSet

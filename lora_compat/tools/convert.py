@@ -19,16 +19,16 @@ from typing import Any, Iterable
 
 import torch
 
-from . import plugins
-from .archs import ModuleIndex
-from .core import Detection, Source, detect
-from .deltas import BaseWeights
-from .dialects.base import write_targets
-from .errors import LoraCompatError, UnmatchedKeysError
-from .files import LoraFile
-from .hostkeys import index_for_file
-from .outputs import atomic_output, refuse_inputs
-from .patchset import PatchSet
+from .. import plugins
+from ..archs import ModuleIndex
+from ..detection import Detection, Source, detect
+from ..deltas import BaseWeights
+from ..dialects.base import write_targets
+from ..errors import LoraCompatError, UnmatchedKeysError
+from ..files import LoraFile
+from ..dialects.kohya_names import index_for_file
+from ..outputs import atomic_output, refuse_inputs
+from ..patchset import PatchSet
 
 #: metadata carried over from the source file (trigger words, names, training notes)
 KEPT_METADATA = ("ss_tag_frequency", "ss_output_name", "ss_dataset_dirs", "ss_training_comment",
@@ -58,7 +58,7 @@ def convert_state_dict(source: Source, to: str, *, base: str | None = None, rank
     """The converted tensors, the safetensors metadata and the report (nothing written). ``components``
     (a mapping or a diffusers pipeline): name and shape the modules after this model instead of the
     detected base's full-size table (models of another width or depth). ``checkpoint`` (a diffusers folder
-    or single-file safetensors, or a :class:`lora_compat.bake.Checkpoint`): the same from a checkpoint's
+    or single-file safetensors, or a :class:`lora_compat.tools.bake.Checkpoint`): the same from a checkpoint's
     headers, and the base weights that ``rank`` needs to compress kinds whose delta depends on the weight
     (DoRA, OFT/BOFT, IA3, GLoRA)."""
     if to not in write_targets():
@@ -69,14 +69,14 @@ def convert_state_dict(source: Source, to: str, *, base: str | None = None, rank
     chosen = detection.base or next(iter(detection.base_candidates), None)
     weights = None
     if checkpoint is not None:
-        from .apply import resolve_patchset
+        from ..models import resolve_patchset
         from .bake import Checkpoint
 
         weights = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
         index = weights.index
         patchset = resolve_patchset(detection.file, index, base)
     elif components is not None:
-        from .apply import component_modules, resolve_patchset
+        from ..models import component_modules, resolve_patchset
 
         index = ModuleIndex.from_modules(component_modules(components))
         patchset = resolve_patchset(detection.file, index, base)
@@ -182,7 +182,7 @@ def _display(source: Any) -> str:
 
 
 def _metadata(source: dict, report: ConvertReport, extra: dict[str, str]) -> dict[str, str]:
-    from . import __version__
+    from .. import __version__
 
     metadata = {k: v for k, v in source.items() if k in KEPT_METADATA}
     metadata.update({"lora_compat.version": __version__, "lora_compat.source_dialect": report.source_dialect,

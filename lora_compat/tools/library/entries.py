@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..errors import LoraCompatError, NotALoraError
-from ..retrieval import file_sha256
+from ...errors import LoraCompatError, NotALoraError
+from .retrieval import file_sha256
 
 EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 
@@ -20,7 +20,7 @@ EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 def catalog_base(name: object) -> str | None:
     """The base a catalogue name gives (Civitai's ``baseModel``, the A1111 sidecar's ``sd version``), as the
     registered families name themselves (``Arch.catalog_names``)."""
-    from ..plugins import archs
+    from ...plugins import archs
 
     wanted = str(name).lower()
     return next((arch.id for arch in archs().values() if wanted in arch.catalog_names), None)

@@ -6,7 +6,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from ..errors import LoraCompatError
+from ...errors import LoraCompatError
 
 #: schema migrations, applied in order; ``PRAGMA user_version`` is the number applied
 MIGRATIONS = (
@@ -40,7 +40,7 @@ def schema_version(db: sqlite3.Connection) -> int:
 def create(path: Path) -> None:
     """A new, empty library database (schema applied), written under a temporary name beside ``path`` and
     linked into place when complete; if another process created ``path`` meanwhile, its database is kept."""
-    from ..outputs import atomic_output
+    from ...outputs import atomic_output
 
     try:
         with atomic_output(path, replace=False) as temporary:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from ..retrieval import SEMANTIC_MIN, EmbeddingKey
+from .retrieval import SEMANTIC_MIN, EmbeddingKey
 
 WORD = re.compile(r"[a-z0-9]+")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence, Union
 
-from .archs import ModuleIndex
-from .errors import LoraCompatError
+from ..archs import ModuleIndex
+from ..errors import LoraCompatError
 
 BLOCKID26 = ["BASE", *[f"IN{i:02}" for i in range(12)], "M00", *[f"OUT{i:02}" for i in range(12)]]
 BLOCKID17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05", "OUT06",

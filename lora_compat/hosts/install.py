@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .errors import LoraCompatError
+from ..errors import LoraCompatError
 
 FOLDER_NAME = "lora-compat"
 #: host → (package folder, sub-directory of the host, files/dirs that identify the host)

@@ -1,80 +1,26 @@
-"""Patches back into host-readable form: the kohya/LyCORIS tensors of each kind, and the flat module names the
-webui family and ComfyUI map (``lora_unet_<SGM or BFL name>``, ``lora_te[12]_text_model_...``).
-
-Canonical targets are diffusers names; each component is written as its family declares (``Arch.host_names``):
-an SD UNet target with its SGM (compvis) name, a Flux target with its BFL name and, for a part of a fused
-module, the rows it occupies.
-"""
+"""What the webui family and ComfyUI adapters call: a LoRA file converted for a host's own loader
+(:func:`convert_for_host`, named with the kohya dialect's write tables), patches rebuilt from a host's grouped
+weights, and a module's change computed with lora_compat's math (:func:`updown`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping
+
 import torch
 
-from . import plugins
-from .archs import ModuleIndex
-from .archs.names import HostName
-from .archs.routes import Route
-from .core import detect
-from .dialects.flux_names import comfy_text_encoder
-from .errors import LoraCompatError
-from .patches import Patch, Ref
-from .patches.build import IncompletePatch, build_patch, suffix_role
-from .patches.rows import FusedPatch, fused_lora
-from .patchset import PatchSet
+from .. import plugins
+from ..archs import ModuleIndex
+from ..archs.names import HostName
+from ..detection import detect
+from ..dialects.kohya_names import fused_module, fused_rows, index_for_file, kohya_names, kohya_tensors
+from ..dialects.kohya_write import write_names
+from ..errors import LoraCompatError
+from ..patches import Patch, Ref
+from ..patches.build import IncompletePatch, build_patch, suffix_role
 
-
-def kohya_tensors(patch: Patch) -> dict[str, torch.Tensor]:
-    """The tensors of a patch under kohya/LyCORIS suffixes (``lora_down.weight``, ``hada_w1_a``, ``diff``...),
-    in their stored dtype (each kind's ``to_tensors``). Raises ``ValueError`` for kinds with no kohya form."""
-    return patch.to_tensors()
-
-
-def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, base: str | None = None, *,
-                trainer: bool = False) -> dict[str, HostName]:
-    """Canonical target → flat kohya-style host name, as the family of ``index`` names each component
-    (:meth:`ModuleIndex.host_names`: SGM names for an SD UNet, BFL names with rows for a Flux transformer,
-    ``text_model_`` paths for CLIP, transformers paths for T5). ``comfy``: text encoders under ComfyUI's generic
-    ``text_encoders.clip_l.transformer.`` names (``clip_h`` for SD2's, given ``base``). ``trainer``: the names
-    sd-scripts writes for ``base`` 's family where they differ from the hosts' (:attr:`Arch.trainer_names`:
-    SD1/SD2 UNets under diffusers names)."""
-    names: dict[str, HostName] = {}
-    maps: dict[str, dict[str, HostName]] = {}
-    family = plugins.archs().get(base) if trainer and base is not None else None
-    for component in {t.partition(".")[0] for t in targets}:
-        naming = (family.trainer_names.get(component) if family is not None else None) or index.host_names(component)
-        comfy_prefix = None
-        if comfy and naming.encoder is not None:
-            comfy_prefix = comfy_text_encoder(component, naming.encoder == "t5", base) or f"text_encoders.{component}."
-        maps[component] = naming.names(index.components.get(component, {}), index.fused_modules(component),
-                                       comfy_prefix)
-    for target in targets:
-        component, _, path = target.partition(".")
-        found = maps.get(component, {}).get(path.removesuffix(".base_layer"))
-        if found is not None:
-            names[target] = found
-    return names
-
-
-def index_for_file(index: ModuleIndex, patchset: PatchSet) -> ModuleIndex:
-    """A base's full-size table with the rows the file's own tensors imply for a component in a fused layout
-    (a Flux transformer), so its fused modules are laid out for the width the LoRA was made for (with no model
-    at hand, the file is the only witness of the width; other components are named by the table alone)."""
-    rows: dict[str, dict[str, int]] = {}
-    for target, patch in patchset.items():
-        count = (patch.inner if patch.wraps else patch).out_rows()  # a DoRA patch: the rows it was made for
-        if count is not None:
-            component, _, path = target.partition(".")
-            rows.setdefault(component, {})[path] = count
-    tables = {}
-    try:
-        for component, modules in index.components.items():
-            layout = index.split_layout(component)
-            sized = layout.sized if layout is not None else None
-            tables[component] = sized(modules, rows.get(component, {})) if sized is not None else modules
-    except ValueError as exc:
-        raise LoraCompatError(f"{patchset.source}: {exc}") from None
-    return index.with_components(tables)
+#: what the earlier ``lora_compat.hostkeys`` offered, importable from here still
+__all__ = ["Conversion", "HostName", "convert_for_host", "host_native", "index_from_state_dict", "kohya_names",
+           "kohya_tensors", "patch_from_weights", "updown"]
 
 
 @dataclass
@@ -98,8 +44,6 @@ def convert_for_host(filename: str, layout: str, index: ModuleIndex | None = Non
     (:func:`lora_compat.dialects.kohya_write.write_names`). ``index``: the host model's own modules (canonical
     names), when known; otherwise the detected base's full-size table. ``base``: the host model's base, when
     the host knows it: it decides where the header alone cannot (instead of the file's first candidate)."""
-    from .dialects.kohya_write import write_names  # the dialects' writers name through this module
-
     detection = detect(filename)
     if index is not None:
         patchset = detection.dialect.read(detection.file, index).fitted(index)
@@ -148,43 +92,6 @@ def _put(conversion: Conversion, name: str, patch: Patch, host: HostName | None)
         tensors = {role: ref.loader() for role, ref in patch.refs().items()} if patch.written_as_diff else {}
     for suffix, tensor in tensors.items():
         conversion.tensors[f"{name}.{suffix}"] = tensor
-
-
-def fused_module(module: str, parts: Sequence[tuple[HostName, Patch]], total: int, *, written: str | None = None
-                 ) -> tuple[FusedPatch, dict[str, torch.Tensor]]:
-    """Patches on parts (rows) of one fused module of ``total`` rows (BFL ``qkv``, ``linear1``): the patch
-    lora_compat computes for the whole module, and its tensors as one exact fused LoRA (:func:`fused_lora`),
-    which only plain LoRA parts have.
-
-    Where there is no such LoRA, what is being written decides: a file (``written``: its source, for the
-    message) refuses, since it could not hold the module; for a host (``written`` ``None``) the tensors are
-    empty, as they are for swapped rows (:meth:`FusedPatch.host_native`), and the host falls back to
-    lora_compat's own patch."""
-    routed = [(host_route(h, total), p) for h, p in parts]
-    patch = FusedPatch(routed)
-    if written is None:
-        return patch, (fused_lora(routed, total) or {}) if patch.host_native() else {}
-    tensors = fused_lora(routed, total)
-    if tensors is None:
-        kinds = sorted({p.kind for _, p in parts})
-        raise LoraCompatError(f"{written}: {module} fuses parts of kinds {kinds}; only plain LoRA parts can be "
-                              "assembled into one fused module")
-    return patch, tensors
-
-
-def host_route(name: HostName, total: int) -> Route:
-    """The rows of a fused host module (of ``total`` rows) that a host name points at."""
-    start, stop = name.rows or (0, total)
-    return Route(name.name, start, stop, name.swap)
-
-
-def fused_rows(index: ModuleIndex, bfl_name: str) -> int | None:
-    """Rows of a fused Flux module (BFL name, dotted or ``_``-flattened) in the model ``index`` describes."""
-    for component in index.components:
-        group = index.split_names(component).get(bfl_name)
-        if group:
-            return group[-1].stop
-    return None
 
 
 def index_from_state_dict(shapes: Mapping[str, tuple[int, ...]], prefix: str = "diffusion_model.") -> ModuleIndex | None:

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import plugins
-from .core import Source, detect
-from .patchset import PatchSet
-from .errors import UnmatchedKeysError
+from .. import plugins
+from ..detection import Source, detect
+from ..patchset import PatchSet
+from ..errors import UnmatchedKeysError
 
 TOP_TAGS = 5
 

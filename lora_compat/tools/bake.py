@@ -22,18 +22,18 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from . import plugins
-from .apply import check_patchset, resolve_patchset
-from .archs import ModuleIndex
-from .archs.base import alias_makers
-from .archs.routes import FusedLayout, Route
-from .errors import LoraCompatError
-from .files import SAFETENSORS_DTYPES, LoraFile
-from .outputs import atomic_output, refuse_inputs
-from .patcher.values import merged_values
-from .patches.dora import check_dora_strength
-from .patcher.entries import source_key
-from .patches.rows import route_view
+from .. import plugins
+from ..models import check_patchset, resolve_patchset
+from ..archs import ModuleIndex
+from ..archs.base import alias_makers
+from ..archs.routes import FusedLayout, Route
+from ..errors import LoraCompatError
+from ..files import SAFETENSORS_DTYPES, LoraFile
+from ..outputs import atomic_output, refuse_inputs
+from ..patcher.values import merged_values
+from ..patches.dora import check_dora_strength
+from ..patcher.entries import source_key
+from ..patches.fused import route_view
 
 COMPONENT_FOLDERS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 

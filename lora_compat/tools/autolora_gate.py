@@ -30,8 +30,8 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from .archs.flux import DOUBLE_BLOCK, SINGLE_BLOCK, is_bfl_transformer, is_flux_transformer
-from .errors import LoraCompatError
+from ..archs.flux import DOUBLE_BLOCK, SINGLE_BLOCK, is_bfl_transformer, is_flux_transformer
+from ..errors import LoraCompatError
 
 #: DiffSynth layer in ``blocks.N`` → the BFL module in ``double_blocks.N`` (a rename, same rows)
 DOUBLE_LAYERS = {

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import LoraCompatError
-from .files import LoraFile
+from ..errors import LoraCompatError
+from ..files import LoraFile
 
 RESNET_FROM_LDM = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -141,7 +141,7 @@ def to_diffusers(source: Any, base_unet: Any = None) -> Any:
 def _official_unet_for(state: Mapping[str, torch.Tensor]) -> Any:
     from diffusers import UNet2DConditionModel
 
-    from .archs.sd import OFFICIAL_CONFIGS
+    from ..archs.sd import OFFICIAL_CONFIGS
 
     conv_in = state.get("input_blocks.0.0.weight")
     for base, configs in OFFICIAL_CONFIGS.items():

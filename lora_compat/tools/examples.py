@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .archs import SD15, SDXL
+from ..archs import SD15, SDXL
 
 ATTENTION_LEAVES = (".to_q", ".to_k", ".to_v", ".to_out.0", ".ff.net.0.proj", ".ff.net.2", ".proj_in", ".proj_out")
 TEXT_LEAVES = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
@@ -103,7 +103,7 @@ EXAMPLES = {
 def write_examples(directory: Path) -> list[Path]:
     """Write every example into ``directory`` (each under a temporary name, renamed into place when complete;
     existing example files are replaced)."""
-    from .outputs import atomic_output
+    from ..outputs import atomic_output
 
     directory.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import LoraCompatError
+from ..errors import LoraCompatError
 
 DISTRIBUTION = "lora-compat"
 #: the folder of a ``--copy`` host folder that holds the source (adapters/host_install.py looks for this name)
