@@ -5,11 +5,12 @@ import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Mapping, Union
+from typing import Callable, Iterable, Iterator, Mapping, Union
 
 from .archs import Arch, ModuleIndex
 from .dialects import Dialect, Match
 from .dialects.base import NO_MODULE
+from .dialects.family_evidence import foreign_modules
 from .errors import LoraCompatError, UnknownDialectError
 from .files import Header, LoraFile
 from .patchset import PatchSet
@@ -138,6 +139,8 @@ def _detect(opened: LoraFile, base: str | None) -> Detection:
         return unnamed * 20 <= len(file.header)
 
     chosen, reason, named = _decide_base(file.header, candidates, scores, names_its_modules, forced=base is not None)
+    if base is None:
+        chosen, reason, named = _rule_out_foreign(file.header, chosen, reason, named, candidates, archs, warnings)
     if chosen is not None and (base is not None or _fits_by_shape(*scores[chosen])):
         patchset = results[chosen]
     elif chosen or named:  # no full-size base fits: map by name on the best-named candidate
@@ -150,6 +153,27 @@ def _detect(opened: LoraFile, base: str | None) -> Detection:
         warnings.append(f"base undetermined ({reason}); candidates: {', '.join(named)}")
     patchset.warnings[:0] = warnings
     return Detection(file, dialect, match, chosen, named, reason, patchset, warnings)
+
+
+def _rule_out_foreign(header: Header, chosen: str | None, reason: str, named: list[str], candidates: Iterable[str],
+                      archs: Mapping[str, Arch], warnings: list[str]) -> tuple[str | None, str, list[str]]:
+    """The decision without the bases ruled out by modules (or metadata) of an unsupported family: a Qwen-Image
+    LoRA's ``img_mlp`` against FLUX.1, whose names and shapes fit its attention. Never a confident wrong base.
+    Where no base was named anyway, only the reason says which family the file is for."""
+    bases = {*named, *([chosen] if chosen else [])}
+    found = foreign_modules(header, bases or set(candidates), archs)
+    if not found:
+        return chosen, reason, named
+    ruled_out = {b for entry, _ in found for b in entry.vetoes}
+    named = [b for b in named if b not in ruled_out]
+    if chosen is not None and chosen not in ruled_out:
+        return chosen, reason, named
+    seen = "; ".join(f"{entry.what} (e.g. {key})" for entry, key in found)
+    if not bases:
+        return None, f"{reason}: it has {seen}", named
+    reason = f"it has {seen}, which rule out {', '.join(sorted(ruled_out))}; no supported base has them"
+    warnings.append(f"base undetermined: {reason}")
+    return None, reason, named
 
 
 def _fits_by_shape(fit: int, named: int) -> bool:
