@@ -132,12 +132,11 @@ def test_a_dit_controlnet_is_not_named_as_its_transformer():
                                "tensors), not a LoRA; load it as a model")
 
 
-def test_flux1_checkpoints_are_not_taken_for_flux2():
-    """What a FLUX.1 transformer checkpoint gives is what it gave before issue 14 (the BFL dialect reads its norm
-    scales); nothing here names it FLUX.2 or refuses it as another family's."""
-    result = lora_compat.inspect(header_file(flux1_transformer()))
-    assert (result.dialect, result.base) == ("bfl", "flux1")
-    assert not any("FLUX.2" in w for w in result.warnings)
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model.", "diffusion_model."])
+def test_flux1_checkpoints_are_refused_as_flux1_not_flux2(prefix):
+    """A FLUX.1 transformer checkpoint is a model file: refused, named FLUX.1 (before issue 14 the BFL dialect read
+    its norm scales as a LoRA of kind ``set``)."""
+    assert_refused(prefixed(flux1_transformer(), prefix), "a FLUX.1 transformer checkpoint")
 
 
 # -- LoRAs whose names fit FLUX.1 ---------------------------------------------------------------------------------

@@ -141,6 +141,8 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature(("double_stream_modulation_img.lin.weight",), _flux2),
     Signature(("double_stream_modulation_img.linear.weight",), _flux2),
     Signature(("distilled_guidance_layer.in_proj.weight",), _fixed("a Chroma transformer checkpoint")),
+    Signature(("double_blocks.0.img_mod.lin.weight", "single_blocks.0.modulation.lin.weight"),
+              _fixed("a FLUX.1 transformer checkpoint")),
     Signature(("transformer_blocks.0.img_mod.1.weight", "transformer_blocks.0.img_mlp.net.0.proj.weight"),
               _fixed("a Qwen-Image transformer checkpoint")),
     Signature(("patch_embedding.weight", "blocks.0.self_attn.q.weight"), _wan),
