@@ -26,13 +26,26 @@ def _registered_archs() -> list["Arch"]:
 
 
 def alias_makers(archs: Iterable["Arch"] | None = None) -> dict[str, Callable[[Iterable[str]], dict[str, str]]]:
-    """Component → the alias names of its modules (SD's SGM names), from the first family that gives them
-    (``archs``: default every registered family)."""
-    makers: dict[str, Callable[[Iterable[str]], dict[str, str]]] = {}
+    """Component → the alias names of its modules (SD's SGM names, Wan's native names): those of every family
+    that gives aliases for the component, an earlier family's winning where two name the same alias (``archs``:
+    default every registered family). Each family's maker names only the modules it knows."""
+    found: dict[str, list[Callable[[Iterable[str]], dict[str, str]]]] = {}
     for arch in _registered_archs() if archs is None else archs:
         for component, maker in arch.alias_makers.items():
-            makers.setdefault(component, maker)
-    return makers
+            if maker not in found.setdefault(component, []):
+                found[component].append(maker)
+    return {c: makers[0] if len(makers) == 1 else _union(makers) for c, makers in found.items()}
+
+
+def _union(makers: Sequence[Callable[[Iterable[str]], dict[str, str]]]) -> Callable[[Iterable[str]], dict[str, str]]:
+    def aliases(paths: Iterable[str]) -> dict[str, str]:
+        paths = list(paths)
+        merged: dict[str, str] = {}
+        for maker in makers:
+            for alias, path in maker(paths).items():
+                merged.setdefault(alias, path)
+        return merged
+    return aliases
 
 
 def _layouts(archs: Iterable["Arch"]) -> list[FusedLayout]:
@@ -104,8 +117,9 @@ class ModuleIndex:
                 table[component], routes[component] = layout.canonical(host)
                 table[component].update({path: shapes for path, shapes in host.items()
                                          if not any(r.host == path for r in routes[component].values())})
-        index = cls(table, alias_makers(archs), routes, layouts)
         family = next((a for a in archs if a.looks_like(table)), None)
+        # the family the modules are names them first
+        index = cls(table, alias_makers(archs if family is None else [family, *archs]), routes, layouts)
         if family is not None:
             index.arch, index.kohya_prefixes = family, dict(family.kohya_prefixes)
         return index

@@ -55,11 +55,15 @@ def native_name(path: str) -> str | None:
 
 
 def native_aliases(paths: Iterable[str]) -> dict[str, str]:
-    """``{native name: module path}`` for a diffusers Wan transformer's module paths (others are left out)."""
+    """``{native name: module path}`` for a diffusers Wan transformer's module paths; other models' modules get
+    none (a FLUX.1 ``proj_out`` is no ``head.head``)."""
+    paths = list(paths)
+    if not is_wan_transformer(dict.fromkeys(paths)):
+        return {}
     return {native: path for path in paths if (native := native_name(path)) is not None}
 
 
-def is_wan_transformer(modules: ModuleTable) -> bool:
+def is_wan_transformer(modules: ModuleTable | Mapping[str, object]) -> bool:
     """diffusers ``WanTransformer3DModel`` module names."""
     return "condition_embedder.time_proj" in modules and "blocks.0.attn1.to_q" in modules
 

@@ -1,0 +1,165 @@
+"""Wan 2.1/2.2: detection as base ``wan`` and exact application of its layouts, against diffusers' own loader.
+
+The expected weights come from diffusers (``WanPipeline.load_lora_weights`` + ``fuse_lora``, its own converters for
+the native and musubi layouts) on a tiny ``WanTransformer3DModel`` with random weights; the files are written by
+diffusers/peft (``get_peft_model_state_dict`` + ``save_lora_weights``) and, for the native layouts, renamed by the
+hand-written table below (diffusers' converter read backwards).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lora_compat
+
+diffusers = pytest.importorskip("diffusers")
+peft = pytest.importorskip("peft")
+
+#: a tiny Wan 2.1 I2V-style config (image cross-attention included)
+TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=8, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=12, added_kv_proj_dim=16, rope_max_seq_len=32)
+#: the modules a LoRA trains, diffusers names → native (Wan / ComfyUI) names, per block
+BLOCK_NATIVE = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+                "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+                "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o",
+                "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
+                "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+RANK, ALPHA = 4, 2.0
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = diffusers.WanTransformer3DModel(**TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model.eval()
+
+
+def _targets(model: torch.nn.Module) -> list[str]:
+    return [f"blocks.{i}.{m}" for i in range(TINY["num_layers"]) for m in BLOCK_NATIVE]
+
+
+def _diffusers_file(model: torch.nn.Module, path: Path, seed: int = 1) -> Path:
+    """A LoRA written by peft + ``WanPipeline.save_lora_weights`` (scales in ``lora_adapter_metadata``)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    trained = copy.deepcopy(model)
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=_targets(model), init_lora_weights=False)
+    trained.add_adapter(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    state = get_peft_model_state_dict(trained)
+    diffusers.WanPipeline.save_lora_weights(str(path.parent), transformer_lora_layers=state,
+                                            transformer_lora_adapter_metadata=config.to_dict(),
+                                            weight_name=path.name)
+    return path
+
+
+def _native_file(diffusers_path: Path, path: Path, prefix: str = "diffusion_model.", kohya: bool = False) -> Path:
+    """The same LoRA under native names with ``lora_down``/``lora_up`` + ``alpha`` (ComfyUI / musubi)."""
+    tensors = load_file(str(diffusers_path))
+    out = {}
+    for key, value in tensors.items():
+        module, _, suffix = key.removeprefix("transformer.").rpartition(".lora_")
+        block, _, rest = module.partition(".")[2].partition(".")
+        native = f"blocks.{block}.{BLOCK_NATIVE[rest]}"
+        name = prefix + (native.replace(".", "_") if kohya else native)
+        out[f"{name}.{'lora_down' if suffix.startswith('A') else 'lora_up'}.weight"] = value
+        out[f"{name}.alpha"] = torch.tensor(ALPHA)
+    save_file(out, str(path))
+    return path
+
+
+def _diffusers_fused(model: torch.nn.Module, path: Path, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """The weights diffusers gives: ``load_lora_weights`` + ``fuse_lora`` on a pipeline holding the model."""
+    fused = copy.deepcopy(model)
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=fused)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=strength)
+    pipe.unload_lora_weights()
+    return {f"transformer.{k}": v.detach() for k, v in fused.state_dict().items()}
+
+
+def _assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: torch.nn.Module):
+    base = {f"transformer.{k}": v for k, v in model.state_dict().items()}
+    changed = sorted(k for k in expected if not torch.equal(expected[k], base[k]))
+    assert sorted(got) == changed  # every trained weight, and only those
+    for name in changed:
+        err = (got[name] - expected[name]).norm() / (expected[name] - base[name]).norm()
+        assert err < 1e-5, (name, float(err))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+@pytest.fixture
+def files(model, tmp_path):
+    path = _diffusers_file(model, tmp_path / "wan_diffusers.safetensors")
+    return {"diffusers": path,
+            "native": _native_file(path, tmp_path / "wan_comfy.safetensors"),
+            "musubi": _native_file(path, tmp_path / "wan_musubi.safetensors", "lora_unet_", kohya=True)}
+
+
+@pytest.mark.parametrize("layout, dialect", [("diffusers", "diffusers"), ("native", "native"), ("musubi", "kohya")])
+def test_named_as_wan(files, layout, dialect):
+    """Tiny shapes fit no full-size base: the names alone make ``wan`` the only candidate (test_wan_mapping.py
+    checks the full-size shapes)."""
+    detection = lora_compat.detect(files[layout])
+    assert (detection.dialect.id, detection.base, detection.base_candidates) == (dialect, None, ["wan"])
+    assert not detection.patchset.unmatched
+    assert len(detection.patchset.patches) == TINY["num_layers"] * len(BLOCK_NATIVE)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "native", "musubi"])
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_patched_weights_equal_diffusers(model, files, layout, strength):
+    expected = _diffusers_fused(model, files[layout], strength)
+    got = lora_compat.patched_weights(files[layout], {"transformer": model}, strength)
+    _assert_matches(got, expected, model)
+
+
+def test_patcher_equals_diffusers_and_restores(model, files):
+    expected = _diffusers_fused(model, files["native"], 0.8)
+    live = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    patcher = lora_compat.Patcher(live)  # the component comes from the family's class names
+    patcher.set([(files["native"], 0.8)])
+    _assert_matches({f"transformer.{k}": v for k, v in live.state_dict().items()
+                     if not torch.equal(v, before[k])}, expected, model)
+    patcher.set([])
+    assert all(torch.equal(v, before[k]) for k, v in live.state_dict().items())
+
+
+def test_i2v_file_on_a_t2v_model_applies_the_rest(model, files):
+    """A Wan 2.1 I2V LoRA on a T2V model: the image cross-attention is reported unmatched, the rest applies."""
+    from lora_compat.archs import ModuleIndex
+    from lora_compat.models import resolve_patchset
+
+    torch.manual_seed(0)
+    t2v = diffusers.WanTransformer3DModel(**{**TINY, "image_dim": None, "added_kv_proj_dim": None})
+    t2v.load_state_dict(model.state_dict(), strict=False)
+    image = [f"blocks.{i}.cross_attn.{m}" for i in range(TINY["num_layers"]) for m in ("k_img", "v_img")]
+    patchset = resolve_patchset(files["native"], ModuleIndex.from_modules({"transformer": t2v}))
+    assert sorted(patchset.unmatched) == sorted(f"diffusion_model.{m}.{s}" for m in image
+                                                 for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+    with pytest.warns(lora_compat.LoraCompatWarning, match="12 keys map to no module"):
+        got = lora_compat.patched_weights(files["native"], {"transformer": t2v})
+    expected = _diffusers_fused(model, files["native"])
+    skip = ("attn2.add_k_proj", "attn2.add_v_proj")
+    for name, value in got.items():
+        assert not any(s in name for s in skip)
+        err = (value - expected[name]).norm() / expected[name].norm()
+        assert err < 1e-6, name
+    assert len(got) == TINY["num_layers"] * (len(BLOCK_NATIVE) - 2)  # the LoRA changes weights only

@@ -1,0 +1,104 @@
+"""Full-size Wan mapping on the shipped table: derived full-coverage key lists (every Linear module, rank 1) in
+each layout map to base ``wan`` with nothing unmatched; the table agrees with diffusers' class on ``meta``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lora_compat
+from lora_compat.archs.wan import WAN
+
+#: Linear modules of Wan 2.1 I2V-14B (families.md appendix A, counted on ``meta``): T2V-14B's 406 plus the image
+#: cross-attention (2 per block) and the image embedder's two Linear layers
+LINEAR_MODULES = 488
+#: diffusers name → native name (diffusers' ``_convert_non_diffusers_wan_lora_to_diffusers`` read backwards)
+BLOCK_NATIVE = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+                "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k",
+                "attn2.to_v": "cross_attn.v", "attn2.to_out.0": "cross_attn.o",
+                "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
+                "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
+TOP_NATIVE = {"condition_embedder.text_embedder.linear_1": "text_embedding.0",
+              "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+              "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+              "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+              "condition_embedder.time_proj": "time_projection.1",
+              "condition_embedder.image_embedder.ff.net.0.proj": "img_emb.proj.1",
+              "condition_embedder.image_embedder.ff.net.2": "img_emb.proj.3", "proj_out": "head.head"}
+
+
+def _native(path: str) -> str:
+    if path in TOP_NATIVE:
+        return TOP_NATIVE[path]
+    _, block, rest = path.split(".", 2)
+    return f"blocks.{block}.{BLOCK_NATIVE[rest]}"
+
+
+def _linears() -> dict[str, tuple[int, int]]:
+    modules = WAN.index.components["transformer"]
+    return {p: shapes["weight"] for p, shapes in modules.items() if len(shapes.get("weight", ())) == 2}
+
+
+def _file(path: Path, names: dict[str, tuple[int, int]], down: str, up: str, alpha: bool) -> Path:
+    tensors = {}
+    for name, (out, inp) in names.items():
+        tensors[f"{name}.{down}"] = torch.zeros(1, inp, dtype=torch.float16)
+        tensors[f"{name}.{up}"] = torch.zeros(out, 1, dtype=torch.float16)
+        if alpha:
+            tensors[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_table_has_every_linear_of_i2v_14b():
+    linears = _linears()
+    assert len(linears) == LINEAR_MODULES
+    assert linears["blocks.39.ffn.net.0.proj"] == (13824, 5120)
+    assert linears["blocks.0.attn2.add_k_proj"] == (5120, 5120)
+    assert WAN.index.components["transformer"]["patch_embedding"]["weight"] == (5120, 16, 1, 2, 2)  # T2V's
+
+
+def test_table_agrees_with_diffusers_on_meta():
+    pytest.importorskip("diffusers")
+    from lora_compat.archs.generate_tables import table_for
+
+    generated = table_for("wan")["components"]["transformer"]
+    shipped = WAN.index.components["transformer"]
+    assert {m: {p: tuple(s) for p, s in params.items()} for m, params in generated.items()} == shipped
+
+
+LAYOUTS = {
+    "diffusers": (lambda p: f"transformer.{p}", "lora_A.weight", "lora_B.weight", False, "diffusers"),
+    "peft": (lambda p: f"base_model.model.{p}", "lora_A.weight", "lora_B.weight", False, None),
+    "comfy": (lambda p: f"diffusion_model.{_native(p)}", "lora_A.weight", "lora_B.weight", False, "native"),
+    "comfy_kohya": (lambda p: f"diffusion_model.{_native(p)}", "lora_down.weight", "lora_up.weight", True, "native"),
+    "comfy_dot": (lambda p: f"diffusion_model.{_native(p)}", "lora.down.weight", "lora.up.weight", False, "native"),
+    "musubi": (lambda p: "lora_unet_" + _native(p).replace(".", "_"), "lora_down.weight", "lora_up.weight", True,
+               "kohya"),
+}
+
+
+@pytest.mark.parametrize("layout", [k for k, v in LAYOUTS.items() if v[4] is not None])
+def test_full_coverage_maps_to_wan(tmp_path, layout):
+    name, down, up, alpha, dialect = LAYOUTS[layout]
+    linears = _linears()
+    path = _file(tmp_path / f"wan_{layout}.safetensors", {name(p): s for p, s in linears.items()}, down, up, alpha)
+    detection = lora_compat.detect(path)
+    assert (detection.dialect.id, detection.base) == (dialect, "wan")
+    patchset = detection.patchset
+    assert not patchset.unmatched
+    assert sorted(patchset.patches) == sorted(f"transformer.{p}" for p in linears)
+
+
+def test_t2v_subset_maps_to_wan(tmp_path):
+    """A T2V LoRA (no image cross-attention), partial: some blocks, only q and v."""
+    linears = {p: s for p, s in _linears().items() if p.startswith(("blocks.3.", "blocks.17."))
+               and p.endswith(("to_q", "to_v"))}
+    path = _file(tmp_path / "wan_partial.safetensors",
+                 {"diffusion_model." + _native(p): s for p, s in linears.items()}, "lora_A.weight", "lora_B.weight",
+                 False)
+    detection = lora_compat.detect(path)
+    assert detection.base == "wan" and not detection.patchset.unmatched
+    assert len(detection.patchset.patches) == 8
