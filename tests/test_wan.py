@@ -163,3 +163,51 @@ def test_i2v_file_on_a_t2v_model_applies_the_rest(model, files):
         err = (value - expected[name]).norm() / expected[name].norm()
         assert err < 1e-6, name
     assert len(got) == TINY["num_layers"] * (len(BLOCK_NATIVE) - 2)  # the LoRA changes weights only
+
+
+def _lightx2v_file(diffusers_path: Path, path: Path, model: torch.nn.Module, seed: int = 3) -> Path:
+    """A lightx2v / CausVid-style distillation LoRA: the LoRA in native names, ``diff_b`` bias deltas on the same
+    modules, and ``head.head`` as a full ``diff`` + ``diff_b``."""
+    _native_file(diffusers_path, path)
+    tensors = load_file(str(path))
+    g = torch.Generator().manual_seed(seed)
+    for key in [k for k in tensors if k.endswith(".lora_up.weight")]:
+        tensors[key.replace(".lora_up.weight", ".diff_b")] = torch.randn(tensors[key].shape[0], generator=g) * 0.1
+    head = model.proj_out.weight
+    tensors["diffusion_model.head.head.diff"] = torch.randn(head.shape, generator=g) * 0.1
+    tensors["diffusion_model.head.head.diff_b"] = torch.randn(head.shape[0], generator=g) * 0.1
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_lightx2v_diff_b_and_head_diff_equal_diffusers(model, files, tmp_path, strength):
+    path = _lightx2v_file(files["diffusers"], tmp_path / "wan_lightx2v.safetensors", model)
+    detection = lora_compat.detect(path)
+    assert detection.dialect.id == "native" and not detection.patchset.unmatched
+    expected = _diffusers_fused(model, path, strength)
+    got = lora_compat.patched_weights(path, {"transformer": model}, strength)
+    assert "transformer.blocks.0.attn1.to_q.bias" in got and "transformer.proj_out.weight" in got
+    _assert_matches(got, expected, model)
+
+
+def test_norm_diff_and_unknown_modules_are_not_dropped(model, tmp_path):
+    """Norm ``diff`` (diffusers drops it) is applied as ``W + s·diff``; ``modulation`` and UMT5 text-encoder keys,
+    which the table has no module for, are listed unmatched."""
+    g = torch.Generator().manual_seed(4)
+    norm = torch.randn(model.blocks[0].norm2.weight.shape, generator=g)
+    tensors = {"diffusion_model.blocks.0.norm3.diff": norm,
+               "diffusion_model.blocks.0.modulation.diff": torch.randn(1, 6, 16, generator=g),
+               "lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.randn(1, 8, generator=g)}
+    save_file(tensors, str(tmp_path / "wan_norm.safetensors"))
+    from lora_compat.archs import ModuleIndex
+    from lora_compat.models import resolve_patchset
+
+    patchset = resolve_patchset(tmp_path / "wan_norm.safetensors", ModuleIndex.from_modules({"transformer": model}))
+    assert sorted(patchset.unmatched) == ["diffusion_model.blocks.0.modulation.diff",
+                                          "lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"]
+    with pytest.warns(lora_compat.LoraCompatWarning):
+        got = lora_compat.patched_weights(tmp_path / "wan_norm.safetensors", {"transformer": model}, 0.5)
+    assert sorted(got) == ["transformer.blocks.0.norm2.weight"]  # diffusers' norm2 is Wan's norm3
+    torch.testing.assert_close(got["transformer.blocks.0.norm2.weight"],
+                               model.blocks[0].norm2.weight.detach() + 0.5 * norm, rtol=0, atol=1e-6)
