@@ -67,6 +67,12 @@ def test_table_agrees_with_diffusers_on_meta():
     generated = table_for("wan")["components"]["transformer"]
     shipped = WAN.index.components["transformer"]
     assert {m: {p: tuple(s) for p, s in params.items()} for m, params in generated.items()} == shipped
+    for variant in WAN.variant_tables:
+        generated = table_for(variant)["components"]["transformer"]
+        shipped = WAN.variant_index(variant).components["transformer"]
+        assert {m: {p: tuple(s) for p, s in params.items()} for m, params in generated.items()} == shipped
+    assert WAN.variant_index("wan21-t2v-1.3b").components["transformer"]["blocks.29.ffn.net.0.proj"]["weight"] \
+        == (8960, 1536)
 
 
 LAYOUTS = {
@@ -102,3 +108,51 @@ def test_t2v_subset_maps_to_wan(tmp_path):
     detection = lora_compat.detect(path)
     assert detection.base == "wan" and not detection.patchset.unmatched
     assert len(detection.patchset.patches) == 8
+
+
+def _header_file(shapes: dict[str, tuple[int, ...]]):
+    """A LoRA known by its header alone (no tensor is read)."""
+    from lora_compat.files import Header, LoraFile
+
+    return LoraFile(Header(shapes, {k: "F16" for k in shapes}, {}),
+                    lambda k: (_ for _ in ()).throw(AssertionError(k)), "memory")
+
+
+def _native_header(dim: int, ffn: int, image: bool = False) -> dict[str, tuple[int, ...]]:
+    modules = {"self_attn.q": (dim, dim), "cross_attn.o": (dim, dim), "ffn.0": (ffn, dim), "ffn.2": (dim, ffn)}
+    if image:
+        modules["cross_attn.k_img"] = (dim, dim)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for block in (0, 7):
+        for module, (out, inp) in modules.items():
+            name = f"diffusion_model.blocks.{block}.{module}"
+            shapes.update({f"{name}.lora_down.weight": (4, inp), f"{name}.lora_up.weight": (out, 4),
+                           f"{name}.alpha": ()})
+    return shapes
+
+
+#: hidden width and FFN width per variant (families.md section 2.1), and the variant the shapes tell
+@pytest.mark.parametrize("dim, ffn, image, variant", [
+    (1536, 8960, False, "wan21-t2v-1.3b"),
+    (3072, 14336, False, "wan22-ti2v-5b"),
+    (5120, 13824, True, "wan21-i2v-14b"),
+    (5120, 13824, False, None),  # Wan 2.1 T2V-14B and the Wan 2.2 A14B experts: the same shapes
+])
+def test_variant_from_shapes(dim, ffn, image, variant):
+    result = lora_compat.inspect(_header_file(_native_header(dim, ffn, image)))
+    assert (result.dialect, result.base, result.variant, result.unmatched) == ("native", "wan", variant, [])
+    assert "shapes not checked" not in " ".join(result.warnings)
+    assert result.to_dict()["variant"] == variant
+
+
+def test_other_widths_are_not_wan():
+    result = lora_compat.inspect(_header_file(_native_header(2048, 8192)))
+    assert (result.base, result.base_candidates, result.variant) == (None, ["wan"], None)
+
+
+def test_other_families_have_no_variant():
+    shapes = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": (4, 3072),
+              "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": (9216, 4),
+              "lora_unet_double_blocks_0_img_attn_qkv.alpha": ()}
+    result = lora_compat.inspect(_header_file(shapes))
+    assert (result.base, result.variant) == ("flux1", None)

@@ -308,6 +308,12 @@ class Arch:
     #: how model catalogues and sidecars name this family, lower case: Civitai's ``baseModel`` ("sdxl 1.0",
     #: "pony") and the A1111 sidecar's ``sd version`` ("sdxl")
     catalog_names: tuple[str, ...] = ()
+    #: other sizes of the family: variant id → its table file (Wan 1.3B and 5B beside the 14B table); a file whose
+    #: names are the family's but whose shapes fit only a variant's table is detected against that table
+    variant_tables: Mapping[str, str] = field(default_factory=dict)
+    #: the variant a file is, from the targets it patches and the variant table its shapes fit (``None``: the main
+    #: table); ``None`` when the shapes cannot tell
+    variant_of: Callable[[Iterable[str], str | None], str | None] | None = None
 
     def names_for(self, component: str) -> HostNames | None:
         """How the hosts name ``component`` 's modules in this family (``None``: the family does not say)."""
@@ -335,14 +341,24 @@ class Arch:
 
     @cached_property
     def index(self) -> ModuleIndex:
-        with gzip.open(TABLES / self.table_file, "rt") as f:
+        return self._load(self.table_file)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(self.index.components)
+
+    def variant_index(self, variant: str) -> ModuleIndex:
+        """The module index of one of :attr:`variant_tables`."""
+        cache = self.__dict__.setdefault("_variant_indexes", {})
+        if variant not in cache:
+            cache[variant] = self._load(self.variant_tables[variant])
+        return cache[variant]
+
+    def _load(self, table_file: str) -> ModuleIndex:
+        with gzip.open(TABLES / table_file, "rt") as f:
             raw = json.load(f)
         table = {c: {m: {p: tuple(s) for p, s in params.items()} for m, params in mods.items()}
                  for c, mods in raw["components"].items()}
         index = ModuleIndex(table, self.alias_makers, layouts=_layouts([self]))
         index.kohya_prefixes, index.arch = dict(self.kohya_prefixes), self
         return index
-
-    @property
-    def components(self) -> tuple[str, ...]:
-        return tuple(self.index.components)

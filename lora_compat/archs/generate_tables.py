@@ -13,9 +13,9 @@ import torch
 from .base import TABLES
 from .flux import FLUX1_CONFIGS
 from .sd import OFFICIAL_CONFIGS
-from .wan import WAN_CONFIGS
+from .wan import WAN_CONFIGS, WAN_VARIANT_CONFIGS
 
-CONFIGS = {**OFFICIAL_CONFIGS, "flux1": FLUX1_CONFIGS, "wan": WAN_CONFIGS}
+CONFIGS = {**OFFICIAL_CONFIGS, "flux1": FLUX1_CONFIGS, "wan": WAN_CONFIGS, **WAN_VARIANT_CONFIGS}
 
 
 def build_components(base: str) -> dict[str, torch.nn.Module]:

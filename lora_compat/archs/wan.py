@@ -78,6 +78,20 @@ def _wan_hint(metadata: Mapping[str, str]) -> bool:
     return version.startswith("wan") or arch.startswith("wan")
 
 
+#: the other sizes, each with a table of its own (the 14B table covers Wan 2.1 T2V/I2V-14B and the 2.2 A14B experts)
+VARIANT_TABLES = {"wan21-t2v-1.3b": "wan21-t2v-1.3b.json.gz", "wan22-ti2v-5b": "wan22-ti2v-5b.json.gz"}
+#: modules only Wan 2.1 I2V-14B / FLF2V-14B have (Wan 2.2's I2V-A14B has no image branch)
+IMAGE_MODULES = ("attn2.add_k_proj", "attn2.add_v_proj", "condition_embedder.image_embedder.")
+
+
+def variant_of(targets: Iterable[str], table: str | None) -> str | None:
+    """The variant the shapes tell: the size whose table the file fits; at 14B, ``wan21-i2v-14b`` when the file
+    patches the image cross-attention, else ``None`` (2.1 T2V-14B and each 2.2 A14B expert share every shape)."""
+    if table is not None:
+        return table
+    return "wan21-i2v-14b" if any(m in t for t in targets for m in IMAGE_MODULES) else None
+
+
 WAN = Arch(
     id="wan", title="Wan 2.1 / 2.2 (video)", table_file="wan.json.gz",
     # musubi-tuner writes the transformer under lora_unet_ with native names, flattened
@@ -88,6 +102,7 @@ WAN = Arch(
     host_names={"transformer": HostNames("lora_unet_", aliases=native_aliases)},
     checkpoint_prefixes={"model.diffusion_model.": "transformer"},
     comfy_classes=("WAN21_T2V", "WAN22_T2V"),  # ComfyUI's other Wan models subclass these
+    variant_tables=VARIANT_TABLES, variant_of=variant_of,
     catalog_names=("wan video", "wan video 14b t2v", "wan video 14b i2v 480p", "wan video 14b i2v 720p",
                    "wan video 1.3b t2v", "wan video 2.2 t2v-a14b", "wan video 2.2 i2v-a14b",
                    "wan video 2.2 ti2v-5b"),
@@ -107,3 +122,5 @@ WAN_VARIANTS = {
 }
 WAN_CONFIGS = {"transformer": ("WanTransformer3DModel", WAN_VARIANTS["wan21-t2v-14b"],
                                WAN_VARIANTS["wan21-i2v-14b"])}
+#: table name (``VARIANT_TABLES``) → configs, for ``generate_tables``
+WAN_VARIANT_CONFIGS = {name: {"transformer": ("WanTransformer3DModel", WAN_VARIANTS[name])} for name in VARIANT_TABLES}
