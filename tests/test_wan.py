@@ -211,3 +211,19 @@ def test_norm_diff_and_unknown_modules_are_not_dropped(model, tmp_path):
     assert sorted(got) == ["transformer.blocks.0.norm2.weight"]  # diffusers' norm2 is Wan's norm3
     torch.testing.assert_close(got["transformer.blocks.0.norm2.weight"],
                                model.blocks[0].norm2.weight.detach() + 0.5 * norm, rtol=0, atol=1e-6)
+
+
+def test_peft_save_pretrained_equals_peft_merge(model, tmp_path):
+    """A PEFT ``save_pretrained`` folder (``base_model.model.blocks...`` + adapter_config.json) against PEFT's own
+    ``merge_and_unload``."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=_targets(model), init_lora_weights=False)
+    torch.manual_seed(5)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    assert lora_compat.detect(path).base_candidates == ["wan"]
+    expected = {f"transformer.{k}": v for k, v in peft_model.merge_and_unload().state_dict().items()}
+    got = lora_compat.patched_weights(path, {"transformer": model})
+    _assert_matches(got, expected, model)
