@@ -227,3 +227,19 @@ def test_peft_save_pretrained_equals_peft_merge(model, tmp_path):
     expected = {f"transformer.{k}": v for k, v in peft_model.merge_and_unload().state_dict().items()}
     got = lora_compat.patched_weights(path, {"transformer": model})
     _assert_matches(got, expected, model)
+
+
+@pytest.mark.parametrize("chain", [("diffusers", "native"), ("kohya", "diffusers"), ("native", "kohya")])
+def test_convert_round_trips_stay_exact(model, files, tmp_path, chain):
+    """musubi/ComfyUI -> each target and on: every file still equals diffusers' fused weights."""
+    expected = _diffusers_fused(model, files["native"])
+    source = files["native"]
+    for step, target in enumerate(chain):
+        out = tmp_path / f"step{step}_{target}.safetensors"
+        lora_compat.convert(source, target, out, base="wan")
+        source = out
+    keys = sorted(load_file(str(source)))
+    prefix = {"native": "diffusion_model.blocks.0.", "kohya": "lora_unet_blocks_0_",
+              "diffusers": "transformer.blocks.0."}[chain[-1]]
+    assert all(k.startswith((prefix, prefix.replace(".0.", ".1.").replace("_0_", "_1_"))) for k in keys), keys[:3]
+    _assert_matches(lora_compat.patched_weights(source, {"transformer": model}), expected, model)

@@ -8,9 +8,11 @@ Names resolve through the family's alias maker (native name → diffusers module
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..archs import ModuleIndex
+from ..archs.names import HostName
+from ..errors import LoraCompatError
 from ..files import Header, LoraFile
 from ..patches import Ref, Scale
 from ..patches.build import split_key
@@ -18,6 +20,10 @@ from ..patches.lora import LoraPatch
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction
 from .bfl import is_bfl_key
+
+if TYPE_CHECKING:
+    from ..deltas import BaseWeights
+    from .writing import Written
 
 PREFIX = "diffusion_model."
 #: the first name part of every native Wan module (what a bare key may start with)
@@ -46,6 +52,9 @@ class NativeDialect(Dialect):
     description = ("LoRAs on native/ComfyUI module names (diffusion_model.blocks.N.self_attn.q...: ComfyUI, "
                    "ai-toolkit, diffusion-pipe, lightx2v) of the families that have them (Wan)")
     bases = ("wan",)
+    #: ``diffusion_model.<native name>`` with kohya tensors (``lora_down``/``lora_up`` + ``alpha``), as ComfyUI
+    #: and musubi-tuner's ComfyUI export write them; every LyCORIS kind keeps its tensors
+    writes = ("native",)
 
     def detect(self, header: Header) -> Match | None:
         fraction = claimed_fraction(header, is_native_key)
@@ -73,6 +82,34 @@ class NativeDialect(Dialect):
                     and not isinstance(patch.bias, _Unscaled):  # (patches are shared by the reads of one file)
                 patch.bias = _Unscaled(patch.bias, patch.scale)
         return report_unused(patchset, file)
+
+
+    def write(self, patchset: PatchSet, index: ModuleIndex, *, target: str | None = None, base: str | None = None,
+              rank: int | None = None, weights: "BaseWeights | None" = None) -> "Written":
+        """``diffusion_model.<native name>`` (a module without a native name: its own path) with each kind's
+        kohya tensors."""
+        from .kohya_write import KohyaWriter  # torch: not imported for header work
+
+        target = self.write_target(target)
+        family = index.family
+        if family is None or family.id not in self.bases:
+            raise LoraCompatError(f"the native dialect names {', '.join(self.bases)} modules; this LoRA is for {base}")
+        return KohyaWriter(patchset, index, target, weights).write(native_names(index, list(patchset)))
+
+
+def native_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
+    """Canonical target → ``diffusion_model.<native name>``: the inverse of :meth:`NativeDialect.read`."""
+    names: dict[str, HostName] = {}
+    for component in {t.partition(".")[0] for t in targets}:
+        naming = index.host_names(component)
+        modules = index.components.get(component, {})
+        native = {path: alias for alias, path in naming.aliases(modules).items()} if naming.aliases else {}
+        for t in targets:
+            c, _, path = t.partition(".")
+            if c == component:
+                path = path.removesuffix(".base_layer")
+                names[t] = HostName(PREFIX + native.get(path, path))
+    return names
 
 
 def _bias_rename(keys: Iterable[str]) -> Callable[[str], str]:
