@@ -156,3 +156,15 @@ def test_other_families_have_no_variant():
               "lora_unet_double_blocks_0_img_attn_qkv.alpha": ()}
     result = lora_compat.inspect(_header_file(shapes))
     assert (result.base, result.variant) == ("flux1", None)
+
+
+def test_musubi_dotted_names_map_to_wan():
+    """musubi-tuner files with dots left after the block number (``lora_unet_blocks_22.self_attn.k``; they broke
+    WanVideoWrapper, #869)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, (out, inp) in (("blocks_22.self_attn.k", (5120, 5120)), ("blocks_3.ffn.0", (13824, 5120))):
+        shapes.update({f"lora_unet_{name}.lora_down.weight": (4, inp), f"lora_unet_{name}.lora_up.weight": (out, 4),
+                       f"lora_unet_{name}.alpha": ()})
+    result = lora_compat.inspect(_header_file(shapes))
+    assert (result.dialect, result.base, result.unmatched) == ("native", "wan", [])
+    assert result.components == {"transformer": 2}

@@ -1,6 +1,7 @@
 """LoRAs on a family's native (original / ComfyUI) module names: ``diffusion_model.blocks.0.self_attn.q`` with
 ``lora_A``/``lora_B``, ``lora_down``/``lora_up`` (+ ``alpha``), ``.lora.down``/``.lora.up``, LyCORIS kinds or
-``diff``/``diff_b`` (ComfyUI, ai-toolkit, diffusion-pipe, lightx2v), also bare (``blocks.0.self_attn.q``).
+``diff``/``diff_b`` (ComfyUI, ai-toolkit, diffusion-pipe, lightx2v), also bare (``blocks.0.self_attn.q``) and musubi-tuner's dotted
+``lora_unet_blocks_0.self_attn.q``.
 
 Names resolve through the family's alias maker (native name → diffusers module, e.g. Wan's
 :func:`~lora_compat.archs.wan.native_aliases`). Only the families in :attr:`NativeDialect.bases` are read: FLUX.1's
@@ -20,6 +21,7 @@ from ..patches.lora import LoraPatch
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction
 from .bfl import is_bfl_key
+from .kohya import is_kohya_key
 
 if TYPE_CHECKING:
     from ..deltas import BaseWeights
@@ -33,8 +35,15 @@ BARE_HEADS = ("blocks.", "head.head.", "time_projection.", "time_embedding.", "t
 _LEGACY = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
 
 
+#: musubi-tuner files with dots left in the module name (``lora_unet_blocks_22.self_attn.k.lora_down.weight``)
+DOTTED_KOHYA = "lora_unet_"
+
+
 def _rename(key: str) -> str:
-    key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for prefix in (PREFIX, DOTTED_KOHYA):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
     for old, new in _LEGACY.items():
         if key.endswith(old):
             return key[: -len(old)] + new
@@ -42,6 +51,9 @@ def _rename(key: str) -> str:
 
 
 def is_native_key(key: str) -> bool:
+    if key.startswith(DOTTED_KOHYA):  # only the dotted form: plain kohya names are the kohya dialect's
+        return not is_kohya_key(key) and "." in key.partition(".")[2].removesuffix(".alpha") \
+            and split_key(_rename(key), True) is not None
     if not key.startswith((PREFIX, *BARE_HEADS)) or is_bfl_key(key):
         return False
     return split_key(_rename(key), True) is not None
