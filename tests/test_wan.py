@@ -243,3 +243,32 @@ def test_convert_round_trips_stay_exact(model, files, tmp_path, chain):
               "diffusers": "transformer.blocks.0."}[chain[-1]]
     assert all(k.startswith((prefix, prefix.replace(".0.", ".1.").replace("_0_", "_1_"))) for k in keys), keys[:3]
     _assert_matches(lora_compat.patched_weights(source, {"transformer": model}), expected, model)
+
+
+def test_diffusers_adapter_on_a_wan22_pipeline(model, files):
+    """``adapters.diffusers.load`` of a ComfyUI-named file into a Wan pipeline with two experts: the output equals
+    diffusers' fused model, ``transformer_2`` is untouched (diffusers too loads into ``transformer`` unless told),
+    and ``unload`` restores the output bit for bit."""
+    from lora_compat.adapters import diffusers as adapter
+
+    expected = _diffusers_fused(model, files["native"], 0.8)
+    reference = copy.deepcopy(model)
+    reference.load_state_dict({k.removeprefix("transformer."): v for k, v in expected.items()})
+    second = _model(7)
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None,
+                                 transformer=copy.deepcopy(model), transformer_2=copy.deepcopy(second))
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(1, 4, 1, 4, 4, generator=g), torch.tensor([500]), torch.randn(1, 5, 16, generator=g))
+    image = torch.randn(1, 3, 12, generator=g)
+
+    def run(transformer):
+        with torch.no_grad():
+            return transformer(*inputs, encoder_hidden_states_image=image, return_dict=False)[0]
+
+    before, before_2 = run(pipe.transformer), {k: v.clone() for k, v in pipe.transformer_2.state_dict().items()}
+    loaded = adapter.load(pipe, files["native"], strength=0.8)
+    want = run(reference)
+    assert (run(pipe.transformer) - want).norm() / want.norm() < 1e-5
+    assert all(torch.equal(v, before_2[k]) for k, v in pipe.transformer_2.state_dict().items())
+    adapter.unload(pipe, loaded)
+    assert torch.equal(run(pipe.transformer), before)
