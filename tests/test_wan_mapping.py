@@ -168,3 +168,11 @@ def test_musubi_dotted_names_map_to_wan():
     result = lora_compat.inspect(_header_file(shapes))
     assert (result.dialect, result.base, result.unmatched) == ("native", "wan", [])
     assert result.components == {"transformer": 2}
+
+
+def test_ldm_named_files_are_not_native():
+    """``diffusion_model.input_blocks...`` (SD under LDM names) is no Wan file: still no dialect's, as before."""
+    shapes = {"diffusion_model.input_blocks.1.1.proj_in.lora_A.weight": (4, 320),
+              "diffusion_model.input_blocks.1.1.proj_in.lora_B.weight": (320, 4)}
+    with pytest.raises(lora_compat.UnknownDialectError):
+        lora_compat.inspect(_header_file(shapes))

@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     from .writing import Written
 
 PREFIX = "diffusion_model."
-#: the first name part of every native Wan module (what a bare key may start with)
+#: the first name part of every native Wan module
 BARE_HEADS = ("blocks.", "head.head.", "time_projection.", "time_embedding.", "text_embedding.", "img_emb.",
-              "patch_embedding.")
+              "patch_embedding.", "condition_embedder.")
 #: ``.lora.down.weight`` (an older ComfyUI/diffusers form) → the kohya suffixes the patch kinds read
 _LEGACY = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
 
@@ -54,7 +54,9 @@ def is_native_key(key: str) -> bool:
     if key.startswith(DOTTED_KOHYA):  # only the dotted form: plain kohya names are the kohya dialect's
         return not is_kohya_key(key) and "." in key.partition(".")[2].removesuffix(".alpha") \
             and split_key(_rename(key), True) is not None
-    if not key.startswith((PREFIX, *BARE_HEADS)) or is_bfl_key(key):
+    # a native Wan module name, prefixed or bare (an SD file under LDM names, ``diffusion_model.input_blocks``,
+    # is no file of this dialect's families)
+    if not key.removeprefix(PREFIX).startswith(BARE_HEADS) or is_bfl_key(key):
         return False
     return split_key(_rename(key), True) is not None
 
