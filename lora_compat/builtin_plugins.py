@@ -7,6 +7,7 @@ from lora_compat.hooks import hookimpl
 
 from .archs import SD2, SD15, SDXL
 from .archs.flux import FLUX1
+from .archs.wan import WAN
 from .dialects.bfl import BflDialect
 from .dialects.bfl_control import BflControlDialect
 from .dialects.checkpoint import CheckpointRecogniser
@@ -15,6 +16,7 @@ from .dialects.controlnet import ControlNetRecogniser
 from .dialects.diffusers import DiffusersDialect
 from .dialects.kohya import KohyaDialect
 from .dialects.lycoris import LycorisDialect
+from .dialects.native import NativeDialect
 from .dialects.onetrainer import OneTrainerDialect
 from .dialects.peft import PeftDialect
 from .dialects.peft_lycoris import PeftLycorisDialect
@@ -31,13 +33,14 @@ def register_dialects(register: Callable[[object], None]) -> None:
     for dialect in (KohyaDialect(), LycorisDialect(), DiffusersDialect(), PeftDialect(), XlabsDialect(),
                     BflDialect(), OneTrainerDialect(), BflControlDialect(),
                     TextualInversionRecogniser(), CheckpointRecogniser(), ControlNetRecogniser(),
-                    ControlLoraRecogniser(), T2IAdapterRecogniser(), PeftLycorisDialect(), PeftTunerRecogniser()):
+                    ControlLoraRecogniser(), T2IAdapterRecogniser(), PeftLycorisDialect(), PeftTunerRecogniser(),
+                    NativeDialect()):
         register(dialect)
 
 
 @hookimpl
 def register_archs(register: Callable[[object], None]) -> None:
-    for arch in (SD15, SD2, SDXL, FLUX1):
+    for arch in (SD15, SD2, SDXL, FLUX1, WAN):
         register(arch)
 
 

@@ -32,6 +32,8 @@ class Detection:
     base_reason: str
     patchset: PatchSet
     warnings: list[str] = field(default_factory=list)
+    #: the variant of the base the shapes tell (``wan21-t2v-1.3b``), ``None`` when they cannot
+    variant: str | None = None
 
 
 def _strip_bundled_embeddings(file: LoraFile) -> tuple[LoraFile, list[str]]:
@@ -124,6 +126,15 @@ def _detect(opened: LoraFile, base: str | None) -> Detection:
         candidates = {k: a for k, a in archs.items() if dialect.bases is None or k in dialect.bases}
     results = {k: dialect.read(file, a.index).fitted(a.index) for k, a in candidates.items()}
     scores = {k: _score(ps) for k, ps in results.items()}
+    tables: dict[str, str | None] = {}
+    for k, arch in candidates.items():
+        if arch.variant_tables and scores[k][1] and not _fits_by_shape(*scores[k]):
+            # the family's names, other shapes: one of its other sizes (Wan 1.3B, 5B)
+            for variant in arch.variant_tables:
+                index = arch.variant_index(variant)
+                patchset = dialect.read(file, index).fitted(index)
+                if _score(patchset)[0] > scores[k][0]:
+                    results[k], scores[k], tables[k] = patchset, _score(patchset), variant
     by_name: dict[str, PatchSet] = {}
 
     def named_only(arch: str) -> PatchSet:
@@ -152,7 +163,10 @@ def _detect(opened: LoraFile, base: str | None) -> Detection:
     if chosen is None and named:
         warnings.append(f"base undetermined ({reason}); candidates: {', '.join(named)}")
     patchset.warnings[:0] = warnings
-    return Detection(file, dialect, match, chosen, named, reason, patchset, warnings)
+    arch = archs.get(chosen) if chosen is not None else None
+    variant = arch.variant_of(patchset.patches, tables.get(chosen)) \
+        if arch is not None and arch.variant_of is not None else None
+    return Detection(file, dialect, match, chosen, named, reason, patchset, warnings, variant)
 
 
 def _rule_out_foreign(header: Header, chosen: str | None, reason: str, named: list[str], candidates: Iterable[str],

@@ -26,13 +26,26 @@ def _registered_archs() -> list["Arch"]:
 
 
 def alias_makers(archs: Iterable["Arch"] | None = None) -> dict[str, Callable[[Iterable[str]], dict[str, str]]]:
-    """Component → the alias names of its modules (SD's SGM names), from the first family that gives them
-    (``archs``: default every registered family)."""
-    makers: dict[str, Callable[[Iterable[str]], dict[str, str]]] = {}
+    """Component → the alias names of its modules (SD's SGM names, Wan's native names): those of every family
+    that gives aliases for the component, an earlier family's winning where two name the same alias (``archs``:
+    default every registered family). Each family's maker names only the modules it knows."""
+    found: dict[str, list[Callable[[Iterable[str]], dict[str, str]]]] = {}
     for arch in _registered_archs() if archs is None else archs:
         for component, maker in arch.alias_makers.items():
-            makers.setdefault(component, maker)
-    return makers
+            if maker not in found.setdefault(component, []):
+                found[component].append(maker)
+    return {c: makers[0] if len(makers) == 1 else _union(makers) for c, makers in found.items()}
+
+
+def _union(makers: Sequence[Callable[[Iterable[str]], dict[str, str]]]) -> Callable[[Iterable[str]], dict[str, str]]:
+    def aliases(paths: Iterable[str]) -> dict[str, str]:
+        paths = list(paths)
+        merged: dict[str, str] = {}
+        for maker in makers:
+            for alias, path in maker(paths).items():
+                merged.setdefault(alias, path)
+        return merged
+    return aliases
 
 
 def _layouts(archs: Iterable["Arch"]) -> list[FusedLayout]:
@@ -104,8 +117,9 @@ class ModuleIndex:
                 table[component], routes[component] = layout.canonical(host)
                 table[component].update({path: shapes for path, shapes in host.items()
                                          if not any(r.host == path for r in routes[component].values())})
-        index = cls(table, alias_makers(archs), routes, layouts)
         family = next((a for a in archs if a.looks_like(table)), None)
+        # the family the modules are names them first
+        index = cls(table, alias_makers(archs if family is None else [family, *archs]), routes, layouts)
         if family is not None:
             index.arch, index.kohya_prefixes = family, dict(family.kohya_prefixes)
         return index
@@ -294,6 +308,12 @@ class Arch:
     #: how model catalogues and sidecars name this family, lower case: Civitai's ``baseModel`` ("sdxl 1.0",
     #: "pony") and the A1111 sidecar's ``sd version`` ("sdxl")
     catalog_names: tuple[str, ...] = ()
+    #: other sizes of the family: variant id → its table file (Wan 1.3B and 5B beside the 14B table); a file whose
+    #: names are the family's but whose shapes fit only a variant's table is detected against that table
+    variant_tables: Mapping[str, str] = field(default_factory=dict)
+    #: the variant a file is, from the targets it patches and the variant table its shapes fit (``None``: the main
+    #: table); ``None`` when the shapes cannot tell
+    variant_of: Callable[[Iterable[str], str | None], str | None] | None = None
 
     def names_for(self, component: str) -> HostNames | None:
         """How the hosts name ``component`` 's modules in this family (``None``: the family does not say)."""
@@ -321,14 +341,24 @@ class Arch:
 
     @cached_property
     def index(self) -> ModuleIndex:
-        with gzip.open(TABLES / self.table_file, "rt") as f:
+        return self._load(self.table_file)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(self.index.components)
+
+    def variant_index(self, variant: str) -> ModuleIndex:
+        """The module index of one of :attr:`variant_tables`."""
+        cache = self.__dict__.setdefault("_variant_indexes", {})
+        if variant not in cache:
+            cache[variant] = self._load(self.variant_tables[variant])
+        return cache[variant]
+
+    def _load(self, table_file: str) -> ModuleIndex:
+        with gzip.open(TABLES / table_file, "rt") as f:
             raw = json.load(f)
         table = {c: {m: {p: tuple(s) for p, s in params.items()} for m, params in mods.items()}
                  for c, mods in raw["components"].items()}
         index = ModuleIndex(table, self.alias_makers, layouts=_layouts([self]))
         index.kohya_prefixes, index.arch = dict(self.kohya_prefixes), self
         return index
-
-    @property
-    def components(self) -> tuple[str, ...]:
-        return tuple(self.index.components)

@@ -13,8 +13,9 @@ import torch
 from .base import TABLES
 from .flux import FLUX1_CONFIGS
 from .sd import OFFICIAL_CONFIGS
+from .wan import WAN_CONFIGS, WAN_VARIANT_CONFIGS
 
-CONFIGS = {**OFFICIAL_CONFIGS, "flux1": FLUX1_CONFIGS}
+CONFIGS = {**OFFICIAL_CONFIGS, "flux1": FLUX1_CONFIGS, "wan": WAN_CONFIGS, **WAN_VARIANT_CONFIGS}
 
 
 def build_components(base: str) -> dict[str, torch.nn.Module]:
@@ -26,8 +27,10 @@ def build_components(base: str) -> dict[str, torch.nn.Module]:
         for component, config in CONFIGS[base].items():
             if component == "unet":
                 modules[component] = diffusers.UNet2DConditionModel(**config)
-            elif component == "transformer":
+            elif component == "transformer" and isinstance(config, dict):
                 modules[component] = diffusers.FluxTransformer2DModel(**config)
+            elif config[0] == "WanTransformer3DModel":
+                modules[component] = _WanUnion(*(diffusers.WanTransformer3DModel(**c) for c in config[1:]))
             elif config[0] == "T5EncoderModel":
                 modules[component] = transformers.T5EncoderModel(transformers.T5Config(**config[1]))
             else:
@@ -35,6 +38,23 @@ def build_components(base: str) -> dict[str, torch.nn.Module]:
                 cfg = transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **kwargs)
                 modules[component] = getattr(transformers, cls_name)(cfg)
     return modules
+
+
+class _WanUnion(torch.nn.Module):
+    """The modules of several Wan variants as one table: the first variant's, plus the modules only the others
+    have (the I2V image cross-attention and image embedder)."""
+
+    def __init__(self, first: torch.nn.Module, *others: torch.nn.Module):
+        super().__init__()
+        self.first, self.others = first, others
+
+    def named_modules(self, *args, **kwargs):  # type: ignore[override]
+        seen = set()
+        for model in (self.first, *self.others):
+            for path, sub in model.named_modules():
+                if path not in seen:
+                    seen.add(path)
+                    yield path, sub
 
 
 def table_for(base: str) -> dict:

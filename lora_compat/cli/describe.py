@@ -21,6 +21,8 @@ def format_inspection(result: Inspection) -> str:
     if result.rank and result.rank["min"] == result.rank["max"]:
         rank = str(result.rank["min"])
     base = result.base or f"undetermined (candidates: {', '.join(result.base_candidates) or 'none'})"
+    if result.base and result.variant:
+        base = f"{result.base} (variant {result.variant})"
     rows = [
         ("file", result.file),
         ("dialect", result.dialect),

@@ -35,6 +35,8 @@ class Inspection:
     warnings: list[str] = field(default_factory=list)
     #: fused modules (BFL ``qkv``/``linear1``) the file covers only in part: present and absent parts
     partial: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    #: the variant of the base the shapes tell (``wan21-t2v-1.3b``, ``wan21-i2v-14b``); ``None`` when they cannot
+    variant: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +77,7 @@ def inspect(source: Source, base: str | None = None, strict: bool = False) -> In
         unmatched_reasons=dict(sorted(patchset.unmatched.items())),
         warnings=list(dict.fromkeys(patchset.warnings)),
         partial=partial_groups(patchset, detection.base or next(iter(detection.base_candidates), None)),
+        variant=detection.variant,
     )
 
 
