@@ -136,6 +136,8 @@ class ModuleReader:
     scale_for: Callable[[str, Mapping[str, Ref]], Scale | None] | None = None
     dora_convention: str = "lycoris"
     oft_style: str = "lycoris"
+    #: a ``diff_b`` beside a LoRA's factors is the module's bias change (:class:`BuildContext`)
+    lora_diff_b: bool = False
     extra_warnings: list[str] = field(default_factory=list)
 
     def read(self, file: LoraFile, index: ModuleIndex, dialect: str, dotted: bool,
@@ -156,7 +158,8 @@ class ModuleReader:
         unmatched.update(dict.fromkeys(stray, "not a known LoRA tensor name"))
         # without a target-dependent scale, a module's patch does not depend on the model: build it once per
         # file (detection reads the same file against every base)
-        shared = file.cache.setdefault(("patches", dialect, self.dora_convention, self.oft_style), {}) \
+        options = (self.dora_convention, self.oft_style, self.lora_diff_b)
+        shared = file.cache.setdefault(("patches", dialect, *options), {}) \
             if self.scale_for is None and keys is None else {}
         for module, suffixes in groups.items():
             target = self.resolve(module)
@@ -195,7 +198,8 @@ class ModuleReader:
         parts = {suffix_role(s, table): Ref(shapes[k], partial(load, k), k) for s, k in suffixes.items()}
         try:
             return build_patch(parts, scale=self.scale_for(target, parts) if self.scale_for else None,
-                               dora_convention=self.dora_convention, oft_style=self.oft_style)
+                               dora_convention=self.dora_convention, oft_style=self.oft_style,
+                               lora_diff_b=self.lora_diff_b)
         except IncompletePatch as exc:
             return exc
 

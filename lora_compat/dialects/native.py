@@ -9,15 +9,13 @@ Names resolve through the family's alias maker (native name → diffusers module
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 from ..archs import ModuleIndex
 from ..archs.names import HostName
 from ..errors import LoraCompatError
 from ..files import Header, LoraFile
-from ..patches import Ref, Scale
 from ..patches.build import split_key
-from ..patches.lora import LoraPatch
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction
 from .bfl import is_bfl_key
@@ -87,14 +85,8 @@ class NativeDialect(Dialect):
             path = aliases.get(module.replace(".", "_"))
             return f"{component}.{path}" if path is not None else None
 
-        rename = file.cache.get(("native-rename",))
-        if rename is None:
-            rename = file.cache[("native-rename",)] = _bias_rename(file.keys())
-        patchset = ModuleReader(resolve).read(file, index, self.id, dotted=True, rename=rename)
-        for patch in patchset.values():
-            if isinstance(patch, LoraPatch) and patch.bias is not None and patch.bias.name.endswith(".diff_b") \
-                    and not isinstance(patch.bias, _Unscaled):  # (patches are shared by the reads of one file)
-                patch.bias = _Unscaled(patch.bias, patch.scale)
+        # lightx2v's diff_b beside a LoRA is the module's bias change (the LoRA kind reads it so)
+        patchset = ModuleReader(resolve, lora_diff_b=True).read(file, index, self.id, dotted=True, rename=_rename)
         return report_unused(patchset, file)
 
 
@@ -124,29 +116,6 @@ def native_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
                 path = path.removesuffix(".base_layer")
                 names[t] = HostName(PREFIX + native.get(path, path))
     return names
-
-
-def _bias_rename(keys: Iterable[str]) -> Callable[[str], str]:
-    """:func:`_rename`, and ``X.diff_b`` → ``X.lora_B.bias`` where ``X`` also has LoRA factors: lightx2v's bias
-    delta next to a LoRA (diffusers reads it as PEFT's ``lora_B.bias`` too)."""
-    with_lora = {k.rsplit(".", 2)[0] for k in map(_rename, keys) if k.endswith((".lora_down.weight",
-                                                                                ".lora_A.weight"))}
-
-    def rename(key: str) -> str:
-        key = _rename(key)
-        if key.endswith(".diff_b") and key[: -len(".diff_b")] in with_lora:
-            return key[: -len(".diff_b")] + ".lora_B.bias"
-        return key
-    return rename
-
-
-class _Unscaled(Ref):
-    """``diff_b`` is added as it is (times the strength), where a LoRA's bias is scaled by ``alpha / rank``."""
-
-    __slots__ = ()
-
-    def __init__(self, bias: Ref, scale: Scale):
-        super().__init__(bias.shape, lambda: bias.load() / scale.value(), bias.name)
 
 
 def report_unused(patchset: PatchSet, file: LoraFile) -> PatchSet:

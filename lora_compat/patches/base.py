@@ -115,13 +115,15 @@ class BuildContext:
 
     ``scale`` overrides the rank scale (diffusers/PEFT keep alpha outside the file); otherwise a kind's scale is
     ``alpha / rank`` from the module's own ``alpha`` tensor (:meth:`rank_scale`). ``dora_convention`` and
-    ``oft_style`` are read by the DoRA and OFT kinds.
+    ``oft_style`` are read by the DoRA and OFT kinds. ``lora_diff_b``: a ``diff_b`` beside a LoRA's factors is the
+    module's bias change, added as it is (lightx2v files, as ComfyUI and diffusers read them), read by the LoRA kind.
     """
 
     scale: Scale | None = None
     alpha: Ref | None = None
     dora_convention: str = "lycoris"
     oft_style: str = "lycoris"
+    lora_diff_b: bool = False
 
     def rank_scale(self, rank: int | None) -> Scale:
         """The override if any, else ``alpha / rank`` (no alpha or no rank: 1)."""

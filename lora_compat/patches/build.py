@@ -84,7 +84,7 @@ def suffix_role(suffix: str, table: KindTable | None = None) -> str | None:
 
 def build_patch(parts: Mapping[str, Ref], *, scale: Scale | None = None,
                 dora_convention: Literal["lycoris", "peft"] = "lycoris",
-                oft_style: OftStyle = "lycoris") -> Patch:
+                oft_style: OftStyle = "lycoris", lora_diff_b: bool = False) -> Patch:
     """Build the patch a module's tensors describe. ``parts`` maps roles (see :func:`suffix_role`) to tensors.
 
     ``scale`` overrides the rank scale (diffusers/PEFT keep alpha outside the file); otherwise it is
@@ -96,7 +96,7 @@ def build_patch(parts: Mapping[str, Ref], *, scale: Scale | None = None,
     if flat:
         raise IncompletePatch("too few dimensions for their role: "
                               + ", ".join(f"{role} {list(parts[role].shape)}" for role in flat))
-    context = BuildContext(scale, parts.get("alpha"), dora_convention, oft_style)
+    context = BuildContext(scale, parts.get("alpha"), dora_convention, oft_style, lora_diff_b)
     for kind in table.builders:
         patch = kind.from_parts(parts, context)
         if patch is not None:

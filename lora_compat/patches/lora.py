@@ -27,8 +27,13 @@ class LoraPatch(FactorisedPatch):
     def from_parts(cls, parts: Mapping[str, Ref], context: BuildContext) -> "LoraPatch | None":
         if "up" not in parts or "down" not in parts:
             return None
-        return cls(parts["up"], parts["down"], context.rank_scale(parts["down"].shape[0]),
-                   mid=parts.get("mid"), bias=parts.get("bias"))
+        scale = context.rank_scale(parts["down"].shape[0])
+        bias = parts.get("bias")
+        if bias is None and context.lora_diff_b and "diff_b" in parts:
+            # added as it is, where a LoRA's own bias is scaled by alpha / rank
+            diff_b = parts["diff_b"]
+            bias = Ref(diff_b.shape, lambda: diff_b.load() / scale.value(), diff_b.name)
+        return cls(parts["up"], parts["down"], scale, mid=parts.get("mid"), bias=bias)
 
     def __init__(self, up: Ref, down: Ref, scale: Scale = ONE, mid: Ref | None = None, bias: Ref | None = None):
         self.up, self.down, self.mid, self.bias, self.scale = up, down, mid, bias, scale
