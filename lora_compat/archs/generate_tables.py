@@ -15,7 +15,12 @@ from .flux import FLUX1_CONFIGS
 from .sd import OFFICIAL_CONFIGS
 from .wan import WAN_CONFIGS, WAN_VARIANT_CONFIGS
 
-CONFIGS = {**OFFICIAL_CONFIGS, "flux1": FLUX1_CONFIGS, "wan": WAN_CONFIGS, **WAN_VARIANT_CONFIGS}
+#: table name → {component: config}; a family adds its own line
+CONFIGS = {
+    **OFFICIAL_CONFIGS,
+    "flux1": FLUX1_CONFIGS,
+    "wan": WAN_CONFIGS, **WAN_VARIANT_CONFIGS,
+}
 
 
 def build_components(base: str) -> dict[str, torch.nn.Module]:
@@ -29,20 +34,31 @@ def build_components(base: str) -> dict[str, torch.nn.Module]:
                 modules[component] = diffusers.UNet2DConditionModel(**config)
             elif component == "transformer" and isinstance(config, dict):
                 modules[component] = diffusers.FluxTransformer2DModel(**config)
-            elif config[0] == "WanTransformer3DModel":
-                modules[component] = _WanUnion(*(diffusers.WanTransformer3DModel(**c) for c in config[1:]))
             elif config[0] == "T5EncoderModel":
                 modules[component] = transformers.T5EncoderModel(transformers.T5Config(**config[1]))
-            else:
+            elif config[0].startswith("CLIPText"):
                 cls_name, kwargs = config
                 cfg = transformers.CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **kwargs)
                 modules[component] = getattr(transformers, cls_name)(cfg)
+            else:
+                modules[component] = _build(config[0], config[1:], diffusers, transformers)
     return modules
 
 
-class _WanUnion(torch.nn.Module):
-    """The modules of several Wan variants as one table: the first variant's, plus the modules only the others
-    have (the I2V image cross-attention and image embedder)."""
+def _build(cls_name: str, configs: tuple[dict, ...], diffusers, transformers) -> torch.nn.Module:
+    """``(class name, config, *more configs)``: a diffusers class built from its keyword config, or a transformers
+    class from its ``config_class``; with several configs, the union of their modules (:class:`_Union`)."""
+    if hasattr(diffusers, cls_name):
+        models = [getattr(diffusers, cls_name)(**c) for c in configs]
+    else:
+        cls = getattr(transformers, cls_name)
+        models = [cls(cls.config_class(**c)) for c in configs]
+    return models[0] if len(models) == 1 else _Union(*models)
+
+
+class _Union(torch.nn.Module):
+    """The modules of several variants as one table: the first variant's, plus the modules only the others have
+    (Wan: the I2V image cross-attention and image embedder)."""
 
     def __init__(self, first: torch.nn.Module, *others: torch.nn.Module):
         super().__init__()
