@@ -157,7 +157,7 @@ def test_a_qwen_image_diffusers_lora_is_not_a_flux1_lora():
     keys = lora(modules_of(QWEN_2, ("transformer_blocks.",)), "transformer.")
     result = assert_no_base(keys)
     reason = ("it has Qwen-Image modules (e.g. transformer.transformer_blocks.0.img_mod.1.lora_A.weight), which rule "
-              "out flux1; no supported base has them")
+              "out flux1, flux2; no supported base has them")
     assert result.base_reason == reason
     assert f"base undetermined: {reason}" in result.warnings
 
@@ -170,32 +170,32 @@ def test_a_qwen_image_attention_lora_deeper_than_flux1_is_not_a_flux1_lora():
 
 
 def test_metadata_naming_qwen_image_rules_out_flux1():
-    """Two blocks of attention only: names and shapes are FLUX.1's too, and only the trainer's metadata tells."""
+    """Two blocks of attention only: names and shapes are FLUX.1's and FLUX.2 Klein 4B's too (no base, both
+    candidates), and only the trainer's metadata tells."""
     keys = lora(modules_of(QWEN_2, (".attn.",)), "transformer.")
-    assert lora_compat.inspect(header_file(keys)).base == "flux1"
+    bare = lora_compat.inspect(header_file(keys))
+    assert (bare.base, bare.base_candidates) == (None, ["flux1", "flux2"])
     result = assert_no_base(keys, {"ss_base_model_version": "qwen_image"})
     assert result.base_reason == ("it has Qwen-Image modules (e.g. ss_base_model_version=qwen_image), which rule out "
-                                  "flux1; no supported base has them")
+                                  "flux1, flux2; no supported base has them")
 
 
 @pytest.mark.parametrize("suffixes", [("lora_B.weight", "lora_A.weight"), ("lora_up.weight", "lora_down.weight")])
 def test_a_flux2_klein_bfl_lora_is_not_a_flux1_lora(suffixes):
-    """Klein 4B has FLUX.1's width: its qkv/proj fit FLUX.1; its shared modulation layers exist only in FLUX.2."""
+    """Klein 4B has FLUX.1's width: its qkv/proj fit FLUX.1; its mlp, linear1 and shared modulation layers fit only
+    FLUX.2 (registered since: the file is a ``flux2`` one, before it got no base)."""
     keys = lora(modules_of(KLEIN_4B, ("blocks.", "modulation")), "diffusion_model.", up=suffixes[0], down=suffixes[1])
-    result = assert_no_base(keys)
-    assert result.dialect == "bfl"
-    assert result.base_reason == (f"it has FLUX.2 modules (e.g. diffusion_model.double_stream_modulation_img.lin."
-                                  f"{suffixes[1]}), which rule out flux1; no supported base has them")
+    result = lora_compat.inspect(header_file(keys))
+    assert (result.dialect, result.base, result.variant, result.unmatched) == ("bfl", "flux2", "flux2-klein-4b", [])
 
 
 @pytest.mark.parametrize("with_modulation", [True, False])
 def test_a_flux2_dev_bfl_lora_gets_no_base(with_modulation):
+    """(Named before ``flux2`` was registered: FLUX.2-dev files now get their own base, never ``flux1``.)"""
     keys = lora(modules_of(flux2_transformer("dev"), ("blocks.", "modulation") if with_modulation else ("blocks.",)),
                 "diffusion_model.")
-    result = assert_no_base(keys)
-    assert result.dialect == "bfl"
-    assert ("FLUX.2 modules" in result.base_reason) == with_modulation
-    assert "blocks deeper than FLUX.1 has (e.g. diffusion_model.single_blocks.38.linear1" in result.base_reason
+    result = lora_compat.inspect(header_file(keys))
+    assert (result.dialect, result.base, result.variant, result.unmatched) == ("bfl", "flux2", "flux2-dev", [])
 
 
 def test_a_chroma_lora_with_its_approximator_is_not_a_flux1_lora():

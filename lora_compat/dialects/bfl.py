@@ -47,7 +47,7 @@ def is_bfl_key(key: str) -> bool:
 class BflDialect(Dialect):
     id = "bfl"
     description = "Flux LoRAs on BFL module names (diffusion_model.double_blocks...: ai-toolkit, ComfyUI)"
-    bases = ("flux1",)
+    bases = ("flux1", "flux2")
     #: ``diffusion_model.<BFL name>``, fused modules assembled exactly; every LyCORIS kind keeps its tensors
     writes = ("bfl",)
 
@@ -83,8 +83,10 @@ def bfl_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
     from .kohya_names import kohya_names
 
     others = [t for t in targets if t.partition(".")[0] != _TRANSFORMER]
+    # a family without ComfyUI text-encoder names (FLUX.2's LLM encoders): sd-scripts' lora_te_ names
+    own = index.family is not None and not index.family.comfy_text_encoders
     names = {t: n for t, n in kohya_names(index, others, comfy=True, base=_BASE).items()
-             if n.name.startswith(_TEXT_ENCODER_PREFIXES)}
+             if n.name.startswith(_TEXT_ENCODER_PREFIXES) or own}
     transformer: dict[str, HostName] = {}
     for module, parts in index.fused_modules(_TRANSFORMER).items():
         whole = len(parts) == 1 and not parts[0].swap
