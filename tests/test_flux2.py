@@ -345,3 +345,105 @@ def test_diffusers_adapter_on_a_klein_pipeline(tmp_path):
     assert torch.equal(run(pipe.transformer), at_08)
     adapter.unload(pipe, loaded)
     assert torch.equal(run(pipe.transformer), before)
+
+
+def _bfl_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model under its BFL names (diffusers' checkpoint converter read backwards: q, k, v stacked into qkv,
+    ``norm_out.linear`` 's halves swapped back, RMSNorm weights as ``scale``)."""
+    params = {k: v.detach() for k, v in model.state_dict().items()}
+    out = {}
+    for bfl, (parts, _, _) in _bfl_modules(model).items():
+        weight = torch.cat([params[f"{p}.weight"] for p in parts])
+        if bfl == FINAL_MOD[0]:
+            scl, shift = weight.chunk(2)
+            weight = torch.cat([shift, scl])
+        out[f"{bfl}.weight"] = weight.contiguous()
+    for i in range(TINY["num_layers"]):
+        for s, (q, k) in (("img", ("norm_q", "norm_k")), ("txt", ("norm_added_q", "norm_added_k"))):
+            out[f"double_blocks.{i}.{s}_attn.norm.query_norm.scale"] = params[f"transformer_blocks.{i}.attn.{q}.weight"]
+            out[f"double_blocks.{i}.{s}_attn.norm.key_norm.scale"] = params[f"transformer_blocks.{i}.attn.{k}.weight"]
+    for i in range(TINY["num_single_layers"]):
+        out[f"single_blocks.{i}.norm.query_norm.scale"] = params[f"single_transformer_blocks.{i}.attn.norm_q.weight"]
+        out[f"single_blocks.{i}.norm.key_norm.scale"] = params[f"single_transformer_blocks.{i}.attn.norm_k.weight"]
+    for name in ("guidance_in.in_layer", "guidance_in.out_layer"):
+        part = name.replace("guidance_in.in_layer", "time_guidance_embed.guidance_embedder.linear_1") \
+            .replace("guidance_in.out_layer", "time_guidance_embed.guidance_embedder.linear_2")
+        out[f"{name}.weight"] = params[f"{part}.weight"]
+    assert len(out) == len(params) - 4 * TINY["num_layers"]  # every parameter, once (six q/k/v in two qkv)
+    return out
+
+
+def _bfl_expected(bfl_weights, lora, scale: float) -> dict[str, torch.Tensor]:
+    """In BFL space a BFL LoRA is a plain sum: ``W + scale · up @ down`` on each module."""
+    return {f"{name}.weight": bfl_weights[f"{name}.weight"] + scale * (up @ down) for name, (down, up) in lora.items()}
+
+
+def test_comfy_names_are_bfl_names_with_the_rows(model, tmp_path):
+    """``convert_for_host(..., "comfy")`` against a ComfyUI-held FLUX.2 model (BFL state dict): the names are
+    ``lora_unet_<BFL name>``, the file's parts assembled into the fused modules, and applying them as ComfyUI does
+    (``W + alpha/rank · up @ down``) gives the BFL weights of diffusers' fused model."""
+    from lora_compat.hosts.convert import convert_for_host, index_from_state_dict
+
+    source = _partial_diffusers_file(model, tmp_path / "partial.safetensors")
+    fused = _diffusers_fused(model, source)
+    fused_model = copy.deepcopy(model)
+    fused_model.load_state_dict({k.removeprefix("transformer."): v for k, v in fused.items()})
+    want = _bfl_state_dict(fused_model)
+    host = _bfl_state_dict(model)
+    index = index_from_state_dict({f"diffusion_model.{k}": tuple(v.shape) for k, v in host.items()})
+    conversion = convert_for_host(str(source), "comfy", index)
+    assert sorted(conversion.patches) == ["lora_unet_double_blocks_0_img_attn_qkv",
+                                          "lora_unet_double_blocks_1_txt_attn_qkv",
+                                          "lora_unet_final_layer_adaLN_modulation_1",
+                                          "lora_unet_single_blocks_0_linear1"]
+    # the swapped final adaLN has no host-native tensors (as for FLUX.1): the node applies lora_compat's own patch
+    modules = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
+                      for k in conversion.tensors})
+    assert modules == sorted(set(conversion.patches) - {"lora_unet_final_layer_adaLN_modulation_1"})
+    changed = {"final_layer.adaLN_modulation.1.weight"}
+    for module in modules:
+        t = conversion.tensors
+        down, up = t[f"{module}.lora_down.weight"], t[f"{module}.lora_up.weight"]
+        scale = float(t[f"{module}.alpha"]) / down.shape[0] if f"{module}.alpha" in t else 1.0
+        name = {"lora_unet_double_blocks_0_img_attn_qkv": "double_blocks.0.img_attn.qkv",
+                "lora_unet_double_blocks_1_txt_attn_qkv": "double_blocks.1.txt_attn.qkv",
+                "lora_unet_final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1",
+                "lora_unet_single_blocks_0_linear1": "single_blocks.0.linear1"}[module]
+        got = host[f"{name}.weight"] + scale * (up @ down)
+        assert (got - want[f"{name}.weight"]).norm() / (want[f"{name}.weight"] - host[f"{name}.weight"]).norm() < 1e-5
+        changed.add(f"{name}.weight")
+    assert changed == {k for k in want if not torch.equal(want[k], host[k])}
+
+
+def test_bake_a_single_file_bfl_checkpoint(model, tmp_path):
+    """A ComfyUI-style single file (BFL names) baked with a ComfyUI LoRA: each module is the plain BFL sum."""
+    from lora_compat.tools.bake import bake
+
+    host = _bfl_state_dict(model)
+    save_file({f"model.diffusion_model.{k}": v for k, v in host.items()}, str(tmp_path / "flux2.safetensors"))
+    lora = _random_lora(_bfl_modules(model), 13)
+    path = _save_bfl(lora, tmp_path / "lora.safetensors", down_up=True, alpha=ALPHA)
+    report = bake(tmp_path / "flux2.safetensors", [(path, 0.6)], tmp_path / "baked.safetensors", progress=False)
+    assert report.patched > 0
+    baked = load_file(str(tmp_path / "baked.safetensors"))
+    want = {**host, **_bfl_expected(host, lora, 0.6 * ALPHA / RANK)}
+    assert sorted(baked) == sorted(f"model.diffusion_model.{k}" for k in want)
+    for key, value in want.items():
+        got = baked[f"model.diffusion_model.{key}"]
+        assert (got - value).abs().max() <= 1e-5 * value.abs().max(), key
+
+
+def test_bake_a_diffusers_folder(model, tmp_path):
+    from lora_compat.tools.bake import bake
+
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint / "transformer")
+    (checkpoint / "model_index.json").write_text("{}")
+    modules = _bfl_modules(model)
+    lora = _random_lora(modules, 14)
+    path = _save_bfl(lora, tmp_path / "lora.safetensors", kohya_names=True, down_up=True, alpha=ALPHA)
+    bake(checkpoint, [(path, 1.0)], tmp_path / "baked", progress=False)
+    baked = diffusers.Flux2Transformer2DModel.from_pretrained(tmp_path / "baked" / "transformer")
+    got = {f"transformer.{k}": v for k, v in baked.state_dict().items()
+           if not torch.equal(v, model.state_dict()[k])}
+    _assert_matches(got, _expected(model, modules, lora, ALPHA / RANK), model)
