@@ -149,7 +149,18 @@ def _detect(opened: LoraFile, base: str | None) -> Detection:
         unnamed = sum(reason.endswith(NO_MODULE) for reason in named_only(arch).unmatched.values())
         return unnamed * 20 <= len(file.header)
 
-    chosen, reason, named = _decide_base(file.header, candidates, scores, names_its_modules, forced=base is not None)
+    def in_proportion(arch: str) -> int:
+        """Modules of the file mapped by name whose shape is the table's at another width (out:in as the table
+        has it): a tiny FLUX.1 file's 7:1 ``linear1`` is FLUX.1's, not FLUX.2's 9:1."""
+        index, count = candidates[arch].index, 0
+        for target, patch in named_only(arch).patches.items():
+            table = (index.shapes(target) or {}).get("weight")
+            rows, columns = patch.out_rows(), patch.in_columns()
+            count += bool(table and len(table) == 2 and rows and columns and rows * table[1] == columns * table[0])
+        return count
+
+    chosen, reason, named = _decide_base(file.header, candidates, scores, names_its_modules, forced=base is not None,
+                                         in_proportion=in_proportion)
     if base is None:
         chosen, reason, named = _rule_out_foreign(file.header, chosen, reason, named, candidates, archs, warnings)
     if chosen is not None and (base is not None or _fits_by_shape(*scores[chosen])):
@@ -196,7 +207,8 @@ def _fits_by_shape(fit: int, named: int) -> bool:
 
 
 def _decide_base(header: Header, archs: Mapping[str, Arch], scores: Mapping[str, tuple[int, int]],
-                 names_all: Callable[[str], bool], forced: bool) -> tuple[str | None, str, list[str]]:
+                 names_all: Callable[[str], bool], forced: bool,
+                 in_proportion: Callable[[str], int] = lambda k: 0) -> tuple[str | None, str, list[str]]:
     named = sorted((k for k, (_, n) in scores.items() if n > 0), key=lambda k: -scores[k][1])
     if forced:
         only = next(iter(archs))
@@ -218,6 +230,12 @@ def _decide_base(header: Header, archs: Mapping[str, Arch], scores: Mapping[str,
     named = [k for k in [*named, *(k for k in archs if k not in named)] if names_all(k)]
     if not named:
         return None, "no supported base has modules of these names and shapes", []
+    # families whose fused layouts share names (FLUX.1's and FLUX.2's BFL names): those whose shapes the file has
+    # in proportion (other families' tiny test models are named alike at any proportions: left as they were)
+    fused = [k for k in named if archs[k].fused_layout is not None]
+    if len(fused) > 1:
+        counts = {k: in_proportion(k) for k in fused}
+        named = [k for k in named if k not in fused or counts[k] == max(counts.values())]
     hinted = [k for k in named if archs[k].metadata_hint(header.metadata)]
     if len(hinted) == 1:
         return hinted[0], "names match but shapes fit no full-size base; metadata names this one", named

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora_compat
+from family_parity import assert_matches, diffusers_fused, peft_lora_file
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -109,23 +110,12 @@ def _expected(model, modules, lora, scale: float) -> dict[str, torch.Tensor]:
 
 
 def _diffusers_fused(model, path: Path, strength: float = 1.0) -> dict[str, torch.Tensor]:
-    fused = copy.deepcopy(model)
-    pipe = diffusers.Flux2Pipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=fused)
-    pipe.load_lora_weights(str(path))
-    pipe.fuse_lora(lora_scale=strength)
-    pipe.unload_lora_weights()
-    return {f"transformer.{k}": v.detach() for k, v in fused.state_dict().items()}
+    return diffusers_fused(model, path, lambda t: diffusers.Flux2Pipeline(
+        scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=t), strength)
 
 
 def _assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: torch.nn.Module):
-    base = {f"transformer.{k}": v for k, v in model.state_dict().items()}
-    changed = sorted(k for k in expected if not torch.equal(expected[k], base[k]))
-    assert changed and set(changed) <= set(got)  # every trained weight
-    # and only those: a BFL qkv holds k's zero rows when q and v alone were trained
-    assert all(torch.equal(got[k], base[k]) for k in set(got) - set(changed))
-    for name in changed:
-        err = (got[name] - expected[name]).norm() / (expected[name] - base[name]).norm()
-        assert err < 1e-5, (name, float(err))
+    assert_matches(got, expected, model, unchanged_ok=True)  # a BFL qkv holds k's zero rows when q, v are trained
 
 
 @pytest.fixture(scope="module")
@@ -135,21 +125,8 @@ def model():
 
 def _peft_file(model, path: Path, seed: int = 1) -> Path:
     """A LoRA on every Linear module written by peft + ``Flux2Pipeline.save_lora_weights``."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    trained = copy.deepcopy(model)
     targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False)
-    trained.add_adapter(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    diffusers.Flux2Pipeline.save_lora_weights(str(path.parent), transformer_lora_layers=get_peft_model_state_dict(
-        trained), transformer_lora_adapter_metadata=config.to_dict(), weight_name=path.name)
-    return path
+    return peft_lora_file(model, path, diffusers.Flux2Pipeline, targets, RANK, ALPHA, seed)
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])
@@ -319,14 +296,16 @@ def test_diffusers_adapter_on_a_klein_pipeline(tmp_path):
     lora = _random_lora(modules, 12)
     path = _save_bfl(lora, tmp_path / "klein.safetensors", down_up=True, alpha=ALPHA)
     reference = copy.deepcopy(model)
-    reference.load_state_dict({**reference.state_dict(), **{k.removeprefix("transformer."): v for k, v in
-                                                            _expected(model, modules, lora, 0.8 * ALPHA / RANK).items()}})
+    fused = _expected(model, modules, lora, 0.8 * ALPHA / RANK)
+    reference.load_state_dict({**reference.state_dict(),
+                               **{k.removeprefix("transformer."): v for k, v in fused.items()}})
     pipe = diffusers.Flux2KleinPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
                                         transformer=copy.deepcopy(model))
     g = torch.Generator().manual_seed(0)
     ids = torch.zeros(6, 4)
     ids[:, 1] = torch.arange(6)
-    inputs = dict(hidden_states=torch.randn(1, 6, 8, generator=g), encoder_hidden_states=torch.randn(1, 3, 12, generator=g),
+    inputs = dict(hidden_states=torch.randn(1, 6, 8, generator=g),
+                  encoder_hidden_states=torch.randn(1, 3, 12, generator=g),
                   timestep=torch.tensor([0.5]), img_ids=ids, txt_ids=torch.zeros(3, 4), guidance=torch.tensor([3.5]),
                   return_dict=False)
 

@@ -119,12 +119,19 @@ def test_tables_agree_with_diffusers_on_meta():
 LAYOUTS = {
     "diffusers": (lambda p: f"transformer.{p}", "lora_A.weight", "lora_B.weight", False, "diffusers"),
     "peft": (lambda p: f"base_model.model.{p}", "lora_A.weight", "lora_B.weight", False, "diffusers"),
+    # diffusers' block names under diffusion_model. (its converter takes them), also as the "sformer_blocks" alias
+    "expanded": (lambda p: f"diffusion_model.{p}", "lora_A.weight", "lora_B.weight", False, "bfl"),
+    "sformer": (lambda p: "diffusion_model." + (p.replace("transformer_blocks.", "sformer_blocks.", 1)
+                                                if p.startswith("transformer_blocks.") else p),
+                "lora_A.weight", "lora_B.weight", False, "bfl"),
 }
 #: BFL layouts: (module name of a BFL name, down, up, alpha, dialect)
 BFL_LAYOUTS = {
     "ai-toolkit": (lambda b: f"diffusion_model.{b}", "lora_A.weight", "lora_B.weight", False, "bfl"),
     "comfy-kohya": (lambda b: f"diffusion_model.{b}", "lora_down.weight", "lora_up.weight", True, "bfl"),
     "bare-bfl": (lambda b: b, "lora_A.weight", "lora_B.weight", False, "bfl"),
+    "peft-bfl": (lambda b: f"base_model.model.{b}", "lora_A.weight", "lora_B.weight", False, "bfl"),
+    "comfy-dot": (lambda b: f"diffusion_model.{b}", "lora.down.weight", "lora.up.weight", False, "bfl"),
     "kohya": (lambda b: "lora_unet_" + b.replace(".", "_"), "lora_down.weight", "lora_up.weight", True, "kohya"),
 }
 
@@ -157,7 +164,8 @@ def test_full_coverage_bfl_names_map_each_part(variant):
 
 def test_musubi_mixed_names():
     """musubi-tuner's ``diffusion_model.double_blocks.0.img_attn_qkv`` (dots for the block, ``_`` inside: #905)."""
-    modules = {b: s for b, s in bfl_modules("flux2-klein-9b").items() if b.startswith(("double_blocks.", "single_blocks."))}
+    modules = {b: s for b, s in bfl_modules("flux2-klein-9b").items()
+               if b.startswith(("double_blocks.", "single_blocks."))}
     mixed = {f"diffusion_model.{b.split('.', 2)[0]}.{b.split('.', 2)[1]}.{b.split('.', 2)[2].replace('.', '_')}": s
              for b, s in modules.items()}
     assert "diffusion_model.double_blocks.0.img_attn_qkv" in mixed
@@ -177,6 +185,14 @@ def test_lokr_on_lycoris_names(variant):
     """SimpleTuner's LyCORIS: ``lycoris_`` + the diffusers path flattened."""
     result = lora_compat.inspect(lokr_file({"lycoris_" + p.replace(".", "_"): s for p, s in linears(variant).items()}))
     assert (result.dialect, result.base, result.variant, result.unmatched) == ("lycoris", "flux2", variant, [])
+    assert result.targets == LINEAR_MODULES[variant]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lokr_on_bare_diffusers_names(variant):
+    """SimpleTuner / bare diffusers LoKr (``transformer_blocks.0.attn.to_q.lokr_w1``)."""
+    result = lora_compat.inspect(lokr_file(linears(variant)))
+    assert (result.dialect, result.base, result.variant, result.unmatched) == ("diffusers", "flux2", variant, [])
     assert result.targets == LINEAR_MODULES[variant]
 
 
@@ -242,3 +258,23 @@ def test_flux2_klein_4b_mlp_is_not_flux1():
     result = lora_compat.inspect(header_file({f"diffusion_model.{b}": s for b, s in modules.items()},
                                              "lora_A.weight", "lora_B.weight"))
     assert (result.base, result.variant, result.unmatched) == ("flux2", "flux2-klein-4b", [])
+
+
+@pytest.mark.parametrize("mlp, linear1, linear2, family", [(4, 7, 5, "flux1"), (6, 9, 4, "flux2")])
+def test_names_alone_decide_by_proportions(mlp, linear1, linear2, family):
+    """A LoRA of a tiny model (width 80: no full-size shapes) with names both families have: the module shapes in a
+    family's proportions (FLUX.1: 4x GELU mlp, 7x ``linear1``; FLUX.2: 6x SwiGLU mlp, 9x ``linear1``) leave that
+    family the only candidate, whose names it is then read by."""
+    width = 80
+    modules = {"double_blocks.0.img_attn.qkv": (3 * width, width), "double_blocks.0.img_mlp.0": (mlp * width, width),
+               "single_blocks.0.linear1": (linear1 * width, width), "single_blocks.0.linear2": (width, linear2 * width)}
+    result = lora_compat.inspect(header_file({f"diffusion_model.{b}": s for b, s in modules.items()},
+                                             "lora_A.weight", "lora_B.weight"))
+    assert (result.base, result.base_candidates, result.unmatched) == (None, [family], [])
+
+
+def test_names_alone_in_both_proportions_keep_both_candidates():
+    modules = {"double_blocks.0.img_attn.qkv": (240, 80), "double_blocks.0.img_attn.proj": (80, 80)}
+    result = lora_compat.inspect(header_file({f"diffusion_model.{b}": s for b, s in modules.items()},
+                                             "lora_A.weight", "lora_B.weight"))
+    assert (result.base, result.base_candidates) == (None, ["flux1", "flux2"])

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora_compat
+from family_parity import assert_matches, diffusers_fused, peft_lora_file
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -47,22 +48,7 @@ def _targets(model: torch.nn.Module) -> list[str]:
 
 def _diffusers_file(model: torch.nn.Module, path: Path, seed: int = 1) -> Path:
     """A LoRA written by peft + ``WanPipeline.save_lora_weights`` (scales in ``lora_adapter_metadata``)."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    trained = copy.deepcopy(model)
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=_targets(model), init_lora_weights=False)
-    trained.add_adapter(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    state = get_peft_model_state_dict(trained)
-    diffusers.WanPipeline.save_lora_weights(str(path.parent), transformer_lora_layers=state,
-                                            transformer_lora_adapter_metadata=config.to_dict(),
-                                            weight_name=path.name)
-    return path
+    return peft_lora_file(model, path, diffusers.WanPipeline, _targets(model), RANK, ALPHA, seed)
 
 
 def _native_file(diffusers_path: Path, path: Path, prefix: str = "diffusion_model.", kohya: bool = False) -> Path:
@@ -82,21 +68,11 @@ def _native_file(diffusers_path: Path, path: Path, prefix: str = "diffusion_mode
 
 def _diffusers_fused(model: torch.nn.Module, path: Path, strength: float = 1.0) -> dict[str, torch.Tensor]:
     """The weights diffusers gives: ``load_lora_weights`` + ``fuse_lora`` on a pipeline holding the model."""
-    fused = copy.deepcopy(model)
-    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=fused)
-    pipe.load_lora_weights(str(path))
-    pipe.fuse_lora(lora_scale=strength)
-    pipe.unload_lora_weights()
-    return {f"transformer.{k}": v.detach() for k, v in fused.state_dict().items()}
+    return diffusers_fused(model, path, lambda t: diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None,
+                                                                      scheduler=None, transformer=t), strength)
 
 
-def _assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: torch.nn.Module):
-    base = {f"transformer.{k}": v for k, v in model.state_dict().items()}
-    changed = sorted(k for k in expected if not torch.equal(expected[k], base[k]))
-    assert sorted(got) == changed  # every trained weight, and only those
-    for name in changed:
-        err = (got[name] - expected[name]).norm() / (expected[name] - base[name]).norm()
-        assert err < 1e-5, (name, float(err))
+_assert_matches = assert_matches
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,6 @@ SWAPPED = {"final_layer.adaLN_modulation.1"}
 NORM_SUFFIXES = ("query_norm", "key_norm")
 
 
-
 @dataclass(frozen=True)
 class BflNames:
     """A BFL-style family's fused layout: per-block and top-level BFL modules → their canonical parts (row

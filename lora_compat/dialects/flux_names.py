@@ -58,6 +58,11 @@ def resolve_bfl(index: ModuleIndex, name: str) -> Resolved:
     found = component_parts(index, "transformer", name)
     if found is None and "_" in name.partition(".")[2]:  # musubi's mixed form: double_blocks.0.img_attn_qkv (#905)
         found = component_parts(index, "transformer", name.replace(".", "_"))
+    if found is None and f"{name}.".startswith((*DIFFUSERS_FLUX_HEADS, "sformer_blocks.")):  # diffusers (FLUX.2)
+        if name.startswith("sformer_blocks."):
+            name = "transformer_blocks." + name[len("sformer_blocks."):]
+        path = index.resolve(f"transformer.{name}")
+        found = f"{path[0]}.{path[1]}" if path else None
     return found
 
 

@@ -1,0 +1,56 @@
+"""Parity helpers shared by the family tests (Wan, FLUX.2): LoRA files written by peft + a pipeline's
+``save_lora_weights``, the weights diffusers' own loader fuses, and the comparison against them."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+
+def peft_lora_file(model: torch.nn.Module, path: Path, pipeline: type, targets: Sequence[str], rank: int,
+                   alpha: float, seed: int = 1) -> Path:
+    """A random LoRA on ``targets`` written by peft + ``pipeline.save_lora_weights`` (scales in
+    ``lora_adapter_metadata``)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    trained = copy.deepcopy(model)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
+    trained.add_adapter(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pipeline.save_lora_weights(str(path.parent), transformer_lora_layers=get_peft_model_state_dict(trained),
+                               transformer_lora_adapter_metadata=config.to_dict(), weight_name=path.name)
+    return path
+
+
+def diffusers_fused(model: torch.nn.Module, path: Path, pipeline: Callable[[torch.nn.Module], object],
+                    strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """The weights diffusers gives: ``load_lora_weights`` + ``fuse_lora`` on ``pipeline(copy of model)``."""
+    fused = copy.deepcopy(model)
+    pipe = pipeline(fused)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(lora_scale=strength)
+    pipe.unload_lora_weights()
+    return {f"transformer.{k}": v.detach() for k, v in fused.state_dict().items()}
+
+
+def assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: torch.nn.Module,
+                   unchanged_ok: bool = False) -> None:
+    """``got`` holds every weight ``expected`` changes, each within 1e-5 relative error of the change, and only
+    those (``unchanged_ok``: also weights equal to the model's, e.g. a BFL qkv's zero k rows)."""
+    base = {f"transformer.{k}": v for k, v in model.state_dict().items()}
+    changed = sorted(k for k in expected if not torch.equal(expected[k], base[k]))
+    if unchanged_ok:
+        assert changed and set(changed) <= set(got)
+        assert all(torch.equal(got[k], base[k]) for k in set(got) - set(changed))
+    else:
+        assert sorted(got) == changed  # every trained weight, and only those
+    for name in changed:
+        err = (got[name] - expected[name]).norm() / (expected[name] - base[name]).norm()
+        assert err < 1e-5, (name, float(err))
