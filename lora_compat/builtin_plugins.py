@@ -7,6 +7,7 @@ from lora_compat.hooks import hookimpl
 
 from .archs import SD2, SD15, SDXL
 from .archs.flux import FLUX1
+from .archs.qwen_image import QWEN_IMAGE
 from .archs.wan import WAN
 from .dialects.bfl import BflDialect
 from .dialects.bfl_control import BflControlDialect
@@ -40,7 +41,7 @@ def register_dialects(register: Callable[[object], None]) -> None:
 
 @hookimpl
 def register_archs(register: Callable[[object], None]) -> None:
-    for arch in (SD15, SD2, SDXL, FLUX1, WAN):
+    for arch in (SD15, SD2, SDXL, FLUX1, WAN, QWEN_IMAGE):
         register(arch)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from .base import TABLES
 from .flux import FLUX1_CONFIGS
+from .qwen_image import QWEN_IMAGE_CONFIGS
 from .sd import OFFICIAL_CONFIGS
 from .wan import WAN_CONFIGS, WAN_VARIANT_CONFIGS
 
@@ -20,6 +21,7 @@ CONFIGS = {
     **OFFICIAL_CONFIGS,
     "flux1": FLUX1_CONFIGS,
     "wan": WAN_CONFIGS, **WAN_VARIANT_CONFIGS,
+    **QWEN_IMAGE_CONFIGS,
 }
 
 
