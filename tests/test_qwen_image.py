@@ -20,90 +20,8 @@ import lora_compat
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
-#: a tiny Qwen-Image transformer (the shapes of diffusers' own pipeline tests)
-TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-            num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
-BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-         "attn.add_v_proj", "attn.to_add_out", "img_mod.1", "txt_mod.1", "img_mlp.net.0.proj", "img_mlp.net.2",
-         "txt_mlp.net.0.proj", "txt_mlp.net.2")
-TOP = ("img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
-       "time_text_embed.timestep_embedder.linear_2")
-TARGETS = [f"transformer_blocks.{i}.{m}" for i in range(TINY["num_layers"]) for m in BLOCK] + list(TOP)
-RANK, ALPHA = 4, 2.0
-
-
-def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = diffusers.QwenImageTransformer2DModel(**TINY)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5)
-    return model.eval()
-
-
-def _text_encoder(seed: int = 0) -> torch.nn.Module:
-    """A tiny Qwen2.5-VL (transformers 5 names: ``model.language_model.layers.N...``)."""
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=64, rope_parameters={"rope_type": "default",
-                         "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
-        vocab_size=64)
-    return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
-
-
-def _diffusers_file(model: torch.nn.Module, path: Path, seed: int = 1) -> Path:
-    """A LoRA written by peft + ``QwenImagePipeline.save_lora_weights`` (scales in ``lora_adapter_metadata``)."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    trained = copy.deepcopy(model)
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=False)
-    trained.add_adapter(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    state = get_peft_model_state_dict(trained)
-    diffusers.QwenImagePipeline.save_lora_weights(str(path.parent), transformer_lora_layers=state,
-                                                  transformer_lora_adapter_metadata=config.to_dict(),
-                                                  weight_name=path.name)
-    return path
-
-
-def _renamed(diffusers_path: Path, path: Path, prefix: str, kohya: bool = False, suffixes: str = "kohya") -> Path:
-    """The same LoRA under ``prefix`` + Qwen-Image's names (diffusers' converter read backwards): kohya suffixes
-    (``lora_down``/``lora_up`` + ``alpha``), ``lora_A``/``lora_B`` + ``alpha``, or DiffSynth's
-    ``lora_A.default`` (alpha = rank: the scale folded into ``lora_B``)."""
-    out = {}
-    for key, value in load_file(str(diffusers_path)).items():
-        module, _, suffix = key.removeprefix("transformer.").rpartition(".lora_")
-        name = prefix + (module.replace(".", "_") if kohya else module)
-        down = suffix.startswith("A")
-        if suffixes == "kohya":
-            out[f"{name}.{'lora_down' if down else 'lora_up'}.weight"] = value
-        elif suffixes == "peft":
-            out[f"{name}.{'lora_A' if down else 'lora_B'}.weight"] = value
-        else:
-            out[f"{name}.{'lora_A' if down else 'lora_B'}.default.weight"] = value if down else value * ALPHA / RANK
-            continue
-        out[f"{name}.alpha"] = torch.tensor(ALPHA)
-    save_file(out, str(path))
-    return path
-
-
-def _diffusers_fused(model: torch.nn.Module, path: Path, strength: float = 1.0) -> dict[str, torch.Tensor]:
-    """The weights diffusers gives: ``load_lora_weights`` + ``fuse_lora`` on a pipeline holding the model."""
-    fused = copy.deepcopy(model)
-    pipe = diffusers.QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=fused)
-    pipe.load_lora_weights(str(path))
-    pipe.fuse_lora(lora_scale=strength)
-    pipe.unload_lora_weights()
-    return {f"transformer.{k}": v.detach() for k, v in fused.state_dict().items()}
+from qwen_image_models import (ALPHA, RANK, TARGETS, TINY, diffusers_file, diffusers_fused,  # noqa: E402
+                               renamed_file, tiny_model, tiny_text_encoder)
 
 
 def _assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: torch.nn.Module,
@@ -118,18 +36,18 @@ def _assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tens
 
 @pytest.fixture(scope="module")
 def model():
-    return _model()
+    return tiny_model()
 
 
 @pytest.fixture
 def files(model, tmp_path):
-    path = _diffusers_file(model, tmp_path / "qwen_diffusers.safetensors")
+    path = diffusers_file(model, tmp_path / "qwen_diffusers.safetensors")
     return {"diffusers": path,
-            "comfy": _renamed(path, tmp_path / "qwen_comfy.safetensors", "diffusion_model."),
-            "comfy_ab": _renamed(path, tmp_path / "qwen_comfy_ab.safetensors", "diffusion_model.", suffixes="peft"),
-            "bare": _renamed(path, tmp_path / "qwen_bare.safetensors", ""),
-            "musubi": _renamed(path, tmp_path / "qwen_musubi.safetensors", "lora_unet_", kohya=True),
-            "diffsynth": _renamed(path, tmp_path / "qwen_diffsynth.safetensors", "", suffixes="default")}
+            "comfy": renamed_file(path, tmp_path / "qwen_comfy.safetensors", "diffusion_model."),
+            "comfy_ab": renamed_file(path, tmp_path / "qwen_comfy_ab.safetensors", "diffusion_model.", suffixes="peft"),
+            "bare": renamed_file(path, tmp_path / "qwen_bare.safetensors", ""),
+            "musubi": renamed_file(path, tmp_path / "qwen_musubi.safetensors", "lora_unet_", kohya=True),
+            "diffsynth": renamed_file(path, tmp_path / "qwen_diffsynth.safetensors", "", suffixes="default")}
 
 
 LAYOUTS = {"diffusers": "diffusers", "comfy": "native", "comfy_ab": "native", "bare": "native", "musubi": "kohya",
@@ -149,7 +67,7 @@ def test_named_as_qwen_image(files, layout):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("strength", [1.0, 0.6])
 def test_patched_weights_equal_diffusers(model, files, layout, strength):
-    expected = _diffusers_fused(model, files[layout], strength)
+    expected = diffusers_fused(model, files[layout], strength)
     got = lora_compat.patched_weights(files[layout], {"transformer": model}, strength)
     _assert_matches(got, expected, model)
 
@@ -163,11 +81,11 @@ def test_simpletuner_lycoris_names_equal_the_kohya_file(model, files, tmp_path):
     assert (detection.dialect.id, detection.base_candidates, detection.patchset.unmatched) == \
         ("lycoris", ["qwen-image"], {})
     got = lora_compat.patched_weights(tmp_path / "qwen_lycoris.safetensors", {"transformer": model}, 0.7)
-    _assert_matches(got, _diffusers_fused(model, files["musubi"], 0.7), model)
+    _assert_matches(got, diffusers_fused(model, files["musubi"], 0.7), model)
 
 
 def test_patcher_equals_diffusers_and_restores(model, files):
-    expected = _diffusers_fused(model, files["comfy"], 0.8)
+    expected = diffusers_fused(model, files["comfy"], 0.8)
     live = copy.deepcopy(model)
     before = {k: v.clone() for k, v in live.state_dict().items()}
     patcher = lora_compat.Patcher(live)  # the component comes from the family's class names
@@ -249,7 +167,7 @@ def test_lokr_equals_lycoris_forward(model, tmp_path, prefix):
 
 @pytest.mark.parametrize("chain", [("diffusers", "native"), ("kohya", "diffusers"), ("native", "kohya", "native")])
 def test_convert_round_trips_stay_exact(model, files, tmp_path, chain):
-    expected = _diffusers_fused(model, files["musubi"])
+    expected = diffusers_fused(model, files["musubi"])
     source = files["musubi"]
     for step, target in enumerate(chain):
         out = tmp_path / f"step{step}_{target}.safetensors"
@@ -273,11 +191,12 @@ def test_text_encoder_lora_applies_when_the_host_has_it_and_is_unmatched_otherwi
     """Qwen2.5-VL keys (kohya ``lora_te_`` under the checkpoint's ``model.layers.N`` names, and diffusers'
     ``text_encoder.`` under transformers 5's names): W + scale * up @ down, computed here; without the encoder
     they are listed unmatched."""
-    te = _text_encoder()
+    te = tiny_text_encoder()
     g = torch.Generator().manual_seed(9)
     tensors, expected = {}, {}
-    for i, (kohya, path) in enumerate((("model_layers_0_self_attn_q_proj", "model.language_model.layers.0.self_attn.q_proj"),
-                                       ("model_layers_1_mlp_down_proj", "model.language_model.layers.1.mlp.down_proj"))):
+    modules = (("model_layers_0_self_attn_q_proj", "model.language_model.layers.0.self_attn.q_proj"),
+               ("model_layers_1_mlp_down_proj", "model.language_model.layers.1.mlp.down_proj"))
+    for kohya, path in modules:
         weight = te.get_submodule(path).weight
         down, up = torch.randn(2, weight.shape[1], generator=g), torch.randn(weight.shape[0], 2, generator=g)
         tensors.update({f"lora_te_{kohya}.lora_down.weight": down, f"lora_te_{kohya}.lora_up.weight": up,
@@ -307,15 +226,15 @@ def test_diffusers_adapter_on_a_qwen_image_pipeline(model, files):
     def reference(strength):
         fused = copy.deepcopy(model)
         fused.load_state_dict({k.removeprefix("transformer."): v
-                               for k, v in _diffusers_fused(model, files["musubi"], strength).items()})
+                               for k, v in diffusers_fused(model, files["musubi"], strength).items()})
         return fused
 
     pipe = diffusers.QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
                                        transformer=copy.deepcopy(model))
     g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 4, 16, generator=g), encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
-                  encoder_hidden_states_mask=torch.ones(1, 3), timestep=torch.tensor([0.5]), img_shapes=[(1, 2, 2)],
-                  return_dict=False)
+    inputs = dict(hidden_states=torch.randn(1, 4, 16, generator=g),
+                  encoder_hidden_states=torch.randn(1, 3, 16, generator=g), encoder_hidden_states_mask=torch.ones(1, 3),
+                  timestep=torch.tensor([0.5]), img_shapes=[(1, 2, 2)], return_dict=False)
 
     def run(transformer):
         with torch.no_grad():

@@ -86,7 +86,8 @@ def test_tables_agree_with_the_classes_on_meta():
     pytest.importorskip("diffusers")
     from lora_compat.archs.generate_tables import build_components, table_for
 
-    for name, index in (("qwen-image", QWEN_IMAGE.index), ("qwen-image-2.1", QWEN_IMAGE.variant_index("qwen-image-2.1"))):
+    tables = (("qwen-image", QWEN_IMAGE.index), ("qwen-image-2.1", QWEN_IMAGE.variant_index("qwen-image-2.1")))
+    for name, index in tables:
         generated = table_for(name)["components"]
         shipped = index.components
         assert {c: {m: {p: tuple(s) for p, s in params.items()} for m, params in mods.items()}

@@ -75,7 +75,7 @@ QWEN_IMAGE = Arch(
     checkpoint_prefixes={"model.diffusion_model.": "transformer"},
     # ComfyUI's generic text-encoder key map (comfy/lora.py model_lora_keys_clip): its checkpoint names
     comfy_text_encoders={"text_encoder": "text_encoders.qwen25_7b.transformer."},
-    comfy_classes=("QwenImage",),
+    comfy_classes=("QwenImage", "QwenImageTEModel"),  # ComfyUI's model config and its text-encoder model
     variant_tables=VARIANT_TABLES, variant_of=variant_of,
     catalog_names=("qwen", "qwen image", "qwen-image"),
 )
