@@ -3,12 +3,13 @@ encoder, LoRAs written by peft + ``QwenImagePipeline.save_lora_weights`` and ren
 converter, and the weights diffusers' own loader gives."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import diffusers
 import torch
 from safetensors.torch import load_file, save_file
+
+from family_parity import fused_by_diffusers, peft_lora_file
 
 #: a tiny Qwen-Image transformer (the shapes of diffusers' own pipeline tests)
 TINY = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
@@ -46,23 +47,8 @@ def tiny_text_encoder(seed: int = 0) -> torch.nn.Module:
 
 
 def diffusers_file(model: torch.nn.Module, path: Path, seed: int = 1) -> Path:
-    """A LoRA written by peft + ``QwenImagePipeline.save_lora_weights`` (scales in ``lora_adapter_metadata``)."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    trained = copy.deepcopy(model)
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=False)
-    trained.add_adapter(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    state = get_peft_model_state_dict(trained)
-    diffusers.QwenImagePipeline.save_lora_weights(str(path.parent), transformer_lora_layers=state,
-                                                  transformer_lora_adapter_metadata=config.to_dict(),
-                                                  weight_name=path.name)
-    return path
+    """A LoRA on ``TARGETS`` written by peft + ``QwenImagePipeline.save_lora_weights``."""
+    return peft_lora_file(diffusers.QwenImagePipeline, model, path, TARGETS, RANK, ALPHA, seed)
 
 
 def renamed_file(diffusers_path: Path, path: Path, prefix: str, kohya: bool = False, suffixes: str = "kohya") -> Path:
@@ -88,9 +74,4 @@ def renamed_file(diffusers_path: Path, path: Path, prefix: str, kohya: bool = Fa
 
 def diffusers_fused(model: torch.nn.Module, path: Path, strength: float = 1.0) -> dict[str, torch.Tensor]:
     """The weights diffusers gives: ``load_lora_weights`` + ``fuse_lora`` on a pipeline holding the model."""
-    fused = copy.deepcopy(model)
-    pipe = diffusers.QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=fused)
-    pipe.load_lora_weights(str(path))
-    pipe.fuse_lora(lora_scale=strength)
-    pipe.unload_lora_weights()
-    return {f"transformer.{k}": v.detach() for k, v in fused.state_dict().items()}
+    return fused_by_diffusers(diffusers.QwenImagePipeline, model, path, strength)

@@ -20,18 +20,9 @@ import lora_compat
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
+from family_parity import assert_matches as _assert_matches, assert_patcher_matches  # noqa: E402
 from qwen_image_models import (ALPHA, RANK, TARGETS, TINY, diffusers_file, diffusers_fused,  # noqa: E402
                                renamed_file, tiny_model, tiny_text_encoder)
-
-
-def _assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: torch.nn.Module,
-                    component: str = "transformer"):
-    base = {f"{component}.{k}": v for k, v in model.state_dict().items()}
-    changed = sorted(k for k in expected if not torch.equal(expected[k], base[k]))
-    assert changed and sorted(got) == changed  # every trained weight, and only those
-    for name in changed:
-        err = (got[name] - expected[name]).norm() / (expected[name] - base[name]).norm()
-        assert err < 1e-5, (name, float(err))
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +76,7 @@ def test_simpletuner_lycoris_names_equal_the_kohya_file(model, files, tmp_path):
 
 
 def test_patcher_equals_diffusers_and_restores(model, files):
-    expected = diffusers_fused(model, files["comfy"], 0.8)
-    live = copy.deepcopy(model)
-    before = {k: v.clone() for k, v in live.state_dict().items()}
-    patcher = lora_compat.Patcher(live)  # the component comes from the family's class names
-    patcher.set([(files["comfy"], 0.8)])
-    _assert_matches({f"transformer.{k}": v for k, v in live.state_dict().items()
-                     if not torch.equal(v, before[k])}, expected, model)
-    patcher.set([])
-    assert all(torch.equal(v, before[k]) for k, v in live.state_dict().items())
+    assert_patcher_matches(model, files["comfy"], 0.8, diffusers_fused(model, files["comfy"], 0.8))
 
 
 def test_peft_save_pretrained_equals_peft_merge(model, tmp_path):

@@ -19,6 +19,9 @@ import lora_compat
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
+from family_parity import (assert_matches as _assert_matches, assert_patcher_matches,  # noqa: E402
+                           fused_by_diffusers, peft_lora_file)
+
 #: a tiny Wan 2.1 I2V-style config (image cross-attention included)
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
             text_dim=16, freq_dim=8, ffn_dim=32, num_layers=2, cross_attn_norm=True,
@@ -47,22 +50,7 @@ def _targets(model: torch.nn.Module) -> list[str]:
 
 def _diffusers_file(model: torch.nn.Module, path: Path, seed: int = 1) -> Path:
     """A LoRA written by peft + ``WanPipeline.save_lora_weights`` (scales in ``lora_adapter_metadata``)."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    trained = copy.deepcopy(model)
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=_targets(model), init_lora_weights=False)
-    trained.add_adapter(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    state = get_peft_model_state_dict(trained)
-    diffusers.WanPipeline.save_lora_weights(str(path.parent), transformer_lora_layers=state,
-                                            transformer_lora_adapter_metadata=config.to_dict(),
-                                            weight_name=path.name)
-    return path
+    return peft_lora_file(diffusers.WanPipeline, model, path, _targets(model), RANK, ALPHA, seed)
 
 
 def _native_file(diffusers_path: Path, path: Path, prefix: str = "diffusion_model.", kohya: bool = False) -> Path:
@@ -82,21 +70,7 @@ def _native_file(diffusers_path: Path, path: Path, prefix: str = "diffusion_mode
 
 def _diffusers_fused(model: torch.nn.Module, path: Path, strength: float = 1.0) -> dict[str, torch.Tensor]:
     """The weights diffusers gives: ``load_lora_weights`` + ``fuse_lora`` on a pipeline holding the model."""
-    fused = copy.deepcopy(model)
-    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=fused)
-    pipe.load_lora_weights(str(path))
-    pipe.fuse_lora(lora_scale=strength)
-    pipe.unload_lora_weights()
-    return {f"transformer.{k}": v.detach() for k, v in fused.state_dict().items()}
-
-
-def _assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: torch.nn.Module):
-    base = {f"transformer.{k}": v for k, v in model.state_dict().items()}
-    changed = sorted(k for k in expected if not torch.equal(expected[k], base[k]))
-    assert sorted(got) == changed  # every trained weight, and only those
-    for name in changed:
-        err = (got[name] - expected[name]).norm() / (expected[name] - base[name]).norm()
-        assert err < 1e-5, (name, float(err))
+    return fused_by_diffusers(diffusers.WanPipeline, model, path, strength)
 
 
 @pytest.fixture(scope="module")
@@ -131,15 +105,7 @@ def test_patched_weights_equal_diffusers(model, files, layout, strength):
 
 
 def test_patcher_equals_diffusers_and_restores(model, files):
-    expected = _diffusers_fused(model, files["native"], 0.8)
-    live = copy.deepcopy(model)
-    before = {k: v.clone() for k, v in live.state_dict().items()}
-    patcher = lora_compat.Patcher(live)  # the component comes from the family's class names
-    patcher.set([(files["native"], 0.8)])
-    _assert_matches({f"transformer.{k}": v for k, v in live.state_dict().items()
-                     if not torch.equal(v, before[k])}, expected, model)
-    patcher.set([])
-    assert all(torch.equal(v, before[k]) for k, v in live.state_dict().items())
+    assert_patcher_matches(model, files["native"], 0.8, _diffusers_fused(model, files["native"], 0.8))
 
 
 def test_i2v_file_on_a_t2v_model_applies_the_rest(model, files):

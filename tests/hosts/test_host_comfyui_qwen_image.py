@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hostmodels import STRENGTH, assert_close, tree
-from hoststubs import comfy_env
 from lora_compat.adapters import comfyui
 
 pytest.importorskip("diffusers")
@@ -21,13 +20,6 @@ from qwen_image_models import (diffusers_file, diffusers_fused, renamed_file, ti
                                tiny_text_encoder)
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def comfy(hosts_dir):
-    env, host = comfy_env(hosts_dir)
-    yield host
-    env.close()
 
 
 def qwen_models(comfy, transformer: nn.Module, encoder: nn.Module):
