@@ -127,8 +127,10 @@ def _detect(opened: LoraFile, base: str | None) -> Detection:
     results = {k: dialect.read(file, a.index).fitted(a.index) for k, a in candidates.items()}
     scores = {k: _score(ps) for k, ps in results.items()}
     tables: dict[str, str | None] = {}
+    # no base fits at all: a variant may have modules its main table lacks (Qwen-Image-2.1's img_mlp.gate_layer)
+    none_fit = not any(_fits_by_shape(*s) for s in scores.values())
     for k, arch in candidates.items():
-        if arch.variant_tables and scores[k][1] and not _fits_by_shape(*scores[k]):
+        if arch.variant_tables and (scores[k][1] or none_fit) and not _fits_by_shape(*scores[k]):
             # the family's names, other shapes: one of its other sizes (Wan 1.3B, 5B)
             for variant in arch.variant_tables:
                 index = arch.variant_index(variant)

@@ -1,4 +1,4 @@
-"""Parity helpers shared by the family tests (Wan, FLUX.2): LoRA files written by peft + a pipeline's
+"""Parity helpers shared by the family tests (Wan, FLUX.2, Qwen-Image): LoRA files written by peft + a pipeline's
 ``save_lora_weights``, the weights diffusers' own loader fuses, and the comparison against them."""
 from __future__ import annotations
 
@@ -40,11 +40,22 @@ def diffusers_fused(model: torch.nn.Module, path: Path, pipeline: Callable[[torc
     return {f"transformer.{k}": v.detach() for k, v in fused.state_dict().items()}
 
 
+def fused_by_diffusers(pipeline_class: type, model: torch.nn.Module, path: Path, strength: float = 1.0
+                       ) -> dict[str, torch.Tensor]:
+    """:func:`diffusers_fused` on a ``pipeline_class`` holding ``model`` as its transformer and ``None`` for every
+    other required component."""
+    import inspect
+
+    others = [name for name, p in inspect.signature(pipeline_class.__init__).parameters.items()
+              if name not in ("self", "transformer") and p.default is inspect.Parameter.empty]
+    return diffusers_fused(model, path, lambda t: pipeline_class(transformer=t, **dict.fromkeys(others)), strength)
+
+
 def assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: torch.nn.Module,
-                   unchanged_ok: bool = False) -> None:
+                   unchanged_ok: bool = False, component: str = "transformer") -> None:
     """``got`` holds every weight ``expected`` changes, each within 1e-5 relative error of the change, and only
     those (``unchanged_ok``: also weights equal to the model's, e.g. a BFL qkv's zero k rows)."""
-    base = {f"transformer.{k}": v for k, v in model.state_dict().items()}
+    base = {f"{component}.{k}": v for k, v in model.state_dict().items()}
     changed = sorted(k for k in expected if not torch.equal(expected[k], base[k]))
     if unchanged_ok:
         assert changed and set(changed) <= set(got)
@@ -54,3 +65,19 @@ def assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
     for name in changed:
         err = (got[name] - expected[name]).norm() / (expected[name] - base[name]).norm()
         assert err < 1e-5, (name, float(err))
+
+
+def assert_patcher_matches(model: torch.nn.Module, path: Path, strength: float,
+                           expected: dict[str, torch.Tensor]) -> None:
+    """The Patcher on a copy of the bare transformer (its component from the family's class names) sets exactly
+    ``expected``, and restores every weight bit for bit."""
+    import lora_compat
+
+    live = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    patcher = lora_compat.Patcher(live)
+    patcher.set([(path, strength)])
+    assert_matches({f"transformer.{k}": v for k, v in live.state_dict().items()
+                    if not torch.equal(v, before[k])}, expected, model)
+    patcher.set([])
+    assert all(torch.equal(v, before[k]) for k, v in live.state_dict().items())

@@ -13,6 +13,7 @@ import torch
 from .base import TABLES
 from .flux import FLUX1_CONFIGS
 from .flux2 import FLUX2_CONFIGS, FLUX2_VARIANT_CONFIGS
+from .qwen_image import QWEN_IMAGE_CONFIGS
 from .sd import OFFICIAL_CONFIGS
 from .wan import WAN_CONFIGS, WAN_VARIANT_CONFIGS
 
@@ -22,6 +23,7 @@ CONFIGS = {
     "flux1": FLUX1_CONFIGS,
     "wan": WAN_CONFIGS, **WAN_VARIANT_CONFIGS,
     "flux2": FLUX2_CONFIGS, **FLUX2_VARIANT_CONFIGS,
+    **QWEN_IMAGE_CONFIGS,
 }
 
 

@@ -63,9 +63,12 @@ class HostNames:
     def names(self, modules: ModuleTable, fused: Mapping[str, list[Part]] | None = None,
               comfy_prefix: str | None = None) -> dict[str, HostName]:
         """Module path → its host name. ``fused``: the component's fused host modules (a family's fused layout)
-        → their canonical parts. ``comfy_prefix``: ComfyUI's prefix for a text encoder (dotted paths)."""
+        → their canonical parts. ``comfy_prefix``: ComfyUI's prefix for a text encoder (dotted paths; with
+        ``aliases``, the alias names)."""
         if comfy_prefix is not None and self.encoder is not None:
             return {path: HostName(comfy_prefix + self._path(path)) for path in modules}
+        if comfy_prefix is not None and self.aliases is not None:  # ComfyUI: the alias names, dotted
+            return {path: HostName(comfy_prefix + alias) for alias, path in self.aliases(modules).items()}
         if fused:
             names: dict[str, HostName] = {}
             for host, parts in fused.items():

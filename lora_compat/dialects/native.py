@@ -4,14 +4,20 @@
 ``lora_unet_blocks_0.self_attn.q``.
 
 Names resolve through the family's alias maker (native name → diffusers module, e.g. Wan's
-:func:`~lora_compat.archs.wan.native_aliases`). Only the families in :attr:`NativeDialect.bases` are read: FLUX.1's
-``diffusion_model.`` files are BFL-named and stay the ``bfl`` dialect's.
+:func:`~lora_compat.archs.wan.native_aliases`); Qwen-Image's native names are its diffusers names
+(``diffusion_model.transformer_blocks.0.attn.to_q``, also bare with ``lora_down``/``alpha``: Lightning, InvokeAI).
+Only the families in :attr:`NativeDialect.bases` are read: FLUX.1's ``diffusion_model.`` files are BFL-named and stay
+the ``bfl`` dialect's (no FLUX.1 tool writes or reads ``diffusion_model.`` + diffusers names, which is why a
+Qwen-Image file of attention only is Qwen-Image's in this layout). Text encoders are read and written under
+ComfyUI's names (``text_encoders.qwen25_7b.transformer.model.layers.0.self_attn.q_proj``: the family's
+``Arch.comfy_text_encoders`` + the encoder's alias names).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from ..archs import ModuleIndex
+from ..archs.qwen_image import QWEN_IMAGE, TRANSFORMER_HEADS as QWEN_IMAGE_HEADS
 from ..archs.names import HostName
 from ..errors import LoraCompatError
 from ..files import Header, LoraFile
@@ -26,9 +32,11 @@ if TYPE_CHECKING:
     from .writing import Written
 
 PREFIX = "diffusion_model."
-#: the first name part of every native Wan module
+#: the first name part of every native Wan and Qwen-Image module
 BARE_HEADS = ("blocks.", "head.head.", "time_projection.", "time_embedding.", "text_embedding.", "img_emb.",
-              "patch_embedding.", "condition_embedder.")
+              "patch_embedding.", "condition_embedder.", *QWEN_IMAGE_HEADS)
+#: ComfyUI's names of the text encoders of these families
+TEXT_ENCODER_PREFIXES = tuple(QWEN_IMAGE.comfy_text_encoders.values())
 #: ``.lora.down.weight`` (an older ComfyUI/diffusers form) → the kohya suffixes the patch kinds read
 _LEGACY = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
 
@@ -54,6 +62,8 @@ def is_native_key(key: str) -> bool:
             and split_key(_rename(key), True) is not None
     # a native Wan module name, prefixed or bare (an SD file under LDM names, ``diffusion_model.input_blocks``,
     # is no file of this dialect's families)
+    if key.startswith(TEXT_ENCODER_PREFIXES):
+        return split_key(_rename(key), True) is not None
     if not key.removeprefix(PREFIX).startswith(BARE_HEADS) or is_bfl_key(key):
         return False
     return split_key(_rename(key), True) is not None
@@ -62,8 +72,8 @@ def is_native_key(key: str) -> bool:
 class NativeDialect(Dialect):
     id = "native"
     description = ("LoRAs on native/ComfyUI module names (diffusion_model.blocks.N.self_attn.q...: ComfyUI, "
-                   "ai-toolkit, diffusion-pipe, lightx2v) of the families that have them (Wan)")
-    bases = ("wan",)
+                   "ai-toolkit, diffusion-pipe, lightx2v) of the families that have them (Wan, Qwen-Image)")
+    bases = ("wan", "qwen-image")
     #: ``diffusion_model.<native name>`` with kohya tensors (``lora_down``/``lora_up`` + ``alpha``), as ComfyUI
     #: and musubi-tuner's ComfyUI export write them; every LyCORIS kind keeps its tensors
     writes = ("native",)
@@ -81,7 +91,13 @@ class NativeDialect(Dialect):
         component = index.read_prefixes().get("lora_unet_", "transformer")
         aliases = index.aliases(component)
 
+        encoders = _text_encoders(index)
+
         def resolve(module: str) -> Resolved:
+            for prefix, encoder in encoders.items():
+                if module.startswith(prefix):
+                    path = index.aliases(encoder).get(module[len(prefix):].replace(".", "_"))
+                    return f"{encoder}.{path}" if path is not None else None
             path = aliases.get(module.replace(".", "_"))
             return f"{component}.{path}" if path is not None else None
 
@@ -103,18 +119,27 @@ class NativeDialect(Dialect):
         return KohyaWriter(patchset, index, target, weights).write(native_names(index, list(patchset)))
 
 
+def _text_encoders(index: ModuleIndex) -> dict[str, str]:
+    """ComfyUI text-encoder prefix → component, of the family of ``index``."""
+    family = index.family
+    return {prefix: c for c, prefix in family.comfy_text_encoders.items()} if family is not None else {}
+
+
 def native_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
-    """Canonical target → ``diffusion_model.<native name>``: the inverse of :meth:`NativeDialect.read`."""
+    """Canonical target → ``diffusion_model.<native name>`` (a text encoder: ComfyUI's prefix for it + its alias
+    name): the inverse of :meth:`NativeDialect.read`."""
     names: dict[str, HostName] = {}
+    prefixes = {c: prefix for prefix, c in _text_encoders(index).items()}
     for component in {t.partition(".")[0] for t in targets}:
         naming = index.host_names(component)
         modules = index.components.get(component, {})
         native = {path: alias for alias, path in naming.aliases(modules).items()} if naming.aliases else {}
+        prefix = prefixes.get(component, PREFIX)
         for t in targets:
             c, _, path = t.partition(".")
             if c == component:
                 path = path.removesuffix(".base_layer")
-                names[t] = HostName(PREFIX + native.get(path, path))
+                names[t] = HostName(prefix + native.get(path, path))
     return names
 
 
