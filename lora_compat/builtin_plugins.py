@@ -8,6 +8,7 @@ from lora_compat.hooks import hookimpl
 from .archs import SD2, SD15, SDXL
 from .archs.flux import FLUX1
 from .archs.wan import WAN
+from .archs.nextdit import LUMINA2, Z_IMAGE
 from .dialects.bfl import BflDialect
 from .dialects.bfl_control import BflControlDialect
 from .dialects.checkpoint import CheckpointRecogniser
@@ -40,7 +41,7 @@ def register_dialects(register: Callable[[object], None]) -> None:
 
 @hookimpl
 def register_archs(register: Callable[[object], None]) -> None:
-    for arch in (SD15, SD2, SDXL, FLUX1, WAN):
+    for arch in (SD15, SD2, SDXL, FLUX1, WAN, Z_IMAGE, LUMINA2):
         register(arch)
 
 

@@ -14,12 +14,14 @@ from .base import TABLES
 from .flux import FLUX1_CONFIGS
 from .sd import OFFICIAL_CONFIGS
 from .wan import WAN_CONFIGS, WAN_VARIANT_CONFIGS
+from .nextdit import LUMINA2_CONFIGS, Z_IMAGE_CONFIGS
 
 #: table name → {component: config}; a family adds its own line
 CONFIGS = {
     **OFFICIAL_CONFIGS,
     "flux1": FLUX1_CONFIGS,
     "wan": WAN_CONFIGS, **WAN_VARIANT_CONFIGS,
+    "z-image": Z_IMAGE_CONFIGS, "lumina2": LUMINA2_CONFIGS,
 }
 
 

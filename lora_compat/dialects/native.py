@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 
 from ..archs import ModuleIndex
 from ..archs.names import HostName
+from ..archs.nextdit import NATIVE_HEADS as NEXTDIT_HEADS
 from ..errors import LoraCompatError
 from ..files import Header, LoraFile
 from ..patches.build import split_key
 from ..patchset import PatchSet
-from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction
+from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction, component_parts
 from .bfl import is_bfl_key
 from .kohya import is_kohya_key
 
@@ -29,8 +30,13 @@ PREFIX = "diffusion_model."
 #: the first name part of every native Wan module
 BARE_HEADS = ("blocks.", "head.head.", "time_projection.", "time_embedding.", "text_embedding.", "img_emb.",
               "patch_embedding.", "condition_embedder.")
+#: Z-Image / Lumina 2 (NextDiT); ``final_layer.`` is a BFL name too: a FLUX.1 file stays the bfl dialect's, which
+#: claims all of its keys
+BARE_HEADS += NEXTDIT_HEADS
 #: ``.lora.down.weight`` (an older ComfyUI/diffusers form) → the kohya suffixes the patch kinds read
-_LEGACY = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
+_LEGACY = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight",
+           # DiffSynth-Studio: PEFT's adapter name left in the key
+           ".lora_A.default.weight": ".lora_A.weight", ".lora_B.default.weight": ".lora_B.weight"}
 
 
 #: musubi-tuner files with dots left in the module name (``lora_unet_blocks_22.self_attn.k.lora_down.weight``)
@@ -54,7 +60,8 @@ def is_native_key(key: str) -> bool:
             and split_key(_rename(key), True) is not None
     # a native Wan module name, prefixed or bare (an SD file under LDM names, ``diffusion_model.input_blocks``,
     # is no file of this dialect's families)
-    if not key.removeprefix(PREFIX).startswith(BARE_HEADS) or is_bfl_key(key):
+    name = key.removeprefix(PREFIX)
+    if not name.startswith(BARE_HEADS) or (is_bfl_key(key) and not name.startswith(NEXTDIT_HEADS)):
         return False
     return split_key(_rename(key), True) is not None
 
@@ -63,7 +70,7 @@ class NativeDialect(Dialect):
     id = "native"
     description = ("LoRAs on native/ComfyUI module names (diffusion_model.blocks.N.self_attn.q...: ComfyUI, "
                    "ai-toolkit, diffusion-pipe, lightx2v) of the families that have them (Wan)")
-    bases = ("wan",)
+    bases = ("wan", "z-image", "lumina2")
     #: ``diffusion_model.<native name>`` with kohya tensors (``lora_down``/``lora_up`` + ``alpha``), as ComfyUI
     #: and musubi-tuner's ComfyUI export write them; every LyCORIS kind keeps its tensors
     writes = ("native",)
@@ -83,7 +90,8 @@ class NativeDialect(Dialect):
 
         def resolve(module: str) -> Resolved:
             path = aliases.get(module.replace(".", "_"))
-            return f"{component}.{path}" if path is not None else None
+            # a module of a fused layout (Z-Image's ``attention.qkv``): its canonical parts
+            return f"{component}.{path}" if path is not None else component_parts(index, component, module)
 
         # lightx2v's diff_b beside a LoRA is the module's bias change (the LoRA kind reads it so)
         patchset = ModuleReader(resolve, lora_diff_b=True).read(file, index, self.id, dotted=True, rename=_rename)
@@ -100,6 +108,11 @@ class NativeDialect(Dialect):
         family = index.family
         if family is None or family.id not in self.bases:
             raise LoraCompatError(f"the native dialect names {', '.join(self.bases)} modules; this LoRA is for {base}")
+        component = index.read_prefixes().get("lora_unet_", "transformer")
+        others = sorted({t.partition(".")[0] for t in patchset} - {component})
+        if others:  # a text encoder has no native (diffusion_model.) name
+            raise LoraCompatError(f"{patchset.source}: the native layout names the {component} only; this LoRA also "
+                                  f"patches {', '.join(others)}: convert it to kohya or diffusers")
         return KohyaWriter(patchset, index, target, weights).write(native_names(index, list(patchset)))
 
 
@@ -109,12 +122,18 @@ def native_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
     for component in {t.partition(".")[0] for t in targets}:
         naming = index.host_names(component)
         modules = index.components.get(component, {})
-        native = {path: alias for alias, path in naming.aliases(modules).items()} if naming.aliases else {}
+        native = {path: HostName(PREFIX + alias) for alias, path in naming.aliases(modules).items()} \
+            if naming.aliases else {}
+        # a fused layout (Z-Image's ``attention.qkv``): a part is named by its fused module, with its rows
+        for module, parts in index.fused_modules(component).items():
+            whole = len(parts) == 1 and not parts[0].swap
+            native.update({p.target: HostName(PREFIX + module, None if whole else (p.start, p.stop), p.swap)
+                           for p in parts})
         for t in targets:
             c, _, path = t.partition(".")
             if c == component:
                 path = path.removesuffix(".base_layer")
-                names[t] = HostName(PREFIX + native.get(path, path))
+                names[t] = native.get(path) or HostName(PREFIX + path)
     return names
 
 
