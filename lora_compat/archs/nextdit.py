@@ -165,7 +165,11 @@ def _hint(*words: str):
 #: the text encoders are LLMs under their transformers names (``layers.N.self_attn.q_proj``), flattened under
 #: ``lora_te_`` as sd-scripts' Lumina 2 trainer writes them
 _PREFIXES = {"lora_unet_": "transformer", "lora_te_": "text_encoder"}
-_HOST_NAMES = {"transformer": HostNames("lora_unet_"), "text_encoder": HostNames("lora_te_")}
+_HOST_NAMES = {"transformer": HostNames("lora_unet_"), "text_encoder": HostNames("lora_te_", encoder="llm")}
+#: ComfyUI's generic text-encoder LoRA names: ``text_encoders.`` + its clip state-dict key (comfy/text_encoders:
+#: ``qwen3_4b`` for Z-Image, ``gemma2_2b`` for Lumina 2, the LLM under ``transformer.model.``)
+COMFY_TEXT_ENCODERS = {"z-image": "text_encoders.qwen3_4b.transformer.model.",
+                       "lumina2": "text_encoders.gemma2_2b.transformer.model."}
 
 Z_IMAGE = Arch(
     id="z-image", title="Z-Image (Turbo / Base)", table_file="z-image.json.gz",
@@ -174,6 +178,7 @@ Z_IMAGE = Arch(
     component_classes={"transformer": ("ZImageTransformer2DModel",), "text_encoder": ("Qwen3Model",)},
     host_names=_HOST_NAMES, checkpoint_prefixes={"model.diffusion_model.": "transformer"},
     comfy_classes=("ZImage",), catalog_names=("zimageturbo", "z-image turbo"),
+    comfy_text_encoders={"text_encoder": COMFY_TEXT_ENCODERS["z-image"]},
 )
 LUMINA2 = Arch(
     id="lumina2", title="Lumina-Image 2.0", table_file="lumina2.json.gz",
@@ -182,6 +187,7 @@ LUMINA2 = Arch(
     component_classes={"transformer": ("Lumina2Transformer2DModel",), "text_encoder": ("Gemma2Model",)},
     host_names=_HOST_NAMES, checkpoint_prefixes={"model.diffusion_model.": "transformer"},
     comfy_classes=("Lumina2",), catalog_names=("lumina",),
+    comfy_text_encoders={"text_encoder": COMFY_TEXT_ENCODERS["lumina2"]},
 )
 
 #: the official configs: Z-Image-Turbo (= diffusers' defaults; Base has the same shapes) with Qwen3-4B, and

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..archs import ModuleIndex
 from ..archs.names import HostName
-from ..archs.nextdit import NATIVE_HEADS as NEXTDIT_HEADS
+from ..archs.nextdit import COMFY_TEXT_ENCODERS, NATIVE_HEADS as NEXTDIT_HEADS
 from ..errors import LoraCompatError
 from ..files import Header, LoraFile
 from ..patches.build import split_key
@@ -33,6 +33,8 @@ BARE_HEADS = ("blocks.", "head.head.", "time_projection.", "time_embedding.", "t
 #: Z-Image / Lumina 2 (NextDiT); ``final_layer.`` is a BFL name too: a FLUX.1 file stays the bfl dialect's, which
 #: claims all of its keys
 BARE_HEADS += NEXTDIT_HEADS
+#: ComfyUI's names of the text encoders of these families (``text_encoders.qwen3_4b.transformer.model.``)
+TEXT_ENCODER_HEADS = tuple(COMFY_TEXT_ENCODERS.values())
 #: ``.lora.down.weight`` (an older ComfyUI/diffusers form) → the kohya suffixes the patch kinds read
 _LEGACY = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight",
            # DiffSynth-Studio: PEFT's adapter name left in the key
@@ -61,6 +63,8 @@ def is_native_key(key: str) -> bool:
     # a native Wan module name, prefixed or bare (an SD file under LDM names, ``diffusion_model.input_blocks``,
     # is no file of this dialect's families)
     name = key.removeprefix(PREFIX)
+    if name.startswith(TEXT_ENCODER_HEADS):
+        return split_key(_rename(key), True) is not None
     if not name.startswith(BARE_HEADS) or (is_bfl_key(key) and not name.startswith(NEXTDIT_HEADS)):
         return False
     return split_key(_rename(key), True) is not None
@@ -87,8 +91,13 @@ class NativeDialect(Dialect):
     def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
         component = index.read_prefixes().get("lora_unet_", "transformer")
         aliases = index.aliases(component)
+        encoders = index.family.comfy_text_encoders if index.family is not None else {}
 
         def resolve(module: str) -> Resolved:
+            encoder = next((c for c, prefix in encoders.items() if module.startswith(prefix)), None)
+            if encoder is not None:  # ComfyUI's text-encoder names
+                found = index.resolve(f"{encoder}.{module[len(encoders[encoder]):]}")
+                return f"{found[0]}.{found[1]}" if found else None
             path = aliases.get(module.replace(".", "_"))
             # a module of a fused layout (Z-Image's ``attention.qkv``): its canonical parts
             return f"{component}.{path}" if path is not None else component_parts(index, component, module)
@@ -109,10 +118,11 @@ class NativeDialect(Dialect):
         if family is None or family.id not in self.bases:
             raise LoraCompatError(f"the native dialect names {', '.join(self.bases)} modules; this LoRA is for {base}")
         component = index.read_prefixes().get("lora_unet_", "transformer")
-        others = sorted({t.partition(".")[0] for t in patchset} - {component})
-        if others:  # a text encoder has no native (diffusion_model.) name
-            raise LoraCompatError(f"{patchset.source}: the native layout names the {component} only; this LoRA also "
-                                  f"patches {', '.join(others)}: convert it to kohya or diffusers")
+        others = sorted({t.partition(".")[0] for t in patchset} - {component, *family.comfy_text_encoders})
+        if others:  # a text encoder with no ComfyUI name has no native name
+            raise LoraCompatError(f"{patchset.source}: the native layout names the {component} and the text encoders "
+                                  f"ComfyUI names; this LoRA also patches {', '.join(others)}: convert it to kohya "
+                                  "or diffusers")
         return KohyaWriter(patchset, index, target, weights).write(native_names(index, list(patchset)))
 
 
@@ -129,11 +139,13 @@ def native_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
             whole = len(parts) == 1 and not parts[0].swap
             native.update({p.target: HostName(PREFIX + module, None if whole else (p.start, p.stop), p.swap)
                            for p in parts})
+        # a text encoder: ComfyUI's name for it
+        prefix = index.family.comfy_text_encoders.get(component, PREFIX) if index.family is not None else PREFIX
         for t in targets:
             c, _, path = t.partition(".")
             if c == component:
                 path = path.removesuffix(".base_layer")
-                names[t] = native.get(path) or HostName(PREFIX + path)
+                names[t] = native.get(path) or HostName(prefix + path)
     return names
 
 
