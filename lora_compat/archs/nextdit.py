@@ -116,8 +116,26 @@ class Naming:
             return f"{m.group(1)}.norm1"  # Lumina 2's context refiner: no modulation, a plain norm
         return f"{m.group(1)}.{self.native_block.get(rest, rest)}"
 
+    def sized(self, modules: ModuleTable, rows: Mapping[str, int]) -> dict[str, ParamShapes]:
+        """``modules`` with the output rows a LoRA's own tensors give (a file made for another width): a q, k or v
+        the file leaves out takes the rows of a patched sibling as wide as it in the table (Lumina 2's k as v), else
+        the patched one's scaled by the table's proportions."""
+        sized = {path: n for path, n in rows.items() if path in modules}
+        for parts in self.parts(modules).values():
+            known = [p.target for p in parts if p.target in sized]
+            for part in parts if known else ():
+                if part.target in sized:
+                    continue
+                own = _rows(modules[part.target])
+                ref = next((k for k in known if _rows(modules[k]) == own), known[0])
+                scaled, rest = divmod(own * sized[ref], _rows(modules[ref]))
+                if not rest:
+                    sized[part.target] = scaled
+        return {path: {p: (sized[path], *s[1:]) if s else s for p, s in shapes.items()} if path in sized else shapes
+                for path, shapes in modules.items()}
+
     def layout(self) -> FusedLayout:
-        return FusedLayout(self.is_split, self.is_fused, self.parts, self.canonical)
+        return FusedLayout(self.is_split, self.is_fused, self.parts, self.canonical, self.sized)
 
 
 def _rows(shapes: ParamShapes) -> int:
