@@ -1,0 +1,105 @@
+"""Z-Image and Lumina 2 in the hosts: ``adapters.diffusers.load`` on tiny ``ZImagePipeline`` / ``Lumina2Pipeline``
+(output equal to diffusers' fused model, ``set_strength``, ``unload`` bit-exact), the ComfyUI names (ComfyUI runs
+NextDiT under its native names: ``qkv`` fused, written block-diagonal) applied to a native-layout model exactly, and
+``bake`` into a diffusers folder and a ComfyUI single file."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lora_compat
+
+from nextdit_names import native
+from test_nextdit import CLASSES, diffusers_fused, family, make_model  # noqa: F401  (the fixture)
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def run(base: str, transformer: torch.nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if base == "z-image":
+            out = transformer([torch.randn(4, 1, 4, 4, generator=g)], torch.tensor([0.5]),
+                              [torch.randn(8, 16, generator=g)], return_dict=False)[0]
+            return torch.stack(out)
+        return transformer(torch.randn(1, 4, 4, 4, generator=g), torch.tensor([0.5]), torch.randn(1, 8, 16, generator=g),
+                           torch.ones(1, 8, dtype=torch.bool), return_dict=False)[0]
+
+
+def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    reference = copy.deepcopy(model)
+    reference.load_state_dict({k.removeprefix("transformer."): v for k, v in weights.items()})
+    return reference
+
+
+@pytest.mark.parametrize("layout", ["native", "musubi", "diffusers"])
+def test_diffusers_adapter_on_the_pipeline(family, layout):
+    from lora_compat.adapters import diffusers as adapter
+
+    base, model, files, expected, _ = family
+    pipe = getattr(diffusers, CLASSES[base][1])(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                                transformer=copy.deepcopy(model))
+    before = run(base, pipe.transformer)
+    loaded = adapter.load(pipe, files[layout], strength=0.6)
+    assert loaded.unmatched == []
+    for strength in (0.6, 1.0):
+        if strength != 0.6:
+            adapter.set_strength(pipe, loaded, strength)
+        want = run(base, with_weights(model, expected[strength]))
+        assert (run(base, pipe.transformer) - want).norm() / (want - before).norm() < 1e-5
+    adapter.unload(pipe, loaded)
+    assert torch.equal(run(base, pipe.transformer), before)
+
+
+def native_host(base: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as ComfyUI holds them (``diffusion_model.<native name>``): q, k and v concatenated into
+    ``qkv`` (diffusers' single-file converters read backwards, by hand)."""
+    state = model.state_dict()
+    host: dict[str, torch.Tensor] = {}
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name in sorted(linear):
+        for param in ("weight", "bias"):
+            if f"{name}.{param}" not in state:
+                continue
+            key = f"diffusion_model.{native(base, name)}.{param}"
+            if key.endswith(".qkv.weight"):
+                if name.endswith("to_q"):
+                    parts = [state[f"{name[:-4]}{p}.weight"] for p in ("to_q", "to_k", "to_v")]
+                    host[key] = torch.cat(parts)
+            else:
+                host[key] = state[f"{name}.{param}"]
+    return host
+
+
+def test_comfyui_names_apply_to_the_native_model(family):
+    """``convert_for_host(..., "comfy")`` against a native host's own modules: every name is one ComfyUI's generic
+    key map takes (``lora_unet_<native name, flattened>`` of a ``diffusion_model.`` weight), ``qkv`` is one fused LoRA,
+    and ``W + up·down`` over the host's weights equals diffusers' fused model, re-fused by hand."""
+    from lora_compat.hosts.convert import convert_for_host, index_from_state_dict
+
+    base, model, files, expected, _ = family
+    host = native_host(base, model)
+    index = index_from_state_dict({k: tuple(v.shape) for k, v in host.items()})
+    assert index is not None
+    conversion = convert_for_host(str(files["native-kohya"]), "comfy", index=index)
+    assert conversion.unmatched == []
+    comfy_keys = {"lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_"): k
+                  for k in host if k.endswith(".weight")}
+    modules = {k.rpartition(".")[0] for k in conversion.tensors if not k.endswith(".alpha")}
+    modules = {m.rpartition(".")[0] if m.endswith((".lora_down", ".lora_up")) else m for m in modules}
+    assert modules <= set(comfy_keys) and any(m.endswith("attention_qkv") for m in modules)
+    want = native_host(base, with_weights(model, expected[1.0]))
+    for module in modules:
+        t = conversion.tensors
+        down, up = t[f"{module}.lora_down.weight"].float(), t[f"{module}.lora_up.weight"].float()
+        scale = float(t[f"{module}.alpha"]) / down.shape[0] if f"{module}.alpha" in t else 1.0
+        key = comfy_keys[module]
+        got = host[key] + scale * (up @ down)
+        assert (got - want[key]).norm() / (want[key] - host[key]).norm() < 1e-5, module
+
+
+@pytest.mark.parametrize("base, comfy_class", [("z-image", "ZImage"), ("lumina2", "Lumina2")])
+def test_the_comfyui_model_class_names_the_base(base, comfy_class):
+    assert comfy_class in lora_compat.plugins.archs()[base].comfy_classes
