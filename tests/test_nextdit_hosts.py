@@ -103,3 +103,41 @@ def test_comfyui_names_apply_to_the_native_model(family):
 @pytest.mark.parametrize("base, comfy_class", [("z-image", "ZImage"), ("lumina2", "Lumina2")])
 def test_the_comfyui_model_class_names_the_base(base, comfy_class):
     assert comfy_class in lora_compat.plugins.archs()[base].comfy_classes
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor) -> bool:
+    return torch.equal(got, want) or float((got - want).norm() / (want - base).norm()) < 1e-5
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", ""])
+def test_bake_a_comfyui_single_file(family, tmp_path, prefix):
+    """A ComfyUI checkpoint (native names, fused ``qkv``; under ``model.diffusion_model.`` or bare as in
+    ``diffusion_models/``) baked with a split (musubi) file: equal to diffusers' fused model, re-fused by hand."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_compat.tools.bake import bake
+
+    base, model, files, expected, _ = family
+    host = {prefix + k.removeprefix("diffusion_model."): v.contiguous()
+            for k, v in native_host(base, model).items()}
+    save_file(host, str(tmp_path / "model.safetensors"))
+    bake(tmp_path / "model.safetensors", [(files["musubi"], 0.6)], tmp_path / "baked.safetensors", progress=False)
+    baked = load_file(str(tmp_path / "baked.safetensors"))
+    want = {prefix + k.removeprefix("diffusion_model."): v
+            for k, v in native_host(base, with_weights(model, expected[0.6])).items()}
+    assert sorted(baked) == sorted(host)
+    assert all(_close(baked[k], want[k], host[k]) for k in host)
+    assert any(not torch.equal(baked[k], host[k]) for k in host if k.endswith("attention.qkv.weight"))
+
+
+def test_bake_a_diffusers_folder(family, tmp_path):
+    from lora_compat.tools.bake import bake
+
+    base, model, files, expected, _ = family
+    model.save_pretrained(tmp_path / "checkpoint" / "transformer")
+    (tmp_path / "checkpoint" / "model_index.json").write_text("{}")
+    bake(tmp_path / "checkpoint", [(files["native"], 1.0)], tmp_path / "baked", progress=False)
+    baked = getattr(diffusers, CLASSES[base][0]).from_pretrained(tmp_path / "baked" / "transformer").state_dict()
+    before = model.state_dict()
+    for key, value in before.items():
+        assert _close(baked[key], expected[1.0][f"transformer.{key}"], value), key
