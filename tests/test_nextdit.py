@@ -316,3 +316,45 @@ def test_convert_without_a_model_uses_the_files_own_rows(tmp_path):
         source = out
     assert any(".attention.qkv." in k for k in load_file(str(source)))
     assert_matches(lora_compat.patched_weights(source, {"transformer": model}), expected, model)
+
+
+@pytest.mark.parametrize("base", list(TINY))
+def test_lycoris_kinds_equal_lycoris_forward(base, tmp_path):
+    """LoKr (ai-toolkit: diffusers names under ``diffusion_model.``) and LoHa (kohya ``lora_unet_``) on these names,
+    built by lycoris-lora on the tiny model's modules; expected = the weights LyCORIS' own forward pass implies."""
+    pytest.importorskip("lycoris")
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    from lora_compat.oracles.lycoris_oracle import _forward_params
+
+    model = make_model(base)
+    hooked = copy.deepcopy(model)
+    attention = "attention" if base == "z-image" else "attn"
+    ffn = "feed_forward.w1" if base == "z-image" else "feed_forward.linear_1"
+    chosen = {f"layers.0.{attention}.to_k": (LokrModule, dict(factor=4)), f"noise_refiner.0.{ffn}": (LohaModule, {}),
+              f"layers.1.{attention}.to_out.0": (LokrModule, dict(factor=4))}
+    g = torch.Generator().manual_seed(9)
+    tensors, modules = {}, []
+    for name, (kind, extra) in chosen.items():
+        module = kind(name, hooked.get_submodule(name), multiplier=0.7, lora_dim=2, alpha=1.0, **extra)
+        with torch.no_grad():
+            for param_name, p in module.named_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        module.apply_to()
+        modules.append(module)
+        key = f"diffusion_model.{name}" if kind is LokrModule else "lora_unet_" + name.replace(".", "_")
+        tensors.update({f"{key}.{k}": v.detach().clone().contiguous() for k, v in module.state_dict().items()})
+    lokr = {k: v for k, v in tensors.items() if k.startswith("diffusion_model.")}
+    loha = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
+    save_file(lokr, str(tmp_path / "lokr.safetensors"))
+    save_file(loha, str(tmp_path / "loha.safetensors"))
+    for path, names in ((tmp_path / "lokr.safetensors", [n for n, (k, _) in chosen.items() if k is LokrModule]),
+                        (tmp_path / "loha.safetensors", [n for n, (k, _) in chosen.items() if k is LohaModule])):
+        got = lora_compat.patched_weights(path, {"transformer": model}, 0.7)
+        assert sorted(got) == sorted(f"transformer.{n}.weight" for n in names)
+        for name in names:
+            want, _ = _forward_params(hooked.get_submodule(name))
+            before = model.get_submodule(name).weight
+            err = (got[f"transformer.{name}.weight"] - want).norm() / (want - before).norm()
+            assert err < 1e-5, (name, float(err))

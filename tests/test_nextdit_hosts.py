@@ -141,3 +141,60 @@ def test_bake_a_diffusers_folder(family, tmp_path):
     before = model.state_dict()
     for key, value in before.items():
         assert _close(baked[key], expected[1.0][f"transformer.{key}"], value), key
+
+
+def tiny_encoder(base: str) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(3)
+    if base == "z-image":
+        config = transformers.Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+        return transformers.Qwen3Model(config).eval()
+    config = transformers.Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    return transformers.Gemma2Model(config).eval()
+
+
+@pytest.mark.parametrize("naming", ["kohya", "comfyui"])
+def test_text_encoder_keys_apply_where_the_host_has_the_encoder(family, tmp_path, naming):
+    """Text-encoder LoRA keys (sd-scripts' ``lora_te_`` or ComfyUI's ``text_encoders.<model>.transformer.model.``)
+    beside the transformer's: applied to the encoder exactly (``W + alpha/r · up·down`` by hand); listed unmatched,
+    never dropped, when the host has no encoder; the diffusers adapter applies them on a pipeline that has one."""
+    from safetensors.torch import load_file, save_file
+
+    base, model, files, expected, _ = family
+    encoder = tiny_encoder(base)
+    g = torch.Generator().manual_seed(4)
+    comfy = {"z-image": "text_encoders.qwen3_4b.transformer.model.", "lumina2": "text_encoders.gemma2_2b.transformer.model."}
+    tensors = dict(load_file(str(files["native-kohya" if naming == "comfyui" else "kohya-fused"])))
+    want = {}
+    for path in ("layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"):
+        weight = encoder.get_submodule(path).weight
+        down, up = torch.randn(2, weight.shape[1], generator=g), torch.randn(weight.shape[0], 2, generator=g)
+        key = comfy[base] + path if naming == "comfyui" else "lora_te_" + path.replace(".", "_")
+        tensors.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(1.0)})
+        want[f"text_encoder.{path}.weight"] = weight + 0.6 * 0.5 * (up @ down)
+    path = tmp_path / "with_te.safetensors"
+    save_file(tensors, str(path))
+    got = lora_compat.patched_weights(path, {"transformer": model, "text_encoder": encoder}, 0.6)
+    for key, value in want.items():
+        assert torch.allclose(got.pop(key), value, atol=1e-6), key
+    assert all(k.startswith("transformer.") for k in got)
+    te_keys = sorted(k for k in tensors if not k.startswith(("diffusion_model.", "lora_unet_")))
+    patchset = lora_compat.models.resolve_patchset(path, lora_compat.archs.ModuleIndex.from_modules(
+        {"transformer": model}))
+    assert sorted(patchset.unmatched) == te_keys
+
+    from lora_compat.adapters import diffusers as adapter
+
+    pipe = getattr(diffusers, CLASSES[base][1])(scheduler=None, vae=None, text_encoder=copy.deepcopy(encoder),
+                                                tokenizer=None, transformer=copy.deepcopy(model))
+    loaded = adapter.load(pipe, path, strength=0.6)
+    # diffusers' Z-Image / Lumina 2 loaders take the transformer only: the file goes to lora_compat's patcher
+    assert (loaded.route, loaded.unmatched) == ("patcher", [])
+    for key, value in want.items():
+        module = pipe.text_encoder.get_submodule(key.removeprefix("text_encoder.").removesuffix(".weight"))
+        ids = torch.eye(module.in_features)
+        with torch.no_grad():
+            assert torch.allclose(module(ids).T, value, atol=1e-5), key
