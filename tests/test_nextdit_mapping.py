@@ -232,3 +232,23 @@ def test_comfyui_text_encoder_names_map(base, encoder, width):
     result = lora_compat.inspect(header_file(shapes))
     assert (result.dialect, result.base, result.unmatched) == ("native", base, [])
     assert result.components == {"transformer": 3, "text_encoder": 1}
+
+
+@pytest.mark.parametrize("name, base", [("derived_z_image_native_fused_lora_full.json", "z-image"),
+                                        ("derived_lumina2_native_fused_lora_full.json", "lumina2")])
+def test_corpus_derived_native_layouts(name, base):
+    """The corpus' derived full-coverage native files (fused qkv, lora_down/up + alpha): the right base from the
+    header, every key mapped; on the family's own model built on meta (real modules, a split host), every target
+    has the shape the file implies."""
+    from lora_compat import corpus as bundled
+    from lora_compat.archs import ModuleIndex
+    from lora_compat.models import resolve_patchset
+
+    from corpus import header_only_file, meta_components
+
+    data = bundled.load(name)
+    result = lora_compat.inspect(header_only_file(name))
+    assert (result.dialect, result.base, result.variant, result.unmatched) == ("native", base, None, [])
+    assert result.targets == data["num_modules"] == LINEAR_MODULES[base]
+    patchset = resolve_patchset(header_only_file(name), ModuleIndex.from_modules(meta_components(name)))
+    assert (patchset.unmatched, patchset.misfits, len(patchset)) == ({}, {}, LINEAR_MODULES[base])
