@@ -12,7 +12,7 @@ import torch
 import lora_compat
 
 from nextdit_names import native
-from test_nextdit import CLASSES, diffusers_fused, family, make_model  # noqa: F401  (the fixture)
+from test_nextdit import CLASSES, family  # noqa: F401  (family: the fixture)
 
 diffusers = pytest.importorskip("diffusers")
 

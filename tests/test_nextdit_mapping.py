@@ -7,8 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 import lora_compat
 from lora_compat.archs.nextdit import LUMINA2, Z_IMAGE
@@ -16,6 +14,7 @@ from lora_compat.files import Header, LoraFile
 
 from corpus import load
 from nextdit_names import native
+from test_wan_mapping import _file as wan_file
 
 #: Linear modules on meta (families.md appendix A): Z-Image-Turbo 276, Lumina-Image 2.0 244
 LINEAR_MODULES = {"z-image": 276, "lumina2": 244}
@@ -35,14 +34,8 @@ def native_linears(base: str) -> dict[str, tuple[int, int]]:
 
 
 def write(path: Path, names: dict[str, tuple[int, int]], down: str, up: str, alpha: bool = False) -> Path:
-    tensors = {}
-    for name, (rows, columns) in names.items():
-        tensors[f"{name}.{down}"] = torch.zeros(1, columns, dtype=torch.float16)
-        tensors[f"{name}.{up}"] = torch.zeros(rows, 1, dtype=torch.float16)
-        if alpha:
-            tensors[f"{name}.alpha"] = torch.tensor(1.0)
-    save_file(tensors, str(path))
-    return path
+    """A rank-1 file of zeros on ``names`` (module → (rows, columns)), as test_wan_mapping writes its own."""
+    return wan_file(path, names, down, up, alpha)
 
 
 def header_file(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None) -> LoraFile:
