@@ -44,11 +44,19 @@ def choose_route(patchset: PatchSet, pipe: Any = None) -> str:
     layer, so a module another tuner type already wraps sends the file to the patcher."""
     patches = list(patchset.values())
     wrappers = _wrapper_kinds(pipe, patchset) if pipe is not None else set()
-    if patches and all(_is_plain_lora(p) for p in patches) and wrappers <= {"lora"}:
+    if patches and all(_is_plain_lora(p) for p in patches) and wrappers <= {"lora"} and _diffusers_loads(pipe, patchset):
         return "diffusers"
     if patches and all(_is_peft_loha(p) for p in patches) and wrappers <= {"loha"}:
         return "peft"
     return "patcher"
+
+
+def _diffusers_loads(pipe: Any, patchset: PatchSet) -> bool:
+    """Whether diffusers' loader takes every component the patchset targets: its mixin lists them
+    (``_lora_loadable_modules``; Z-Image's and Lumina 2's only the transformer, so their text-encoder keys would
+    be dropped in silence)."""
+    loadable = getattr(pipe, "_lora_loadable_modules", None)
+    return loadable is None or {t.partition(".")[0] for t in patchset} <= set(loadable)
 
 
 def _wrapper_kinds(pipe: Any, patchset: PatchSet) -> set[str]:

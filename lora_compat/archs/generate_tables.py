@@ -16,6 +16,7 @@ from .flux2 import FLUX2_CONFIGS, FLUX2_VARIANT_CONFIGS
 from .qwen_image import QWEN_IMAGE_CONFIGS
 from .sd import OFFICIAL_CONFIGS
 from .wan import WAN_CONFIGS, WAN_VARIANT_CONFIGS
+from .nextdit import LUMINA2_CONFIGS, Z_IMAGE_CONFIGS
 
 #: table name → {component: config}; a family adds its own line
 CONFIGS = {
@@ -24,6 +25,7 @@ CONFIGS = {
     "wan": WAN_CONFIGS, **WAN_VARIANT_CONFIGS,
     "flux2": FLUX2_CONFIGS, **FLUX2_VARIANT_CONFIGS,
     **QWEN_IMAGE_CONFIGS,
+    "z-image": Z_IMAGE_CONFIGS, "lumina2": LUMINA2_CONFIGS,
 }
 
 

@@ -16,8 +16,9 @@ from .routes import ModuleTable, Part
 
 __all__ = ["HostName", "HostNames", "is_t5", "kohya_convention"]
 
-#: the text-encoder kinds a component can be named as (ComfyUI names these ``text_encoders.<model>.…``)
-ENCODERS = ("clip", "t5")
+#: the text-encoder kinds a component can be named as (ComfyUI names these ``text_encoders.<model>.…``); ``llm``: an
+#: LLM encoder (Qwen3, Gemma 2) under its transformers paths
+ENCODERS = ("clip", "t5", "llm")
 
 
 @dataclass(frozen=True)

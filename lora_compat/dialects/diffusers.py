@@ -13,6 +13,7 @@ from ..patches.build import split_key
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction, component_parts
 from .flux_names import DIFFUSERS_FLUX_HEADS, widen_inputs
+from .lycoris import LYCORIS_ONLY
 from .peft import strip_adapter_name
 from .peft_scaling import PeftScaling, metadata_configs
 
@@ -68,7 +69,10 @@ def is_diffusers_key(key: str) -> bool:
     if not key.startswith(COMPONENT_PREFIXES) and not key.startswith(BARE_TRANSFORMER_HEADS):
         return False
     split = split_key(normalise_legacy(strip_adapter_name(key)), True)
-    return split is not None and split[1] in DIFFUSERS_SUFFIXES
+    if split is None:
+        return False
+    # SimpleTuner / bare diffusers LyCORIS files (``transformer_blocks.0.attn.to_q.lokr_w1``)
+    return split[1] in DIFFUSERS_SUFFIXES or (split[1] in LYCORIS_ONLY and key.startswith(BARE_TRANSFORMER_HEADS))
 
 
 def adapter_metadata(header: Header) -> dict[str, PeftScaling]:

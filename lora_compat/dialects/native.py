@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 from ..archs import ModuleIndex
 from ..archs.qwen_image import QWEN_IMAGE, TRANSFORMER_HEADS as QWEN_IMAGE_HEADS
 from ..archs.names import HostName
+from ..archs.nextdit import COMFY_TEXT_ENCODERS, NATIVE_HEADS as NEXTDIT_HEADS
 from ..errors import LoraCompatError
 from ..files import Header, LoraFile
 from ..patches.build import split_key
 from ..patchset import PatchSet
-from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction
+from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction, component_parts
 from .bfl import is_bfl_key
 from .kohya import is_kohya_key
 
@@ -35,10 +36,15 @@ PREFIX = "diffusion_model."
 #: the first name part of every native Wan and Qwen-Image module
 BARE_HEADS = ("blocks.", "head.head.", "time_projection.", "time_embedding.", "text_embedding.", "img_emb.",
               "patch_embedding.", "condition_embedder.", *QWEN_IMAGE_HEADS)
-#: ComfyUI's names of the text encoders of these families
-TEXT_ENCODER_PREFIXES = tuple(QWEN_IMAGE.comfy_text_encoders.values())
+#: Z-Image / Lumina 2 (NextDiT); ``final_layer.`` is a BFL name too: a FLUX.1 file stays the bfl dialect's, which
+#: claims all of its keys
+BARE_HEADS += NEXTDIT_HEADS
+#: ComfyUI's names of the text encoders of these families (``text_encoders.qwen3_4b.transformer.model.``)
+TEXT_ENCODER_HEADS = (*QWEN_IMAGE.comfy_text_encoders.values(), *COMFY_TEXT_ENCODERS.values())
 #: ``.lora.down.weight`` (an older ComfyUI/diffusers form) → the kohya suffixes the patch kinds read
-_LEGACY = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
+_LEGACY = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight",
+           # DiffSynth-Studio: PEFT's adapter name left in the key
+           ".lora_A.default.weight": ".lora_A.weight", ".lora_B.default.weight": ".lora_B.weight"}
 
 
 #: musubi-tuner files with dots left in the module name (``lora_unet_blocks_22.self_attn.k.lora_down.weight``)
@@ -62,9 +68,10 @@ def is_native_key(key: str) -> bool:
             and split_key(_rename(key), True) is not None
     # a native Wan module name, prefixed or bare (an SD file under LDM names, ``diffusion_model.input_blocks``,
     # is no file of this dialect's families)
-    if key.startswith(TEXT_ENCODER_PREFIXES):
+    name = key.removeprefix(PREFIX)
+    if name.startswith(TEXT_ENCODER_HEADS):
         return split_key(_rename(key), True) is not None
-    if not key.removeprefix(PREFIX).startswith(BARE_HEADS) or is_bfl_key(key):
+    if not name.startswith(BARE_HEADS) or (is_bfl_key(key) and not name.startswith(NEXTDIT_HEADS)):
         return False
     return split_key(_rename(key), True) is not None
 
@@ -72,8 +79,9 @@ def is_native_key(key: str) -> bool:
 class NativeDialect(Dialect):
     id = "native"
     description = ("LoRAs on native/ComfyUI module names (diffusion_model.blocks.N.self_attn.q...: ComfyUI, "
-                   "ai-toolkit, diffusion-pipe, lightx2v) of the families that have them (Wan, Qwen-Image)")
-    bases = ("wan", "qwen-image")
+                   "ai-toolkit, diffusion-pipe, lightx2v) of the families that have them (Wan, Qwen-Image, "
+                   "Z-Image, Lumina 2)")
+    bases = ("wan", "qwen-image", "z-image", "lumina2")
     #: ``diffusion_model.<native name>`` with kohya tensors (``lora_down``/``lora_up`` + ``alpha``), as ComfyUI
     #: and musubi-tuner's ComfyUI export write them; every LyCORIS kind keeps its tensors
     writes = ("native",)
@@ -90,16 +98,20 @@ class NativeDialect(Dialect):
     def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
         component = index.read_prefixes().get("lora_unet_", "transformer")
         aliases = index.aliases(component)
-
         encoders = _text_encoders(index)
 
         def resolve(module: str) -> Resolved:
             for prefix, encoder in encoders.items():
-                if module.startswith(prefix):
-                    path = index.aliases(encoder).get(module[len(prefix):].replace(".", "_"))
-                    return f"{encoder}.{path}" if path is not None else None
+                if module.startswith(prefix):  # ComfyUI's text-encoder names
+                    rest = module[len(prefix):]
+                    path = index.aliases(encoder).get(rest.replace(".", "_"))
+                    if path is not None:
+                        return f"{encoder}.{path}"
+                    found = index.resolve(f"{encoder}.{rest}")
+                    return f"{found[0]}.{found[1]}" if found else None
             path = aliases.get(module.replace(".", "_"))
-            return f"{component}.{path}" if path is not None else None
+            # a module of a fused layout (Z-Image's ``attention.qkv``): its canonical parts
+            return f"{component}.{path}" if path is not None else component_parts(index, component, module)
 
         # lightx2v's diff_b beside a LoRA is the module's bias change (the LoRA kind reads it so)
         patchset = ModuleReader(resolve, lora_diff_b=True).read(file, index, self.id, dotted=True, rename=_rename)
@@ -116,6 +128,12 @@ class NativeDialect(Dialect):
         family = index.family
         if family is None or family.id not in self.bases:
             raise LoraCompatError(f"the native dialect names {', '.join(self.bases)} modules; this LoRA is for {base}")
+        component = index.read_prefixes().get("lora_unet_", "transformer")
+        others = sorted({t.partition(".")[0] for t in patchset} - {component, *family.comfy_text_encoders})
+        if others:  # a text encoder with no ComfyUI name has no native name
+            raise LoraCompatError(f"{patchset.source}: the native layout names the {component} and the text encoders "
+                                  f"ComfyUI names; this LoRA also patches {', '.join(others)}: convert it to kohya "
+                                  "or diffusers")
         return KohyaWriter(patchset, index, target, weights).write(native_names(index, list(patchset)))
 
 
@@ -133,13 +151,19 @@ def native_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
     for component in {t.partition(".")[0] for t in targets}:
         naming = index.host_names(component)
         modules = index.components.get(component, {})
-        native = {path: alias for alias, path in naming.aliases(modules).items()} if naming.aliases else {}
-        prefix = prefixes.get(component, PREFIX)
+        prefix = prefixes.get(component, PREFIX)  # a text encoder: ComfyUI's name for it
+        native = {path: HostName(prefix + alias) for alias, path in naming.aliases(modules).items()} \
+            if naming.aliases else {}
+        # a fused layout (Z-Image's ``attention.qkv``): a part is named by its fused module, with its rows
+        for module, parts in index.fused_modules(component).items():
+            whole = len(parts) == 1 and not parts[0].swap
+            native.update({p.target: HostName(prefix + module, None if whole else (p.start, p.stop), p.swap)
+                           for p in parts})
         for t in targets:
             c, _, path = t.partition(".")
             if c == component:
                 path = path.removesuffix(".base_layer")
-                names[t] = HostName(prefix + native.get(path, path))
+                names[t] = native.get(path) or HostName(prefix + path)
     return names
 
 
