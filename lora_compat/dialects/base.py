@@ -190,6 +190,8 @@ class ModuleReader:
                         result.unmatched[key] = f"{canonical} is already patched by another module of this file"
                 else:
                     result.patches[canonical] = part
+            for key, why in unused_keys(patch, suffixes).items():
+                unmatched.setdefault(key, why)
         return result
 
     def _build(self, file: LoraFile, target: str, suffixes: Mapping[str, str]) -> Patch | IncompletePatch:
@@ -202,6 +204,20 @@ class ModuleReader:
                                lora_diff_b=self.lora_diff_b)
         except IncompletePatch as exc:
             return exc
+
+
+#: why a key of a module whose other tensors were applied was not
+UNUSED = "not applied: its module's other tensors form a patch that cannot hold it"
+
+
+def unused_keys(patch: Patch, suffixes: Mapping[str, str]) -> dict[str, str]:
+    """The keys (``{suffix: key}`` of one module) that its patch does not read (a ``diff_b`` beside a kohya
+    LoRA's ``lora_down``/``lora_up``): listed unmatched, never dropped in silence. An ``alpha`` is not one: a
+    kind without a rank (LyCORIS LoKr of full matrices, ``diff``) reads it as scale 1, as LyCORIS does."""
+    used = {ref.name for ref in patch.refs().values()}
+    table = kind_table()
+    return {key: UNUSED for suffix, key in suffixes.items()
+            if key not in used and suffix_role(suffix, table) != "alpha"}
 
 
 def _split(module: str, patch: Patch, parts: list[Part], index: ModuleIndex) -> list[tuple[str, Patch]] | str:

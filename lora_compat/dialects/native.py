@@ -86,9 +86,7 @@ class NativeDialect(Dialect):
             return f"{component}.{path}" if path is not None else None
 
         # lightx2v's diff_b beside a LoRA is the module's bias change (the LoRA kind reads it so)
-        patchset = ModuleReader(resolve, lora_diff_b=True).read(file, index, self.id, dotted=True, rename=_rename)
-        return report_unused(patchset, file)
-
+        return ModuleReader(resolve, lora_diff_b=True).read(file, index, self.id, dotted=True, rename=_rename)
 
     def write(self, patchset: PatchSet, index: ModuleIndex, *, target: str | None = None, base: str | None = None,
               rank: int | None = None, weights: "BaseWeights | None" = None) -> "Written":
@@ -117,13 +115,3 @@ def native_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
                 names[t] = HostName(PREFIX + native.get(path, path))
     return names
 
-
-def report_unused(patchset: PatchSet, file: LoraFile) -> PatchSet:
-    """Keys of a module that its patch does not use (lightx2v's ``diff_b`` next to a LoRA's ``lora_down``/
-    ``lora_up``: a bias delta applied unscaled, which one LoRA patch cannot hold) are listed unmatched, never
-    dropped in silence."""
-    used = {ref.name for patch in patchset.values() for ref in patch.refs().values()}
-    for key in file.keys():
-        if key not in used and key not in patchset.unmatched:
-            patchset.unmatched[key] = "not applied: its module's other tensors form a patch that cannot hold it"
-    return patchset
