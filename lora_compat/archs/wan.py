@@ -42,12 +42,20 @@ TOP_TO_NATIVE = {
     "proj_out": "head.head",
 }
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+#: a block itself: its one parameter, diffusers' ``scale_shift_table``, is native ``blocks.N.modulation``
+_BLOCK_ROOT = re.compile(r"^blocks\.\d+$")
 
 
 def native_name(path: str) -> str | None:
-    """The native (Wan/ComfyUI) name of a diffusers Wan transformer module path, or ``None``."""
+    """The native (Wan/ComfyUI) name of a diffusers Wan transformer module path, or ``None``. A module whose one
+    parameter is a native parameter is named by that parameter: ``blocks.N`` (its ``scale_shift_table``) is
+    ``blocks.N.modulation``, the model itself (the head's ``scale_shift_table``) ``head.modulation``."""
     if path in TOP_TO_NATIVE:
         return TOP_TO_NATIVE[path]
+    if path == "":
+        return "head.modulation"
+    if _BLOCK_ROOT.match(path):
+        return f"{path}.modulation"
     m = _BLOCK.match(path)
     if m and m.group(2) in BLOCK_TO_NATIVE:
         return f"blocks.{m.group(1)}.{BLOCK_TO_NATIVE[m.group(2)]}"

@@ -20,6 +20,7 @@ from ..files import Header, LoraFile
 from ..patches import Patch, Ref, Scale
 from ..patches.build import IncompletePatch, build_patch, kind_table, split_key, suffix_role
 from ..patches.base import numel
+from ..patches.param import on_param
 from ..patchset import PatchSet
 
 if TYPE_CHECKING:
@@ -178,8 +179,11 @@ class ModuleReader:
                 for key in suffixes.values():
                     result.unmatched[key] = f"module {module!r}: {patch}"
                 continue
-            placed = [(target, patch)] if isinstance(target, str) else \
-                _split(module, patch, target, index)
+            if isinstance(target, str):  # a module without a weight: its one parameter (Wan's scale_shift_table)
+                on_module = on_param(patch, index.shapes(target))
+                placed = [(target, on_module)] if isinstance(on_module, Patch) else f"module {module!r}: {on_module}"
+            else:
+                placed = _split(module, patch, target, index)
             if isinstance(placed, str):
                 for key in suffixes.values():
                     result.unmatched[key] = placed

@@ -27,11 +27,13 @@ if TYPE_CHECKING:
 
 PREFIX = "diffusion_model."
 #: the first name part of every native Wan module
-BARE_HEADS = ("blocks.", "head.head.", "time_projection.", "time_embedding.", "text_embedding.", "img_emb.",
-              "patch_embedding.", "condition_embedder.")
+BARE_HEADS = ("blocks.", "head.head.", "head.modulation.", "head.diff_m", "time_projection.", "time_embedding.",
+              "text_embedding.", "img_emb.", "patch_embedding.", "condition_embedder.")
 #: ``.lora.down.weight`` (an older ComfyUI/diffusers form) → the kohya suffixes the patch kinds read
 _LEGACY = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
 
+#: lightx2v's name of a modulation delta (``blocks.N.diff_m``) → ComfyUI's (``blocks.N.modulation.diff``)
+DIFF_M = (".diff_m", ".modulation.diff")
 
 #: musubi-tuner files with dots left in the module name (``lora_unet_blocks_22.self_attn.k.lora_down.weight``)
 DOTTED_KOHYA = "lora_unet_"
@@ -45,6 +47,8 @@ def _rename(key: str) -> str:
     for old, new in _LEGACY.items():
         if key.endswith(old):
             return key[: -len(old)] + new
+    if key.endswith(DIFF_M[0]):  # lightx2v's modulation delta: the ``diff`` of the block's modulation parameter
+        return key[: -len(DIFF_M[0])] + DIFF_M[1]
     return key
 
 
