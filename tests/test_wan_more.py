@@ -113,3 +113,101 @@ def test_full_size_modulation_maps_with_nothing_unmatched(tmp_path):
     save_file(tensors, str(tmp_path / "full.safetensors"))
     result = lora_compat.inspect(tmp_path / "full.safetensors")
     assert (result.base, result.dialect, result.unmatched, result.targets) == ("wan", "native", [], 42)
+
+
+# -- Wan 2.2's second expert ----------------------------------------------------------------------------------------
+def _two_experts(model):
+    second = _model(7)
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None,
+                                 transformer=copy.deepcopy(model), transformer_2=copy.deepcopy(second))
+    return pipe, second
+
+
+def _state(module) -> dict[str, torch.Tensor]:
+    """The module's weights by their plain names (PEFT's ``base_layer`` level dropped, adapter weights left out)."""
+    return {k.replace(".base_layer.", "."): v.detach().clone() for k, v in module.state_dict().items()
+            if ".lora_" not in k}
+
+
+def _assert_close_states(got, expected, base):
+    for name, value in expected.items():
+        if torch.equal(value, base[name]):
+            assert torch.equal(got[name], value), name
+        else:
+            err = (got[name] - value).norm() / (value - base[name]).norm()
+            assert err < 1e-5, (name, float(err))
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "native"])
+def test_adapter_loads_into_transformer_2(model, tmp_path, layout):
+    """``load(pipe, file, into="transformer_2")``: the second expert gets what diffusers gives a pipeline holding
+    that expert (diffusers' own route, ``load_into_transformer_2``), the first is untouched; ``set_strength`` and
+    ``unload`` (bit-exact) act on it."""
+    from lora_compat.adapters import diffusers as adapter
+
+    path = _diffusers_file(model, tmp_path / "wan_diffusers.safetensors")
+    if layout == "native":
+        path = _native_file(path, tmp_path / "wan_comfy.safetensors")
+    pipe, second = _two_experts(model)
+    first, base_2 = _state(pipe.transformer), _state(pipe.transformer_2)
+    loaded = adapter.load(pipe, path, strength=0.8, into="transformer_2")
+    assert loaded.route == "diffusers" and loaded.unmatched == []
+    pipe.fuse_lora(components=["transformer_2"], lora_scale=1.0)
+    expected = {k.removeprefix("transformer."): v for k, v in _diffusers_fused(second, path, 0.8).items()}
+    _assert_close_states(_state(pipe.transformer_2), expected, base_2)
+    pipe.unfuse_lora(components=["transformer_2"])
+    assert all(torch.equal(v, first[k]) for k, v in _state(pipe.transformer).items())
+    adapter.set_strength(pipe, loaded, 0.0)
+    adapter.unload(pipe, loaded)
+    assert all(torch.equal(v, base_2[k]) for k, v in _state(pipe.transformer_2).items())
+    assert all(torch.equal(v, first[k]) for k, v in _state(pipe.transformer).items())
+
+
+def test_adapter_patcher_route_into_transformer_2(model, tmp_path):
+    """A file diffusers' loader cannot hold (modulation deltas) goes into ``transformer_2`` through the patcher:
+    exact (independent computation), ``transformer`` untouched, ``unload`` bit-exact."""
+    from lora_compat.adapters import diffusers as adapter
+
+    path = tmp_path / "mod.safetensors"
+    pipe, second = _two_experts(model)
+    deltas, lora = _modulation_file(path, lightx2v=True)
+    first, base_2 = _state(pipe.transformer), _state(pipe.transformer_2)
+    loaded = adapter.load(pipe, path, strength=0.6, into="transformer_2")
+    assert loaded.route == "patcher"
+    got = _state(pipe.transformer_2)
+    for name, value in _expected(second, deltas, lora, 0.6).items():
+        torch.testing.assert_close(got[name.removeprefix("transformer.")], value, rtol=0, atol=1e-6)
+    assert all(torch.equal(v, first[k]) for k, v in _state(pipe.transformer).items())
+    adapter.unload(pipe, loaded)
+    assert all(torch.equal(v, base_2[k]) for k, v in _state(pipe.transformer_2).items())
+
+
+def test_enabled_load_lora_weights_honours_load_into_transformer_2(model, tmp_path):
+    """With ``enable()``, ``pipe.load_lora_weights(comfy_file, load_into_transformer_2=True)`` converts the file and
+    lets diffusers load it into the second expert, as it does for its own files."""
+    from lora_compat.adapters import diffusers as adapter
+
+    path = _native_file(_diffusers_file(model, tmp_path / "d.safetensors"), tmp_path / "wan_comfy.safetensors")
+    pipe, second = _two_experts(model)
+    first, base_2 = _state(pipe.transformer), _state(pipe.transformer_2)
+    adapter.enable()
+    try:
+        pipe.load_lora_weights(str(path), adapter_name="low", load_into_transformer_2=True)
+        pipe.fuse_lora(components=["transformer_2"])
+        expected = {k.removeprefix("transformer."): v for k, v in _diffusers_fused(second, path).items()}
+        _assert_close_states(_state(pipe.transformer_2), expected, base_2)
+        assert all(torch.equal(v, first[k]) for k, v in _state(pipe.transformer).items())
+        pipe.unfuse_lora(components=["transformer_2"])
+        pipe.unload_lora_weights()
+    finally:
+        adapter.disable()
+
+
+def test_into_needs_the_component(model, tmp_path):
+    from lora_compat.adapters import diffusers as adapter
+
+    path = _native_file(_diffusers_file(model, tmp_path / "d.safetensors"), tmp_path / "wan_comfy.safetensors")
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None,
+                                 transformer=copy.deepcopy(model))
+    with pytest.raises(lora_compat.LoraCompatError, match="no transformer_2 component"):
+        adapter.load(pipe, path, into="transformer_2")
