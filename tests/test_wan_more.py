@@ -211,3 +211,143 @@ def test_into_needs_the_component(model, tmp_path):
                                  transformer=copy.deepcopy(model))
     with pytest.raises(lora_compat.LoraCompatError, match="no transformer_2 component"):
         adapter.load(pipe, path, into="transformer_2")
+
+
+# -- the UMT5 text encoder and OneTrainer's names ---------------------------------------------------------------------
+#: a tiny UMT5 encoder (the real one is google/umt5-xxl: 24 blocks at width 4096)
+TINY_UMT5 = dict(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                 feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True)
+TE_MODULES = ("encoder.block.0.layer.0.SelfAttention.q", "encoder.block.1.layer.1.DenseReluDense.wi_0",
+              "encoder.block.1.layer.1.DenseReluDense.wo")
+
+
+def _umt5(seed: int = 3):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(UMT5Config(**TINY_UMT5)).eval()
+
+
+def _kohya_te_file(path, model, te, transformer_prefix: str, seed: int = 5):
+    """LoRAs (``lora_down``/``lora_up`` + ``alpha``) on two transformer modules, named under ``transformer_prefix``
+    (musubi's ``lora_unet_`` + native names, OneTrainer's ``lora_transformer_`` + diffusers names), and on UMT5
+    modules under ``lora_te_`` (transformers names, flattened). Returns {weight name: expected ΔW at strength 1}."""
+    g = torch.Generator().manual_seed(seed)
+    names = {"lora_unet_": {"blocks.0.attn1.to_q": "blocks_0_self_attn_q", "blocks.1.ffn.net.2": "blocks_1_ffn_2"},
+             "lora_transformer_": {"blocks.0.attn1.to_q": "blocks_0_attn1_to_q",
+                                   "blocks.1.ffn.net.2": "blocks_1_ffn_net_2"}}[transformer_prefix]
+    modules = {f"transformer.{p}": (transformer_prefix + n, model.get_submodule(p)) for p, n in names.items()}
+    modules.update({f"text_encoder.{p}": ("lora_te_" + p.replace(".", "_"), te.get_submodule(p)) for p in TE_MODULES})
+    tensors, deltas = {}, {}
+    for target, (name, module) in modules.items():
+        out, inp = module.weight.shape
+        down, up = torch.randn(3, inp, generator=g), torch.randn(out, 3, generator=g)
+        tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                        f"{name}.alpha": torch.tensor(1.5)})
+        deltas[f"{target}.weight"] = up @ down * (1.5 / 3)
+    save_file(tensors, str(path))
+    return deltas
+
+
+@pytest.mark.parametrize("prefix, dialect", [("lora_unet_", "kohya"), ("lora_transformer_", "onetrainer")],
+                         ids=["musubi", "onetrainer"])
+def test_umt5_keys_apply_when_the_host_has_the_encoder(model, tmp_path, prefix, dialect):
+    te = _umt5()
+    path = tmp_path / "te.safetensors"
+    deltas = _kohya_te_file(path, model, te, prefix)
+    components = {"transformer": model, "text_encoder": te}
+    patchset = resolve_patchset(path, ModuleIndex.from_modules(components))
+    assert patchset.dialect == dialect and patchset.unmatched == {}
+    got = lora_compat.patched_weights(path, components, 0.6)
+    assert sorted(got) == sorted(deltas)
+    for name, delta in deltas.items():
+        component, _, param = name.partition(".")
+        base = components[component].get_parameter(param).detach()
+        torch.testing.assert_close(got[name], base + 0.6 * delta, rtol=0, atol=1e-6)
+    # a bare transformer: the encoder's keys are listed unmatched, the rest applies
+    alone = resolve_patchset(path, ModuleIndex.from_modules({"transformer": model}))
+    assert sorted(alone.unmatched) == sorted(f"lora_te_{m.replace('.', '_')}.{s}" for m in TE_MODULES
+                                             for s in ("lora_down.weight", "lora_up.weight", "alpha"))
+    assert sorted(alone) == ["transformer.blocks.0.attn1.to_q", "transformer.blocks.1.ffn.net.2"]
+
+
+def test_adapter_on_a_wan_pipeline_with_its_text_encoder(model, tmp_path):
+    """diffusers' Wan loader loads no text encoder: a file with UMT5 keys goes through the patcher, exact on both
+    components; ``unload`` is bit-exact."""
+    from lora_compat.adapters import diffusers as adapter
+
+    te = _umt5()
+    path = tmp_path / "te.safetensors"
+    deltas = _kohya_te_file(path, model, te, "lora_transformer_")
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=copy.deepcopy(te), vae=None, scheduler=None,
+                                 transformer=copy.deepcopy(model))
+    before = {c: _state(getattr(pipe, c)) for c in ("transformer", "text_encoder")}
+    loaded = adapter.load(pipe, path, strength=0.5)
+    assert loaded.route == "patcher" and loaded.unmatched == []
+    for name, delta in deltas.items():
+        component, _, param = name.partition(".")
+        base = before[component][param]
+        torch.testing.assert_close(getattr(pipe, component).get_parameter(param).detach(), base + 0.5 * delta,
+                                   rtol=0, atol=1e-6)
+    adapter.unload(pipe, loaded)
+    for c in before:
+        assert all(torch.equal(v, before[c][k]) for k, v in _state(getattr(pipe, c)).items())
+
+
+def test_onetrainer_second_expert_names_load_into_transformer_2(model, tmp_path):
+    """OneTrainer names Wan 2.2's second expert ``lora_transformer_2_``: it goes to ``transformer_2`` when the host
+    has it, and is listed unmatched when not."""
+    second = _model(7)
+    te = _umt5()
+    path = tmp_path / "ot.safetensors"
+    deltas = _kohya_te_file(path, model, te, "lora_transformer_")
+    tensors = load_file(str(path))
+    tensors = {k.replace("lora_transformer_", "lora_transformer_2_"): v for k, v in tensors.items()
+               if k.startswith("lora_transformer_")}
+    save_file(tensors, str(path))
+    got = lora_compat.patched_weights(path, {"transformer": model, "transformer_2": second})
+    assert sorted(got) == ["transformer_2.blocks.0.attn1.to_q.weight", "transformer_2.blocks.1.ffn.net.2.weight"]
+    for name, value in got.items():
+        param = name.partition(".")[2]
+        torch.testing.assert_close(value, second.get_parameter(param).detach() + deltas[f"transformer.{param}"],
+                                   rtol=0, atol=1e-6)
+    alone = resolve_patchset(path, ModuleIndex.from_modules({"transformer": model}))
+    assert len(alone.unmatched) == 6 and not alone
+
+
+def test_full_size_onetrainer_file_with_every_umt5_linear_maps(tmp_path):
+    """Header only: a rank-1 OneTrainer file on every Linear of the Wan 14B transformer and of UMT5-XXL maps to base
+    ``wan`` with nothing unmatched."""
+    from lora_compat.archs.wan import WAN
+
+    tensors = {}
+    for component, prefix in (("transformer", "lora_transformer_"), ("text_encoder", "lora_te_")):
+        for path, shapes in WAN.index.components[component].items():
+            weight = shapes.get("weight", ())
+            if len(weight) != 2 or path in ("shared", "encoder.embed_tokens") or "relative_attention_bias" in path:
+                continue
+            name = prefix + path.replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = torch.zeros(1, weight[1], dtype=torch.float16)
+            tensors[f"{name}.lora_up.weight"] = torch.zeros(weight[0], 1, dtype=torch.float16)
+    save_file(tensors, str(tmp_path / "full_ot.safetensors"))
+    result = lora_compat.inspect(tmp_path / "full_ot.safetensors")
+    assert (result.base, result.dialect, result.unmatched) == ("wan", "onetrainer", [])
+    assert result.components == {"transformer": 488, "text_encoder": 24 * 7}
+
+
+def test_native_convert_names_umt5_as_comfyui(model, tmp_path):
+    """``convert --to native``: the transformer under ``diffusion_model.`` native names, UMT5 under ComfyUI's
+    ``text_encoders.umt5xxl.transformer.`` (its generic key map); read back, the same weights."""
+    te = _umt5()
+    path = tmp_path / "ot.safetensors"
+    _kohya_te_file(path, model, te, "lora_transformer_")
+    out = tmp_path / "native.safetensors"
+    lora_compat.convert(path, "native", out, base="wan")
+    modules = sorted({k.removesuffix(".weight").removesuffix(".alpha").removesuffix(".lora_down")
+                      .removesuffix(".lora_up") for k in load_file(str(out))})
+    assert modules == sorted(["diffusion_model.blocks.0.self_attn.q", "diffusion_model.blocks.1.ffn.2"]
+                             + [f"text_encoders.umt5xxl.transformer.{m}" for m in TE_MODULES])
+    components = {"transformer": model, "text_encoder": te}
+    want, got = (lora_compat.patched_weights(p, components, 0.9) for p in (path, out))
+    assert lora_compat.detect(out).dialect.id == "native"
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)

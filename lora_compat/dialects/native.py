@@ -35,6 +35,10 @@ _LEGACY = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_u
 #: lightx2v's name of a modulation delta (``blocks.N.diff_m``) → ComfyUI's (``blocks.N.modulation.diff``)
 DIFF_M = (".diff_m", ".modulation.diff")
 
+#: ComfyUI's names of the families' text encoders (``text_encoders.<clip name>.transformer.<transformers path>``,
+#: its generic key map): Wan's UMT5
+TEXT_ENCODERS = ("text_encoders.umt5xxl.transformer.",)
+
 #: musubi-tuner files with dots left in the module name (``lora_unet_blocks_22.self_attn.k.lora_down.weight``)
 DOTTED_KOHYA = "lora_unet_"
 
@@ -57,7 +61,9 @@ def is_native_key(key: str) -> bool:
         return not is_kohya_key(key) and "." in key.partition(".")[2].removesuffix(".alpha") \
             and split_key(_rename(key), True) is not None
     # a native Wan module name, prefixed or bare (an SD file under LDM names, ``diffusion_model.input_blocks``,
-    # is no file of this dialect's families)
+    # is no file of this dialect's families), or a text encoder under ComfyUI's name
+    if key.startswith(TEXT_ENCODERS):
+        return split_key(key, True) is not None
     if not key.removeprefix(PREFIX).startswith(BARE_HEADS) or is_bfl_key(key):
         return False
     return split_key(_rename(key), True) is not None
@@ -84,8 +90,15 @@ class NativeDialect(Dialect):
     def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
         component = index.read_prefixes().get("lora_unet_", "transformer")
         aliases = index.aliases(component)
+        encoders = text_encoder_prefixes(index)
 
         def resolve(module: str) -> Resolved:
+            if module.startswith(TEXT_ENCODERS):
+                for prefix, encoder in encoders.items():
+                    if module.startswith(prefix):
+                        found = index.resolve(f"{encoder}.{module[len(prefix):]}")
+                        return f"{found[0]}.{found[1]}" if found else None
+                return None
             path = aliases.get(module.replace(".", "_"))
             return f"{component}.{path}" if path is not None else None
 
@@ -94,8 +107,8 @@ class NativeDialect(Dialect):
 
     def write(self, patchset: PatchSet, index: ModuleIndex, *, target: str | None = None, base: str | None = None,
               rank: int | None = None, weights: "BaseWeights | None" = None) -> "Written":
-        """``diffusion_model.<native name>`` (a module without a native name: its own path) with each kind's
-        kohya tensors."""
+        """``diffusion_model.<native name>`` (a module without a native name: its own path; a text encoder under
+        ComfyUI's ``text_encoders.`` name) with each kind's kohya tensors."""
         from .kohya_write import KohyaWriter  # torch: not imported for header work
 
         target = self.write_target(target)
@@ -105,10 +118,22 @@ class NativeDialect(Dialect):
         return KohyaWriter(patchset, index, target, weights).write(native_names(index, list(patchset)))
 
 
+def text_encoder_prefixes(index: ModuleIndex) -> dict[str, str]:
+    """ComfyUI's text-encoder prefix → component, for the family of ``index`` (``Arch.comfy_text_encoders``)."""
+    family = index.family
+    return {prefix: c for c, prefix in family.comfy_text_encoders.items()} if family is not None else {}
+
+
 def native_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
-    """Canonical target → ``diffusion_model.<native name>``: the inverse of :meth:`NativeDialect.read`."""
+    """Canonical target → ``diffusion_model.<native name>`` (a text encoder: ComfyUI's
+    ``text_encoders.<name>.transformer.<path>``): the inverse of :meth:`NativeDialect.read`."""
     names: dict[str, HostName] = {}
+    encoders = {c: prefix for prefix, c in text_encoder_prefixes(index).items()}
     for component in {t.partition(".")[0] for t in targets}:
+        if component in encoders:
+            names.update({t: HostName(encoders[component] + t.partition(".")[2].removesuffix(".base_layer"))
+                          for t in targets if t.partition(".")[0] == component})
+            continue
         naming = index.host_names(component)
         modules = index.components.get(component, {})
         native = {path: alias for alias, path in naming.aliases(modules).items()} if naming.aliases else {}
