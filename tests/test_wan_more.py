@@ -351,3 +351,18 @@ def test_native_convert_names_umt5_as_comfyui(model, tmp_path):
     want, got = (lora_compat.patched_weights(p, components, 0.9) for p in (path, out))
     assert lora_compat.detect(out).dialect.id == "native"
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_comfyui_wan_model_classes_are_wan():
+    """ComfyUI's Wan model configs (comfy/supported_models.py: all subclass WAN21_T2V) and its Wan text encoder
+    (comfy/text_encoders/wan.py: te()'s class subclasses WanT5Model) name base ``wan``."""
+    from types import SimpleNamespace
+
+    from lora_compat.adapters.comfyui import loaded_base
+
+    WAN21_T2V = type("WAN21_T2V", (), {})
+    configs = [type(name, (WAN21_T2V,), {}) for name in ("WAN21_I2V", "WAN21_Vace", "WAN22_S2V", "WAN22_T2V")]
+    for config in [WAN21_T2V, *configs]:
+        assert loaded_base(SimpleNamespace(model=SimpleNamespace(model_config=config())), None) == "wan"
+    WanTEModel = type("WanTEModel", (type("WanT5Model", (), {}),), {})
+    assert loaded_base(None, SimpleNamespace(cond_stage_model=WanTEModel())) == "wan"

@@ -116,7 +116,10 @@ WAN = Arch(
     # ComfyUI's Wan text encoder (comfy/text_encoders/wan.py: WanT5Model, name="umt5xxl")
     comfy_text_encoders={"text_encoder": "text_encoders.umt5xxl.transformer."},
     checkpoint_prefixes={"model.diffusion_model.": "transformer"},
-    comfy_classes=("WAN21_T2V", "WAN22_T2V"),  # ComfyUI's other Wan models subclass these
+    # ComfyUI a125cd84 comfy/supported_models.py: every Wan model config (I2V, FunControl, Camera, Vace, HuMo, S2V,
+    # Animate, WAN22_T2V) subclasses WAN21_T2V, and the lookup walks the class's MRO; the text encoder is
+    # comfy/text_encoders/wan.py's WanT5Model (its te() closure class subclasses it)
+    comfy_classes=("WAN21_T2V", "WAN22_T2V", "WanT5Model"),
     variant_tables=VARIANT_TABLES, variant_of=variant_of,
     catalog_names=("wan video", "wan video 14b t2v", "wan video 14b i2v 480p", "wan video 14b i2v 720p",
                    "wan video 1.3b t2v", "wan video 2.2 t2v-a14b", "wan video 2.2 i2v-a14b",
