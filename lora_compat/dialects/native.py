@@ -48,6 +48,8 @@ def _rename(key: str) -> str:
         if key.startswith(prefix):
             key = key[len(prefix):]
             break
+    if ".default." in key:  # DiffSynth-Studio's PEFT dumps: PEFT's adapter name left in (``lora_A.default.weight``)
+        key = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
     for old, new in _LEGACY.items():
         if key.endswith(old):
             return key[: -len(old)] + new
