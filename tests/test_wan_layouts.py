@@ -141,3 +141,33 @@ def test_bake_into_wan_checkpoints(model, diffusers_file, tmp_path, layout):
     assert changed == TINY["num_layers"] * len(BLOCK_NATIVE)
     untouched = set(before) - {names[k] for k in names if not torch.equal(expected[k], model.state_dict()[k])}
     assert all(torch.equal(after[k], before[k]) for k in untouched)
+
+
+@pytest.mark.parametrize("naming", ["lycoris_", "diffusion_model.", "lora_unet_"])
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_lycoris_lokr_loha_on_wan_names_match_lycoris_forward(model, tmp_path, algo, naming):
+    """lycoris-lora's LoKr/LoHa over every Linear of the Wan model, as saved (SimpleTuner's ``lycoris_`` + diffusers
+    path) and renamed to ComfyUI's native names (``diffusion_model.blocks.0.self_attn.q.lokr_w1``) and musubi's
+    (``lora_unet_blocks_0_self_attn_q``): the weights lycoris' forward pass implies, at strength 0.6."""
+    pytest.importorskip("lycoris")
+    from test_flux_parity import _expected_from_implied, assert_same, write_lycoris
+
+    from lora_compat.archs.wan import native_name
+
+    path, implied = write_lycoris(tmp_path / f"{algo}.safetensors", model, algo, multiplier=0.6)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(implied) == sorted(linears)
+    if naming != "lycoris_":
+        flat = {"lycoris_" + p.replace(".", "_"): p for p in linears}
+        tensors = {}
+        for key, value in load_file(str(path)).items():
+            module, _, suffix = key.partition(".")
+            native = native_name(flat[module])
+            name = f"diffusion_model.{native}" if naming == "diffusion_model." else "lora_unet_" + native.replace(".", "_")
+            tensors[f"{name}.{suffix}"] = value
+        path = tmp_path / f"{algo}_{naming.strip('._')}.safetensors"
+        save_file(tensors, str(path))
+    patchset = resolve_patchset(path, ModuleIndex.from_modules({"transformer": model}))
+    assert patchset.unmatched == {} and len(patchset) == len(linears)
+    got = lora_compat.patched_weights(path, {"transformer": model}, 0.6)
+    assert_same(got, _expected_from_implied(model, implied))
