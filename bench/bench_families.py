@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_flux import bench_patcher  # noqa: E402
-from bench_patcher import measure_bound, median, timed  # noqa: E402
+from bench_flux import bench_patcher, diffusers_cycle, print_rows  # noqa: E402
+from bench_patcher import measure_bound  # noqa: E402
 
 warnings.filterwarnings("ignore")
 RANK = 32
@@ -112,24 +112,6 @@ def write_lora(path: Path, model: torch.nn.Module, names: dict[str, str], seed: 
     return path
 
 
-def bench_diffusers(pipe: object, a: Path, b: Path, runs: int) -> dict:
-    load, fuse, unfuse, unload, switch = [], [], [], [], []
-    for _ in range(runs):
-        load.append(timed(lambda: pipe.load_lora_weights(str(a), adapter_name="a")))
-        fuse.append(timed(lambda: pipe.fuse_lora(components=["transformer"])))
-
-        def do_switch():
-            pipe.unfuse_lora(components=["transformer"])
-            pipe.unload_lora_weights()
-            pipe.load_lora_weights(str(b), adapter_name="b")
-            pipe.fuse_lora(components=["transformer"])
-        switch.append(timed(do_switch))
-        unfuse.append(timed(lambda: pipe.unfuse_lora(components=["transformer"])))
-        unload.append(timed(lambda: pipe.unload_lora_weights()))
-    return {"load+fuse": median(load) + median(fuse), "switch": median(switch),
-            "unfuse+unload": median(unfuse) + median(unload)}
-
-
 def depth(model_one: torch.nn.Module, family: Family, dtype: torch.dtype, gb: float) -> int:
     """Blocks that touch about ``gb`` GB of Linear weights in ``dtype`` (from a one-block model on ``meta``)."""
     per_block = sum(model_one.get_submodule(p).weight.numel() for p in block_linears(model_one, family))
@@ -150,17 +132,10 @@ def run(name: str, dtype: torch.dtype, args: argparse.Namespace, tmp: Path) -> N
     b = write_lora(tmp / f"{name}_b.safetensors", model, names, seed=2)
     bound = measure_bound(model, {p: model.get_submodule(p).weight.shape for p in names}, a, rank=RANK)
     ours = bench_patcher(model, a, b, args.runs)
-    theirs = bench_diffusers(family.pipeline(model), a, b, args.runs)
+    theirs = diffusers_cycle(family.pipeline(model), a, b, args.runs)
     print(f"\n== {name} {str(dtype).removeprefix('torch.')}: {blocks} blocks, {len(names)} Linear layers, "
           f"{bound['touched_gb']:.2f} GB touched; bound {bound['bound_s']:.3f} s (medians of {args.runs})")
-    rows = [("first apply", "set([A])", ours["first"], "load_lora_weights + fuse_lora", theirs["load+fuse"]),
-            ("switch A -> B", "set([B])", ours["switch"], "unfuse + unload + load + fuse", theirs["switch"]),
-            ("remove", "clear()", ours["clear"], "unfuse_lora + unload_lora_weights", theirs["unfuse+unload"])]
-    print(f"{'':15} {'lora_compat':>22} {'diffusers':>40} {'speed-up':>9}")
-    for label, ours_name, ours_s, theirs_name, theirs_s in rows:
-        print(f"{label:15} {ours_name:>10} {ours_s:9.3f} s {theirs_name:>32} {theirs_s:6.3f} s "
-              f"{theirs_s / ours_s:8.1f}x")
-    print(f"switch / bound: {ours['switch'] / bound['bound_s']:.2f}x")
+    print_rows(ours, theirs, bound)
     del model
     gc.collect()
 

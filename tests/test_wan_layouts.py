@@ -79,9 +79,9 @@ def test_simpletuner_lycoris_prefix(model, diffusers_file, tmp_path):
     _assert_unscaled(model, tmp_path / "st.safetensors", factors, 0.6)
 
 
-def _single_file(model, path: Path) -> Path:
-    """The model as Wan / ComfyUI single-file checkpoints hold it: ``model.diffusion_model.`` + native names
-    (``blocks.N.modulation`` and ``head.modulation`` parameters included)."""
+def native_state(model, prefix: str) -> dict[str, torch.Tensor]:
+    """The model's weights under ``prefix`` + native names, as Wan / ComfyUI hold them (``blocks.N.modulation`` and
+    ``head.modulation`` parameters included)."""
     from lora_compat.archs.wan import native_name
 
     tensors = {}
@@ -92,8 +92,13 @@ def _single_file(model, path: Path) -> Path:
         else:
             native = native_name(module)
             name = f"{native}.{param}" if native else key
-        tensors[f"model.diffusion_model.{name}"] = value.detach().clone().contiguous()
-    save_file(tensors, str(path))
+        tensors[prefix + name] = value.detach().clone().contiguous()
+    return tensors
+
+
+def _single_file(model, path: Path) -> Path:
+    """The model as a Wan / ComfyUI single-file checkpoint: ``model.diffusion_model.`` + native names."""
+    save_file(native_state(model, "model.diffusion_model."), str(path))
     return path
 
 

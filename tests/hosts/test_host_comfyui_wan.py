@@ -11,20 +11,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hoststubs import comfy_env
 from lora_compat.hosts.convert import convert_for_host
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 diffusers = pytest.importorskip("diffusers")
 from test_wan import _diffusers_file, _model, _native_file  # noqa: E402
+from test_host_comfyui import comfy  # noqa: E402,F401  (the fixture: ComfyUI's real code)
+from test_wan_layouts import native_state  # noqa: E402
 from test_wan_more import _kohya_te_file, _modulation_file, _umt5  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def comfy(hosts_dir):
-    env, host = comfy_env(hosts_dir)
-    yield host
-    env.close()
 
 
 class _Held:
@@ -40,18 +34,7 @@ class _Held:
 
 def _comfy_states(model, te) -> tuple[dict, dict]:
     """The model and its UMT5 as ComfyUI holds them (native names; ``umt5xxl.transformer.<transformers path>``)."""
-    from lora_compat.archs.wan import native_name
-
-    unet = {}
-    for key, value in model.state_dict().items():
-        module, _, param = key.rpartition(".")
-        if param == "scale_shift_table":
-            name = f"blocks.{module.split('.')[1]}.modulation" if module else "head.modulation"
-        else:
-            name = f"{native_name(module)}.{param}" if native_name(module) else key
-        unet[f"diffusion_model.{name}"] = value
-    clip = {f"umt5xxl.transformer.{k}": v for k, v in te.state_dict().items()}
-    return unet, clip
+    return native_state(model, "diffusion_model."), {f"umt5xxl.transformer.{k}": v for k, v in te.state_dict().items()}
 
 
 def _loaded(comfy, conversion, model, te, caplog) -> dict:
