@@ -168,23 +168,26 @@ def test_lightx2v_diff_b_and_head_diff_equal_diffusers(model, files, tmp_path, s
 
 
 def test_norm_diff_and_unknown_modules_are_not_dropped(model, tmp_path):
-    """Norm ``diff`` (diffusers drops it) is applied as ``W + s·diff``; ``modulation`` and UMT5 text-encoder keys,
-    which the table has no module for, are listed unmatched."""
+    """Norm ``diff`` (diffusers drops it) is applied as ``W + s·diff``, a ``modulation.diff`` to the block's
+    ``scale_shift_table`` likewise; UMT5 text-encoder keys, which a bare transformer has no module for, are listed
+    unmatched."""
     g = torch.Generator().manual_seed(4)
     norm = torch.randn(model.blocks[0].norm2.weight.shape, generator=g)
     tensors = {"diffusion_model.blocks.0.norm3.diff": norm,
-               "diffusion_model.blocks.0.modulation.diff": torch.randn(1, 6, 16, generator=g),
+               "diffusion_model.blocks.0.modulation.diff": (modulation := torch.randn(1, 6, 16, generator=g)),
                "lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.randn(1, 8, generator=g)}
     save_file(tensors, str(tmp_path / "wan_norm.safetensors"))
     from lora_compat.archs import ModuleIndex
     from lora_compat.models import resolve_patchset
 
     patchset = resolve_patchset(tmp_path / "wan_norm.safetensors", ModuleIndex.from_modules({"transformer": model}))
-    assert sorted(patchset.unmatched) == ["diffusion_model.blocks.0.modulation.diff",
-                                          "lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"]
+    assert sorted(patchset.unmatched) == ["lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"]
     with pytest.warns(lora_compat.LoraCompatWarning):
         got = lora_compat.patched_weights(tmp_path / "wan_norm.safetensors", {"transformer": model}, 0.5)
-    assert sorted(got) == ["transformer.blocks.0.norm2.weight"]  # diffusers' norm2 is Wan's norm3
+    # diffusers' norm2 is Wan's norm3
+    assert sorted(got) == ["transformer.blocks.0.norm2.weight", "transformer.blocks.0.scale_shift_table"]
+    torch.testing.assert_close(got["transformer.blocks.0.scale_shift_table"],
+                               model.blocks[0].scale_shift_table.detach() + 0.5 * modulation, rtol=0, atol=1e-6)
     torch.testing.assert_close(got["transformer.blocks.0.norm2.weight"],
                                model.blocks[0].norm2.weight.detach() + 0.5 * norm, rtol=0, atol=1e-6)
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..archs import ModuleIndex
 from ..archs.qwen_image import QWEN_IMAGE, TRANSFORMER_HEADS as QWEN_IMAGE_HEADS
+from ..archs.wan import WAN
 from ..archs.names import HostName
 from ..archs.nextdit import COMFY_TEXT_ENCODERS, NATIVE_HEADS as NEXTDIT_HEADS
 from ..errors import LoraCompatError
@@ -35,16 +36,21 @@ if TYPE_CHECKING:
 PREFIX = "diffusion_model."
 #: the first name part of every native Wan and Qwen-Image module
 BARE_HEADS = ("blocks.", "head.head.", "time_projection.", "time_embedding.", "text_embedding.", "img_emb.",
-              "patch_embedding.", "condition_embedder.", *QWEN_IMAGE_HEADS)
+              "patch_embedding.", "condition_embedder.", "head.modulation.", "head.diff_m",
+              *QWEN_IMAGE_HEADS)
 #: Z-Image / Lumina 2 (NextDiT); ``final_layer.`` is a BFL name too: a FLUX.1 file stays the bfl dialect's, which
 #: claims all of its keys
 BARE_HEADS += NEXTDIT_HEADS
 #: ComfyUI's names of the text encoders of these families (``text_encoders.qwen3_4b.transformer.model.``)
-TEXT_ENCODER_HEADS = (*QWEN_IMAGE.comfy_text_encoders.values(), *COMFY_TEXT_ENCODERS.values())
+TEXT_ENCODER_HEADS = (WAN.comfy_text_encoders["text_encoder"], *QWEN_IMAGE.comfy_text_encoders.values(),
+                      *COMFY_TEXT_ENCODERS.values())
 #: ``.lora.down.weight`` (an older ComfyUI/diffusers form) → the kohya suffixes the patch kinds read
 _LEGACY = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight",
            # DiffSynth-Studio: PEFT's adapter name left in the key
            ".lora_A.default.weight": ".lora_A.weight", ".lora_B.default.weight": ".lora_B.weight"}
+
+#: lightx2v's name of a modulation delta (``blocks.N.diff_m``) → ComfyUI's (``blocks.N.modulation.diff``)
+DIFF_M = (".diff_m", ".modulation.diff")
 
 
 #: musubi-tuner files with dots left in the module name (``lora_unet_blocks_22.self_attn.k.lora_down.weight``)
@@ -56,9 +62,13 @@ def _rename(key: str) -> str:
         if key.startswith(prefix):
             key = key[len(prefix):]
             break
+    if ".default." in key:  # DiffSynth-Studio's PEFT dumps: PEFT's adapter name left in (``lora_A.default.weight``)
+        key = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
     for old, new in _LEGACY.items():
         if key.endswith(old):
             return key[: -len(old)] + new
+    if key.endswith(DIFF_M[0]):  # lightx2v's modulation delta: the ``diff`` of the block's modulation parameter
+        return key[: -len(DIFF_M[0])] + DIFF_M[1]
     return key
 
 
@@ -98,7 +108,7 @@ class NativeDialect(Dialect):
     def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
         component = index.read_prefixes().get("lora_unet_", "transformer")
         aliases = index.aliases(component)
-        encoders = _text_encoders(index)
+        encoders = text_encoder_prefixes(index)
 
         def resolve(module: str) -> Resolved:
             for prefix, encoder in encoders.items():
@@ -114,14 +124,12 @@ class NativeDialect(Dialect):
             return f"{component}.{path}" if path is not None else component_parts(index, component, module)
 
         # lightx2v's diff_b beside a LoRA is the module's bias change (the LoRA kind reads it so)
-        patchset = ModuleReader(resolve, lora_diff_b=True).read(file, index, self.id, dotted=True, rename=_rename)
-        return report_unused(patchset, file)
-
+        return ModuleReader(resolve, lora_diff_b=True).read(file, index, self.id, dotted=True, rename=_rename)
 
     def write(self, patchset: PatchSet, index: ModuleIndex, *, target: str | None = None, base: str | None = None,
               rank: int | None = None, weights: "BaseWeights | None" = None) -> "Written":
-        """``diffusion_model.<native name>`` (a module without a native name: its own path) with each kind's
-        kohya tensors."""
+        """``diffusion_model.<native name>`` (a module without a native name: its own path; a text encoder under
+        ComfyUI's ``text_encoders.`` name) with each kind's kohya tensors."""
         from .kohya_write import KohyaWriter  # torch: not imported for header work
 
         target = self.write_target(target)
@@ -137,8 +145,8 @@ class NativeDialect(Dialect):
         return KohyaWriter(patchset, index, target, weights).write(native_names(index, list(patchset)))
 
 
-def _text_encoders(index: ModuleIndex) -> dict[str, str]:
-    """ComfyUI text-encoder prefix → component, of the family of ``index``."""
+def text_encoder_prefixes(index: ModuleIndex) -> dict[str, str]:
+    """ComfyUI's text-encoder prefix → component, for the family of ``index`` (``Arch.comfy_text_encoders``)."""
     family = index.family
     return {prefix: c for c, prefix in family.comfy_text_encoders.items()} if family is not None else {}
 
@@ -147,7 +155,7 @@ def native_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
     """Canonical target → ``diffusion_model.<native name>`` (a text encoder: ComfyUI's prefix for it + its alias
     name): the inverse of :meth:`NativeDialect.read`."""
     names: dict[str, HostName] = {}
-    prefixes = {c: prefix for prefix, c in _text_encoders(index).items()}
+    prefixes = {c: prefix for prefix, c in text_encoder_prefixes(index).items()}
     for component in {t.partition(".")[0] for t in targets}:
         naming = index.host_names(component)
         modules = index.components.get(component, {})
@@ -166,13 +174,3 @@ def native_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
                 names[t] = native.get(path) or HostName(prefix + path)
     return names
 
-
-def report_unused(patchset: PatchSet, file: LoraFile) -> PatchSet:
-    """Keys of a module that its patch does not use (lightx2v's ``diff_b`` next to a LoRA's ``lora_down``/
-    ``lora_up``: a bias delta applied unscaled, which one LoRA patch cannot hold) are listed unmatched, never
-    dropped in silence."""
-    used = {ref.name for patch in patchset.values() for ref in patch.refs().values()}
-    for key in file.keys():
-        if key not in used and key not in patchset.unmatched:
-            patchset.unmatched[key] = "not applied: its module's other tensors form a patch that cannot hold it"
-    return patchset

@@ -289,7 +289,8 @@ def _aliased(component: str, host: Mapping[str, Mapping[str, tuple[int, ...]]]) 
         if not table:
             continue
         aliases = {s: p for s, p in maker(table).items() if s in host}
-        aliased = aliased or bool(aliases)
+        # a name its own alias (Wan's patch_embedding) says nothing: a diffusers-named transformer is not aliased
+        aliased = aliased or any(s != p for s, p in aliases.items())
         covered = len(aliases) / max(1, len(host))
         if covered >= 0.9:  # names alone decide for models of another width (a few shortcut convs may differ)
             exact = all(table[p] == host[s] for s, p in aliases.items())
