@@ -7,8 +7,8 @@ memory-bandwidth bound (touched bytes read + written once, the GEMMs, reading th
   ComfyUI's native names (``diffusion_model.blocks.N.self_attn.q`` + ``lora_down``/``lora_up``/``alpha``), which
   diffusers reads with its own Wan converter.
 - ``qwen-image``: ``QwenImageTransformer2DModel`` at the 20B block shapes (width 3072 = 24 heads x 128, joint
-  width 3584, 60 blocks at full depth), the LoRA in diffusers names. HOOK: runs once the ``qwen-image`` family is
-  registered (another branch adds it); until then it is skipped with a note.
+  width 3584, 60 blocks at full depth; the config ``lora_compat.archs.qwen_image`` builds its table from), the LoRA
+  in diffusers names.
 
 Each block of Wan 14B is ~1.4 GB of fp32 weights (0.7 GB bf16), a Qwen-Image block ~0.85 GB: ``--gb`` picks the
 depth that touches about that many GB (``--blocks`` overrides).
@@ -70,12 +70,12 @@ def _wan_name(path: str) -> str | None:
     return f"diffusion_model.{native}" if native else None
 
 
-def _qwen(blocks: int) -> torch.nn.Module:  # HOOK: the 20B config, as the qwen-image family states it
+def _qwen(blocks: int) -> torch.nn.Module:
     from diffusers import QwenImageTransformer2DModel
 
-    return QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=blocks,
-                                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
-                                       guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+    from lora_compat.archs.qwen_image import QWEN_IMAGE_20B
+
+    return QwenImageTransformer2DModel(**dict(QWEN_IMAGE_20B, num_layers=blocks))
 
 
 def _qwen_pipe(model: torch.nn.Module) -> object:
@@ -141,7 +141,6 @@ def run(name: str, dtype: torch.dtype, args: argparse.Namespace, tmp: Path) -> N
 
 
 def main() -> None:
-    from lora_compat import plugins
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
@@ -153,9 +152,6 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.family:
-            if name not in plugins.archs():
-                print(f"\n== {name}: skipped, the {name} family is not registered in this branch (hook)")
-                continue
             for dtype in args.dtype:
                 run(name, getattr(torch, dtype), args, Path(tmp))
 
