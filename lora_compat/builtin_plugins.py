@@ -6,7 +6,9 @@ from typing import Callable
 from lora_compat.hooks import hookimpl
 
 from .archs import SD2, SD15, SDXL
+from .archs.chroma import CHROMA
 from .archs.flux import FLUX1
+from .archs.sd3 import SD3
 from .archs.wan import WAN
 from .dialects.bfl import BflDialect
 from .dialects.bfl_control import BflControlDialect
@@ -40,7 +42,7 @@ def register_dialects(register: Callable[[object], None]) -> None:
 
 @hookimpl
 def register_archs(register: Callable[[object], None]) -> None:
-    for arch in (SD15, SD2, SDXL, FLUX1, WAN):
+    for arch in (SD15, SD2, SDXL, FLUX1, WAN, CHROMA, SD3):
         register(arch)
 
 

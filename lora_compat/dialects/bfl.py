@@ -47,7 +47,7 @@ def is_bfl_key(key: str) -> bool:
 class BflDialect(Dialect):
     id = "bfl"
     description = "Flux LoRAs on BFL module names (diffusion_model.double_blocks...: ai-toolkit, ComfyUI)"
-    bases = ("flux1",)
+    bases = ("flux1", "chroma")
     #: ``diffusion_model.<BFL name>``, fused modules assembled exactly; every LyCORIS kind keeps its tensors
     writes = ("bfl",)
 
@@ -83,7 +83,8 @@ def bfl_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
     from .kohya_names import kohya_names
 
     others = [t for t in targets if t.partition(".")[0] != _TRANSFORMER]
-    names = {t: n for t, n in kohya_names(index, others, comfy=True, base=_BASE).items()
+    base = index.family.id if index.family is not None else _BASE  # Chroma's T5 is its text_encoder
+    names = {t: n for t, n in kohya_names(index, others, comfy=True, base=base).items()
              if n.name.startswith(_TEXT_ENCODER_PREFIXES)}
     transformer: dict[str, HostName] = {}
     for module, parts in index.fused_modules(_TRANSFORMER).items():

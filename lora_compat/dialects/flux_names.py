@@ -9,10 +9,10 @@ from .base import Resolved, component_parts
 
 #: first segment of every BFL transformer module name
 BFL_HEADS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
-             "final_layer.")
+             "final_layer.", "distilled_guidance_layer.")
 #: first segment of every diffusers FluxTransformer2DModel module name
 DIFFUSERS_FLUX_HEADS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
-                        "time_text_embed.", "norm_out.", "proj_out.")
+                        "time_text_embed.", "norm_out.", "proj_out.", "distilled_guidance_layer.")
 
 def comfy_components(base: str) -> dict[str, str]:
     """ComfyUI text-encoder prefix → component, for ``base`` (the inverse of its ``Arch.comfy_text_encoders``)."""
@@ -45,8 +45,12 @@ BFL_TEXT_ENCODERS = {prefix: component for component, prefix in FLUX1.comfy_text
 
 
 def resolve_bfl(index: ModuleIndex, name: str) -> Resolved:
-    """A BFL transformer module name, or a ComfyUI text-encoder name, → canonical target(s)."""
-    for prefix, component in BFL_TEXT_ENCODERS.items():
+    """A BFL transformer module name, or a ComfyUI text-encoder name (as the index's family names its encoders:
+    Chroma's T5 is its ``text_encoder``), → canonical target(s)."""
+    family = index.family
+    encoders = BFL_TEXT_ENCODERS if family is None or not family.comfy_text_encoders else \
+        {prefix: component for component, prefix in family.comfy_text_encoders.items()}
+    for prefix, component in encoders.items():
         if name.startswith(prefix):
             found = index.resolve(f"{component}.{name[len(prefix):]}")
             return f"{found[0]}.{found[1]}" if found else None

@@ -17,7 +17,7 @@ from ..errors import LoraCompatError
 from ..files import Header, LoraFile
 from ..patches.build import split_key
 from ..patchset import PatchSet
-from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction
+from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction, component_parts
 from .bfl import is_bfl_key
 from .kohya import is_kohya_key
 
@@ -26,9 +26,11 @@ if TYPE_CHECKING:
     from .writing import Written
 
 PREFIX = "diffusion_model."
-#: the first name part of every native Wan module
+#: the first name part of every native Wan module, and of SD3's MMDiT (``final_layer.`` and ``context_embedder.``
+#: are read too, but not claimed: FLUX.1's BFL and diffusers files have them)
 BARE_HEADS = ("blocks.", "head.head.", "time_projection.", "time_embedding.", "text_embedding.", "img_emb.",
-              "patch_embedding.", "condition_embedder.")
+              "patch_embedding.", "condition_embedder.", "joint_blocks.", "x_embedder.proj.", "t_embedder.mlp.",
+              "y_embedder.mlp.")
 #: ``.lora.down.weight`` (an older ComfyUI/diffusers form) → the kohya suffixes the patch kinds read
 _LEGACY = {".lora.down.weight": ".lora_down.weight", ".lora.up.weight": ".lora_up.weight"}
 
@@ -63,7 +65,7 @@ class NativeDialect(Dialect):
     id = "native"
     description = ("LoRAs on native/ComfyUI module names (diffusion_model.blocks.N.self_attn.q...: ComfyUI, "
                    "ai-toolkit, diffusion-pipe, lightx2v) of the families that have them (Wan)")
-    bases = ("wan",)
+    bases = ("wan", "sd3")
     #: ``diffusion_model.<native name>`` with kohya tensors (``lora_down``/``lora_up`` + ``alpha``), as ComfyUI
     #: and musubi-tuner's ComfyUI export write them; every LyCORIS kind keeps its tensors
     writes = ("native",)
@@ -81,9 +83,19 @@ class NativeDialect(Dialect):
         component = index.read_prefixes().get("lora_unet_", "transformer")
         aliases = index.aliases(component)
 
+        family = index.family
+        encoders = {prefix: c for c, prefix in (family.comfy_text_encoders if family is not None else {}).items()}
+
         def resolve(module: str) -> Resolved:
+            for prefix, encoder in encoders.items():  # ComfyUI's text-encoder names
+                if module.startswith(prefix):
+                    found = index.resolve(f"{encoder}.{module[len(prefix):]}")
+                    return f"{found[0]}.{found[1]}" if found else None
             path = aliases.get(module.replace(".", "_"))
-            return f"{component}.{path}" if path is not None else None
+            if path is not None:
+                return f"{component}.{path}"
+            # a fused native module (SD3's ``joint_blocks.N.x_block.attn.qkv``): its canonical parts
+            return component_parts(index, component, module)
 
         # lightx2v's diff_b beside a LoRA is the module's bias change (the LoRA kind reads it so)
         patchset = ModuleReader(resolve, lora_diff_b=True).read(file, index, self.id, dotted=True, rename=_rename)
@@ -104,15 +116,27 @@ class NativeDialect(Dialect):
 
 
 def native_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
-    """Canonical target → ``diffusion_model.<native name>``: the inverse of :meth:`NativeDialect.read`."""
-    names: dict[str, HostName] = {}
-    for component in {t.partition(".")[0] for t in targets}:
+    """Canonical target → ``diffusion_model.<native name>``: the inverse of :meth:`NativeDialect.read`. A part of
+    a fused native module (SD3's ``qkv``) is named by that module, with its rows."""
+    from .kohya_names import kohya_names
+
+    family = index.family
+    encoders = family.comfy_text_encoders if family is not None else {}
+    # text encoders under ComfyUI's names (``text_encoders.clip_l.transformer.``), as the read takes them
+    names = kohya_names(index, [t for t in targets if t.partition(".")[0] in encoders], comfy=True,
+                        base=family.id if family is not None else None)
+    for component in {t.partition(".")[0] for t in targets} - set(encoders):
         naming = index.host_names(component)
         modules = index.components.get(component, {})
         native = {path: alias for alias, path in naming.aliases(modules).items()} if naming.aliases else {}
+        fused = {part.target: HostName(PREFIX + module, None if len(parts) == 1 and not part.swap
+                                       else (part.start, part.stop), part.swap)
+                 for module, parts in index.fused_modules(component).items() for part in parts}
         for t in targets:
             c, _, path = t.partition(".")
-            if c == component:
+            if c == component and path.removesuffix(".base_layer") in fused:
+                names[t] = fused[path.removesuffix(".base_layer")]
+            elif c == component:
                 path = path.removesuffix(".base_layer")
                 names[t] = HostName(PREFIX + native.get(path, path))
     return names

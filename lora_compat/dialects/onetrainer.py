@@ -1,4 +1,4 @@
-"""OneTrainer Flux LoRAs: ``lora_transformer_<diffusers path>`` (+ ``lora_te1_`` CLIP-L, ``lora_te2_`` T5) with
+"""OneTrainer Flux (and Chroma, SD3) LoRAs: ``lora_transformer_<diffusers path>`` (+ ``lora_te1_`` CLIP-L, ``lora_te2_`` T5) with
 kohya suffixes, alpha and DoRA ``dora_scale``; and the newer BFL form with the fused layers split into numbered
 parts (``transformer.double_blocks.N.img_attn.qkv.{0,1,2}``, ``single_blocks.N.linear1.{0,1,2,3}``)."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ def is_onetrainer_key(key: str) -> bool:
 class OneTrainerDialect(Dialect):
     id = "onetrainer"
     description = "OneTrainer Flux LoRAs (lora_transformer_*, lora_te2_ = T5, DoRA; numbered BFL parts)"
-    bases = ("flux1",)
+    bases = ("flux1", "chroma", "sd3")
 
     def detect(self, header: Header) -> Match | None:
         if not any_key_starts(header, ("lora_transformer_", "transformer.")):  # the test below, quickly
