@@ -341,3 +341,31 @@ def test_diffusers_adapter_on_a_chroma_pipeline(model, t5, tmp_path):
     adapter.unload(pipe, loaded)
     assert sorted(pipe.transformer.state_dict()) == sorted(before)
     assert all(torch.equal(v, before[k]) for k, v in pipe.transformer.state_dict().items())
+
+
+def bfl_state_dict(model) -> dict[str, torch.Tensor]:
+    """A ComfyUI/BFL single-file Chroma transformer: ``model.diffusion_model.<BFL name>``, parts concatenated."""
+    state = {}
+    for bfl, parts in bfl_parts().items():
+        for param in ("weight", "bias"):
+            state[f"model.diffusion_model.{bfl}.{param}"] = torch.cat(
+                [getattr(model.get_submodule(p), param).detach() for p in parts]).contiguous()
+    return state
+
+
+def test_bake_a_single_file_checkpoint(model, tmp_path):
+    """A BFL-named Chroma single file (fused qkv/linear1, the approximator's in_layer/out_layer) baked with an
+    ai-toolkit file equals the independent merge under the same names."""
+    from lora_compat.tools.bake import bake
+
+    save_file(bfl_state_dict(model), str(tmp_path / "chroma.safetensors"))
+    lora = _to_bfl(_kohya_file(model, tmp_path / "k.safetensors", approximator=True), tmp_path / "bfl.safetensors")
+    bake(tmp_path / "chroma.safetensors", [(lora, 0.8)], tmp_path / "baked.safetensors", progress=False)
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, value in _independent(model, lora, 0.8).items():
+            merged.get_parameter(name.removeprefix("transformer.")).copy_(value)
+    want, baked = bfl_state_dict(merged), load_file(str(tmp_path / "baked.safetensors"))
+    assert sorted(baked) == sorted(want)
+    for key, value in want.items():
+        assert (baked[key] - value).norm() <= 1e-6 * value.norm(), key

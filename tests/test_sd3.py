@@ -363,3 +363,94 @@ def test_diffusers_adapter_on_an_sd3_pipeline(model, encoders, tmp_path):
     adapter.unload(pipe, loaded)
     after = _state(live)
     assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_comfyui_names(model, encoders, tmp_path):
+    """``convert_for_host(..., "comfy")`` names what ComfyUI's SD3 key map takes: ``lora_unet_<native flat>`` (its
+    generic map over ``diffusion_model.`` names: fused qkv whole) and ``text_encoders.clip_l|clip_g.transformer.``;
+    the converted tensors, read back, give the same weights."""
+    from lora_compat.archs import ModuleIndex
+    from lora_compat.hosts.convert import convert_for_host
+
+    components = {"transformer": model, **encoders}
+    path = _kohya_file(tmp_path / "kohya.safetensors", model, encoders)
+    conversion = convert_for_host(str(path), "comfy", index=ModuleIndex.from_modules(components))
+    assert conversion.unmatched == []
+    comfy_keys = {"lora_unet_" + n.replace(".", "_") for n in native_parts(model)}
+    for prefix, encoder in (("text_encoders.clip_l.transformer.", encoders["text_encoder"]),
+                            ("text_encoders.clip_g.transformer.", encoders["text_encoder_2"])):
+        comfy_keys |= {prefix + name for name, m in encoder.named_modules() if isinstance(m, torch.nn.Linear)}
+    modules = {key.rsplit(".", 2 if key.endswith(".weight") else 1)[0] for key in conversion.tensors}
+    assert modules <= comfy_keys and "lora_unet_joint_blocks_0_x_block_attn_qkv" in modules
+    assert any(m.startswith("text_encoders.clip_g.transformer.text_model.") for m in modules)
+    written = tmp_path / "comfy_named.safetensors"  # the transformer's part, read back as a kohya file
+    save_file({k: v.contiguous() for k, v in conversion.tensors.items() if k.startswith("lora_unet_")}, str(written))
+    got = lora_compat.patched_weights(written, {"transformer": model}, 0.7, base="sd3", strict=True)
+    expected = _independent(path, {"transformer": model}, 0.7)
+    # the swapped (shift, scale) modulations have no tensors a host's own loader could add: the adapters apply
+    # lora_compat's patch for them (as for FLUX.1's final_layer)
+    swapped = {"lora_unet_" + n.replace(".", "_") for n in SWAPPED}
+    assert swapped <= set(conversion.patches) and not any(k.partition(".")[0] in swapped for k in conversion.tensors)
+    expected = {k: v for k, v in expected.items() if not k.endswith(("norm_out.linear.weight",
+                                                                       f"{LAST}.norm1_context.linear.weight"))}
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        assert (got[name] - value).norm() / value.norm() < 1e-6, name
+
+
+def native_state_dict(components: dict) -> dict[str, torch.Tensor]:
+    """An SD3 single-file checkpoint of ``components``: the transformer under ``model.diffusion_model.<native>``
+    (diffusers' converter read backwards: q, k, v concatenated, the swapped modulations' halves swapped back),
+    CLIP-L under ``text_encoders.clip_l.transformer.``."""
+    model = components["transformer"]
+    state = {}
+    for native, parts in native_parts(model).items():
+        for param in ("weight", "bias"):
+            pieces = [getattr(model.get_submodule(p), param) for p in parts]
+            if any(t is None for t in pieces):
+                continue
+            tensor = torch.cat([t.detach() for t in pieces])
+            state[f"model.diffusion_model.{native}.{param}"] = _swap(tensor) if native in SWAPPED else tensor
+    if "text_encoder" in components:
+        state.update({f"text_encoders.clip_l.transformer.{k}": v.detach()
+                      for k, v in components["text_encoder"].state_dict().items()})
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def test_bake_a_single_file_checkpoint(model, encoders, tmp_path):
+    """The native (fused, swapped) single file baked with a kohya LoRA equals the independent merge, written back
+    under the same names; the keys the LoRA does not touch are the checkpoint's."""
+    from lora_compat.tools.bake import bake
+
+    components = {"transformer": model, "text_encoder": encoders["text_encoder"]}
+    checkpoint = native_state_dict(components)
+    save_file(checkpoint, str(tmp_path / "sd3.safetensors"))
+    lora = _kohya_file(tmp_path / "kohya.safetensors", model, {"text_encoder": encoders["text_encoder"]})
+    bake(tmp_path / "sd3.safetensors", [(lora, 0.8)], tmp_path / "baked.safetensors", progress=False)
+    baked = load_file(str(tmp_path / "baked.safetensors"))
+    merged = {c: copy.deepcopy(m) for c, m in components.items()}
+    with torch.no_grad():
+        for name, value in _independent(lora, components, 0.8).items():
+            component, _, param = name.partition(".")
+            merged[component].get_parameter(param).copy_(value)
+    want = native_state_dict(merged)
+    assert sorted(baked) == sorted(want)
+    changed = [k for k in want if not torch.equal(want[k], checkpoint[k])]
+    assert "model.diffusion_model.final_layer.adaLN_modulation.1.weight" in changed
+    assert any(k.startswith("text_encoders.clip_l.") for k in changed)
+    for key, value in want.items():
+        assert (baked[key] - value).norm() <= 1e-6 * value.norm(), key
+
+
+def test_bake_a_diffusers_folder(model, tmp_path):
+    from lora_compat.tools.bake import bake
+
+    model.save_pretrained(tmp_path / "checkpoint" / "transformer")
+    (tmp_path / "checkpoint" / "model_index.json").write_text("{}")
+    lora = _kohya_file(tmp_path / "kohya.safetensors", model)
+    bake(tmp_path / "checkpoint", [(lora, 0.8)], tmp_path / "baked", progress=False)
+    baked = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "baked" / "transformer")
+    expected = {k.removeprefix("transformer."): v for k, v in _independent(lora, {"transformer": model}, 0.8).items()}
+    for key, value in baked.state_dict().items():
+        want = expected.get(key, model.state_dict()[key])
+        assert (value - want).norm() <= 1e-6 * want.norm(), key

@@ -158,7 +158,12 @@ SD3 = Arch(
     host_names={"transformer": HostNames("lora_unet_"), "text_encoder": HostNames("lora_te1_", encoder="clip"),
                 "text_encoder_2": HostNames("lora_te2_", encoder="clip"),
                 "text_encoder_3": HostNames("lora_te3_", encoder="t5")},
-    checkpoint_prefixes={"model.diffusion_model.": "transformer"}, comfy_classes=("SD3",),
+    # single files (sd3.5_large.safetensors): the transformer under model.diffusion_model. (native names), the
+    # encoders under ComfyUI's names when the file bundles them
+    checkpoint_prefixes={"model.diffusion_model.": "transformer", "text_encoders.clip_l.transformer.": "text_encoder",
+                         "text_encoders.clip_g.transformer.": "text_encoder_2",
+                         "text_encoders.t5xxl.transformer.": "text_encoder_3"},
+    comfy_classes=("SD3",),
     comfy_text_encoders={"text_encoder": "text_encoders.clip_l.transformer.",
                          "text_encoder_2": "text_encoders.clip_g.transformer.",
                          "text_encoder_3": "text_encoders.t5xxl.transformer."},
