@@ -22,6 +22,10 @@ transformers = pytest.importorskip("transformers")
 
 # the kohya converter sized for H=64, MLP=256, and its output with the top-level modules' prefix restored
 from test_flux_parity import kohya_state_dict, tiny_converters  # noqa: E402
+# BFL module → the diffusers modules it stacks by rows (diffusers' chroma single-file converter read backwards)
+from test_chroma_mapping import DOUBLE, SINGLE  # noqa: E402
+from family_tests import assert_close, assert_matches as _assert_matches, linears as _linears, random_model, \
+    trained_lora as _randomised  # noqa: E402
 
 #: H = 4 heads x 16 = 64, MLP 256: the widths test_flux_parity's tiny converters are sized for
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -30,13 +34,6 @@ TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, att
 T5 = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
           is_encoder_decoder=False)
 RANK, ALPHA = 4, 2.0
-#: BFL module → the diffusers modules it stacks by rows (diffusers' chroma single-file converter read backwards)
-DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-          "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-          "img_attn.proj": ("attn.to_out.0",), "txt_attn.proj": ("attn.to_add_out",),
-          "img_mlp.0": ("ff.net.0.proj",), "img_mlp.2": ("ff.net.2",),
-          "txt_mlp.0": ("ff_context.net.0.proj",), "txt_mlp.2": ("ff_context.net.2",)}
-SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",)}
 TOP = {"img_in": "x_embedder", "txt_in": "context_embedder", "final_layer.linear": "proj_out"}
 APPROXIMATOR = {"distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
                 "distilled_guidance_layer.out_proj": "distilled_guidance_layer.out_proj",
@@ -54,12 +51,7 @@ def bfl_parts() -> dict[str, tuple[str, ...]]:
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = diffusers.ChromaTransformer2DModel(**TINY)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model.eval()
+    return random_model(lambda: diffusers.ChromaTransformer2DModel(**TINY), seed)
 
 
 def _t5(seed: int = 0) -> torch.nn.Module:
@@ -67,26 +59,9 @@ def _t5(seed: int = 0) -> torch.nn.Module:
     return transformers.T5EncoderModel(transformers.T5Config(**T5)).eval()
 
 
-def _linears(model: torch.nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
 def _pipeline(transformer: torch.nn.Module, text_encoder: torch.nn.Module | None = None):
     return diffusers.ChromaPipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=None,
                                     transformer=transformer)
-
-
-def _randomised(model: torch.nn.Module, config, seed: int) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
-
-    trained = copy.deepcopy(model)
-    trained.add_adapter(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return get_peft_model_state_dict(trained)
 
 
 def _diffusers_file(model, path: Path, text_encoder=None, modules: list[str] | None = None, seed: int = 1) -> Path:
@@ -160,19 +135,6 @@ def _base(model, text_encoder=None) -> dict[str, torch.Tensor]:
     return state
 
 
-def _assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
-                    fused_rows: bool = False):
-    """``got`` changes every weight diffusers changed, and only those. ``fused_rows``: a file in a fused layout
-    also carries the zero rows of the parts a partial LoRA leaves out: their weights come back bit-identical."""
-    changed = sorted(k for k in expected if not torch.equal(expected[k], base[k]))
-    if fused_rows:
-        got = {k: v for k, v in got.items() if k in changed or not torch.equal(v, base[k])}
-    assert changed and sorted(got) == changed  # every trained weight, and only those
-    for name in changed:
-        err = (got[name] - expected[name]).norm() / (expected[name] - base[name]).norm()
-        assert err < 1e-5, (name, float(err))
-
-
 def _independent(model, bfl_file: Path, strength: float) -> dict[str, torch.Tensor]:
     """``W + strength * B @ A`` per BFL module (scale 1: ai-toolkit), split into its parts' rows here."""
     tensors = load_file(str(bfl_file))
@@ -243,10 +205,7 @@ def test_ai_toolkit_bfl_file_with_the_approximator(model, tmp_path):
     detection = lora_compat.detect(path)
     assert detection.dialect.id == "bfl" and not detection.patchset.unmatched
     expected = _independent(model, path, 0.8)
-    got = lora_compat.patched_weights(path, {"transformer": model}, 0.8)
-    assert sorted(got) == sorted(expected)
-    for name, value in expected.items():
-        assert (got[name] - value).norm() / value.norm() < 1e-6, name
+    assert_close(lora_compat.patched_weights(path, {"transformer": model}, 0.8), expected)
 
 
 def test_a_flux1_files_modulation_is_unmatched_on_chroma(model, tmp_path):
@@ -366,6 +325,4 @@ def test_bake_a_single_file_checkpoint(model, tmp_path):
         for name, value in _independent(model, lora, 0.8).items():
             merged.get_parameter(name.removeprefix("transformer.")).copy_(value)
     want, baked = bfl_state_dict(merged), load_file(str(tmp_path / "baked.safetensors"))
-    assert sorted(baked) == sorted(want)
-    for key, value in want.items():
-        assert (baked[key] - value).norm() <= 1e-6 * value.norm(), key
+    assert_close(baked, want)

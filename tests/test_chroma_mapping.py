@@ -7,7 +7,7 @@ import pytest
 
 import lora_compat
 from lora_compat.archs.chroma import CHROMA
-from lora_compat.files import Header, LoraFile
+from family_tests import header_file, lora
 
 #: Linear modules of Chroma1 (families.md appendix A, counted on ``meta``)
 LINEAR_MODULES = 433
@@ -47,22 +47,6 @@ def bfl_modules() -> dict[str, tuple[tuple[int, int], tuple[str, ...]]]:
 def _linears() -> dict[str, tuple[int, int]]:
     modules = CHROMA.index.components["transformer"]
     return {p: shapes["weight"] for p, shapes in modules.items() if len(shapes.get("weight", ())) == 2}
-
-
-def header_file(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None) -> LoraFile:
-    """A LoRA known by its header alone (no tensor is read)."""
-    return LoraFile(Header(shapes, {k: "F16" for k in shapes}, metadata or {}),
-                    lambda k: (_ for _ in ()).throw(AssertionError(k)), "memory")
-
-
-def lora(modules: dict[str, tuple[int, int]], down: str = "lora_A.weight", up: str = "lora_B.weight",
-         alpha: bool = False) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, (out, inp) in modules.items():
-        shapes.update({f"{name}.{down}": (1, inp), f"{name}.{up}": (out, 1)})
-        if alpha:
-            shapes[f"{name}.alpha"] = ()
-    return shapes
 
 
 def test_table_has_every_linear_of_chroma1():

@@ -25,23 +25,17 @@ diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+# the native map (diffusers' converter read backwards) and the shared helpers
+from test_sd3_mapping import CONTEXT_BLOCK, TOP, X_BLOCK  # noqa: E402
+from family_tests import assert_close, assert_matches as _assert_matches, linears as _linears, random_model, \
+    swap_halves as _swap, trained_lora as _randomised  # noqa: E402
+
 W = 32  # 4 heads x 8
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=4,
             joint_attention_dim=16, caption_projection_dim=W, pooled_projection_dim=24, out_channels=4,
             pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0, 1))
 LAST = TINY["num_layers"] - 1
 RANK, ALPHA = 4, 2.0
-X_BLOCK = {"attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "attn.proj": ("attn.to_out.0",),
-           "attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"), "attn2.proj": ("attn2.to_out.0",),
-           "mlp.fc1": ("ff.net.0.proj",), "mlp.fc2": ("ff.net.2",), "adaLN_modulation.1": ("norm1.linear",)}
-CONTEXT_BLOCK = {"attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-                 "attn.proj": ("attn.to_add_out",), "mlp.fc1": ("ff_context.net.0.proj",),
-                 "mlp.fc2": ("ff_context.net.2",), "adaLN_modulation.1": ("norm1_context.linear",)}
-TOP = {"context_embedder": "context_embedder", "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
-       "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
-       "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
-       "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2", "final_layer.linear": "proj_out",
-       "final_layer.adaLN_modulation.1": "norm_out.linear"}
 #: (shift, scale) natively, (scale, shift) in diffusers (``swap_scale_shift`` in diffusers' converter)
 SWAPPED = {"final_layer.adaLN_modulation.1", f"joint_blocks.{LAST}.context_block.adaLN_modulation.1"}
 
@@ -59,12 +53,7 @@ def native_parts(model) -> dict[str, tuple[str, ...]]:
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = diffusers.SD3Transformer2DModel(**TINY)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model.eval()
+    return random_model(lambda: diffusers.SD3Transformer2DModel(**TINY), seed)
 
 
 def _clip(hidden: int, seed: int) -> torch.nn.Module:
@@ -80,23 +69,6 @@ def _t5(seed: int = 3) -> torch.nn.Module:
     return transformers.T5EncoderModel(transformers.T5Config(
         vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
         is_encoder_decoder=False)).eval()
-
-
-def _linears(model) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
-def _randomised(model, config, seed: int) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
-
-    trained = copy.deepcopy(model)
-    trained.add_adapter(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return get_peft_model_state_dict(trained)
 
 
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -134,23 +106,6 @@ def _diffusers_fused(path: Path, components: dict, strength: float = 1.0) -> dic
     pipe.fuse_lora(lora_scale=strength, components=list(copies))
     pipe.unload_lora_weights()
     return _state(copies)
-
-
-def _assert_matches(got, expected, base, fused_rows: bool = False):
-    """``got`` changes every weight ``expected`` changed, only those (``fused_rows``: a fused file's zero rows of
-    parts a partial LoRA leaves out come back bit-identical), each within 1e-5."""
-    changed = sorted(k for k in expected if not torch.equal(expected[k], base[k]))
-    if fused_rows:
-        got = {k: v for k, v in got.items() if k in changed or not torch.equal(v, base[k])}
-    assert changed and sorted(got) == changed
-    for name in changed:
-        err = (got[name] - expected[name]).norm() / (expected[name] - base[name]).norm()
-        assert err < 1e-5, (name, float(err))
-
-
-def _swap(t: torch.Tensor) -> torch.Tensor:
-    a, b = t.chunk(2, dim=0)
-    return torch.cat([b, a])
 
 
 def _kohya_file(path: Path, model, encoders: dict | None = None, seed: int = 2, modules=None) -> Path:
@@ -279,10 +234,8 @@ def test_kohya_file_with_three_text_encoders(model, encoders, tmp_path, strength
     assert (detection.dialect.id, detection.base_candidates) == ("kohya", ["sd3"])
     got = lora_compat.patched_weights(path, components, strength, strict=True)
     expected = _independent(path, components, strength)
-    assert sorted(got) == sorted(expected)
     assert {k.partition(".")[0] for k in got} == set(components)
-    for name, value in expected.items():
-        assert (got[name] - value).norm() / value.norm() < 1e-6, name
+    assert_close(got, expected)
 
 
 def test_comfy_native_file(model, tmp_path):
@@ -290,10 +243,7 @@ def test_comfy_native_file(model, tmp_path):
     path = _comfy_file(kohya, tmp_path / "comfy.safetensors")
     assert lora_compat.detect(path).dialect.id == "native"
     got = lora_compat.patched_weights(path, {"transformer": model}, 0.9, strict=True)
-    expected = _independent(kohya, {"transformer": model}, 0.9)
-    assert sorted(got) == sorted(expected)
-    for name, value in expected.items():
-        assert (got[name] - value).norm() / value.norm() < 1e-6, name
+    assert_close(got, _independent(kohya, {"transformer": model}, 0.9))
 
 
 def test_patcher_on_the_bare_transformer(model, tmp_path):
@@ -304,9 +254,7 @@ def test_patcher_on_the_bare_transformer(model, tmp_path):
     patcher = lora_compat.Patcher(live)  # the component comes from the family's class names
     patcher.set([(path, 0.8)])
     changed = {f"transformer.{k}": v for k, v in live.state_dict().items() if not torch.equal(v, before[k])}
-    assert sorted(changed) == sorted(expected)
-    for name, value in expected.items():
-        assert (changed[name] - value).norm() / value.norm() < 1e-6, name
+    assert_close(changed, expected)
     patcher.set([])
     assert all(torch.equal(v, before[k]) for k, v in live.state_dict().items())
 
@@ -393,9 +341,7 @@ def test_comfyui_names(model, encoders, tmp_path):
     assert swapped <= set(conversion.patches) and not any(k.partition(".")[0] in swapped for k in conversion.tensors)
     expected = {k: v for k, v in expected.items() if not k.endswith(("norm_out.linear.weight",
                                                                        f"{LAST}.norm1_context.linear.weight"))}
-    assert sorted(got) == sorted(expected)
-    for name, value in expected.items():
-        assert (got[name] - value).norm() / value.norm() < 1e-6, name
+    assert_close(got, expected)
 
 
 def native_state_dict(components: dict) -> dict[str, torch.Tensor]:
@@ -434,12 +380,10 @@ def test_bake_a_single_file_checkpoint(model, encoders, tmp_path):
             component, _, param = name.partition(".")
             merged[component].get_parameter(param).copy_(value)
     want = native_state_dict(merged)
-    assert sorted(baked) == sorted(want)
     changed = [k for k in want if not torch.equal(want[k], checkpoint[k])]
     assert "model.diffusion_model.final_layer.adaLN_modulation.1.weight" in changed
     assert any(k.startswith("text_encoders.clip_l.") for k in changed)
-    for key, value in want.items():
-        assert (baked[key] - value).norm() <= 1e-6 * value.norm(), key
+    assert_close(baked, want)
 
 
 def test_bake_a_diffusers_folder(model, tmp_path):
@@ -454,3 +398,18 @@ def test_bake_a_diffusers_folder(model, tmp_path):
     for key, value in baked.state_dict().items():
         want = expected.get(key, model.state_dict()[key])
         assert (value - want).norm() <= 1e-6 * want.norm(), key
+
+
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_simpletuner_lycoris_matches_lycoris_forward(model, tmp_path, algo):
+    """SimpleTuner's ``lycoris_transformer_blocks_0_attn_to_q.lokr_w1`` (lycoris-lora over every Linear of the
+    diffusers model): the weights lycoris' own forward implies, at multiplier and strength 0.6."""
+    pytest.importorskip("lycoris")
+    from test_flux_parity import _expected_from_implied, assert_same, write_lycoris
+
+    path, implied = write_lycoris(tmp_path / f"{algo}.safetensors", model, algo, multiplier=0.6)
+    assert len(implied) == len(_linears(model))
+    detection = lora_compat.detect(path)
+    assert detection.dialect.id == "lycoris" and detection.base_candidates == ["sd3"]
+    assert_same(lora_compat.patched_weights(path, {"transformer": model}, 0.6, strict=True),
+                _expected_from_implied(model, implied))

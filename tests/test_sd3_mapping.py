@@ -7,7 +7,7 @@ import pytest
 
 import lora_compat
 from lora_compat.archs.sd3 import SD3
-from lora_compat.files import Header, LoraFile
+from family_tests import header_file, lora
 
 #: Linear modules per variant (families.md appendix A, counted on ``meta``)
 LINEARS = {"sd3-medium": 340, "sd3.5-large": 536, "sd3.5-medium": 392}
@@ -53,21 +53,6 @@ def native_modules(variant: str) -> dict[str, tuple[tuple[int, int], tuple[str, 
                         (sum(mods[p][0] for p in paths), mods[paths[0]][1]), paths)
     assert sorted(p for _, paths in found.values() for p in paths) == sorted(mods)
     return found
-
-
-def header_file(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str] | None = None) -> LoraFile:
-    return LoraFile(Header(shapes, {k: "F16" for k in shapes}, metadata or {}),
-                    lambda k: (_ for _ in ()).throw(AssertionError(k)), "memory")
-
-
-def lora(modules: dict[str, tuple[int, int]], down: str = "lora_A.weight", up: str = "lora_B.weight",
-         alpha: bool = False) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, (out, inp) in modules.items():
-        shapes.update({f"{name}.{down}": (1, inp), f"{name}.{up}": (out, 1)})
-        if alpha:
-            shapes[f"{name}.alpha"] = ()
-    return shapes
 
 
 @pytest.mark.parametrize("variant", list(LINEARS))
