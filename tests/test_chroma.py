@@ -326,3 +326,21 @@ def test_bake_a_single_file_checkpoint(model, tmp_path):
             merged.get_parameter(name.removeprefix("transformer.")).copy_(value)
     want, baked = bfl_state_dict(merged), load_file(str(tmp_path / "baked.safetensors"))
     assert_close(baked, want)
+
+
+def test_comfyui_names(model, tmp_path):
+    """``convert_for_host(..., "comfy")`` names what ComfyUI's generic map takes for its Chroma model (BFL names
+    under ``lora_unet_``: the fused qkv/linear1 whole, the approximator as ``in_layer``/``out_layer``); read back,
+    the tensors give the same weights."""
+    from lora_compat.archs import ModuleIndex
+    from lora_compat.hosts.convert import convert_for_host
+
+    path = _to_bfl(_kohya_file(model, tmp_path / "k.safetensors", approximator=True), tmp_path / "bfl.safetensors")
+    conversion = convert_for_host(str(path), "comfy", index=ModuleIndex.from_modules({"transformer": model}))
+    assert conversion.unmatched == []
+    modules = {key.partition(".")[0] for key in conversion.tensors}
+    assert modules == {"lora_unet_" + bfl.replace(".", "_") for bfl in bfl_parts()}
+    written = tmp_path / "comfy_named.safetensors"
+    save_file({k: v.contiguous() for k, v in conversion.tensors.items()}, str(written))
+    assert_close(lora_compat.patched_weights(written, {"transformer": model}, 0.8, strict=True),
+                 _independent(model, path, 0.8))
