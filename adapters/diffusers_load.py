@@ -13,6 +13,7 @@ import torch
 
 from lora_compat.models import check_patchset, component_modules, resolve_patchset
 from lora_compat.archs import ModuleIndex
+from lora_compat.archs.names import is_t5
 from lora_compat.errors import LoraCompatError
 from lora_compat.patcher import Entry
 from lora_compat.patches import Patch
@@ -41,14 +42,34 @@ def _is_peft_loha(patch: Patch) -> bool:
 
 def choose_route(patchset: PatchSet, pipe: Any = None) -> str:
     """``diffusers`` for plain LoRA, ``peft`` for LoHa, else ``patcher``; PEFT cannot mix tuner types on one
-    layer, so a module another tuner type already wraps sends the file to the patcher."""
+    layer, so a module another tuner type already wraps sends the file to the patcher. A file on a component
+    diffusers' loader does not take (:func:`_diffusers_loads`) goes to the patcher too."""
     patches = list(patchset.values())
     wrappers = _wrapper_kinds(pipe, patchset) if pipe is not None else set()
-    if patches and all(_is_plain_lora(p) for p in patches) and wrappers <= {"lora"}:
+    if patches and all(_is_plain_lora(p) for p in patches) and wrappers <= {"lora"} and \
+            (pipe is None or _diffusers_loads(pipe, patchset)):
         return "diffusers"
     if patches and all(_is_peft_loha(p) for p in patches) and wrappers <= {"loha"}:
         return "peft"
     return "patcher"
+
+
+def _diffusers_loads(pipe: Any, patchset: PatchSet) -> bool:
+    """Whether diffusers' ``load_lora_weights`` takes every component the patchset targets: one its LoRA mixin
+    lists (``_lora_loadable_modules``; SD3's T5 ``text_encoder_3`` is not, and would be dropped in silence) and,
+    for a text encoder, a CLIP one (diffusers 0.42 converts only CLIP names there: a LoRA on Chroma's T5
+    ``text_encoder`` raises)."""
+    loadable = getattr(pipe, "_lora_loadable_modules", None)
+    if loadable is None:
+        return True
+    modules = component_modules(pipe)
+    for component in {t.partition(".")[0] for t in patchset}:
+        if component not in loadable:
+            return False
+        if component.startswith("text_encoder") and component in modules and \
+                is_t5(name for name, _ in modules[component].named_modules()):
+            return False
+    return True
 
 
 def _wrapper_kinds(pipe: Any, patchset: PatchSet) -> set[str]:

@@ -344,3 +344,23 @@ def test_comfyui_names(model, tmp_path):
     save_file({k: v.contiguous() for k, v in conversion.tensors.items()}, str(written))
     assert_close(lora_compat.patched_weights(written, {"transformer": model}, 0.8, strict=True),
                  _independent(model, path, 0.8))
+
+
+def test_diffusers_adapter_with_t5_keys_takes_the_patcher_route(model, t5, tmp_path):
+    """diffusers' loader raises on a T5 text-encoder LoRA (see test_t5_keys_apply_to_the_text_encoder): the
+    adapter applies such a file through the patcher, exactly, and unloads it bit for bit."""
+    from lora_compat.adapters import diffusers as adapter
+
+    path = _diffusers_file(model, tmp_path / "chroma_t5.safetensors", t5)
+    pipe = _pipeline(copy.deepcopy(model), copy.deepcopy(t5))
+    live = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder}
+    before = {f"{c}.{k}": v.clone() for c, m in live.items() for k, v in m.state_dict().items()}
+    loaded = adapter.load(pipe, path, strength=0.7)
+    assert loaded.route == "patcher"
+    expected = lora_compat.patched_weights(path, {"transformer": model, "text_encoder": t5}, 0.7, base="chroma")
+    assert any(k.startswith("text_encoder.") for k in expected)
+    state = {f"{c}.{k}": v for c, m in live.items() for k, v in m.state_dict().items()}
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
+    adapter.unload(pipe, loaded)
+    state = {f"{c}.{k}": v for c, m in live.items() for k, v in m.state_dict().items()}
+    assert sorted(state) == sorted(before) and all(torch.equal(state[k], before[k]) for k in before)

@@ -297,6 +297,7 @@ def test_diffusers_adapter_on_an_sd3_pipeline(model, encoders, tmp_path):
     live = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
     before = _state(live)
     loaded = adapter.load(pipe, path, strength=0.8)
+    assert loaded.route == "diffusers"  # diffusers' SD3 mixin loads the transformer and both CLIP encoders
     for strength in (0.8, 0.3):
         if strength != 0.8:
             adapter.set_strength(pipe, loaded, strength)
@@ -413,3 +414,23 @@ def test_simpletuner_lycoris_matches_lycoris_forward(model, tmp_path, algo):
     assert detection.dialect.id == "lycoris" and detection.base_candidates == ["sd3"]
     assert_same(lora_compat.patched_weights(path, {"transformer": model}, 0.6, strict=True),
                 _expected_from_implied(model, implied))
+
+
+def test_diffusers_adapter_with_t5_keys_takes_the_patcher_route(model, encoders, tmp_path):
+    """diffusers' SD3 mixin does not list ``text_encoder_3``: it would drop a T5 LoRA in silence. The adapter
+    applies such a file through the patcher, exactly (T5 included), and unloads it bit for bit."""
+    from lora_compat.adapters import diffusers as adapter
+
+    components = {"transformer": model, **encoders, "text_encoder_3": _t5()}
+    path = _kohya_file(tmp_path / "kohya.safetensors", model, {k: v for k, v in components.items()
+                                                                if k != "transformer"})
+    copies = {c: copy.deepcopy(m) for c, m in components.items()}
+    pipe = _pipeline(copies["transformer"], copies["text_encoder"], copies["text_encoder_2"], copies["text_encoder_3"])
+    before = _state(copies)
+    loaded = adapter.load(pipe, path, strength=0.7)
+    assert loaded.route == "patcher"
+    assert_close({k: v for k, v in _state(copies).items() if not torch.equal(v, before[k])},
+                 _independent(path, components, 0.7))
+    adapter.unload(pipe, loaded)
+    after = _state(copies)
+    assert all(torch.equal(after[k], before[k]) for k in before)
