@@ -218,7 +218,8 @@ def test_a_flux1_files_modulation_is_unmatched_on_chroma(model, tmp_path):
              (3 * 64, 64), "lora_unet_final_layer_adaLN_modulation_1": (2 * 64, 64)}
     for name, (out, inp) in extra.items():
         tensors.update({f"{name}.lora_down.weight": torch.randn(RANK, inp, generator=g),
-                        f"{name}.lora_up.weight": torch.randn(out, RANK, generator=g), f"{name}.alpha": torch.tensor(1.)})
+                        f"{name}.lora_up.weight": torch.randn(out, RANK, generator=g),
+                        f"{name}.alpha": torch.tensor(1.)})
     path = tmp_path / "flux1_with_modulation.safetensors"
     save_file(tensors, str(path))
     from lora_compat.archs import ModuleIndex
@@ -280,7 +281,8 @@ def test_diffusers_adapter_on_a_chroma_pipeline(model, t5, tmp_path):
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     loaded = adapter.load(pipe, path, strength=0.8)
     g = torch.Generator().manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 4, 16, generator=g), encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
+    inputs = dict(hidden_states=torch.randn(1, 4, 16, generator=g),
+                  encoder_hidden_states=torch.randn(1, 3, 32, generator=g),
                   timestep=torch.tensor([0.5]), img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(3, 3), return_dict=False)
 
     def reference(strength: float) -> torch.Tensor:

@@ -70,7 +70,8 @@ def test_tables_agree_with_diffusers_on_meta():
             assert {m: {p: tuple(s) for p, s in ps.items()} for m, ps in generated[component].items()} == shipped
     large = SD3.index.components["transformer"]
     assert large["transformer_blocks.37.norm1_context.linear"]["weight"] == (2 * 2432, 2432)  # context_pre_only
-    assert "transformer_blocks.37.attn.to_add_out" not in large and "transformer_blocks.37.ff_context.net.2" not in large
+    assert "transformer_blocks.37.attn.to_add_out" not in large
+    assert "transformer_blocks.37.ff_context.net.2" not in large
     assert large["transformer_blocks.0.attn.norm_q"]["weight"] == (64,)  # rms qk-norm
     medium = SD3.variant_index("sd3-medium").components["transformer"]
     assert medium["transformer_blocks.12.attn2.to_q"]["weight"] == (1536, 1536)

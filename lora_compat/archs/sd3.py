@@ -182,7 +182,8 @@ def _transformer(layers: int, **extra) -> dict:
 SD3_VARIANTS = {
     "sd3-medium": _transformer(24),
     "sd3.5-large": _transformer(38, qk_norm="rms_norm"),
-    "sd3.5-medium": _transformer(24, qk_norm="rms_norm", pos_embed_max_size=384, dual_attention_layers=tuple(range(13))),
+    "sd3.5-medium": _transformer(24, qk_norm="rms_norm", pos_embed_max_size=384,
+                                 dual_attention_layers=tuple(range(13))),
 }
 _CLIP_L = ("CLIPTextModelWithProjection", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                                num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"))
