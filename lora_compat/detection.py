@@ -5,7 +5,7 @@ import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Mapping, Union
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Union
 
 from .archs import Arch, ModuleIndex
 from .dialects import Dialect, Match
@@ -146,16 +146,16 @@ def _detect(opened: LoraFile, base: str | None) -> Detection:
             family = candidates[arch]
             index = family.index.names_only()
             by_name[arch] = dialect.read(file, index).fitted(index)
-            for variant in family.variant_tables if unnamed(by_name[arch]) else ():
+            for variant in family.variant_tables if _unnamed(by_name[arch]) else ():
                 index = family.variant_index(variant).names_only()
                 patchset = dialect.read(file, index).fitted(index)
-                if unnamed(patchset) < unnamed(by_name[arch]):
+                if _unnamed(patchset) < _unnamed(by_name[arch]):
                     by_name[arch] = patchset
         return by_name[arch]
 
     def names_its_modules(arch: str) -> bool:
         """``arch`` has a module of every name of the file but a few (at most one key in twenty unnamed)."""
-        return unnamed(named_only(arch)) * 20 <= len(file.header)
+        return _unnamed(named_only(arch)) * 20 <= len(file.header)
 
     chosen, reason, named = _decide_base(file.header, candidates, scores, names_its_modules, forced=base is not None,
                                          encoders_only={k for k, ps in results.items() if ps and _encoders_only(ps)})
@@ -199,7 +199,7 @@ def _rule_out_foreign(header: Header, chosen: str | None, reason: str, named: li
     return None, reason, named
 
 
-def unnamed(patchset: PatchSet) -> int:
+def _unnamed(patchset: PatchSet) -> int:
     """Keys of ``patchset`` whose module name matches nothing."""
     return sum(reason.endswith(NO_MODULE) for reason in patchset.unmatched.values())
 
@@ -215,7 +215,7 @@ def _encoders_only(patchset: PatchSet) -> bool:
 
 def _decide_base(header: Header, archs: Mapping[str, Arch], scores: Mapping[str, tuple[int, int]],
                  names_all: Callable[[str], bool], forced: bool,
-                 encoders_only: set[str] = frozenset()) -> tuple[str | None, str, list[str]]:
+                 encoders_only: Collection[str] = ()) -> tuple[str | None, str, list[str]]:
     if forced:
         only = next(iter(archs))
         return only, "given by the caller", [only]
@@ -245,7 +245,7 @@ def _decide_base(header: Header, archs: Mapping[str, Arch], scores: Mapping[str,
 
 
 def _without_plain_derivatives(header: Header, archs: Mapping[str, Arch], scores: Mapping[str, tuple[int, int]],
-                               encoders_only: set[str]) -> tuple[dict[str, Arch], dict[str, tuple[int, int]]]:
+                               encoders_only: Collection[str]) -> tuple[dict[str, Arch], dict[str, tuple[int, int]]]:
     """The candidates less each family derived from another (:attr:`Arch.derives_from`: Chroma from FLUX.1) that
     fits the file no better than its parent, by shape and by name, unless the metadata names it: a FLUX.1 LoRA is
     a Chroma LoRA by names and shapes too, and stays FLUX.1's unless it patches a module only the derivative has
