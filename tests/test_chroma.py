@@ -366,3 +366,17 @@ def test_diffusers_adapter_with_t5_keys_takes_the_patcher_route(model, t5, tmp_p
     adapter.unload(pipe, loaded)
     state = {f"{c}.{k}": v for c, m in live.items() for k, v in m.state_dict().items()}
     assert sorted(state) == sorted(before) and all(torch.equal(state[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_simpletuner_lycoris_matches_lycoris_forward(model, tmp_path, algo):
+    """SimpleTuner's ``lycoris_<diffusers name>`` LoKr/LoHa (lycoris-lora over every Linear, the approximator
+    too): the weights lycoris' own forward implies, at multiplier and strength 0.6."""
+    pytest.importorskip("lycoris")
+    from test_flux_parity import _expected_from_implied, assert_same, write_lycoris
+
+    path, implied = write_lycoris(tmp_path / f"{algo}.safetensors", model, algo, multiplier=0.6)
+    assert len(implied) == len(_linears(model))
+    assert lora_compat.detect(path, base="chroma").dialect.id == "lycoris"
+    assert_same(lora_compat.patched_weights(path, {"transformer": model}, 0.6, base="chroma", strict=True),
+                _expected_from_implied(model, implied))
