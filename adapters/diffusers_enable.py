@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from lora_compat.errors import LoraCompatError
 
-from .diffusers_load import _diffusers_state_dict, _pipeline_patchset, choose_route, load
+from .diffusers_load import _diffusers_call, _pipeline_patchset, choose_route, load
 from .diffusers_state import _lock, _state
 
 _enabled: dict[type, Any] = {}
@@ -29,11 +29,14 @@ def _wrap(original):
             raise LoraCompatError(f"adapter name {adapter_name!r} is already in use; unload it first or pick another")
         if isinstance(source, Mapping) or not _is_local_file(source):
             return original(self, source, adapter_name=adapter_name, **kwargs)  # dicts, hub ids, folders
-        patchset, _ = _pipeline_patchset(self, source, strict=False, base=None)
+        # Wan 2.2: diffusers' own flag puts the file's transformer modules into the second expert
+        into = "transformer_2" if kwargs.get("load_into_transformer_2") else None
+        patchset, _ = _pipeline_patchset(self, source, strict=False, base=None, into=into)
         route = choose_route(patchset, self)
         if route == "diffusers":  # convert, then diffusers' own method: every contract of it is kept
-            return original(self, _diffusers_state_dict(patchset), adapter_name=adapter_name, **kwargs)
-        load(self, source, adapter_name=adapter_name, route=route, hotswap=bool(kwargs.get("hotswap")))
+            tensors, extra = _diffusers_call(self, patchset)
+            return original(self, tensors, adapter_name=adapter_name, **{**kwargs, **extra})
+        load(self, source, adapter_name=adapter_name, route=route, hotswap=bool(kwargs.get("hotswap")), into=into)
         return None
 
     load_lora_weights.__lora_compat_original__ = original

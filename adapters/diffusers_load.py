@@ -42,34 +42,17 @@ def _is_peft_loha(patch: Patch) -> bool:
 
 def choose_route(patchset: PatchSet, pipe: Any = None) -> str:
     """``diffusers`` for plain LoRA, ``peft`` for LoHa, else ``patcher``; PEFT cannot mix tuner types on one
-    layer, so a module another tuner type already wraps sends the file to the patcher. A file on a component
-    diffusers' loader does not take (:func:`_diffusers_loads`) goes to the patcher too."""
+    layer, so a module another tuner type already wraps sends the file to the patcher, and so does a component
+    diffusers' own loader of the pipeline does not load (Wan's text encoder, SD3's T5
+    ``text_encoder_3``) or cannot (a T5 text encoder: Chroma's)."""
     patches = list(patchset.values())
     wrappers = _wrapper_kinds(pipe, patchset) if pipe is not None else set()
-    if patches and all(_is_plain_lora(p) for p in patches) and wrappers <= {"lora"} and \
-            (pipe is None or _diffusers_loads(pipe, patchset)):
+    through_diffusers = pipe is None or _diffusers_into(pipe, patchset) != "patcher"
+    if patches and all(_is_plain_lora(p) for p in patches) and wrappers <= {"lora"} and through_diffusers:
         return "diffusers"
     if patches and all(_is_peft_loha(p) for p in patches) and wrappers <= {"loha"}:
         return "peft"
     return "patcher"
-
-
-def _diffusers_loads(pipe: Any, patchset: PatchSet) -> bool:
-    """Whether diffusers' ``load_lora_weights`` takes every component the patchset targets: one its LoRA mixin
-    lists (``_lora_loadable_modules``; SD3's T5 ``text_encoder_3`` is not, and would be dropped in silence) and,
-    for a text encoder, a CLIP one (diffusers 0.42 converts only CLIP names there: a LoRA on Chroma's T5
-    ``text_encoder`` raises)."""
-    loadable = getattr(pipe, "_lora_loadable_modules", None)
-    if loadable is None:
-        return True
-    modules = component_modules(pipe)
-    for component in {t.partition(".")[0] for t in patchset}:
-        if component not in loadable:
-            return False
-        if component.startswith("text_encoder") and component in modules and \
-                is_t5(name for name, _ in modules[component].named_modules()):
-            return False
-    return True
 
 
 def _wrapper_kinds(pipe: Any, patchset: PatchSet) -> set[str]:
@@ -88,12 +71,48 @@ def _wrapper_kinds(pipe: Any, patchset: PatchSet) -> set[str]:
     return kinds
 
 
-def _pipeline_patchset(pipe: Any, source: Any, strict: bool, base: str | None) -> tuple[PatchSet, ModuleIndex]:
+def _pipeline_patchset(pipe: Any, source: Any, strict: bool, base: str | None, into: str | None = None
+                       ) -> tuple[PatchSet, ModuleIndex]:
     modules = component_modules(pipe)
+    if into is not None:
+        modules = _swapped(modules, into)
     index = ModuleIndex.from_modules(modules)
     patchset = resolve_patchset(source, index, base)
     check_patchset(patchset, index, strict)
+    if into is not None:  # the file's transformer modules, read against ``into``, are ``into`` 's
+        patchset = dataclasses.replace(patchset, patches={
+            (f"{into}.{t.partition('.')[2]}" if t.partition(".")[0] == "transformer" else t): p
+            for t, p in patchset.items()})
     return patchset, index
+
+
+def _swapped(modules: dict[str, torch.nn.Module], into: str) -> dict[str, torch.nn.Module]:
+    """The pipeline's components with ``into`` standing as ``transformer`` (the component the file's keys name)."""
+    if into not in modules or "transformer" not in modules:
+        raise LoraCompatError(f"into={into!r}: the pipeline has no {into} component beside its transformer "
+                              f"(components: {', '.join(modules)})")
+    swapped = {c: m for c, m in modules.items() if c not in ("transformer", into)}
+    swapped["transformer"] = modules[into]
+    return swapped
+
+
+def _diffusers_into(pipe: Any, patchset: PatchSet) -> str | None:
+    """Where diffusers' own loader would put the patchset: ``None`` (as named), ``"transformer_2"`` (Wan 2.2's
+    ``load_into_transformer_2``), or ``"patcher"`` when it cannot (a component the pipeline's loader does not load,
+    such as Wan's text encoder or SD3's T5 ``text_encoder_3``, dropped in silence there; a T5 text encoder; or several
+    transformers at once)."""
+    loadable = set(getattr(pipe, "_lora_loadable_modules", ()) or ())
+    components = {t.partition(".")[0] for t in patchset}
+    if loadable and not components <= loadable:
+        return "patcher"
+    # diffusers 0.42 converts only CLIP names on a text encoder: a LoRA on a T5 one (Chroma's) raises there
+    modules = component_modules(pipe) if any(c.startswith("text_encoder") for c in components) else {}
+    if any(c.startswith("text_encoder") and c in modules and is_t5(n for n, _ in modules[c].named_modules())
+           for c in components):
+        return "patcher"
+    if "transformer_2" in components:
+        return "transformer_2" if components == {"transformer_2"} else "patcher"
+    return None
 
 
 def _default_name(pipe: Any, source: Any) -> str:
@@ -108,13 +127,14 @@ def _default_name(pipe: Any, source: Any) -> str:
 
 def load(pipe: Any, source: Any, adapter_name: str | None = None, strength: float = 1.0, *,
          strict: bool = False, base: str | None = None, route: str | None = None, hotswap: bool = False,
-         dora_strength: str = "interpolate") -> Loaded:
+         dora_strength: str = "interpolate", into: str | None = None) -> Loaded:
     """Load a LoRA file of any dialect into a diffusers pipeline; returns the adapter name (``.route`` tells
     how it was applied). ``route`` forces ``"patcher"`` (or a route the file allows). ``hotswap``: replace
     the weights of the existing diffusers-route adapter ``adapter_name`` in place (diffusers' hotswap).
     ``dora_strength``: how DoRA files (patcher route) read ``strength``: ``"interpolate"``
     (``W + s·(W_dora − W)``: 0 is off, as in the webuis and ComfyUI) or ``"library"`` (LyCORIS' multiplier,
-    PEFT's scaling)."""
+    PEFT's scaling). ``into``: the pipeline component that the file's transformer modules go to instead of
+    ``transformer`` (Wan 2.2's second expert: ``into="transformer_2"``, as diffusers' ``load_into_transformer_2``)."""
     check_dora_strength(dora_strength)
     with _lock:
         state = _state(pipe)
@@ -122,21 +142,21 @@ def load(pipe: Any, source: Any, adapter_name: str | None = None, strength: floa
         if hotswap:
             if state.routes.get(name) != "diffusers":
                 raise LoraCompatError(f"hotswap needs an adapter {name!r} loaded through the diffusers route")
-            patchset, _ = _pipeline_patchset(pipe, source, strict, base)
+            patchset, _ = _pipeline_patchset(pipe, source, strict, base, into)
             if choose_route(patchset, pipe) != "diffusers":
                 raise LoraCompatError(f"{patchset.source}: only plain LoRA can be hot-swapped (diffusers' hotswap)")
             encoders = sorted({t.partition(".")[0] for t in patchset if t.startswith("text_encoder")})
             if encoders:
                 raise LoraCompatError(f"{patchset.source}: diffusers cannot hot-swap text-encoder LoRAs "
                                       f"({', '.join(encoders)}); unload and load instead")
-            _original("load_lora_weights", pipe)(pipe, _diffusers_state_dict(patchset), adapter_name=name,
-                                                 hotswap=True)
+            tensors, kwargs = _diffusers_call(pipe, patchset)
+            _original("load_lora_weights", pipe)(pipe, tensors, adapter_name=name, hotswap=True, **kwargs)
             _scale_peft_adapter(pipe, name, strength)
             state.strengths[name] = strength
             return Loaded(name, "diffusers", sorted(patchset.unmatched))
         if name in state.routes or name in _peft_adapter_names(pipe):
             raise LoraCompatError(f"adapter name {name!r} is already in use; unload it first or pick another")
-        patchset, _ = _pipeline_patchset(pipe, source, strict, base)
+        patchset, _ = _pipeline_patchset(pipe, source, strict, base, into)
         chosen = route or choose_route(patchset, pipe)
         if chosen not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, not {chosen!r}")
@@ -189,10 +209,20 @@ def _restore_originals(pipe: Any, state: _State) -> None:
     state.originals.clear()
 
 
-def _load_through_diffusers(pipe: Any, patchset: PatchSet, name: str) -> None:
+def _diffusers_call(pipe: Any, patchset: PatchSet) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict and keyword arguments of diffusers' ``load_lora_weights`` for ``patchset``: a patchset on
+    ``transformer_2`` goes under ``transformer.`` names with ``load_into_transformer_2=True``."""
     tensors = _diffusers_state_dict(patchset)
+    if _diffusers_into(pipe, patchset) != "transformer_2":
+        return tensors, {}
+    return ({"transformer." + k.removeprefix("transformer_2."): v for k, v in tensors.items()},
+            {"load_into_transformer_2": True})
+
+
+def _load_through_diffusers(pipe: Any, patchset: PatchSet, name: str) -> None:
+    tensors, kwargs = _diffusers_call(pipe, patchset)
     # low_cpu_mem_usage: PEFT creates the adapter weights empty instead of random-initialising them first
-    _original("load_lora_weights", pipe)(pipe, tensors, adapter_name=name, low_cpu_mem_usage=True)
+    _original("load_lora_weights", pipe)(pipe, tensors, adapter_name=name, low_cpu_mem_usage=True, **kwargs)
     if name not in _peft_adapter_names(pipe):
         raise LoraCompatError(f"{patchset.source}: diffusers did not create adapter {name!r} from the converted "
                               "state dict")

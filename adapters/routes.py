@@ -41,6 +41,11 @@ HOST_FACTS: dict[tuple[str, str], HostFact] = {
         "refused: AUTOMATIC1111 has no Flux",
         "AUTOMATIC1111 v1.8.0 (bef51aed) extensions-builtin/Lora/networks.py: layer names come from the loaded SD "
         "model only (assign_network_names_to_compvis_modules); a FLUX.1 LoRA matches none of them"),
+    **{("a1111", base): HostFact(
+        f"refused: AUTOMATIC1111 has no {name}",
+        "AUTOMATIC1111 v1.8.0 (bef51aed) extensions-builtin/Lora/networks.py: layer names come from the loaded SD "
+        f"model only; the pinned sources have no NextDiT ({name}) model")
+       for base, name in (("z-image", "Z-Image"), ("lumina2", "Lumina 2"))},
     ("forge", "bfl-control"): HostFact(
         "works: Forge reads Control LoRAs itself",
         "Forge (dfdcbab6) packages_3rdparty/comfyui_lora_collection/lora.py load_lora: convert_lora_bfl_control "

@@ -63,6 +63,11 @@ def bench_diffusers(model: torch.nn.Module, a: Path, b: Path, runs: int) -> dict
 
     pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=model)
+    return diffusers_cycle(pipe, a, b, runs)
+
+
+def diffusers_cycle(pipe, a: Path, b: Path, runs: int) -> dict:
+    """diffusers' load+fuse, switch (unfuse+unload+load+fuse) and unfuse+unload of a pipeline's transformer."""
     load, fuse, unfuse, unload, switch = [], [], [], [], []
     for _ in range(runs):
         load.append(timed(lambda: pipe.load_lora_weights(str(a), adapter_name="a")))
@@ -93,6 +98,18 @@ def bench_patcher(model: torch.nn.Module, a: Path, b: Path, runs: int) -> dict:
     return {"first": median(first), "switch": median(switch), "clear": median(clear)}
 
 
+def print_rows(ours: dict, theirs: dict, bound: dict) -> None:
+    """The table: lora_compat against diffusers, the speed-up, and the switch against the bound."""
+    rows = [("first apply", "set([A])", ours["first"], "load_lora_weights + fuse_lora", theirs["load+fuse"]),
+            ("switch A -> B", "set([B])", ours["switch"], "unfuse + unload + load + fuse", theirs["switch"]),
+            ("remove", "clear()", ours["clear"], "unfuse_lora + unload_lora_weights", theirs["unfuse+unload"])]
+    print(f"{'':15} {'lora_compat':>22} {'diffusers':>40} {'speed-up':>9}")
+    for label, ours_name, ours_s, theirs_name, theirs_s in rows:
+        print(f"{label:15} {ours_name:>10} {ours_s:9.3f} s {theirs_name:>32} {theirs_s:6.3f} s "
+              f"{theirs_s / ours_s:8.1f}x")
+    print(f"switch / bound: {ours['switch'] / bound['bound_s']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
@@ -112,14 +129,7 @@ def main() -> None:
             theirs = bench_diffusers(model, a, b, args.runs)
             print(f"\n== {name}: {len(linears)} Linear layers, {bound['touched_gb']:.2f} GB touched; "
                   f"bound {bound['bound_s']:.3f} s (medians of {args.runs})")
-            rows = [("first apply", "set([A])", ours["first"], "load_lora_weights + fuse_lora", theirs["load+fuse"]),
-                    ("switch A -> B", "set([B])", ours["switch"], "unfuse + unload + load + fuse", theirs["switch"]),
-                    ("remove", "clear()", ours["clear"], "unfuse_lora + unload_lora_weights", theirs["unfuse+unload"])]
-            print(f"{'':15} {'lora_compat':>22} {'diffusers':>40} {'speed-up':>9}")
-            for label, ours_name, ours_s, theirs_name, theirs_s in rows:
-                print(f"{label:15} {ours_name:>10} {ours_s:9.3f} s {theirs_name:>32} {theirs_s:6.3f} s "
-                      f"{theirs_s / ours_s:8.1f}x")
-            print(f"switch / bound: {ours['switch'] / bound['bound_s']:.2f}x")
+            print_rows(ours, theirs, bound)
             del model
             gc.collect()
 

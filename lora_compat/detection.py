@@ -129,8 +129,10 @@ def _detect(opened: LoraFile, base: str | None) -> Detection:
     results = {k: dialect.read(file, a.index).fitted(a.index) for k, a in candidates.items()}
     scores = {k: _score(ps) for k, ps in results.items()}
     tables: dict[str, str | None] = {}
+    # no base fits at all: a variant may have modules its main table lacks (Qwen-Image-2.1's img_mlp.gate_layer)
+    none_fit = not any(_fits_by_shape(*s) for s in scores.values())
     for k, arch in candidates.items():
-        if arch.variant_tables and scores[k][1] and not _fits_by_shape(*scores[k]):
+        if arch.variant_tables and (scores[k][1] or none_fit) and not _fits_by_shape(*scores[k]):
             # the family's names, other shapes: one of its other sizes (Wan 1.3B, 5B)
             for variant in arch.variant_tables:
                 index = arch.variant_index(variant)
@@ -157,7 +159,18 @@ def _detect(opened: LoraFile, base: str | None) -> Detection:
         """``arch`` has a module of every name of the file but a few (at most one key in twenty unnamed)."""
         return _unnamed(named_only(arch)) * 20 <= len(file.header)
 
+    def in_proportion(arch: str) -> int:
+        """Modules of the file mapped by name whose shape is the table's at another width (out:in as the table
+        has it): a tiny FLUX.1 file's 7:1 ``linear1`` is FLUX.1's, not FLUX.2's 9:1."""
+        index, count = candidates[arch].index, 0
+        for target, patch in named_only(arch).patches.items():
+            table = (index.shapes(target) or {}).get("weight")
+            rows, columns = patch.out_rows(), patch.in_columns()
+            count += bool(table and len(table) == 2 and rows and columns and rows * table[1] == columns * table[0])
+        return count
+
     chosen, reason, named = _decide_base(file.header, candidates, scores, names_its_modules, forced=base is not None,
+                                         in_proportion=in_proportion,
                                          encoders_only={k for k, ps in results.items() if ps and _encoders_only(ps)})
     if base is None:
         chosen, reason, named = _rule_out_foreign(file.header, chosen, reason, named, candidates, archs, warnings)
@@ -215,7 +228,8 @@ def _encoders_only(patchset: PatchSet) -> bool:
 
 def _decide_base(header: Header, archs: Mapping[str, Arch], scores: Mapping[str, tuple[int, int]],
                  names_all: Callable[[str], bool], forced: bool,
-                 encoders_only: Collection[str] = ()) -> tuple[str | None, str, list[str]]:
+                 in_proportion: Callable[[str], int] = lambda k: 0, encoders_only: Collection[str] = ()
+                 ) -> tuple[str | None, str, list[str]]:
     if forced:
         only = next(iter(archs))
         return only, "given by the caller", [only]
@@ -238,6 +252,12 @@ def _decide_base(header: Header, archs: Mapping[str, Arch], scores: Mapping[str,
     named = [k for k in [*named, *(k for k in archs if k not in named)] if names_all(k)]
     if not named:
         return None, "no supported base has modules of these names and shapes", []
+    # families whose fused layouts share names (FLUX.1's and FLUX.2's BFL names): those whose shapes the file has
+    # in proportion (other families' tiny test models are named alike at any proportions: left as they were)
+    fused = [k for k in named if archs[k].fused_layout is not None]
+    if len(fused) > 1:
+        counts = {k: in_proportion(k) for k in fused}
+        named = [k for k in named if k not in fused or counts[k] == max(counts.values())]
     hinted = [k for k in named if archs[k].metadata_hint(header.metadata)]
     if len(hinted) == 1:
         return hinted[0], "names match but shapes fit no full-size base; metadata names this one", named

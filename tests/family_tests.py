@@ -1,8 +1,7 @@
-"""Helpers shared by the family tests (Chroma, SD3): tiny random models, peft-trained LoRA state dicts, header-only
+"""Helpers shared by the family tests (Chroma, SD3): tiny random models, header-only
 files and the comparison against an oracle's fused weights."""
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
@@ -22,20 +21,6 @@ def random_model(make: Callable[[], torch.nn.Module], seed: int = 0) -> torch.nn
 
 def linears(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-
-
-def trained_lora(model: torch.nn.Module, config, seed: int) -> dict[str, torch.Tensor]:
-    """The PEFT state dict of ``config`` added to a copy of ``model``, its LoRA factors drawn at random."""
-    from peft.utils import get_peft_model_state_dict
-
-    trained = copy.deepcopy(model)
-    trained.add_adapter(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return get_peft_model_state_dict(trained)
 
 
 def assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], base: dict[str, torch.Tensor],

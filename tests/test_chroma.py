@@ -24,8 +24,9 @@ transformers = pytest.importorskip("transformers")
 from test_flux_parity import kohya_state_dict, tiny_converters  # noqa: E402
 # BFL module → the diffusers modules it stacks by rows (diffusers' chroma single-file converter read backwards)
 from test_chroma_mapping import DOUBLE, SINGLE  # noqa: E402
-from family_tests import assert_close, assert_matches as _assert_matches, linears as _linears, random_model, \
-    trained_lora as _randomised  # noqa: E402
+from family_tests import assert_close, assert_matches as _assert_matches, linears as _linears, \
+    random_model  # noqa: E402
+from family_parity import trained_lora as _randomised  # noqa: E402
 
 #: H = 4 heads x 16 = 64, MLP 256: the widths test_flux_parity's tiny converters are sized for
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,

@@ -74,14 +74,17 @@ def test_non_loras_are_refused_by_name(name):
 
 #: model files (not LoRAs) of families lora_compat does not support: the header alone says they are models
 UNSUPPORTED_MODEL_FILES = ["invokeai_anima_comfyui_keys.json", "invokeai_z_image_transformer_comfyui_keys.json"]
-#: LoRAs of families lora_compat does not support (Qwen-Image, Anima): no base, nothing matched
-UNSUPPORTED_LORAS = ["invokeai_anima_lora_kohya_format.json", "invokeai_qwen_image_lora_kohya_format.json"]
+#: LoRAs of families lora_compat does not support (Anima): no base, nothing matched
+UNSUPPORTED_LORAS = ["invokeai_anima_lora_kohya_format.json"]
+#: the corpus layout of Qwen-Image (supported since issue 14): kohya LoKr with synthetic factor shapes
+QWEN_IMAGE_LORA = "invokeai_qwen_image_lora_kohya_format.json"
 
 
 def test_the_unsupported_family_layouts_are_in_the_corpus():
     entries = {e["file"]: e for e in index()}
-    assert {entries[n]["base"] for n in UNSUPPORTED_MODEL_FILES + UNSUPPORTED_LORAS} == {"anima", "qwen_image", "z_image"}
-    assert [entries[n]["is_lora"] for n in UNSUPPORTED_MODEL_FILES + UNSUPPORTED_LORAS] == [False, False, True, True]
+    names = UNSUPPORTED_MODEL_FILES + UNSUPPORTED_LORAS + [QWEN_IMAGE_LORA]
+    assert {entries[n]["base"] for n in names} == {"anima", "qwen_image", "z_image"}
+    assert [entries[n]["is_lora"] for n in names] == [False, False, True, True]
 
 
 #: what the refusal of each says the file is (issue 14: a model file of the newer families is named)
@@ -106,8 +109,8 @@ def test_model_files_of_unsupported_families_are_refused_as_checkpoints(name):
 
 @pytest.mark.parametrize("name", UNSUPPORTED_LORAS)
 def test_loras_of_unsupported_families_get_no_base_and_every_key_unmatched(name):
-    """Qwen-Image's ``transformer_blocks_N_attn_to_k`` are FLUX.1 names too, but its ``img_mlp``/``txt_mlp`` are not
-    and no shape fits: no base is named, not even as a candidate, and no key is mapped."""
+    """Anima's ``blocks_N_cross_attn_k_proj`` are no supported base's names: no base is named, not even as a
+    candidate, and no key is mapped."""
     data = load(name)
     result = lora_compat.inspect(header_only_file(name))
     assert result.dialect == DIALECT_IDS[data["dialect"]]
@@ -130,14 +133,40 @@ def test_a_few_unknown_modules_do_not_hide_the_base_its_names_fit():
     assert result.targets == len({k.split(".")[0] for k in data["keys"]})
 
 
+def test_the_qwen_image_lokr_maps_by_name_on_qwen_image():
+    """The fixture's LoKr factors are synthetic (their Kronecker product is 16x the module): no full-size base fits,
+    Qwen-Image is the only candidate, and every key maps by name (its 8 modules), nothing unmatched."""
+    data = load(QWEN_IMAGE_LORA)
+    result = lora_compat.inspect(header_only_file(QWEN_IMAGE_LORA))
+    assert (result.dialect, result.base, result.base_candidates, result.kinds) == \
+        ("lycoris", None, ["qwen-image"], ["lokr"])
+    assert (result.unmatched, result.targets, result.components) == ([], 8, {"transformer": 8})
+    patchset = lora_compat.read(header_only_file(QWEN_IMAGE_LORA))
+    block = "transformer.transformer_blocks.0."
+    assert sorted(patchset.patches) == sorted([
+        *(block + f"attn.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj")),
+        block + "img_mlp.net.0.proj", block + "txt_mlp.net.2", "transformer.transformer_blocks.1.attn.to_k"])
+
+
 def test_lora_of_an_unsupported_family_is_refused_when_applied():
     from lora_compat.models import check_patchset
     from lora_compat.errors import BaseMismatchError
 
-    patchset = lora_compat.read(header_only_file("invokeai_qwen_image_lora_kohya_format.json"))
+    patchset = lora_compat.read(header_only_file("invokeai_anima_lora_kohya_format.json"))
     flux = ModuleIndex.from_modules({"transformer": meta_components("derived_flux1_kohya_lora_full.json")["transformer"]})
-    with pytest.raises(BaseMismatchError, match=r"none of its 24 keys maps to a module of these components "
+    with pytest.raises(BaseMismatchError, match=r"none of its 33 keys maps to a module of these components "
                                                 r"\(transformer\): the LoRA is made for another model"):
+        check_patchset(patchset, flux, strict=False)
+
+
+def test_the_qwen_image_lora_is_refused_on_a_flux1_model():
+    from lora_compat.models import check_patchset, resolve_patchset
+    from lora_compat.errors import BaseMismatchError
+
+    flux = ModuleIndex.from_modules({"transformer": meta_components("derived_flux1_kohya_lora_full.json")["transformer"]})
+    patchset = resolve_patchset(header_only_file(QWEN_IMAGE_LORA), flux)
+    with pytest.raises(BaseMismatchError, match=r"this LoRA is made for qwen-image \(by its names\); the components "
+                                                r"look like flux1"):
         check_patchset(patchset, flux, strict=False)
 
 

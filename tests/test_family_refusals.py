@@ -153,49 +153,50 @@ KLEIN_4B = flux2_transformer("klein-4b")
 
 
 def test_a_qwen_image_diffusers_lora_is_not_a_flux1_lora():
-    """Its attention fits FLUX.1's transformer_blocks by name and shape; its img_mlp/img_mod/txt_mlp do not."""
+    """Its attention fits FLUX.1's transformer_blocks by name and shape; its img_mlp/img_mod/txt_mlp do not: with
+    Qwen-Image supported (issue 14), the file is a Qwen-Image 20B LoRA, every key mapped."""
     keys = lora(modules_of(QWEN_2, ("transformer_blocks.",)), "transformer.")
-    result = assert_no_base(keys)
-    reason = ("it has Qwen-Image modules (e.g. transformer.transformer_blocks.0.img_mod.1.lora_A.weight), which rule "
-              "out flux1; no supported base has them")
-    assert result.base_reason == reason
-    assert f"base undetermined: {reason}" in result.warnings
+    result = lora_compat.inspect(header_file(keys))
+    assert (result.base, result.base_candidates, result.variant, result.unmatched) == \
+        ("qwen-image", ["qwen-image"], "qwen-image-20b", [])
+    assert result.targets == len(keys) // 2
 
 
 def test_a_qwen_image_attention_lora_deeper_than_flux1_is_not_a_flux1_lora():
     keys = lora(modules_of(qwen_image_transformer(), (".attn.",)), "transformer.")
-    result = assert_no_base(keys)
-    assert result.base_reason == ("it has blocks deeper than FLUX.1 has (e.g. transformer.transformer_blocks.19.attn."
-                                  "to_q.lora_A.weight), which rule out flux1; no supported base has them")
+    result = lora_compat.inspect(header_file(keys))
+    assert (result.base, result.base_candidates, result.variant, result.unmatched) == \
+        ("qwen-image", ["qwen-image"], "qwen-image-20b", [])
 
 
 def test_metadata_naming_qwen_image_rules_out_flux1():
-    """Two blocks of attention only: names and shapes are FLUX.1's too, and only the trainer's metadata tells."""
+    """Two blocks of attention only: names and shapes are FLUX.1's, FLUX.2 Klein 4B's and Qwen-Image's; no base
+    without the trainer's metadata, which then names Qwen-Image."""
     keys = lora(modules_of(QWEN_2, (".attn.",)), "transformer.")
-    assert lora_compat.inspect(header_file(keys)).base == "flux1"
-    result = assert_no_base(keys, {"ss_base_model_version": "qwen_image"})
-    assert result.base_reason == ("it has Qwen-Image modules (e.g. ss_base_model_version=qwen_image), which rule out "
-                                  "flux1; no supported base has them")
+    result = lora_compat.inspect(header_file(keys))
+    assert (result.base, result.base_candidates, result.base_reason) == \
+        (None, ["flux1", "flux2", "qwen-image"], "shapes fit flux1, flux2, qwen-image equally")
+    result = lora_compat.inspect(header_file(keys, {"ss_base_model_version": "qwen_image"}))
+    assert (result.base, result.base_reason, result.unmatched) == \
+        ("qwen-image", "shapes fit several bases; metadata names this one", [])
 
 
 @pytest.mark.parametrize("suffixes", [("lora_B.weight", "lora_A.weight"), ("lora_up.weight", "lora_down.weight")])
 def test_a_flux2_klein_bfl_lora_is_not_a_flux1_lora(suffixes):
-    """Klein 4B has FLUX.1's width: its qkv/proj fit FLUX.1; its shared modulation layers exist only in FLUX.2."""
+    """Klein 4B has FLUX.1's width: its qkv/proj fit FLUX.1; its mlp, linear1 and shared modulation layers fit only
+    FLUX.2 (registered since: the file is a ``flux2`` one, before it got no base)."""
     keys = lora(modules_of(KLEIN_4B, ("blocks.", "modulation")), "diffusion_model.", up=suffixes[0], down=suffixes[1])
-    result = assert_no_base(keys)
-    assert result.dialect == "bfl"
-    assert result.base_reason == (f"it has FLUX.2 modules (e.g. diffusion_model.double_stream_modulation_img.lin."
-                                  f"{suffixes[1]}), which rule out flux1; no supported base has them")
+    result = lora_compat.inspect(header_file(keys))
+    assert (result.dialect, result.base, result.variant, result.unmatched) == ("bfl", "flux2", "flux2-klein-4b", [])
 
 
 @pytest.mark.parametrize("with_modulation", [True, False])
 def test_a_flux2_dev_bfl_lora_gets_no_base(with_modulation):
+    """(Named before ``flux2`` was registered: FLUX.2-dev files now get their own base, never ``flux1``.)"""
     keys = lora(modules_of(flux2_transformer("dev"), ("blocks.", "modulation") if with_modulation else ("blocks.",)),
                 "diffusion_model.")
-    result = assert_no_base(keys)
-    assert result.dialect == "bfl"
-    assert ("FLUX.2 modules" in result.base_reason) == with_modulation
-    assert "blocks deeper than FLUX.1 has (e.g. diffusion_model.single_blocks.38.linear1" in result.base_reason
+    result = lora_compat.inspect(header_file(keys))
+    assert (result.dialect, result.base, result.variant, result.unmatched) == ("bfl", "flux2", "flux2-dev", [])
 
 
 def test_a_chroma_lora_with_its_approximator_is_not_a_flux1_lora():
@@ -220,7 +221,8 @@ def test_flux1_loras_keep_their_base():
 
 
 def test_the_qwen_image_corpus_lora_says_which_family_it_is_for():
-    """Still no base, no candidate and no warning (tests/test_corpus.py); the reason now names Qwen-Image."""
+    """Its LoKr factors are synthetic (no full-size shape fits): no base, Qwen-Image the only candidate
+    (tests/test_corpus.py)."""
     result = lora_compat.inspect(header_only_file("invokeai_qwen_image_lora_kohya_format.json"))
-    assert result.base_reason == ("no supported base has modules of these names and shapes: it has Qwen-Image modules "
-                                  "(e.g. lora_unet_transformer_blocks_0_img_mlp_net_0_proj.lokr_w1)")
+    assert (result.base, result.base_candidates) == (None, ["qwen-image"])
+    assert result.base_reason == "names match but shapes fit no full-size base and metadata names none"

@@ -83,7 +83,7 @@ def test_lokr_on_bfl_names_maps_by_name() -> None:
     """The InvokeAI LoKr fixture's shapes are not Kronecker-consistent: names map, shapes decide no base."""
     result = lora_compat.inspect(header_only_file("invokeai_flux_lokr_bfl_format.json"))
     assert (result.dialect, result.base, result.unmatched, result.kinds) == ("bfl", None, [], ["lokr"])
-    assert result.base_candidates == ["flux1"]
+    assert result.base_candidates == ["flux1", "flux2"]  # double_blocks.0 / single_blocks.0 are FLUX.2 names too
 
 
 

@@ -28,7 +28,8 @@ transformers = pytest.importorskip("transformers")
 # the native map (diffusers' converter read backwards) and the shared helpers
 from test_sd3_mapping import CONTEXT_BLOCK, TOP, X_BLOCK  # noqa: E402
 from family_tests import assert_close, assert_matches as _assert_matches, linears as _linears, random_model, \
-    swap_halves as _swap, trained_lora as _randomised  # noqa: E402
+    swap_halves as _swap  # noqa: E402
+from family_parity import trained_lora as _randomised  # noqa: E402
 
 W = 32  # 4 heads x 8
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=4,

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora_compat
+from family_parity import assert_matches, diffusers_fused, peft_lora_file
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -47,22 +48,7 @@ def _targets(model: torch.nn.Module) -> list[str]:
 
 def _diffusers_file(model: torch.nn.Module, path: Path, seed: int = 1) -> Path:
     """A LoRA written by peft + ``WanPipeline.save_lora_weights`` (scales in ``lora_adapter_metadata``)."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    trained = copy.deepcopy(model)
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=_targets(model), init_lora_weights=False)
-    trained.add_adapter(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    state = get_peft_model_state_dict(trained)
-    diffusers.WanPipeline.save_lora_weights(str(path.parent), transformer_lora_layers=state,
-                                            transformer_lora_adapter_metadata=config.to_dict(),
-                                            weight_name=path.name)
-    return path
+    return peft_lora_file(model, path, diffusers.WanPipeline, _targets(model), RANK, ALPHA, seed)
 
 
 def _native_file(diffusers_path: Path, path: Path, prefix: str = "diffusion_model.", kohya: bool = False) -> Path:
@@ -82,21 +68,11 @@ def _native_file(diffusers_path: Path, path: Path, prefix: str = "diffusion_mode
 
 def _diffusers_fused(model: torch.nn.Module, path: Path, strength: float = 1.0) -> dict[str, torch.Tensor]:
     """The weights diffusers gives: ``load_lora_weights`` + ``fuse_lora`` on a pipeline holding the model."""
-    fused = copy.deepcopy(model)
-    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None, transformer=fused)
-    pipe.load_lora_weights(str(path))
-    pipe.fuse_lora(lora_scale=strength)
-    pipe.unload_lora_weights()
-    return {f"transformer.{k}": v.detach() for k, v in fused.state_dict().items()}
+    return diffusers_fused(model, path, lambda t: diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None,
+                                                                      scheduler=None, transformer=t), strength)
 
 
-def _assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], model: torch.nn.Module):
-    base = {f"transformer.{k}": v for k, v in model.state_dict().items()}
-    changed = sorted(k for k in expected if not torch.equal(expected[k], base[k]))
-    assert sorted(got) == changed  # every trained weight, and only those
-    for name in changed:
-        err = (got[name] - expected[name]).norm() / (expected[name] - base[name]).norm()
-        assert err < 1e-5, (name, float(err))
+_assert_matches = assert_matches
 
 
 @pytest.fixture(scope="module")
@@ -192,23 +168,26 @@ def test_lightx2v_diff_b_and_head_diff_equal_diffusers(model, files, tmp_path, s
 
 
 def test_norm_diff_and_unknown_modules_are_not_dropped(model, tmp_path):
-    """Norm ``diff`` (diffusers drops it) is applied as ``W + s·diff``; ``modulation`` and UMT5 text-encoder keys,
-    which the table has no module for, are listed unmatched."""
+    """Norm ``diff`` (diffusers drops it) is applied as ``W + s·diff``, a ``modulation.diff`` to the block's
+    ``scale_shift_table`` likewise; UMT5 text-encoder keys, which a bare transformer has no module for, are listed
+    unmatched."""
     g = torch.Generator().manual_seed(4)
     norm = torch.randn(model.blocks[0].norm2.weight.shape, generator=g)
     tensors = {"diffusion_model.blocks.0.norm3.diff": norm,
-               "diffusion_model.blocks.0.modulation.diff": torch.randn(1, 6, 16, generator=g),
+               "diffusion_model.blocks.0.modulation.diff": (modulation := torch.randn(1, 6, 16, generator=g)),
                "lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.randn(1, 8, generator=g)}
     save_file(tensors, str(tmp_path / "wan_norm.safetensors"))
     from lora_compat.archs import ModuleIndex
     from lora_compat.models import resolve_patchset
 
     patchset = resolve_patchset(tmp_path / "wan_norm.safetensors", ModuleIndex.from_modules({"transformer": model}))
-    assert sorted(patchset.unmatched) == ["diffusion_model.blocks.0.modulation.diff",
-                                          "lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"]
+    assert sorted(patchset.unmatched) == ["lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"]
     with pytest.warns(lora_compat.LoraCompatWarning):
         got = lora_compat.patched_weights(tmp_path / "wan_norm.safetensors", {"transformer": model}, 0.5)
-    assert sorted(got) == ["transformer.blocks.0.norm2.weight"]  # diffusers' norm2 is Wan's norm3
+    # diffusers' norm2 is Wan's norm3
+    assert sorted(got) == ["transformer.blocks.0.norm2.weight", "transformer.blocks.0.scale_shift_table"]
+    torch.testing.assert_close(got["transformer.blocks.0.scale_shift_table"],
+                               model.blocks[0].scale_shift_table.detach() + 0.5 * modulation, rtol=0, atol=1e-6)
     torch.testing.assert_close(got["transformer.blocks.0.norm2.weight"],
                                model.blocks[0].norm2.weight.detach() + 0.5 * norm, rtol=0, atol=1e-6)
 

@@ -7,6 +7,7 @@ range is derived from the model's own shapes, never from a hard-coded width.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 from .base import Arch, ModuleIndex
@@ -60,6 +61,23 @@ SWAPPED = {"final_layer.adaLN_modulation.1"}
 #: BFL RMSNorms call their parameter ``scale``; diffusers calls it ``weight``
 NORM_SUFFIXES = ("query_norm", "key_norm")
 
+
+@dataclass(frozen=True)
+class BflNames:
+    """A BFL-style family's fused layout: per-block and top-level BFL modules → their canonical parts (row
+    order), and the modules whose output halves swap (FLUX.1 and FLUX.2 share the machinery, not the tables)."""
+
+    double: Mapping[str, tuple[str, ...]]
+    single: Mapping[str, tuple[str, ...]]
+    top: Mapping[str, str]
+    swapped: frozenset[str] = frozenset(SWAPPED)
+    #: whether Chroma's approximator (``distilled_guidance_layer``) is named too: Chroma shares FLUX.1's layout
+    approximator: bool = False
+
+
+#: FLUX.1's, and Chroma's: the approximator groups exist only where the model has the modules
+FLUX1_BFL = BflNames(DOUBLE_BLOCK, SINGLE_BLOCK, TOP_LEVEL, approximator=True)
+
 _DOUBLE = re.compile(r"^transformer_blocks\.(\d+)\.")
 _SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)\.")
 _BFL_DOUBLE = re.compile(r"^double_blocks\.(\d+)\.")
@@ -73,27 +91,29 @@ def _blocks(paths: Iterable[str], pattern: re.Pattern) -> list[int]:
 def is_flux_transformer(modules: Mapping[str, ParamShapes]) -> bool:
     """diffusers ``FluxTransformer2DModel`` module names (split layout)."""
     return "x_embedder" in modules and ("single_transformer_blocks.0.proj_mlp" in modules
-                                        or "transformer_blocks.0.attn.add_q_proj" in modules)
+                                        or "transformer_blocks.0.attn.add_q_proj" in modules) \
+        and "double_stream_modulation_img.linear" not in modules  # FLUX.2's shared modulation
 
 
 def is_bfl_transformer(modules: Mapping[str, ParamShapes]) -> bool:
     """BFL / ComfyUI Flux module names (fused layout)."""
-    return "img_in" in modules and ("double_blocks.0.img_attn.qkv" in modules or "single_blocks.0.linear1" in modules)
+    return "img_in" in modules and ("double_blocks.0.img_attn.qkv" in modules or "single_blocks.0.linear1" in modules) \
+        and "double_stream_modulation_img.lin" not in modules  # FLUX.2's shared modulation
 
 
-def bfl_groups(paths: Iterable[str]) -> dict[str, tuple[str, ...]]:
+def bfl_groups(paths: Iterable[str], names: BflNames = FLUX1_BFL) -> dict[str, tuple[str, ...]]:
     """Every BFL module name of a diffusers-layout Flux transformer → its canonical modules (row order)."""
     paths = list(paths)
     groups: dict[str, tuple[str, ...]] = {}
     for i in _blocks(paths, _DOUBLE):
-        for bfl, parts in DOUBLE_BLOCK.items():
+        for bfl, parts in names.double.items():
             groups[f"double_blocks.{i}.{bfl}"] = tuple(f"transformer_blocks.{i}.{p}" for p in parts)
     for i in _blocks(paths, _SINGLE):
-        for bfl, parts in SINGLE_BLOCK.items():
+        for bfl, parts in names.single.items():
             groups[f"single_blocks.{i}.{bfl}"] = tuple(f"single_transformer_blocks.{i}.{p}" for p in parts)
-    for bfl, canonical in TOP_LEVEL.items():
+    for bfl, canonical in names.top.items():
         groups[bfl] = (canonical,)
-    for path in paths:
+    for path in paths if names.approximator else ():
         bfl = approximator_name(path, to_bfl=True)
         if bfl is not None:
             groups[bfl] = (path,)
@@ -114,13 +134,13 @@ def approximator_name(path: str, to_bfl: bool) -> str | None:
     return f"distilled_guidance_layer.{m.group(1)}.{names[m.group(2)]}"
 
 
-def bfl_parts(modules: Mapping[str, ParamShapes]) -> dict[str, list[Part]]:
+def bfl_parts(modules: Mapping[str, ParamShapes], names: BflNames = FLUX1_BFL) -> dict[str, list[Part]]:
     """BFL module name → the canonical modules it fuses, with their row ranges (from the model's shapes).
     Only groups whose canonical modules all exist are listed."""
-    return stacked_parts(modules, bfl_groups(modules), lambda bfl, rows: bfl in SWAPPED)
+    return stacked_parts(modules, bfl_groups(modules, names), lambda bfl, rows: bfl in names.swapped)
 
 
-def rows_from_file(modules: Mapping[str, ParamShapes], rows: Mapping[str, int],
+def rows_from_file(modules: Mapping[str, ParamShapes], rows: Mapping[str, int], names: BflNames = FLUX1_BFL,
                    groups: Callable[[Iterable[str]], Mapping[str, tuple[str, ...]]] | None = None
                    ) -> dict[str, ParamShapes]:
     """``modules`` (a diffusers-layout Flux table) with the output rows a LoRA's own tensors imply: a module the
@@ -129,7 +149,7 @@ def rows_from_file(modules: Mapping[str, ParamShapes], rows: Mapping[str, int],
     as the table has them: only the fused layout (names and row ranges) is derived from the result. Raises
     ``ValueError`` when the patched parts of one fused module imply different widths."""
     sized = {path: n for path, n in rows.items() if path in modules}
-    for bfl, canonical in (groups or bfl_groups)(modules).items():
+    for bfl, canonical in (groups(modules) if groups is not None else bfl_groups(modules, names)).items():
         known = [c for c in canonical if c in sized]
         if len(canonical) < 2 or not known or not all(c in modules for c in canonical):
             continue
@@ -154,39 +174,42 @@ def _rows(shapes: ParamShapes) -> int:
     return shape[0]
 
 
-def canonical_from_bfl(host: Mapping[str, ParamShapes]) -> tuple[dict[str, ParamShapes], dict[str, Route]]:
+def canonical_from_bfl(host: Mapping[str, ParamShapes], names: BflNames = FLUX1_BFL
+                       ) -> tuple[dict[str, ParamShapes], dict[str, Route]]:
     """For a BFL-layout host: the canonical (diffusers) module table it is equivalent to, and where each
     canonical module lives in the host. Row splits come from the host's shapes: ``qkv`` is three equal
     thirds; ``linear1`` is q, k, v of the width of ``linear2`` 's output, then the MLP rows."""
     table: dict[str, ParamShapes] = {}
     routes: dict[str, Route] = {}
     for path, shapes in host.items():
-        canonical = _canonical_parts(path, host)
+        canonical = _canonical_parts(path, host, names)
         if canonical is None:
             continue
         for target, start, stop in canonical:
-            names = (("weight", "scale"),) if path.endswith(NORM_SUFFIXES) or ".norms." in path else ()
-            lookup = dict(names)
+            renamed = (("weight", "scale"),) if path.endswith(NORM_SUFFIXES) or ".norms." in path else ()
+            lookup = dict(renamed)
             view: ParamShapes = {}
             for param in ("weight", "bias"):
                 shape = shapes.get(lookup.get(param, param))
                 if shape is not None:
                     view[param] = (stop - start, *shape[1:])
             table[target] = view
-            routes[target] = Route(path, start, stop, path in SWAPPED, names)
+            routes[target] = Route(path, start, stop, path in names.swapped, renamed)
     return table, routes
 
 
-def _canonical_parts(path: str, host: Mapping[str, ParamShapes]) -> list[tuple[str, int, int]] | None:
+def _canonical_parts(path: str, host: Mapping[str, ParamShapes], bfl: BflNames
+                     ) -> list[tuple[str, int, int]] | None:
     shapes = host[path]
     rows = _rows(shapes)
-    if path in TOP_LEVEL:
-        return [(TOP_LEVEL[path], 0, rows)]
-    approximator = approximator_name(path, to_bfl=False)
-    if approximator is not None:
-        return [(approximator, 0, rows)]
-    for pattern, table, prefix in ((_BFL_DOUBLE, DOUBLE_BLOCK, "transformer_blocks"),
-                                   (_BFL_SINGLE, SINGLE_BLOCK, "single_transformer_blocks")):
+    if path in bfl.top:
+        return [(bfl.top[path], 0, rows)]
+    if bfl.approximator:
+        approximator = approximator_name(path, to_bfl=False)
+        if approximator is not None:
+            return [(approximator, 0, rows)]
+    for pattern, table, prefix in ((_BFL_DOUBLE, bfl.double, "transformer_blocks"),
+                                   (_BFL_SINGLE, bfl.single, "single_transformer_blocks")):
         m = pattern.match(path)
         if not m:
             continue

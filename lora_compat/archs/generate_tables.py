@@ -13,15 +13,21 @@ import torch
 from .base import TABLES
 from .chroma import CHROMA_CONFIGS
 from .flux import FLUX1_CONFIGS
+from .flux2 import FLUX2_CONFIGS, FLUX2_VARIANT_CONFIGS
+from .qwen_image import QWEN_IMAGE_CONFIGS
 from .sd import OFFICIAL_CONFIGS
 from .sd3 import SD3_CONFIGS, SD3_VARIANT_CONFIGS
 from .wan import WAN_CONFIGS, WAN_VARIANT_CONFIGS
+from .nextdit import LUMINA2_CONFIGS, Z_IMAGE_CONFIGS
 
 #: table name → {component: config}; a family adds its own line
 CONFIGS = {
     **OFFICIAL_CONFIGS,
     "flux1": FLUX1_CONFIGS,
     "wan": WAN_CONFIGS, **WAN_VARIANT_CONFIGS,
+    "flux2": FLUX2_CONFIGS, **FLUX2_VARIANT_CONFIGS,
+    **QWEN_IMAGE_CONFIGS,
+    "z-image": Z_IMAGE_CONFIGS, "lumina2": LUMINA2_CONFIGS,
     "chroma": CHROMA_CONFIGS,
     "sd3": SD3_CONFIGS, **SD3_VARIANT_CONFIGS,
 }

@@ -16,8 +16,9 @@ from .routes import ModuleTable, Part
 
 __all__ = ["HostName", "HostNames", "is_t5", "kohya_convention"]
 
-#: the text-encoder kinds a component can be named as (ComfyUI names these ``text_encoders.<model>.…``)
-ENCODERS = ("clip", "t5")
+#: the text-encoder kinds a component can be named as (ComfyUI names these ``text_encoders.<model>.…``); ``llm``: an
+#: LLM encoder (Qwen3, Gemma 2) under its transformers paths
+ENCODERS = ("clip", "t5", "llm")
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,12 @@ class HostNames:
     def names(self, modules: ModuleTable, fused: Mapping[str, list[Part]] | None = None,
               comfy_prefix: str | None = None) -> dict[str, HostName]:
         """Module path → its host name. ``fused``: the component's fused host modules (a family's fused layout)
-        → their canonical parts. ``comfy_prefix``: ComfyUI's prefix for a text encoder (dotted paths)."""
+        → their canonical parts. ``comfy_prefix``: ComfyUI's prefix for a text encoder (dotted paths; with
+        ``aliases``, the alias names)."""
         if comfy_prefix is not None and self.encoder is not None:
             return {path: HostName(comfy_prefix + self._path(path)) for path in modules}
+        if comfy_prefix is not None and self.aliases is not None:  # ComfyUI: the alias names, dotted
+            return {path: HostName(comfy_prefix + alias) for alias, path in self.aliases(modules).items()}
         if fused:
             names: dict[str, HostName] = {}
             for host, parts in fused.items():

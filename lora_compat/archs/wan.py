@@ -42,12 +42,20 @@ TOP_TO_NATIVE = {
     "proj_out": "head.head",
 }
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+#: a block itself: its one parameter, diffusers' ``scale_shift_table``, is native ``blocks.N.modulation``
+_BLOCK_ROOT = re.compile(r"^blocks\.\d+$")
 
 
 def native_name(path: str) -> str | None:
-    """The native (Wan/ComfyUI) name of a diffusers Wan transformer module path, or ``None``."""
+    """The native (Wan/ComfyUI) name of a diffusers Wan transformer module path, or ``None``. A module whose one
+    parameter is a native parameter is named by that parameter: ``blocks.N`` (its ``scale_shift_table``) is
+    ``blocks.N.modulation``, the model itself (the head's ``scale_shift_table``) ``head.modulation``."""
     if path in TOP_TO_NATIVE:
         return TOP_TO_NATIVE[path]
+    if path == "":
+        return "head.modulation"
+    if _BLOCK_ROOT.match(path):
+        return f"{path}.modulation"
     m = _BLOCK.match(path)
     if m and m.group(2) in BLOCK_TO_NATIVE:
         return f"blocks.{m.group(1)}.{BLOCK_TO_NATIVE[m.group(2)]}"
@@ -94,14 +102,24 @@ def variant_of(targets: Iterable[str], table: str | None) -> str | None:
 
 WAN = Arch(
     id="wan", title="Wan 2.1 / 2.2 (video)", table_file="wan.json.gz",
-    # musubi-tuner writes the transformer under lora_unet_ with native names, flattened
-    kohya_prefixes={"lora_unet_": "transformer"}, metadata_hint=_wan_hint,
+    # musubi-tuner writes the transformer under lora_unet_ with native names, flattened; OneTrainer under
+    # lora_transformer_ (lora_transformer_2_: the second Wan 2.2 expert) with diffusers names, and the UMT5 text
+    # encoder under lora_te_ with transformers names
+    kohya_prefixes={"lora_unet_": "transformer", "lora_transformer_": "transformer",
+                    "lora_transformer_2_": "transformer_2", "lora_te_": "text_encoder"},
+    metadata_hint=_wan_hint,
     alias_makers={"transformer": native_aliases},
-    component_classes={"transformer": ("WanTransformer3DModel",)},
+    component_classes={"transformer": ("WanTransformer3DModel",), "text_encoder": ("UMT5EncoderModel",)},
     model_hint=_structure,
-    host_names={"transformer": HostNames("lora_unet_", aliases=native_aliases)},
+    host_names={"transformer": HostNames("lora_unet_", aliases=native_aliases),
+                "text_encoder": HostNames("lora_te_", encoder="t5")},
+    # ComfyUI's Wan text encoder (comfy/text_encoders/wan.py: WanT5Model, name="umt5xxl")
+    comfy_text_encoders={"text_encoder": "text_encoders.umt5xxl.transformer."},
     checkpoint_prefixes={"model.diffusion_model.": "transformer"},
-    comfy_classes=("WAN21_T2V", "WAN22_T2V"),  # ComfyUI's other Wan models subclass these
+    # ComfyUI a125cd84 comfy/supported_models.py: every Wan model config (I2V, FunControl, Camera, Vace, HuMo, S2V,
+    # Animate, WAN22_T2V) subclasses WAN21_T2V, and the lookup walks the class's MRO; the text encoder is
+    # comfy/text_encoders/wan.py's WanT5Model (its te() closure class subclasses it)
+    comfy_classes=("WAN21_T2V", "WAN22_T2V", "WanT5Model"),
     variant_tables=VARIANT_TABLES, variant_of=variant_of,
     catalog_names=("wan video", "wan video 14b t2v", "wan video 14b i2v 480p", "wan video 14b i2v 720p",
                    "wan video 1.3b t2v", "wan video 2.2 t2v-a14b", "wan video 2.2 i2v-a14b",
@@ -120,7 +138,14 @@ WAN_VARIANTS = {
     "wan22-ti2v-5b": dict(_COMMON, num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48,
                           out_channels=48),
 }
+#: google/umt5-xxl, the text encoder of every Wan 2.1 / 2.2 model (diffusers' ``WanPipeline.text_encoder``)
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True, tie_word_embeddings=False)
+TEXT_ENCODER = ("UMT5EncoderModel", UMT5_XXL)
 WAN_CONFIGS = {"transformer": ("WanTransformer3DModel", WAN_VARIANTS["wan21-t2v-14b"],
-                               WAN_VARIANTS["wan21-i2v-14b"])}
+                               WAN_VARIANTS["wan21-i2v-14b"]),
+               "text_encoder": TEXT_ENCODER}
 #: table name (``VARIANT_TABLES``) → configs, for ``generate_tables``
-WAN_VARIANT_CONFIGS = {name: {"transformer": ("WanTransformer3DModel", WAN_VARIANTS[name])} for name in VARIANT_TABLES}
+WAN_VARIANT_CONFIGS = {name: {"transformer": ("WanTransformer3DModel", WAN_VARIANTS[name]),
+                              "text_encoder": TEXT_ENCODER} for name in VARIANT_TABLES}

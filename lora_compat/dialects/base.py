@@ -20,6 +20,7 @@ from ..files import Header, LoraFile
 from ..patches import Patch, Ref, Scale
 from ..patches.build import IncompletePatch, build_patch, kind_table, split_key, suffix_role
 from ..patches.base import numel
+from ..patches.param import on_param
 from ..patchset import PatchSet
 
 if TYPE_CHECKING:
@@ -178,8 +179,11 @@ class ModuleReader:
                 for key in suffixes.values():
                     result.unmatched[key] = f"module {module!r}: {patch}"
                 continue
-            placed = [(target, patch)] if isinstance(target, str) else \
-                _split(module, patch, target, index)
+            if isinstance(target, str):  # a module without a weight: its one parameter (Wan's scale_shift_table)
+                on_module = on_param(patch, index.shapes(target))
+                placed = [(target, on_module)] if isinstance(on_module, Patch) else f"module {module!r}: {on_module}"
+            else:
+                placed = _split(module, patch, target, index)
             if isinstance(placed, str):
                 for key in suffixes.values():
                     result.unmatched[key] = placed
@@ -190,6 +194,8 @@ class ModuleReader:
                         result.unmatched[key] = f"{canonical} is already patched by another module of this file"
                 else:
                     result.patches[canonical] = part
+            for key, why in unused_keys(patch, suffixes).items():
+                unmatched.setdefault(key, why)
         return result
 
     def _build(self, file: LoraFile, target: str, suffixes: Mapping[str, str]) -> Patch | IncompletePatch:
@@ -202,6 +208,20 @@ class ModuleReader:
                                lora_diff_b=self.lora_diff_b)
         except IncompletePatch as exc:
             return exc
+
+
+#: why a key of a module whose other tensors were applied was not
+UNUSED = "not applied: its module's other tensors form a patch that cannot hold it"
+
+
+def unused_keys(patch: Patch, suffixes: Mapping[str, str]) -> dict[str, str]:
+    """The keys (``{suffix: key}`` of one module) that its patch does not read (a ``diff_b`` beside a kohya
+    LoRA's ``lora_down``/``lora_up``): listed unmatched, never dropped in silence. An ``alpha`` is not one: a
+    kind without a rank (LyCORIS LoKr of full matrices, ``diff``) reads it as scale 1, as LyCORIS does."""
+    used = {ref.name for ref in patch.refs().values()}
+    table = kind_table()
+    return {key: UNUSED for suffix, key in suffixes.items()
+            if key not in used and suffix_role(suffix, table) != "alpha"}
 
 
 def _split(module: str, patch: Patch, parts: list[Part], index: ModuleIndex) -> list[tuple[str, Patch]] | str:

@@ -2,6 +2,7 @@
 lora_down/lora_up(+alpha) or LyCORIS kinds (``lokr_*``, ``hada_*``); ComfyUI text-encoder names too."""
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ..archs import ModuleIndex
@@ -11,13 +12,19 @@ from ..files import Header, LoraFile
 from ..patches.build import split_key
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, claimed_fraction
-from .flux_names import BFL_HEADS, BFL_TEXT_ENCODERS, resolve_bfl, widen_inputs
+from .flux_names import (BFL_HEADS, BFL_TEXT_ENCODERS, DIFFUSERS_FLUX_HEADS, FLUX2_ONLY_HEADS, resolve_bfl,
+                         widen_inputs)
 
 if TYPE_CHECKING:
     from ..deltas import BaseWeights
     from .writing import Written
 
-PREFIXES = ("diffusion_model.", "model.diffusion_model.")
+#: ``base_model.model.``: PEFT's prefix on BFL names (diffusers reads it as ``diffusion_model.`` for FLUX.2)
+PREFIXES = ("diffusion_model.", "model.diffusion_model.", "base_model.model.")
+#: the diffusers block names some FLUX.2 files hold under ``diffusion_model.`` (diffusers' converter takes them),
+#: with the ``sformer_blocks.`` spelling of a broken export; claimed only beside a module only Flux has
+EXPANDED_HEADS = (*DIFFUSERS_FLUX_HEADS, "sformer_blocks.")
+_FLUX_ONLY = ("single_transformer_blocks.", "sformer_blocks.", *FLUX2_ONLY_HEADS)
 _TEXT_ENCODER_PREFIXES = tuple(BFL_TEXT_ENCODERS)
 #: every BFL key starts with one of these (one call rejects the rest)
 _HEADS = (*PREFIXES, *BFL_HEADS, *_TEXT_ENCODER_PREFIXES)
@@ -35,11 +42,13 @@ def strip_prefix(key: str) -> str:
     return key
 
 
-def is_bfl_key(key: str) -> bool:
+def is_bfl_key(key: str, expanded: bool = False) -> bool:
+    """A LoRA key on a BFL name (``expanded``: or on a prefixed diffusers Flux name, :data:`EXPANDED_HEADS`)."""
     if not key.startswith(_HEADS):
         return False
     name = strip_prefix(key)
-    if not name.startswith(BFL_HEADS) and not name.startswith(_TEXT_ENCODER_PREFIXES):
+    if not name.startswith(BFL_HEADS) and not name.startswith(_TEXT_ENCODER_PREFIXES) and \
+            not (expanded and name != key and name.startswith(EXPANDED_HEADS)):
         return False
     return split_key(name, True) is not None
 
@@ -47,12 +56,13 @@ def is_bfl_key(key: str) -> bool:
 class BflDialect(Dialect):
     id = "bfl"
     description = "Flux LoRAs on BFL module names (diffusion_model.double_blocks...: ai-toolkit, ComfyUI)"
-    bases = ("flux1", "chroma")
+    bases = ("flux1", "flux2", "chroma")
     #: ``diffusion_model.<BFL name>``, fused modules assembled exactly; every LyCORIS kind keeps its tensors
     writes = ("bfl",)
 
     def detect(self, header: Header) -> Match | None:
-        fraction = claimed_fraction(header, is_bfl_key)
+        expanded = any(strip_prefix(k).startswith(_FLUX_ONLY) for k in header.keys() if k.startswith(PREFIXES))
+        fraction = claimed_fraction(header, partial(is_bfl_key, expanded=expanded))
         if fraction == 0:
             return None
         # bare BFL names with control markers are bfl-control's; they still parse here, with less confidence
@@ -84,8 +94,10 @@ def bfl_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
 
     others = [t for t in targets if t.partition(".")[0] != _TRANSFORMER]
     base = index.family.id if index.family is not None else _BASE  # Chroma's T5 is its text_encoder
+    # a family without ComfyUI text-encoder names (FLUX.2's LLM encoders): sd-scripts' lora_te_ names
+    own = index.family is not None and not index.family.comfy_text_encoders
     names = {t: n for t, n in kohya_names(index, others, comfy=True, base=base).items()
-             if n.name.startswith(_TEXT_ENCODER_PREFIXES)}
+             if n.name.startswith(_TEXT_ENCODER_PREFIXES) or own}
     transformer: dict[str, HostName] = {}
     for module, parts in index.fused_modules(_TRANSFORMER).items():
         whole = len(parts) == 1 and not parts[0].swap

@@ -8,7 +8,7 @@ from ..archs import ModuleIndex
 from ..files import Header, LoraFile
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader
-from .flux_names import BFL_HEADS, resolve_bfl, widen_inputs
+from .flux_names import BFL_HEADS, FLUX2_ONLY_HEADS, resolve_bfl, widen_inputs
 
 _KEY = re.compile(r"^[\w.]+\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|scale)$")
 
@@ -21,6 +21,8 @@ class BflControlDialect(Dialect):
     def detect(self, header: Header) -> Match | None:
         keys = list(header.keys())
         if not keys or not all(k.startswith(BFL_HEADS) and _KEY.match(k) for k in keys):
+            return None
+        if any(k.startswith(FLUX2_ONLY_HEADS) for k in keys):  # FLUX.2's img_in takes 128 columns too
             return None
         shapes = header.shapes
         widened = "img_in.lora_A.weight" in shapes and "img_in.lora_B.weight" in shapes and \

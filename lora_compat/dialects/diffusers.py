@@ -6,12 +6,15 @@ import re
 from typing import TYPE_CHECKING
 
 from ..archs import ModuleIndex
+from ..archs.qwen_image import TRANSFORMER_HEADS as QWEN_IMAGE_HEADS
 from ..files import Header, LoraFile
 from ..patches import Ref, Scale
 from ..patches.build import split_key
 from ..patchset import PatchSet
 from .base import Dialect, Match, ModuleReader, Resolved, claimed_fraction, component_parts
 from .flux_names import DIFFUSERS_FLUX_HEADS, widen_inputs
+from .lycoris import LYCORIS_ONLY
+from .peft import strip_adapter_name
 from .peft_scaling import PeftScaling, metadata_configs
 
 if TYPE_CHECKING:
@@ -34,23 +37,27 @@ def normalise_legacy(key: str) -> str:
 
 
 PEFT_PREFIX = "base_model.model."
+#: first name parts of the diffusers transformers whose files also name them bare (FLUX.1, Qwen-Image)
+BARE_TRANSFORMER_HEADS = tuple(dict.fromkeys((*DIFFUSERS_FLUX_HEADS, *QWEN_IMAGE_HEADS)))
 
 
 def strip_peft_prefix(key: str) -> str:
-    """``base_model.model.<Flux transformer name>`` (diffusers Flux LoRAs saved through PEFT) → the bare name."""
-    if key.startswith(PEFT_PREFIX) and key[len(PEFT_PREFIX):].startswith(DIFFUSERS_FLUX_HEADS):
+    """``base_model.model.<transformer name>`` (diffusers Flux / Qwen-Image LoRAs saved through PEFT) → the bare
+    name."""
+    if key.startswith(PEFT_PREFIX) and key[len(PEFT_PREFIX):].startswith(BARE_TRANSFORMER_HEADS):
         return key[len(PEFT_PREFIX):]
     return key
 
 
 def is_bare_flux_name(module: str) -> bool:
-    """A diffusers Flux transformer module named without its component (``transformer_blocks.0.attn.to_q``, and
-    the top-level ``proj_out`` / ``x_embedder`` / ``context_embedder``, which have no dot of their own)."""
-    return module.startswith(DIFFUSERS_FLUX_HEADS) or f"{module}." in DIFFUSERS_FLUX_HEADS
+    """A diffusers Flux / Qwen-Image transformer module named without its component
+    (``transformer_blocks.0.attn.to_q``, and the top-level ``proj_out`` / ``x_embedder`` / ``img_in``, which have no
+    dot of their own)."""
+    return module.startswith(BARE_TRANSFORMER_HEADS) or f"{module}." in BARE_TRANSFORMER_HEADS
 
 
 #: every diffusers key starts with one of these (one call rejects the rest)
-_HEADS = (PEFT_PREFIX, *COMPONENT_PREFIXES, *DIFFUSERS_FLUX_HEADS)
+_HEADS = (PEFT_PREFIX, *COMPONENT_PREFIXES, *BARE_TRANSFORMER_HEADS)
 
 
 def is_diffusers_key(key: str) -> bool:
@@ -59,10 +66,13 @@ def is_diffusers_key(key: str) -> bool:
     if key.startswith(("transformer.double_blocks.", "transformer.single_blocks.")):
         return False  # OneTrainer's numbered BFL parts
     key = strip_peft_prefix(key)
-    if not key.startswith(COMPONENT_PREFIXES) and not key.startswith(DIFFUSERS_FLUX_HEADS):
+    if not key.startswith(COMPONENT_PREFIXES) and not key.startswith(BARE_TRANSFORMER_HEADS):
         return False
-    split = split_key(normalise_legacy(key), True)
-    return split is not None and split[1] in DIFFUSERS_SUFFIXES
+    split = split_key(normalise_legacy(strip_adapter_name(key)), True)
+    if split is None:
+        return False
+    # SimpleTuner / bare diffusers LyCORIS files (``transformer_blocks.0.attn.to_q.lokr_w1``)
+    return split[1] in DIFFUSERS_SUFFIXES or (split[1] in LYCORIS_ONLY and key.startswith(BARE_TRANSFORMER_HEADS))
 
 
 def adapter_metadata(header: Header) -> dict[str, PeftScaling]:
@@ -126,4 +136,5 @@ class DiffusersDialect(Dialect):
 
 
 def _rename(key: str) -> str:
-    return normalise_legacy(strip_peft_prefix(key))
+    # DiffSynth-Studio's PEFT dumps keep the adapter name (``lora_A.default.weight``)
+    return normalise_legacy(strip_adapter_name(strip_peft_prefix(key)))

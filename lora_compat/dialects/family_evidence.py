@@ -26,7 +26,8 @@ class Evidence:
     base: str | None
     patterns: tuple[re.Pattern[str], ...]
     named: re.Pattern[str] | None = None
-    vetoes: tuple[str, ...] = ("flux1",)
+    #: FLUX.2 has FLUX.1's attention names too (Klein 4B at FLUX.1's width) and none of these families' modules
+    vetoes: tuple[str, ...] = ("flux1", "flux2")
 
 
 def _patterns(*sources: str) -> tuple[re.Pattern[str], ...]:
@@ -46,7 +47,7 @@ EVIDENCE: tuple[Evidence, ...] = (
              re.compile(r"hunyuan[-_ ]?video", re.I)),
     Evidence("blocks deeper than FLUX.1 has", None, _patterns(
         "double_blocks" + _PAST_18, "transformer_blocks(?<!single_transformer_blocks)" + _PAST_18,
-        "single_blocks" + _PAST_37, "single_transformer_blocks" + _PAST_37)),
+        "single_blocks" + _PAST_37, "single_transformer_blocks" + _PAST_37), vetoes=("flux1",)),
 )
 
 

@@ -45,6 +45,11 @@ def kohya_names(index: ModuleIndex, targets: list[str], comfy: bool = False, bas
         comfy_prefix = None
         if comfy and naming.encoder is not None:
             comfy_prefix = comfy_text_encoder(component, naming.encoder == "t5", base) or f"text_encoders.{component}."
+        elif comfy and naming.aliases is not None:
+            # an encoder ComfyUI reads under its checkpoint names (Qwen-Image's Qwen2.5-VL): the family's prefix
+            arch = plugins.archs().get(base) if base is not None else None
+            comfy_prefix = (arch or index.family).comfy_text_encoders.get(component) \
+                if (arch or index.family) is not None else None
         maps[component] = naming.names(index.components.get(component, {}), index.fused_modules(component),
                                        comfy_prefix)
     for target in targets:

@@ -1,5 +1,6 @@
-"""OneTrainer Flux (and Chroma, SD3) LoRAs: ``lora_transformer_<diffusers path>`` (+ ``lora_te1_`` CLIP-L, ``lora_te2_`` T5) with
-kohya suffixes, alpha and DoRA ``dora_scale``; and the newer BFL form with the fused layers split into numbered
+"""OneTrainer Flux (and Chroma, SD3) LoRAs: ``lora_transformer_<diffusers path>`` (+ ``lora_te1_`` CLIP-L,
+``lora_te2_`` T5) with kohya suffixes, alpha and DoRA ``dora_scale`` (Wan: ``lora_transformer_``/``lora_transformer_2_`` for the two
+experts, ``lora_te_`` UMT5); and the newer BFL form with the fused layers split into numbered
 parts (``transformer.double_blocks.N.img_attn.qkv.{0,1,2}``, ``single_blocks.N.linear1.{0,1,2,3}``)."""
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from ..patchset import PatchSet
 from .base import (Dialect, Match, ModuleReader, Resolved, any_key_starts, claimed_fraction, component_parts,
                    kohya_resolver)
 
-PREFIXES = ("lora_transformer_", "lora_te1_", "lora_te2_")
+#: ``lora_te_``: the one text encoder of a Wan file (UMT5), beside ``lora_transformer_`` keys
+PREFIXES = ("lora_transformer_", "lora_te1_", "lora_te2_", "lora_te_")
 _BFL_KEY = re.compile(r"^transformer\.(double|single)_blocks\.")
 
 
@@ -22,7 +24,7 @@ def is_onetrainer_key(key: str) -> bool:
 class OneTrainerDialect(Dialect):
     id = "onetrainer"
     description = "OneTrainer Flux LoRAs (lora_transformer_*, lora_te2_ = T5, DoRA; numbered BFL parts)"
-    bases = ("flux1", "chroma", "sd3")
+    bases = ("flux1", "wan", "chroma", "sd3")
 
     def detect(self, header: Header) -> Match | None:
         if not any_key_starts(header, ("lora_transformer_", "transformer.")):  # the test below, quickly

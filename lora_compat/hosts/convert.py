@@ -17,6 +17,7 @@ from ..dialects.kohya_write import write_names
 from ..errors import LoraCompatError
 from ..patches import Patch, Ref
 from ..patches.build import IncompletePatch, build_patch, suffix_role
+from ..patches.param import ParamPatch
 
 #: what the earlier ``lora_compat.hostkeys`` offered, importable from here still
 __all__ = ["Conversion", "HostName", "convert_for_host", "host_native", "index_from_state_dict", "kohya_names",
@@ -65,6 +66,8 @@ def convert_for_host(filename: str, layout: str, index: ModuleIndex | None = Non
         index = index_for_file(arch.variant_index(table) if table else arch.index, patchset)
     conversion = Conversion(dialect=detection.dialect.id, base=base, unmatched=sorted(patchset.unmatched))
     names = write_names(index, list(patchset), layout, base)
+    if layout == "comfy":
+        names.update(comfy_parameter_names(index, patchset))
     fused: dict[str, list[tuple[HostName, Patch]]] = {}
     for target, patch in patchset.items():
         name = names.get(target)
@@ -82,6 +85,22 @@ def convert_for_host(filename: str, layout: str, index: ModuleIndex | None = Non
             conversion.tensors[f"{module}.{suffix}"] = tensor
         conversion.patches[module] = (patch, None)
     return conversion
+
+
+def comfy_parameter_names(index: ModuleIndex, patchset: Mapping[str, Patch]) -> dict[str, HostName]:
+    """Parameter-level targets (Wan's ``blocks.N.modulation``) under the name ComfyUI's generic key map gives a
+    parameter that is no ``.weight``: ``diffusion_model.<native parameter name>`` (its ``lora_unet_`` names are
+    for weights only)."""
+    names: dict[str, HostName] = {}
+    for target, patch in patchset.items():
+        if not isinstance(patch, ParamPatch):
+            continue
+        component, _, path = target.partition(".")
+        naming = index.host_names(component)
+        native = {p: a for a, p in naming.aliases(index.components.get(component, {})).items()} \
+            if naming.aliases else {}
+        names[target] = HostName("diffusion_model." + native.get(path, path))
+    return names
 
 
 def _put(conversion: Conversion, name: str, patch: Patch, host: HostName | None) -> None:

@@ -7,7 +7,7 @@ output is written while reading, so peak memory stays near one module, not one c
 Checkpoints: a diffusers folder (``unet/``, ``transformer/``, ``text_encoder*/`` safetensors, sharded or not)
 or a single-file safetensors (SD UNet under ``model.diffusion_model.`` with SGM names, SD1 CLIP under
 ``cond_stage_model.transformer.``, SDXL CLIP-L under ``conditioner.embedders.0.transformer.``, Flux BFL names
-bare or under ``model.diffusion_model.``).
+and Qwen-Image's own names bare or under ``model.diffusion_model.``).
 """
 from __future__ import annotations
 
@@ -221,11 +221,10 @@ def _single_file_parts(file: LoraFile) -> list[_Part]:
     prefixes = _checkpoint_prefixes()
     keys = list(file.header.shapes)
     bare = [k for k in keys if not k.startswith(tuple(prefixes))]
-    bare_fused = bool(bare) and _fused_layout(_Part("transformer", "", dict.fromkeys(bare, file)).host_table()) \
-        is not None
+    bare_model = bool(bare) and _bare_transformer(_Part("transformer", "", dict.fromkeys(bare, file)).host_table())
     parts: dict[str, _Part] = {}
     for key in keys:
-        prefix = next((p for p in prefixes if key.startswith(p)), "" if bare_fused else None)
+        prefix = next((p for p in prefixes if key.startswith(p)), "" if bare_model else None)
         if prefix is None:
             continue
         part = parts.setdefault(prefix, _Part(prefixes.get(prefix, "transformer"), prefix))
@@ -245,6 +244,14 @@ def _checkpoint_prefixes() -> dict[str, str]:
         for prefix, component in arch.checkpoint_prefixes.items():
             prefixes.setdefault(prefix, component)
     return prefixes
+
+
+def _bare_transformer(host: Mapping[str, Mapping[str, tuple[int, ...]]]) -> bool:
+    """Unprefixed keys that are a transformer: in a family's fused layout (BFL Flux), or a family's transformer by
+    structure (ComfyUI's Qwen-Image ``diffusion_models/`` file: its own names, which are diffusers')."""
+    return _fused_layout(host) is not None or any(
+        a.model_hint is not None and "transformer" in a.component_classes and a.model_hint({"transformer": host})
+        for a in plugins.archs().values())
 
 
 def _fused_layout(host: Mapping[str, Mapping[str, tuple[int, ...]]]) -> FusedLayout | None:
@@ -282,7 +289,8 @@ def _aliased(component: str, host: Mapping[str, Mapping[str, tuple[int, ...]]]) 
         if not table:
             continue
         aliases = {s: p for s, p in maker(table).items() if s in host}
-        aliased = aliased or bool(aliases)
+        # a name its own alias (Wan's patch_embedding) says nothing: a diffusers-named transformer is not aliased
+        aliased = aliased or any(s != p for s, p in aliases.items())
         covered = len(aliases) / max(1, len(host))
         if covered >= 0.9:  # names alone decide for models of another width (a few shortcut convs may differ)
             exact = all(table[p] == host[s] for s, p in aliases.items())

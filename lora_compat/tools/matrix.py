@@ -41,6 +41,7 @@ CHECKED_BY = {
     "bfl": "test_flux_parity.py (lycoris-lora deltas, diffusers kohya loader)",
     "onetrainer": "test_flux.py (independent computation)",
     "bfl-control": "test_flux_parity.py (diffusers 0.42 FluxControlPipeline loader)",
+    "native": "test_wan.py, test_nextdit.py (diffusers 0.42 loaders, independent computation)",
 }
 
 

@@ -44,6 +44,16 @@ def hosts_dir(request: pytest.FixtureRequest) -> Path:
     return request.config.lora_compat_hosts  # type: ignore[attr-defined]
 
 
+@pytest.fixture(scope="module")
+def comfy(hosts_dir):
+    """ComfyUI's real LoRA code, imported with stubs for the rest of ComfyUI (one environment per test module)."""
+    from hoststubs import comfy_env
+
+    env, host = comfy_env(hosts_dir)
+    yield host
+    env.close()
+
+
 @pytest.fixture(scope="session")
 def sd15():
     from lora_compat.oracles.models import make_sd15_components

@@ -13,19 +13,11 @@ import lora_compat
 from hostmodels import (STRENGTH, VARIANTS, assert_close, assert_restored, assert_state, comfy_unet_config,
                         expected, parameters_by_name, peft_tuner_expected, save_checkpoint, sequential, sgm_unet,
                         text_model, tree)
-from hoststubs import comfy_env
 from lora_compat.adapters import comfyui
 from lora_compat.hosts.convert import convert_for_host
 from lora_compat.oracles.peft_oracle import write_peft_file
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def comfy(hosts_dir):
-    env, host = comfy_env(hosts_dir)
-    yield host
-    env.close()
 
 
 def comfy_models(comfy, components: dict[str, nn.Module], config: str = "SD15", clip_class: str = "SD1ClipModel",
