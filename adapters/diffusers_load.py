@@ -13,6 +13,7 @@ import torch
 
 from lora_compat.models import check_patchset, component_modules, resolve_patchset
 from lora_compat.archs import ModuleIndex
+from lora_compat.archs.names import is_t5
 from lora_compat.errors import LoraCompatError
 from lora_compat.patcher import Entry
 from lora_compat.patches import Patch
@@ -42,7 +43,8 @@ def _is_peft_loha(patch: Patch) -> bool:
 def choose_route(patchset: PatchSet, pipe: Any = None) -> str:
     """``diffusers`` for plain LoRA, ``peft`` for LoHa, else ``patcher``; PEFT cannot mix tuner types on one
     layer, so a module another tuner type already wraps sends the file to the patcher, and so does a component
-    diffusers' own loader of the pipeline does not load (Wan's text encoder)."""
+    diffusers' own loader of the pipeline does not load (Wan's text encoder, SD3's T5
+    ``text_encoder_3``) or cannot (a T5 text encoder: Chroma's)."""
     patches = list(patchset.values())
     wrappers = _wrapper_kinds(pipe, patchset) if pipe is not None else set()
     through_diffusers = pipe is None or _diffusers_into(pipe, patchset) != "patcher"
@@ -97,10 +99,16 @@ def _swapped(modules: dict[str, torch.nn.Module], into: str) -> dict[str, torch.
 def _diffusers_into(pipe: Any, patchset: PatchSet) -> str | None:
     """Where diffusers' own loader would put the patchset: ``None`` (as named), ``"transformer_2"`` (Wan 2.2's
     ``load_into_transformer_2``), or ``"patcher"`` when it cannot (a component the pipeline's loader does not load,
-    such as Wan's text encoder, or several transformers at once)."""
+    such as Wan's text encoder or SD3's T5 ``text_encoder_3``, dropped in silence there; a T5 text encoder; or several
+    transformers at once)."""
     loadable = set(getattr(pipe, "_lora_loadable_modules", ()) or ())
     components = {t.partition(".")[0] for t in patchset}
     if loadable and not components <= loadable:
+        return "patcher"
+    # diffusers 0.42 converts only CLIP names on a text encoder: a LoRA on a T5 one (Chroma's) raises there
+    modules = component_modules(pipe) if any(c.startswith("text_encoder") for c in components) else {}
+    if any(c.startswith("text_encoder") and c in modules and is_t5(n for n, _ in modules[c].named_modules())
+           for c in components):
         return "patcher"
     if "transformer_2" in components:
         return "transformer_2" if components == {"transformer_2"} else "patcher"

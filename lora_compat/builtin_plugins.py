@@ -6,10 +6,12 @@ from typing import Callable
 from lora_compat.hooks import hookimpl
 
 from .archs import SD2, SD15, SDXL
+from .archs.chroma import CHROMA
 from .archs.flux import FLUX1
 from .archs.flux2 import FLUX2
 from .archs.nextdit import LUMINA2, Z_IMAGE
 from .archs.qwen_image import QWEN_IMAGE
+from .archs.sd3 import SD3
 from .archs.wan import WAN
 from .dialects.bfl import BflDialect
 from .dialects.bfl_control import BflControlDialect
@@ -43,7 +45,7 @@ def register_dialects(register: Callable[[object], None]) -> None:
 
 @hookimpl
 def register_archs(register: Callable[[object], None]) -> None:
-    for arch in (SD15, SD2, SDXL, FLUX1, WAN, FLUX2, QWEN_IMAGE, Z_IMAGE, LUMINA2):
+    for arch in (SD15, SD2, SDXL, FLUX1, WAN, FLUX2, QWEN_IMAGE, Z_IMAGE, LUMINA2, CHROMA, SD3):
         register(arch)
 
 

@@ -5,7 +5,7 @@ import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Iterator, Mapping, Union
+from typing import Callable, Collection, Iterable, Iterator, Mapping, Union
 
 from .archs import Arch, ModuleIndex
 from .dialects import Dialect, Match
@@ -34,6 +34,8 @@ class Detection:
     warnings: list[str] = field(default_factory=list)
     #: the variant of the base the shapes tell (``wan21-t2v-1.3b``), ``None`` when they cannot
     variant: str | None = None
+    #: the base's variant table (:attr:`Arch.variant_tables`) the shapes fit, ``None``: its main table
+    table: str | None = None
 
 
 def _strip_bundled_embeddings(file: LoraFile) -> tuple[LoraFile, list[str]]:
@@ -140,16 +142,22 @@ def _detect(opened: LoraFile, base: str | None) -> Detection:
     by_name: dict[str, PatchSet] = {}
 
     def named_only(arch: str) -> PatchSet:
-        """The file mapped by name alone (no shape checks) on ``arch``."""
+        """The file mapped by name alone (no shape checks) on ``arch``: on its main table, or on the variant
+        table that names more of the file's modules (SD3.5-Medium's second attention is in no other table)."""
         if arch not in by_name:
-            index = candidates[arch].index.names_only()
+            family = candidates[arch]
+            index = family.index.names_only()
             by_name[arch] = dialect.read(file, index).fitted(index)
+            for variant in family.variant_tables if _unnamed(by_name[arch]) else ():
+                index = family.variant_index(variant).names_only()
+                patchset = dialect.read(file, index).fitted(index)
+                if _unnamed(patchset) < _unnamed(by_name[arch]):
+                    by_name[arch] = patchset
         return by_name[arch]
 
     def names_its_modules(arch: str) -> bool:
         """``arch`` has a module of every name of the file but a few (at most one key in twenty unnamed)."""
-        unnamed = sum(reason.endswith(NO_MODULE) for reason in named_only(arch).unmatched.values())
-        return unnamed * 20 <= len(file.header)
+        return _unnamed(named_only(arch)) * 20 <= len(file.header)
 
     def in_proportion(arch: str) -> int:
         """Modules of the file mapped by name whose shape is the table's at another width (out:in as the table
@@ -162,7 +170,8 @@ def _detect(opened: LoraFile, base: str | None) -> Detection:
         return count
 
     chosen, reason, named = _decide_base(file.header, candidates, scores, names_its_modules, forced=base is not None,
-                                         in_proportion=in_proportion)
+                                         in_proportion=in_proportion,
+                                         encoders_only={k for k, ps in results.items() if ps and _encoders_only(ps)})
     if base is None:
         chosen, reason, named = _rule_out_foreign(file.header, chosen, reason, named, candidates, archs, warnings)
     if chosen is not None and (base is not None or _fits_by_shape(*scores[chosen])):
@@ -179,7 +188,7 @@ def _detect(opened: LoraFile, base: str | None) -> Detection:
     arch = archs.get(chosen) if chosen is not None else None
     variant = arch.variant_of(patchset.patches, tables.get(chosen)) \
         if arch is not None and arch.variant_of is not None else None
-    return Detection(file, dialect, match, chosen, named, reason, patchset, warnings, variant)
+    return Detection(file, dialect, match, chosen, named, reason, patchset, warnings, variant, tables.get(chosen))
 
 
 def _rule_out_foreign(header: Header, chosen: str | None, reason: str, named: list[str], candidates: Iterable[str],
@@ -203,18 +212,29 @@ def _rule_out_foreign(header: Header, chosen: str | None, reason: str, named: li
     return None, reason, named
 
 
+def _unnamed(patchset: PatchSet) -> int:
+    """Keys of ``patchset`` whose module name matches nothing."""
+    return sum(reason.endswith(NO_MODULE) for reason in patchset.unmatched.values())
+
+
 def _fits_by_shape(fit: int, named: int) -> bool:
     """Most named modules also fit by shape (a few coincidental fits decide nothing)."""
     return fit > 0 and fit * 2 >= named
 
 
+def _encoders_only(patchset: PatchSet) -> bool:
+    return all(t.startswith("text_encoder") for t in patchset.patches)
+
+
 def _decide_base(header: Header, archs: Mapping[str, Arch], scores: Mapping[str, tuple[int, int]],
                  names_all: Callable[[str], bool], forced: bool,
-                 in_proportion: Callable[[str], int] = lambda k: 0) -> tuple[str | None, str, list[str]]:
-    named = sorted((k for k, (_, n) in scores.items() if n > 0), key=lambda k: -scores[k][1])
+                 in_proportion: Callable[[str], int] = lambda k: 0, encoders_only: Collection[str] = ()
+                 ) -> tuple[str | None, str, list[str]]:
     if forced:
         only = next(iter(archs))
         return only, "given by the caller", [only]
+    archs, scores = _without_plain_derivatives(header, archs, scores, encoders_only)
+    named = sorted((k for k, (_, n) in scores.items() if n > 0), key=lambda k: -scores[k][1])
     best_fit = max((fit for fit, _ in scores.values()), default=0)
     most_named = max((n for _, n in scores.values()), default=0)
     if _fits_by_shape(best_fit, most_named):
@@ -242,6 +262,21 @@ def _decide_base(header: Header, archs: Mapping[str, Arch], scores: Mapping[str,
     if len(hinted) == 1:
         return hinted[0], "names match but shapes fit no full-size base; metadata names this one", named
     return None, "names match but shapes fit no full-size base and metadata names none", named
+
+
+def _without_plain_derivatives(header: Header, archs: Mapping[str, Arch], scores: Mapping[str, tuple[int, int]],
+                               encoders_only: Collection[str]) -> tuple[dict[str, Arch], dict[str, tuple[int, int]]]:
+    """The candidates less each family derived from another (:attr:`Arch.derives_from`: Chroma from FLUX.1) that
+    fits the file no better than its parent, by shape and by name, unless the metadata names it: a FLUX.1 LoRA is
+    a Chroma LoRA by names and shapes too, and stays FLUX.1's unless it patches a module only the derivative has
+    (Chroma's approximator) or its trainer says so. A file on text encoders alone (``encoders_only``: shared by
+    many families, a T5 LoRA) is no evidence of the parent: there the derivative stays a candidate."""
+    plain = {k for k, arch in archs.items()
+             if arch.derives_from in scores and k in scores and k not in encoders_only
+             and all(p >= d for p, d in zip(scores[arch.derives_from], scores[k]))
+             and not arch.metadata_hint(header.metadata)}
+    return ({k: a for k, a in archs.items() if k not in plain},
+            {k: s for k, s in scores.items() if k not in plain})
 
 
 def read(source: Source, base: str | None = None) -> PatchSet:

@@ -8,6 +8,7 @@ import torch
 
 from . import plugins
 from .archs import ModuleIndex
+from .archs.base import most_specific
 from .detection import Source, detect, no_cyclic_gc
 from .errors import BaseMismatchError, UnmatchedKeysError
 from .patches.dora import check_dora_strength
@@ -57,7 +58,7 @@ def describe_components(index: ModuleIndex) -> str | None:
     base = guess_base(index)
     if base is not None:
         return base
-    family = next((a for a in plugins.archs().values() if a.looks_like(index.components)), None)
+    family = most_specific(a for a in plugins.archs().values() if a.looks_like(index.components))
     return family.describe() if family is not None else None
 
 

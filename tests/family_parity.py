@@ -14,19 +14,25 @@ def peft_lora_file(model: torch.nn.Module, path: Path, pipeline: type, targets: 
     """A random LoRA on ``targets`` written by peft + ``pipeline.save_lora_weights`` (scales in
     ``lora_adapter_metadata``)."""
     from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
+    pipeline.save_lora_weights(str(path.parent), transformer_lora_layers=trained_lora(model, config, seed),
+                               transformer_lora_adapter_metadata=config.to_dict(), weight_name=path.name)
+    return path
+
+
+def trained_lora(model: torch.nn.Module, config, seed: int) -> dict[str, torch.Tensor]:
+    """The PEFT state dict of ``config`` added to a copy of ``model``, its LoRA factors drawn at random."""
     from peft.utils import get_peft_model_state_dict
 
     trained = copy.deepcopy(model)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
     trained.add_adapter(config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in trained.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    pipeline.save_lora_weights(str(path.parent), transformer_lora_layers=get_peft_model_state_dict(trained),
-                               transformer_lora_adapter_metadata=config.to_dict(), weight_name=path.name)
-    return path
+    return get_peft_model_state_dict(trained)
 
 
 def diffusers_fused(model: torch.nn.Module, path: Path, pipeline: Callable[[torch.nn.Module], object],

@@ -76,7 +76,9 @@ def test_dialects_lists_every_dialect_and_its_plugin(capsys):
         assert ids[dialect]["plugin"] == "builtin" and not ids[dialect]["refuses"]
     for refused in ("textual-inversion", "checkpoint", "controlnet", "control-lora", "t2i-adapter"):
         assert ids[refused]["refuses"]
-    assert [b["id"] for b in listed["bases"]] == ["sd15", "sd2", "sdxl", "flux1", "wan", "flux2", "qwen-image", "z-image", "lumina2"]
+    assert [b["id"] for b in listed["bases"]] == [
+        "sd15", "sd2", "sdxl", "flux1", "wan", "flux2", "qwen-image", "z-image", "lumina2", "chroma", "sd3"
+    ]
     assert main(["dialects"]) == 0
     assert "kohya" in capsys.readouterr().out
 

@@ -134,7 +134,8 @@ def test_an_unknown_base_is_refused_with_the_known_ones(tmp_path, small_lora, ca
     assert main(["index", str(small_lora.parent), "--db", db, "--no-semantic", "--quiet"]) == 0
     capsys.readouterr()
     assert main([command, "cat", "--base", "sd99", "--db", db, "--no-semantic"]) == 2
-    assert "unknown base 'sd99'; known bases: flux1, sd15, sd2, sdxl" in one_error_line(capsys, command)
+    known = "chroma, flux1, flux2, lumina2, qwen-image, sd15, sd2, sd3, sdxl, wan, z-image"  # every registered base
+    assert f"unknown base 'sd99'; known bases: {known}" in one_error_line(capsys, command)
     assert main([command, "cat", "--base", "sdxl", "--db", db, "--no-semantic"]) == 0  # known, nothing indexed
 
 

@@ -16,7 +16,7 @@ TABLES = Path(__file__).parent / "tables"
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Arch", "HostNames", "ModuleIndex", "ParamShapes", "Shape", "TABLES"]
+__all__ = ["Arch", "HostNames", "ModuleIndex", "ParamShapes", "Shape", "TABLES", "most_specific"]
 
 
 def _registered_archs() -> list["Arch"]:
@@ -46,6 +46,13 @@ def _union(makers: Sequence[Callable[[Iterable[str]], dict[str, str]]]) -> Calla
                 merged.setdefault(alias, path)
         return merged
     return aliases
+
+
+def most_specific(archs: Iterable["Arch"]) -> "Arch | None":
+    """The first of ``archs`` that none of the others derives from (a Chroma model looks like FLUX.1 too)."""
+    archs = list(archs)
+    derived = {a.derives_from for a in archs}
+    return next((a for a in archs if a.id not in derived), archs[0] if archs else None)
 
 
 def _layouts(archs: Iterable["Arch"]) -> list[FusedLayout]:
@@ -117,7 +124,7 @@ class ModuleIndex:
                 table[component], routes[component] = layout.canonical(host)
                 table[component].update({path: shapes for path, shapes in host.items()
                                          if not any(r.host == path for r in routes[component].values())})
-        family = next((a for a in archs if a.looks_like(table)), None)
+        family = most_specific(a for a in archs if a.looks_like(table))
         # the family the modules are names them first
         index = cls(table, alias_makers(archs if family is None else [family, *archs]), routes, layouts)
         if family is not None:
@@ -130,7 +137,7 @@ class ModuleIndex:
         like by structure (:meth:`Arch.looks_like`), else ``None``."""
         if self.arch is not None:
             return self.arch
-        return next((a for a in _registered_archs() if a.looks_like(self.components)), None)
+        return most_specific(a for a in _registered_archs() if a.looks_like(self.components))
 
     def read_prefixes(self) -> dict[str, str]:
         """kohya-style prefix → component that names in this index are read with: the family's; for modules no
@@ -314,6 +321,10 @@ class Arch:
     #: the variant a file is, from the targets it patches and the variant table its shapes fit (``None``: the main
     #: table); ``None`` when the shapes cannot tell
     variant_of: Callable[[Iterable[str], str | None], str | None] | None = None
+    #: the base id of the family this one derives from (Chroma: ``flux1``), whose names and shapes it largely
+    #: shares: a file that fits both no better on this one, with no metadata naming it, is the parent's; a model
+    #: that looks like both is this one (:func:`most_specific`)
+    derives_from: str | None = None
 
     def names_for(self, component: str) -> HostNames | None:
         """How the hosts name ``component`` 's modules in this family (``None``: the family does not say)."""

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from .base import Arch, ModuleIndex
 from .names import HostNames, is_t5
-from .routes import BlockLayout, FusedLayout, ParamShapes, Part, Route
+from .routes import BlockLayout, FusedLayout, ParamShapes, Part, Route, stacked_parts
 
 #: BFL module in ``double_blocks.N`` → the canonical modules in ``transformer_blocks.N``, in row order
 DOUBLE_BLOCK = {
@@ -51,6 +51,11 @@ TOP_LEVEL = {
     "final_layer.linear": "proj_out",
     "final_layer.adaLN_modulation.1": "norm_out.linear",
 }
+#: Chroma's approximator (``distilled_guidance_layer``): BFL name → diffusers name, where they differ; the
+#: groups exist only where the model has the modules (a FLUX.1 model has none)
+APPROXIMATOR = {"in_layer": "linear_1", "out_layer": "linear_2"}
+_APPROXIMATOR = re.compile(r"^distilled_guidance_layer\.(?:(layers\.\d+)\.(linear_1|linear_2|in_layer|out_layer)"
+                           r"|(norms\.\d+|in_proj|out_proj))$")
 #: BFL chunks this modulation as (shift, scale), diffusers as (scale, shift): the output halves swap
 SWAPPED = {"final_layer.adaLN_modulation.1"}
 #: BFL RMSNorms call their parameter ``scale``; diffusers calls it ``weight``
@@ -66,9 +71,12 @@ class BflNames:
     single: Mapping[str, tuple[str, ...]]
     top: Mapping[str, str]
     swapped: frozenset[str] = frozenset(SWAPPED)
+    #: whether Chroma's approximator (``distilled_guidance_layer``) is named too: Chroma shares FLUX.1's layout
+    approximator: bool = False
 
 
-FLUX1_BFL = BflNames(DOUBLE_BLOCK, SINGLE_BLOCK, TOP_LEVEL)
+#: FLUX.1's, and Chroma's: the approximator groups exist only where the model has the modules
+FLUX1_BFL = BflNames(DOUBLE_BLOCK, SINGLE_BLOCK, TOP_LEVEL, approximator=True)
 
 _DOUBLE = re.compile(r"^transformer_blocks\.(\d+)\.")
 _SINGLE = re.compile(r"^single_transformer_blocks\.(\d+)\.")
@@ -105,34 +113,43 @@ def bfl_groups(paths: Iterable[str], names: BflNames = FLUX1_BFL) -> dict[str, t
             groups[f"single_blocks.{i}.{bfl}"] = tuple(f"single_transformer_blocks.{i}.{p}" for p in parts)
     for bfl, canonical in names.top.items():
         groups[bfl] = (canonical,)
+    for path in paths if names.approximator else ():
+        bfl = approximator_name(path, to_bfl=True)
+        if bfl is not None:
+            groups[bfl] = (path,)
     return groups
+
+
+def approximator_name(path: str, to_bfl: bool) -> str | None:
+    """A Chroma approximator module under the other layout's name (``layers.0.linear_1`` ↔ ``layers.0.in_layer``;
+    ``in_proj``, ``out_proj`` and ``norms.N`` are named alike), or ``None`` for any other module."""
+    m = _APPROXIMATOR.match(path)
+    if m is None:
+        return None
+    if m.group(3) is not None:
+        return path
+    names = {v: k for k, v in APPROXIMATOR.items()} if to_bfl else APPROXIMATOR
+    if m.group(2) not in names:
+        return None
+    return f"distilled_guidance_layer.{m.group(1)}.{names[m.group(2)]}"
 
 
 def bfl_parts(modules: Mapping[str, ParamShapes], names: BflNames = FLUX1_BFL) -> dict[str, list[Part]]:
     """BFL module name → the canonical modules it fuses, with their row ranges (from the model's shapes).
     Only groups whose canonical modules all exist are listed."""
-    result: dict[str, list[Part]] = {}
-    for bfl, canonical in bfl_groups(modules, names).items():
-        if not all(c in modules for c in canonical):
-            continue
-        parts, row = [], 0
-        for c in canonical:
-            rows = _rows(modules[c])
-            parts.append(Part(c, row, row + rows, bfl in names.swapped))
-            row += rows
-        result[bfl] = parts
-    return result
+    return stacked_parts(modules, bfl_groups(modules, names), lambda bfl, rows: bfl in names.swapped)
 
 
-def rows_from_file(modules: Mapping[str, ParamShapes], rows: Mapping[str, int],
-                   names: BflNames = FLUX1_BFL) -> dict[str, ParamShapes]:
+def rows_from_file(modules: Mapping[str, ParamShapes], rows: Mapping[str, int], names: BflNames = FLUX1_BFL,
+                   groups: Callable[[Iterable[str]], Mapping[str, tuple[str, ...]]] | None = None
+                   ) -> dict[str, ParamShapes]:
     """``modules`` (a diffusers-layout Flux table) with the output rows a LoRA's own tensors imply: a module the
     LoRA patches takes its patch's rows; a part of a fused BFL module that the LoRA leaves out takes the rows of a
     patched sibling, scaled by the table's proportions (to_k as to_q; ``proj_mlp`` 4x ``to_q``). Input widths stay
     as the table has them: only the fused layout (names and row ranges) is derived from the result. Raises
     ``ValueError`` when the patched parts of one fused module imply different widths."""
     sized = {path: n for path, n in rows.items() if path in modules}
-    for bfl, canonical in bfl_groups(modules, names).items():
+    for bfl, canonical in (groups(modules) if groups is not None else bfl_groups(modules, names)).items():
         known = [c for c in canonical if c in sized]
         if len(canonical) < 2 or not known or not all(c in modules for c in canonical):
             continue
@@ -169,7 +186,7 @@ def canonical_from_bfl(host: Mapping[str, ParamShapes], names: BflNames = FLUX1_
         if canonical is None:
             continue
         for target, start, stop in canonical:
-            renamed = tuple((p, "scale") for p in ("weight",)) if path.endswith(NORM_SUFFIXES) else ()
+            renamed = (("weight", "scale"),) if path.endswith(NORM_SUFFIXES) or ".norms." in path else ()
             lookup = dict(renamed)
             view: ParamShapes = {}
             for param in ("weight", "bias"):
@@ -187,6 +204,10 @@ def _canonical_parts(path: str, host: Mapping[str, ParamShapes], bfl: BflNames
     rows = _rows(shapes)
     if path in bfl.top:
         return [(bfl.top[path], 0, rows)]
+    if bfl.approximator:
+        approximator = approximator_name(path, to_bfl=False)
+        if approximator is not None:
+            return [(approximator, 0, rows)]
     for pattern, table, prefix in ((_BFL_DOUBLE, bfl.double, "transformer_blocks"),
                                    (_BFL_SINGLE, bfl.single, "single_transformer_blocks")):
         m = pattern.match(path)
@@ -227,7 +248,7 @@ def lbw_block(component: str, path: str, index: ModuleIndex) -> str | None:
         return None
     if m := _BLOCK.match(path):
         return f"{'S' if m.group(1).startswith('single') else 'D'}{int(m.group(2)):02}"
-    if path.startswith(("x_embedder", "context_embedder", "time_text_embed", *_BFL_IN)):
+    if path.startswith(("x_embedder", "context_embedder", "time_text_embed", "distilled_guidance_layer", *_BFL_IN)):
         return "IN"
     if path.startswith(("norm_out", "proj_out", "final_layer")):
         return "OUT"

@@ -11,10 +11,12 @@ import json
 import torch
 
 from .base import TABLES
+from .chroma import CHROMA_CONFIGS
 from .flux import FLUX1_CONFIGS
 from .flux2 import FLUX2_CONFIGS, FLUX2_VARIANT_CONFIGS
 from .qwen_image import QWEN_IMAGE_CONFIGS
 from .sd import OFFICIAL_CONFIGS
+from .sd3 import SD3_CONFIGS, SD3_VARIANT_CONFIGS
 from .wan import WAN_CONFIGS, WAN_VARIANT_CONFIGS
 from .nextdit import LUMINA2_CONFIGS, Z_IMAGE_CONFIGS
 
@@ -26,6 +28,8 @@ CONFIGS = {
     "flux2": FLUX2_CONFIGS, **FLUX2_VARIANT_CONFIGS,
     **QWEN_IMAGE_CONFIGS,
     "z-image": Z_IMAGE_CONFIGS, "lumina2": LUMINA2_CONFIGS,
+    "chroma": CHROMA_CONFIGS,
+    "sd3": SD3_CONFIGS, **SD3_VARIANT_CONFIGS,
 }
 
 
@@ -94,13 +98,15 @@ def table_for(base: str) -> dict:
     }
 
 
-def write_tables() -> None:
+def write_tables(bases: "list[str] | None" = None) -> None:
     TABLES.mkdir(exist_ok=True)
-    for base in CONFIGS:
+    for base in bases or CONFIGS:
         data = json.dumps(table_for(base), sort_keys=True, separators=(",", ":")).encode()
         with open(TABLES / f"{base}.json.gz", "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
             f.write(data)
 
 
 if __name__ == "__main__":
-    write_tables()
+    import sys
+
+    write_tables(sys.argv[1:] or None)

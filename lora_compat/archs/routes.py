@@ -68,6 +68,26 @@ class BlockLayout:
     block_of: Callable[[str, str, Any], "str | None"]
 
 
+def stacked_parts(modules: Mapping[str, ParamShapes], groups: Mapping[str, tuple[str, ...]],
+                  swapped: Callable[[str, int], bool] = lambda name, rows: False) -> dict[str, list[Part]]:
+    """Fused module name → the canonical modules it stacks by rows, with their row ranges from ``modules`` '
+    shapes (only groups whose canonical modules all exist). ``swapped(name, rows)``: whether a one-part module's
+    output halves swap between the layouts (an adaLN modulation chunked (shift, scale) in one, (scale, shift) in
+    the other)."""
+    result: dict[str, list[Part]] = {}
+    for fused, canonical in groups.items():
+        if not all(c in modules for c in canonical):
+            continue
+        parts, row = [], 0
+        for c in canonical:
+            shapes = modules[c]
+            rows = (shapes.get("weight") or next(iter(shapes.values())))[0]
+            parts.append(Part(c, row, row + rows, swapped(fused, rows)))
+            row += rows
+        result[fused] = parts
+    return result
+
+
 def scaled_parts(parts: list[Part], rows: int, width: tuple[int, int] | None = None) -> list[Part] | None:
     """The parts of a fused module laid out for a patch of ``rows`` output rows, when the model is another width
     than the table's: a layout that keeps its proportions at any width (FLUX.1: q, k, v equal, the MLP part 4x)

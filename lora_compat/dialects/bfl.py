@@ -56,7 +56,7 @@ def is_bfl_key(key: str, expanded: bool = False) -> bool:
 class BflDialect(Dialect):
     id = "bfl"
     description = "Flux LoRAs on BFL module names (diffusion_model.double_blocks...: ai-toolkit, ComfyUI)"
-    bases = ("flux1", "flux2")
+    bases = ("flux1", "flux2", "chroma")
     #: ``diffusion_model.<BFL name>``, fused modules assembled exactly; every LyCORIS kind keeps its tensors
     writes = ("bfl",)
 
@@ -93,9 +93,10 @@ def bfl_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
     from .kohya_names import kohya_names
 
     others = [t for t in targets if t.partition(".")[0] != _TRANSFORMER]
+    base = index.family.id if index.family is not None else _BASE  # Chroma's T5 is its text_encoder
     # a family without ComfyUI text-encoder names (FLUX.2's LLM encoders): sd-scripts' lora_te_ names
     own = index.family is not None and not index.family.comfy_text_encoders
-    names = {t: n for t, n in kohya_names(index, others, comfy=True, base=_BASE).items()
+    names = {t: n for t, n in kohya_names(index, others, comfy=True, base=base).items()
              if n.name.startswith(_TEXT_ENCODER_PREFIXES) or own}
     transformer: dict[str, HostName] = {}
     for module, parts in index.fused_modules(_TRANSFORMER).items():

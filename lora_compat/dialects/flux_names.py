@@ -9,13 +9,16 @@ from .base import Resolved, component_parts
 
 #: BFL names only FLUX.2 has (its shared modulation)
 FLUX2_ONLY_HEADS = ("double_stream_modulation_img.", "double_stream_modulation_txt.", "single_stream_modulation.")
-#: first segment of every BFL transformer module name (FLUX.1's and FLUX.2's)
+#: first segment of every BFL transformer module name (FLUX.1's, FLUX.2's, Chroma's)
 BFL_HEADS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.",
-             "final_layer.", *FLUX2_ONLY_HEADS)
-#: first segment of every diffusers FluxTransformer2DModel / Flux2Transformer2DModel module name
+             "final_layer.", "distilled_guidance_layer.", *FLUX2_ONLY_HEADS)
+#: first segment of every diffusers FluxTransformer2DModel / Flux2Transformer2DModel / ChromaTransformer2DModel
+#: module name
 DIFFUSERS_FLUX_HEADS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
-                        "time_text_embed.", "norm_out.", "proj_out.", "time_guidance_embed.",
-                        "double_stream_modulation_img.", "double_stream_modulation_txt.", "single_stream_modulation.")
+                        "time_text_embed.", "norm_out.", "proj_out.", "distilled_guidance_layer.",
+                        "time_guidance_embed.", "double_stream_modulation_img.", "double_stream_modulation_txt.",
+                        "single_stream_modulation.")
+
 
 def comfy_components(base: str) -> dict[str, str]:
     """ComfyUI text-encoder prefix → component, for ``base`` (the inverse of its ``Arch.comfy_text_encoders``)."""
@@ -48,8 +51,12 @@ BFL_TEXT_ENCODERS = {prefix: component for component, prefix in FLUX1.comfy_text
 
 
 def resolve_bfl(index: ModuleIndex, name: str) -> Resolved:
-    """A BFL transformer module name, or a ComfyUI text-encoder name, → canonical target(s)."""
-    for prefix, component in BFL_TEXT_ENCODERS.items():
+    """A BFL transformer module name, or a ComfyUI text-encoder name (as the index's family names its encoders:
+    Chroma's T5 is its ``text_encoder``), → canonical target(s)."""
+    family = index.family
+    encoders = BFL_TEXT_ENCODERS if family is None or not family.comfy_text_encoders else \
+        {prefix: component for component, prefix in family.comfy_text_encoders.items()}
+    for prefix, component in encoders.items():
         if name.startswith(prefix):
             found = index.resolve(f"{component}.{name[len(prefix):]}")
             return f"{found[0]}.{found[1]}" if found else None

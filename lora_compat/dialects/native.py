@@ -34,10 +34,12 @@ if TYPE_CHECKING:
     from .writing import Written
 
 PREFIX = "diffusion_model."
-#: the first name part of every native Wan and Qwen-Image module
+#: the first name part of every native Wan and Qwen-Image module, and of SD3's MMDiT (its ``x_embedder.proj.``,
+#: ``t_embedder.mlp.`` and ``final_layer.`` are among the NextDiT heads below; ``context_embedder.`` is read too,
+#: but not claimed: FLUX.1's diffusers files have it)
 BARE_HEADS = ("blocks.", "head.head.", "time_projection.", "time_embedding.", "text_embedding.", "img_emb.",
-              "patch_embedding.", "condition_embedder.", "head.modulation.", "head.diff_m",
-              *QWEN_IMAGE_HEADS)
+              "patch_embedding.", "condition_embedder.", "head.modulation.", "head.diff_m", "joint_blocks.",
+              "y_embedder.mlp.", *QWEN_IMAGE_HEADS)
 #: Z-Image / Lumina 2 (NextDiT); ``final_layer.`` is a BFL name too: a FLUX.1 file stays the bfl dialect's, which
 #: claims all of its keys
 BARE_HEADS += NEXTDIT_HEADS
@@ -90,8 +92,8 @@ class NativeDialect(Dialect):
     id = "native"
     description = ("LoRAs on native/ComfyUI module names (diffusion_model.blocks.N.self_attn.q...: ComfyUI, "
                    "ai-toolkit, diffusion-pipe, lightx2v) of the families that have them (Wan, Qwen-Image, "
-                   "Z-Image, Lumina 2)")
-    bases = ("wan", "qwen-image", "z-image", "lumina2")
+                   "Z-Image, Lumina 2, SD3)")
+    bases = ("wan", "qwen-image", "z-image", "lumina2", "sd3")
     #: ``diffusion_model.<native name>`` with kohya tensors (``lora_down``/``lora_up`` + ``alpha``), as ComfyUI
     #: and musubi-tuner's ComfyUI export write them; every LyCORIS kind keeps its tensors
     writes = ("native",)
@@ -120,7 +122,8 @@ class NativeDialect(Dialect):
                     found = index.resolve(f"{encoder}.{rest}")
                     return f"{found[0]}.{found[1]}" if found else None
             path = aliases.get(module.replace(".", "_"))
-            # a module of a fused layout (Z-Image's ``attention.qkv``): its canonical parts
+            # a module of a fused layout (Z-Image's ``attention.qkv``, SD3's ``joint_blocks.N.x_block.attn.qkv``):
+            # its canonical parts
             return f"{component}.{path}" if path is not None else component_parts(index, component, module)
 
         # lightx2v's diff_b beside a LoRA is the module's bias change (the LoRA kind reads it so)
@@ -162,7 +165,8 @@ def native_names(index: ModuleIndex, targets: list[str]) -> dict[str, HostName]:
         prefix = prefixes.get(component, PREFIX)  # a text encoder: ComfyUI's name for it
         native = {path: HostName(prefix + alias) for alias, path in naming.aliases(modules).items()} \
             if naming.aliases else {}
-        # a fused layout (Z-Image's ``attention.qkv``): a part is named by its fused module, with its rows
+        # a fused layout (Z-Image's ``attention.qkv``, SD3's ``qkv``): a part is named by its fused module, with
+        # its rows
         for module, parts in index.fused_modules(component).items():
             whole = len(parts) == 1 and not parts[0].swap
             native.update({p.target: HostName(prefix + module, None if whole else (p.start, p.stop), p.swap)

@@ -1,5 +1,5 @@
-"""OneTrainer Flux LoRAs: ``lora_transformer_<diffusers path>`` (+ ``lora_te1_`` CLIP-L, ``lora_te2_`` T5) with
-kohya suffixes, alpha and DoRA ``dora_scale`` (Wan: ``lora_transformer_``/``lora_transformer_2_`` for the two
+"""OneTrainer Flux (and Chroma, SD3) LoRAs: ``lora_transformer_<diffusers path>`` (+ ``lora_te1_`` CLIP-L,
+``lora_te2_`` T5) with kohya suffixes, alpha and DoRA ``dora_scale`` (Wan: ``lora_transformer_``/``lora_transformer_2_`` for the two
 experts, ``lora_te_`` UMT5); and the newer BFL form with the fused layers split into numbered
 parts (``transformer.double_blocks.N.img_attn.qkv.{0,1,2}``, ``single_blocks.N.linear1.{0,1,2,3}``)."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ def is_onetrainer_key(key: str) -> bool:
 class OneTrainerDialect(Dialect):
     id = "onetrainer"
     description = "OneTrainer Flux LoRAs (lora_transformer_*, lora_te2_ = T5, DoRA; numbered BFL parts)"
-    bases = ("flux1", "wan")
+    bases = ("flux1", "wan", "chroma", "sd3")
 
     def detect(self, header: Header) -> Match | None:
         if not any_key_starts(header, ("lora_transformer_", "transformer.")):  # the test below, quickly

@@ -61,7 +61,9 @@ def convert_for_host(filename: str, layout: str, index: ModuleIndex | None = Non
             raise LoraCompatError(f"{filename}: no known base model has these module names "
                                   f"({detection.base_reason}); cannot name its modules for the host")
         patchset = detection.patchset
-        index = index_for_file(plugins.archs()[base].index, patchset)
+        arch = plugins.archs()[base]
+        table = detection.table if base == detection.base else None  # the variant the shapes fit (SD3 Medium)
+        index = index_for_file(arch.variant_index(table) if table else arch.index, patchset)
     conversion = Conversion(dialect=detection.dialect.id, base=base, unmatched=sorted(patchset.unmatched))
     names = write_names(index, list(patchset), layout, base)
     if layout == "comfy":

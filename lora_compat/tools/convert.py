@@ -85,7 +85,9 @@ def convert_state_dict(source: Source, to: str, *, base: str | None = None, rank
                               f"({detection.base_reason})")
     else:
         patchset = _by_names_if_misfit(detection, chosen)
-        index = index_for_file(plugins.archs()[chosen].index, patchset)
+        arch = plugins.archs()[chosen]
+        table = detection.table if chosen == detection.base else None  # the variant the shapes fit (SD3 Medium)
+        index = index_for_file(arch.variant_index(table) if table else arch.index, patchset)
     report = ConvertReport(to, detection.dialect.id, chosen, unmatched=sorted(patchset.unmatched))
     return write_patchset(patchset, index, to, report, detection.file.metadata, rank, weights)
 

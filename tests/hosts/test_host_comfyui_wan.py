@@ -16,7 +16,6 @@ from lora_compat.hosts.convert import convert_for_host
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 diffusers = pytest.importorskip("diffusers")
 from test_wan import _diffusers_file, _model, _native_file  # noqa: E402
-from test_host_comfyui import comfy  # noqa: E402,F401  (the fixture: ComfyUI's real code)
 from test_wan_layouts import native_state  # noqa: E402
 from test_wan_more import _kohya_te_file, _modulation_file, _umt5  # noqa: E402
 
