@@ -89,3 +89,24 @@ def test_host_columns_name_the_webuis_without_the_family(name):
         assert hosts["forge"].startswith("works: ")
     assert hosts["sdnext"] == "works: lora_compat module type (diffusers names)"
     assert hosts["comfyui"].startswith("works: ")
+
+
+def test_matrix_rows_name_the_familys_own_tests(tmp_path):
+    """The matrix's rows of these layouts: mapped at full size, checked by the family's own test file, and the
+    host cells above."""
+    import json
+
+    from lora_compat.adapters.routes import host_routes
+    from lora_compat.matrix import corpus_rows
+
+    (tmp_path / "INDEX.json").write_text(json.dumps([e for e in index() if e["file"] in FAMILY_LAYOUTS]))
+    for name in FAMILY_LAYOUTS:
+        (tmp_path / name).write_text(json.dumps(load(name)))
+    tests = {"wan": "test_wan.py", "qwen-image": "test_qwen_image.py", "flux2": "test_flux2.py",
+             "chroma": "test_chroma.py", "sd3": "test_sd3.py", "z-image": "test_nextdit.py", "lumina2": "test_nextdit.py"}
+    rows = corpus_rows(tmp_path, routes=host_routes)
+    assert sorted(r.layout for r in rows) == FAMILY_LAYOUTS
+    for row in rows:
+        assert row.mapping == f"works: {EXPECTED[row.layout][3]} targets at full size"
+        assert row.checked_by.split(" (")[0] == tests[row.base]
+        assert row.hosts["a1111"] == WEBUI_CELLS[row.base][0]
