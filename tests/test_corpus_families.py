@@ -103,7 +103,8 @@ def test_matrix_rows_name_the_familys_own_tests(tmp_path):
     for name in FAMILY_LAYOUTS:
         (tmp_path / name).write_text(json.dumps(load(name)))
     tests = {"wan": "test_wan.py", "qwen-image": "test_qwen_image.py", "flux2": "test_flux2.py",
-             "chroma": "test_chroma.py", "sd3": "test_sd3.py", "z-image": "test_nextdit.py", "lumina2": "test_nextdit.py"}
+             "chroma": "test_chroma.py", "sd3": "test_sd3.py", "z-image": "test_nextdit.py",
+             "lumina2": "test_nextdit.py"}
     rows = corpus_rows(tmp_path, routes=host_routes)
     assert sorted(r.layout for r in rows) == FAMILY_LAYOUTS
     for row in rows:
