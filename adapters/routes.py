@@ -11,7 +11,8 @@ from the code the adapter runs when the host loads the file:
   for Forge, the rest through lora_compat's weight calculator);
 - ComfyUI: ``comfyui.comfy_reads_itself``, else ``comfyui.split_for_comfy`` of the same conversion.
 
-What a host does by itself, where no adapter code decides, is in :data:`HOST_FACTS`: read from the pinned host
+What a host does by itself, where no adapter code decides, is in :data:`HOST_FACTS` (among them the families A1111
+and Forge have no model for: their column says so whatever the adapters would do): read from the pinned host
 sources (shared/hosts) and re-measured against the real host code by ``tests/hosts`` (``test_a1111_fact_*``,
 ``test_forge_fact_*``, ``test_comfyui_flux_control_loras_are_read_by_comfyui_itself``).
 """
@@ -35,17 +36,29 @@ class HostFact:
     source: str
 
 
+HOST_NAMES = {"a1111": "AUTOMATIC1111", "forge": "Forge"}
+#: the families each pinned webui has no model for (base → name): it cannot load the model, so no LoRA of it
+NO_MODEL: dict[str, dict[str, str]] = {
+    "a1111": {"wan": "Wan", "qwen-image": "Qwen-Image", "flux2": "FLUX.2", "z-image": "Z-Image",
+              "lumina2": "Lumina 2", "chroma": "Chroma", "sd3": "SD3"},
+    "forge": {"wan": "Wan", "qwen-image": "Qwen-Image", "flux2": "FLUX.2", "z-image": "Z-Image",
+              "lumina2": "Lumina 2"},
+}
+NO_MODEL_SOURCES = {
+    "a1111": "AUTOMATIC1111 v1.8.0 (bef51aed) extensions-builtin/Lora/networks.py: layer names come from the loaded "
+             "SD model only; v1.8.0 loads SD1/SD2/SDXL checkpoints, no {} model",
+    "forge": "Forge (dfdcbab6) backend/loader.py (upstream at the pinned commit; not copied to shared/hosts): "
+             "possible_models = SD1.5, SD2, SDXL (+ refiner), SD3, Chroma, Flux; no {} model, so no LoRA of it is "
+             "ever applied",
+}
 #: (host, base or dialect) → what the host does by itself
 HOST_FACTS: dict[tuple[str, str], HostFact] = {
     ("a1111", "flux1"): HostFact(
         "refused: AUTOMATIC1111 has no Flux",
         "AUTOMATIC1111 v1.8.0 (bef51aed) extensions-builtin/Lora/networks.py: layer names come from the loaded SD "
         "model only (assign_network_names_to_compvis_modules); a FLUX.1 LoRA matches none of them"),
-    **{("a1111", base): HostFact(
-        f"refused: AUTOMATIC1111 has no {name}",
-        "AUTOMATIC1111 v1.8.0 (bef51aed) extensions-builtin/Lora/networks.py: layer names come from the loaded SD "
-        f"model only; the pinned sources have no NextDiT ({name}) model")
-       for base, name in (("z-image", "Z-Image"), ("lumina2", "Lumina 2"))},
+    **{(host, base): HostFact(f"refused: {HOST_NAMES[host]} has no {name}", NO_MODEL_SOURCES[host].format(name))
+       for host, families in NO_MODEL.items() for base, name in families.items()},
     ("forge", "bfl-control"): HostFact(
         "works: Forge reads Control LoRAs itself",
         "Forge (dfdcbab6) packages_3rdparty/comfyui_lora_collection/lora.py load_lora: convert_lora_bfl_control "
@@ -79,15 +92,22 @@ def host_routes(query: RouteQuery) -> dict[str, str]:
     comfy = _converted(query.file, "comfy")
     if isinstance(comfy, str):
         hosts["forge"] = hosts["comfyui"] = comfy
-        return hosts
-    if webui.forge_reads_itself(comfy):
-        hosts["forge"] = HOST_FACTS[("forge", comfy.dialect)].cell
     else:
-        _, own = webui.forge_split(comfy)
-        hosts["forge"] = "works: " + ("lora_compat patches (exact)" if own else "native patches")
-    if comfyui.comfy_reads_itself(comfy):
-        hosts["comfyui"] = HOST_FACTS[("comfyui", comfy.dialect)].cell
-    else:
-        _, own = comfyui.split_for_comfy(comfy)
-        hosts["comfyui"] = "works: " + ("exact diffs at the chosen strength" if own else "native patches")
+        hosts["forge"], hosts["comfyui"] = _forge(comfy), _comfyui(comfy)
+    if ("forge", query.base) in HOST_FACTS:  # a family Forge has no model for
+        hosts["forge"] = HOST_FACTS[("forge", query.base)].cell
     return hosts
+
+
+def _forge(comfy: Conversion) -> str:
+    if webui.forge_reads_itself(comfy):
+        return HOST_FACTS[("forge", comfy.dialect)].cell
+    _, own = webui.forge_split(comfy)
+    return "works: " + ("lora_compat patches (exact)" if own else "native patches")
+
+
+def _comfyui(comfy: Conversion) -> str:
+    if comfyui.comfy_reads_itself(comfy):
+        return HOST_FACTS[("comfyui", comfy.dialect)].cell
+    _, own = comfyui.split_for_comfy(comfy)
+    return "works: " + ("exact diffs at the chosen strength" if own else "native patches")

@@ -1,8 +1,9 @@
 """Benchmark: ``lora_compat.inspect`` on a ~1 GB kohya LoRA vs. reading the same file naively.
 
-Writes a kohya-format LoRA with the full-size key names and shapes of a corpus layout (SD1.5 by default:
-``derived_sd15_kohya_lora_full.json``; ``--layout sdxl`` for the SGM-named SDXL one), its rank scaled up until
-the file is ``--size-gb`` large, then measures:
+Writes a LoRA with the full-size key names and shapes of a corpus layout (SD1.5 kohya by default:
+``derived_sd15_kohya_lora_full.json``; ``--layout sdxl`` for the SGM-named SDXL one; ``wan``, ``qwen-image``,
+``flux2``, ``chroma``, ``sd3``, ``z-image``, ``lumina2`` for the newer families' full-size layouts, each in its most
+common file layout), its rank scaled up until the file is ``--size-gb`` large, then measures:
 
 * ``inspect`` warm, in this process (one warm-up, then ``--runs`` calls: median and min);
 * ``inspect`` cold: the first call in a fresh interpreter (after ``import lora_compat``), and the peak RSS
@@ -40,7 +41,15 @@ import lora_compat
 from lora_compat import corpus
 
 LAYOUTS = {"sd15": "derived_sd15_kohya_lora_full.json", "sdxl": "derived_sdxl_kohya_lora_full_sgm_names.json",
-           "flux": "derived_flux1_kohya_lora_full.json"}
+           "flux": "derived_flux1_kohya_lora_full.json",
+           # the newer families' full-size layouts, each in its most common file layout (tests/derive_corpus.py)
+           "wan": "derived_wan_native_lora_full.json", "qwen-image": "derived_qwen_image_musubi_lora_full.json",
+           "flux2": "derived_flux2_dev_aitoolkit_lora_full.json", "chroma": "derived_chroma_kohya_lora_full.json",
+           "sd3": "derived_sd35_large_kohya_lora_full.json", "z-image": "derived_z_image_native_fused_lora_full.json",
+           "lumina2": "derived_lumina2_native_fused_lora_full.json"}
+#: sd-scripts' ``ss_base_model_version`` of the layouts that carry one (the others get no such key)
+BASE_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
+DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 NOMINAL_RANK = 16  # the corpus's linear rank (3x3 convs use half of it)
 TARGET_MS = 30.0
@@ -108,7 +117,7 @@ def _scaled(shape: list[int], key: str, linear_rank: int) -> tuple[int, ...]:
     conv3 = len(shape) == 4 and shape[2:] != [1, 1]
     rank = max(1, linear_rank // 2) if conv3 else linear_rank
     scaled = list(shape)
-    scaled[0 if key.endswith(".lora_down.weight") else 1] = rank
+    scaled[0 if key.endswith(DOWN_SUFFIXES) else 1] = rank
     return tuple(scaled)
 
 
@@ -124,7 +133,8 @@ def rank_for_size(keys: dict[str, list[int]], target_bytes: int, itemsize: int) 
 
 
 def write_lora(path: Path, layout: str, target_bytes: int, dtype: torch.dtype) -> int:
-    """A kohya LoRA with the layout's names at the rank that makes it ``target_bytes``; returns the rank."""
+    """A LoRA with the layout's names (kohya, native or BFL) at the rank that makes it ``target_bytes``; returns
+    the rank."""
     data = corpus.load(LAYOUTS[layout])
     keys: dict[str, list[int]] = data["keys"]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -134,7 +144,7 @@ def write_lora(path: Path, layout: str, target_bytes: int, dtype: torch.dtype) -
                for key, shape in keys.items()}
     metadata = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
-        "ss_base_model_version": {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}[layout],
+        **({"ss_base_model_version": BASE_VERSIONS[layout]} if layout in BASE_VERSIONS else {}),
         "ss_output_name": "bench", "ss_training_comment": "lora_compat benchmark file",
         "ss_tag_frequency": json.dumps({"1_bench": {f"tag{i}": 100 - i for i in range(50)}}),
     }
@@ -230,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             start = time.perf_counter()
             rank = write_lora(path, args.layout, int(args.size_gb * 1e9), DTYPES[args.dtype])
-            print(f"wrote {path}: {args.layout} kohya LoRA, rank {rank}, {args.dtype}, "
+            print(f"wrote {path}: {args.layout} LoRA ({LAYOUTS[args.layout]}), rank {rank}, {args.dtype}, "
                   f"{time.perf_counter() - start:.1f} s")
         size = path.stat().st_size
 

@@ -43,6 +43,17 @@ CHECKED_BY = {
     "bfl-control": "test_flux_parity.py (diffusers 0.42 FluxControlPipeline loader)",
     "native": "test_wan.py, test_nextdit.py (diffusers 0.42 loaders, independent computation)",
 }
+#: the newer families: their own tests check every layout's numbers on a tiny config of the diffusers class,
+#: whichever dialect reads the file
+CHECKED_BY_BASE = {
+    "wan": "test_wan.py (diffusers 0.42 loader)",
+    "qwen-image": "test_qwen_image.py (diffusers 0.42 loader, peft merge, lycoris-lora forward pass)",
+    "flux2": "test_flux2.py (diffusers 0.42 loader, independent computation)",
+    "chroma": "test_chroma.py (diffusers 0.42 loader, independent computation)",
+    "sd3": "test_sd3.py (diffusers 0.42 loader, independent computation)",
+    "z-image": "test_nextdit.py (diffusers 0.42 loader)",
+    "lumina2": "test_nextdit.py (diffusers 0.42 loader)",
+}
 
 
 @dataclass
@@ -160,7 +171,8 @@ def corpus_rows(corpus: Path, progress: Progress | None = None, routes: HostRout
                        "a supported base")
         else:
             mapping = "partial: " + detection.base_reason
-        checked_by = CHECKED_BY.get(detection.dialect.id, "") if patchset else "test_corpus.py"
+        checked_by = (CHECKED_BY_BASE.get(base or "") or CHECKED_BY.get(detection.dialect.id, "") if patchset
+                      else "test_corpus.py")
         rows.append(Row(name, provenance, detection.dialect.id, base, patchset.kinds, len(patchset),
                         len(patchset.unmatched), mapping,
                         _routes(base, patchset, corpus_data.header_file(data, read=_placeholders(data)), routes),
