@@ -152,3 +152,34 @@ def test_bake(model, tmp_path, checkpoint):
     assert len(changed) == len(comfy_parts(model)) + (0 if checkpoint == "comfy-file" else 2)
     assert_close({k: got[k] for k in changed}, {k: want[k] for k in changed})
     assert all(torch.equal(got[k], base[k]) for k in want if k not in changed)
+
+
+@pytest.mark.parametrize("target", ["native", "kohya"])
+def test_convert_names_gate_up_and_round_trips(tmp_path, target):
+    """A full-size 2.1 diffusers file (rank 1) converted to ComfyUI's / ``lora_unet_`` names: ``gate_layer`` and
+    ``proj`` go into ``gate_up`` (zero rows for a part the file leaves out); converted back, every delta is the
+    original's and the left-out part's is zero."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"transformer_blocks.0.img_mlp.gate_layer": (12288, 4096), "transformer_blocks.1.img_mlp.gate_layer":
+              (12288, 4096), "transformer_blocks.1.img_mlp.proj": (12288, 4096), "transformer_blocks.1.attn.to_q":
+              (4096, 4096)}
+    tensors = {}
+    for name, (out, inp) in shapes.items():
+        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(1, inp, generator=g)
+        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out, 1, generator=g)
+    save_file(tensors, str(tmp_path / "d.safetensors"))
+    lora_compat.convert(tmp_path / "d.safetensors", target, tmp_path / "c.safetensors")
+    written = load_file(str(tmp_path / "c.safetensors"))
+    fused = ("diffusion_model.transformer_blocks.{}.img_mlp.gate_up" if target == "native"
+             else "lora_unet_transformer_blocks_{}_img_mlp_gate_up")
+    assert {tuple(written[f"{fused.format(n)}.lora_up.weight"].shape) for n in (0, 1)} == {(24576, 1), (24576, 2)}
+    lora_compat.convert(tmp_path / "c.safetensors", "diffusers", tmp_path / "back.safetensors")
+    back = load_file(str(tmp_path / "back.safetensors"))
+
+    def delta(state, name):
+        return state[f"transformer.{name}.lora_B.weight"].float() @ state[f"transformer.{name}.lora_A.weight"].float()
+
+    for name in shapes:
+        want = delta(tensors, name)
+        assert (delta(back, name) - want).abs().max() <= 1e-6 * want.abs().max(), name
+    assert not delta(back, "transformer_blocks.0.img_mlp.proj").any()
