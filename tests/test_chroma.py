@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from test_flux_parity import kohya_state_dict, tiny_converters  # noqa: E402
 # BFL module → the diffusers modules it stacks by rows (diffusers' chroma single-file converter read backwards)
 from test_chroma_mapping import DOUBLE, SINGLE  # noqa: E402
-from family_tests import assert_close, assert_matches as _assert_matches, linears as _linears, \
+from family_tests import assert_close, assert_matches as _assert_matches, linears as _linears, split_merge, \
     random_model  # noqa: E402
 from family_parity import trained_lora as _randomised  # noqa: E402
 
@@ -145,11 +145,7 @@ def _independent(model, bfl_file: Path, strength: float) -> dict[str, torch.Tens
         if f"{key}.lora_A.weight" not in tensors:
             continue
         delta = tensors[f"{key}.lora_B.weight"] @ tensors[f"{key}.lora_A.weight"]
-        row = 0
-        for part in parts:
-            weight = model.get_submodule(part).weight
-            expected[f"transformer.{part}.weight"] = weight + strength * delta[row:row + weight.shape[0]]
-            row += weight.shape[0]
+        expected.update(split_merge(model, parts, delta, strength))
     return expected
 
 

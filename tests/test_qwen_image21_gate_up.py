@@ -15,7 +15,7 @@ import lora_compat
 
 diffusers = pytest.importorskip("diffusers")
 
-from family_tests import assert_close, linears as _linears, random_model  # noqa: E402
+from family_tests import assert_close, linears as _linears, random_model, split_merge  # noqa: E402
 
 TINY = dict(patch_size=1, in_channels=8, out_channels=8, num_layers=2, attention_head_dim=16, num_attention_heads=2,
             context_in_dim=16, mlp_ratio=3, axes_dims_rope=(4, 6, 6))
@@ -57,11 +57,7 @@ def _independent(model, path: Path, strength: float) -> dict[str, torch.Tensor]:
     for name, parts in comfy_parts(model).items():
         key = f"diffusion_model.{name}"
         delta = ALPHA / RANK * tensors[f"{key}.lora_up.weight"] @ tensors[f"{key}.lora_down.weight"]
-        row = 0
-        for part in parts:
-            weight = model.get_submodule(part).weight
-            expected[f"transformer.{part}.weight"] = weight + strength * delta[row:row + weight.shape[0]]
-            row += weight.shape[0]
+        expected.update(split_merge(model, parts, delta, strength))
     return expected
 
 
