@@ -37,6 +37,18 @@ def assert_matches(got: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
         assert err < 1e-5, (name, float(err))
 
 
+def split_merge(model: torch.nn.Module, parts: tuple[str, ...], delta: torch.Tensor, strength: float,
+                component: str = "transformer") -> dict[str, torch.Tensor]:
+    """``W + strength * delta`` for the modules a fused module stacks by rows (``parts``, in row order), each
+    taking its own rows of ``delta``."""
+    merged, row = {}, 0
+    for part in parts:
+        weight = model.get_submodule(part).weight
+        merged[f"{component}.{part}.weight"] = weight + strength * delta[row:row + weight.shape[0]]
+        row += weight.shape[0]
+    return merged
+
+
 def assert_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tol: float = 1e-6) -> None:
     """The same parameters, each within ``tol`` relative error of the expected value."""
     assert sorted(got) == sorted(expected)

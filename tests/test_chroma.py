@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from test_flux_parity import kohya_state_dict, tiny_converters  # noqa: E402
 # BFL module → the diffusers modules it stacks by rows (diffusers' chroma single-file converter read backwards)
 from test_chroma_mapping import DOUBLE, SINGLE  # noqa: E402
-from family_tests import assert_close, assert_matches as _assert_matches, linears as _linears, \
+from family_tests import assert_close, assert_matches as _assert_matches, linears as _linears, split_merge, \
     random_model  # noqa: E402
 from family_parity import trained_lora as _randomised  # noqa: E402
 
@@ -145,11 +145,7 @@ def _independent(model, bfl_file: Path, strength: float) -> dict[str, torch.Tens
         if f"{key}.lora_A.weight" not in tensors:
             continue
         delta = tensors[f"{key}.lora_B.weight"] @ tensors[f"{key}.lora_A.weight"]
-        row = 0
-        for part in parts:
-            weight = model.get_submodule(part).weight
-            expected[f"transformer.{part}.weight"] = weight + strength * delta[row:row + weight.shape[0]]
-            row += weight.shape[0]
+        expected.update(split_merge(model, parts, delta, strength))
     return expected
 
 
@@ -329,6 +325,45 @@ def test_bake_a_single_file_checkpoint(model, tmp_path):
             merged.get_parameter(name.removeprefix("transformer.")).copy_(value)
     want, baked = bfl_state_dict(merged), load_file(str(tmp_path / "baked.safetensors"))
     assert_close(baked, want)
+
+
+def _independent_diffusers(model, path: Path, strength: float) -> dict[str, torch.Tensor]:
+    """``W + strength * alpha/r * B @ A`` per diffusers module of a ``transformer.<name>.lora_A/lora_B`` file."""
+    tensors = load_file(str(path))
+    expected = {}
+    for key, down in tensors.items():
+        if key.startswith("transformer.") and key.endswith(".lora_A.weight"):
+            module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+            up = tensors[f"transformer.{module}.lora_B.weight"]
+            weight = model.get_submodule(module).weight
+            expected[f"transformer.{module}.weight"] = weight + strength * ALPHA / RANK * up @ down
+    return expected
+
+
+@pytest.mark.parametrize("layout", ["bfl", "diffusers"])
+def test_bake_a_diffusers_folder(model, tmp_path, layout):
+    """A ``save_pretrained`` Chroma folder baked with an ai-toolkit BFL file (fused qkv/linear1 rows split here by
+    hand, the approximator too) or a diffusers file: the baked transformer equals the independent merge; every
+    weight the file does not touch is bit-identical."""
+    from lora_compat.tools.bake import bake
+
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint / "transformer")
+    (checkpoint / "model_index.json").write_text("{}")
+    if layout == "bfl":
+        lora = _to_bfl(_kohya_file(model, tmp_path / "k.safetensors", approximator=True), tmp_path / "l.safetensors")
+        expected = _independent(model, lora, 0.8)
+    else:
+        lora = _diffusers_file(model, tmp_path / "chroma.safetensors")
+        expected = _independent_diffusers(model, lora, 0.8)
+    bake(checkpoint, [(lora, 0.8)], tmp_path / "baked", progress=False)
+    baked = diffusers.ChromaTransformer2DModel.from_pretrained(tmp_path / "baked" / "transformer").state_dict()
+    base = model.state_dict()
+    assert sorted(baked) == sorted(base)
+    assert len(expected) == len(_linears(model))  # every Linear, the approximator's included
+    touched = {k: v for k, v in baked.items() if f"transformer.{k}" in expected}
+    assert_close({f"transformer.{k}": v for k, v in touched.items()}, expected)
+    assert all(torch.equal(v, base[k]) for k, v in baked.items() if k not in touched)
 
 
 def test_comfyui_names(model, tmp_path):

@@ -223,3 +223,32 @@ def test_the_qwen_image_transformer_file_is_refused():
 
     with pytest.raises(lora_compat.NotALoraError, match="a Qwen-Image transformer checkpoint"):
         lora_compat.inspect(header_file(qwen_image_transformer(depth=2)))
+
+
+def _gate_up(linears: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """ComfyUI's Qwen-Image-2.1 modules: each block's ``img_mlp.gate_layer`` and ``img_mlp.proj`` as one
+    ``img_mlp.gate_up`` (gate rows first; diffusers' ``convert_qwen_image21_transformer_checkpoint_to_diffusers``)."""
+    fused = {}
+    for path, (out, inp) in linears.items():
+        if path.endswith(".img_mlp.gate_layer"):
+            assert linears[path.replace("gate_layer", "proj")] == (out, inp)
+            fused[path.replace("gate_layer", "gate_up")] = (2 * out, inp)
+        elif not path.endswith(".img_mlp.proj"):
+            fused[path] = (out, inp)
+    return fused
+
+
+@pytest.mark.parametrize("layout", ["comfy", "comfy-kohya", "musubi"])
+def test_full_coverage_with_comfyuis_fused_gate_up_maps_to_qwen_image_21(layout):
+    """ComfyUI's 2.1 names (``img_mlp.gate_up``, 24576 rows): each fused module patches the block's gate and up
+    projections; nothing is unmatched."""
+    name, down, up, alpha, dialect = LAYOUTS[layout]
+    linears = _linears("qwen-image-2.1")
+    fused = _gate_up(linears)
+    assert len(fused) == LINEAR_21 - 32 and fused["transformer_blocks.31.img_mlp.gate_up"] == (24576, 4096)
+    file = header_file(_lora({name(p): s for p, s in fused.items()}, down, up, alpha))
+    result = lora_compat.inspect(file)
+    assert (result.dialect, result.base, result.variant, result.unmatched, result.targets) == \
+        (dialect, "qwen-image", "qwen-image-2.1", [], LINEAR_21)
+    patchset = lora_compat.read(header_file(_lora({name(p): s for p, s in fused.items()}, down, up, alpha)))
+    assert sorted(patchset.patches) == sorted(f"transformer.{p}" for p in linears)

@@ -2,18 +2,24 @@
 ``QwenImageTransformer2DModel`` / ``QwenImage21Transformer2DModel`` and the Qwen2.5-VL-7B text encoder.
 
 The original (Qwen / ComfyUI) module names of the transformer are diffusers' own
-(``transformer_blocks.N.attn.to_q``, ``img_mod.1``, ``img_mlp.net.0.proj``): no fused layers, no rename. kohya /
-musubi names (``lora_unet_transformer_blocks_0_img_mlp_net_0_proj``) resolve against the module list itself.
+(``transformer_blocks.N.attn.to_q``, ``img_mod.1``, ``img_mlp.net.0.proj``): no rename. kohya / musubi names
+(``lora_unet_transformer_blocks_0_img_mlp_net_0_proj``) resolve against the module list itself. One fused layer:
+ComfyUI's Qwen-Image-2.1 stacks each block's SwiGLU ``img_mlp.gate_layer`` and ``img_mlp.proj`` by rows (gate
+first) in ``img_mlp.gate_up`` (diffusers' ``convert_qwen_image21_transformer_checkpoint_to_diffusers`` read
+backwards): the family's :class:`~lora_compat.archs.routes.FusedLayout`, row ranges from the model's shapes.
 The text encoder's modules are transformers 5's (``model.language_model.layers.N...``); the names of older
 transformers and of the checkpoint (``model.layers.N...``, ``visual.blocks.N...``) are its aliases.
 """
 from __future__ import annotations
 
+import re
+from functools import partial
 from typing import Iterable, Mapping
 
 from .base import Arch
+from .flux import rows_from_file
 from .names import HostNames
-from .routes import ModuleTable
+from .routes import FusedLayout, ModuleTable, ParamShapes, Part, Route, stacked_parts
 
 #: first name part of every Qwen-Image transformer module (20B and 2.1): what a bare (unprefixed) key starts with
 TRANSFORMER_HEADS = ("transformer_blocks.", "img_in.", "txt_in.", "txt_norm.", "time_text_embed.", "norm_out.",
@@ -28,8 +34,57 @@ def is_qwen_image_transformer(modules: ModuleTable | Mapping[str, object]) -> bo
         "txt_norm" in modules or "txt_in.text_norm" in modules)
 
 
+#: Qwen-Image-2.1's fused SwiGLU input (ComfyUI) → the diffusers modules it stacks, in row order
+GATE_UP = ("img_mlp.gate_layer", "img_mlp.proj")
+_GATE_UP = re.compile(r"^(transformer_blocks\.\d+)\.img_mlp\.gate_up$")
+_BLOCK = re.compile(r"^(transformer_blocks\.\d+)\.img_mlp\.(?:gate_layer|proj)$")
+
+
+def is_qwen_image21_split(modules: ModuleTable | Mapping[str, object]) -> bool:
+    """diffusers ``QwenImage21Transformer2DModel`` module names (``gate_layer`` and ``proj`` apart)."""
+    return is_qwen_image_transformer(modules) and all(f"transformer_blocks.0.{p}" in modules for p in GATE_UP)
+
+
+def is_qwen_image21_fused(modules: ModuleTable | Mapping[str, object]) -> bool:
+    """ComfyUI's Qwen-Image-2.1 module names (``img_mlp.gate_up``)."""
+    return "transformer_blocks.0.img_mlp.gate_up" in modules and "transformer_blocks.0.attn.to_q" in modules
+
+
+def gate_up_groups(paths: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """Every ComfyUI module name of a diffusers-layout 2.1 transformer → its diffusers modules (row order): each
+    ``img_mlp.gate_up`` the block's gate and up projections, every other module itself."""
+    groups: dict[str, tuple[str, ...]] = {}
+    for path in paths:
+        m = _BLOCK.match(path)
+        if m is None:
+            groups[path] = (path,)
+        else:
+            groups[f"{m.group(1)}.img_mlp.gate_up"] = tuple(f"{m.group(1)}.{p}" for p in GATE_UP)
+    return groups
+
+
+def gate_up_parts(modules: Mapping[str, ParamShapes]) -> dict[str, list[Part]]:
+    return stacked_parts(modules, gate_up_groups(modules))
+
+
+def canonical_from_gate_up(host: Mapping[str, ParamShapes]) -> tuple[dict[str, ParamShapes], dict[str, Route]]:
+    """A ComfyUI 2.1 host → its diffusers table and routes: ``gate_up`` in halves (gate, then up), the rest
+    itself."""
+    table: dict[str, ParamShapes] = {}
+    routes: dict[str, Route] = {}
+    for path, shapes in host.items():
+        rows = (shapes.get("weight") or next(iter(shapes.values()), (0,)) or (0,))[0]
+        m = _GATE_UP.match(path)
+        parts = [f"{m.group(1)}.{p}" for p in GATE_UP] if m else [path]
+        size = rows // len(parts)
+        for n, target in enumerate(parts):
+            table[target] = {p: (size, *s[1:]) if s else s for p, s in shapes.items()} if m else dict(shapes)
+            routes[target] = Route(path, n * size, (n + 1) * size)
+    return table, routes
+
+
 def _structure(components: Mapping[str, ModuleTable]) -> bool:
-    return any(is_qwen_image_transformer(m) for m in components.values())
+    return any(is_qwen_image_transformer(m) or is_qwen_image21_fused(m) for m in components.values())
 
 
 def text_encoder_aliases(paths: Iterable[str]) -> dict[str, str]:
@@ -69,6 +124,8 @@ QWEN_IMAGE = Arch(
     component_classes={"transformer": ("QwenImageTransformer2DModel", "QwenImage21Transformer2DModel"),
                        "text_encoder": ("Qwen2_5_VLForConditionalGeneration",)},
     model_hint=_structure,
+    fused_layout=FusedLayout(is_qwen_image21_split, is_qwen_image21_fused, gate_up_parts, canonical_from_gate_up,
+                             partial(rows_from_file, groups=gate_up_groups)),
     # musubi-tuner / ComfyUI's generic map: lora_unet_<diffusers name>; the encoder under its checkpoint names
     host_names={"transformer": HostNames("lora_unet_"),
                 "text_encoder": HostNames("lora_te_", aliases=text_encoder_aliases)},
