@@ -157,13 +157,24 @@ class ModuleReader:
             unnamed = {}
         unmatched = result.unmatched
         unmatched.update(dict.fromkeys(stray, "not a known LoRA tensor name"))
+        names = getattr(self.resolve, "names", None)  # all the names the resolver knows, where it says
+        if names is not None and keys is None and names.isdisjoint(groups):
+            # no module of the file has a name of this base (an SDXL file against Qwen-Image): all unmatched
+            every = file.cache.get(("all unnamed", dotted, rename))
+            if every is None:
+                every = file.cache[("all unnamed", dotted, rename)] = {
+                    key: why for module, suffixes in groups.items()
+                    for key, why in unnamed.setdefault(
+                        module, dict.fromkeys(suffixes.values(), f"module {module!r} {NO_MODULE}")).items()}
+            unmatched.update(every)
+            return result
         # without a target-dependent scale, a module's patch does not depend on the model: build it once per
         # file (detection reads the same file against every base)
         options = (self.dora_convention, self.oft_style, self.lora_diff_b)
         shared = file.cache.setdefault(("patches", dialect, *options), {}) \
             if self.scale_for is None and keys is None else {}
         for module, suffixes in groups.items():
-            target = self.resolve(module)
+            target = self.resolve(module) if names is None or module in names else None
             if target is None:
                 entries = unnamed.get(module)
                 if entries is None:
@@ -255,9 +266,9 @@ Resolved = Union[str, list[Part], None]
 def kohya_resolver(index: ModuleIndex, prefixes: Mapping[str, str] | None = None) -> Callable[[str], Resolved]:
     """Resolve ``lora_unet_down_blocks_0_...`` style names against the index's real module names; BFL names
     of a fused Flux module (``lora_unet_double_blocks_0_img_attn_qkv``) resolve to their canonical parts."""
+    prefixes = prefixes or index_prefixes(index)
     ordered = [(prefix, len(prefix), component, index.aliases(component), index.split_names(component))
-               for prefix, component in
-               sorted((prefixes or index_prefixes(index)).items(), key=lambda kv: len(kv[0]), reverse=True)]
+               for prefix, component in sorted(prefixes.items(), key=lambda kv: len(kv[0]), reverse=True)]
 
     def resolve(name: str) -> Resolved:
         for prefix, size, component, aliases, fused in ordered:
@@ -269,6 +280,12 @@ def kohya_resolver(index: ModuleIndex, prefixes: Mapping[str, str] | None = None
                 return component_parts(index, component, rest) if rest in fused else None
         return None
 
+    # every name it can resolve: a file none of whose modules is one is skipped whole (ModuleReader.read)
+    sets = index.__dict__.setdefault("_kohya_name_sets", {})
+    key = tuple(sorted(prefixes.items()))
+    if key not in sets:
+        sets[key] = frozenset(prefix + name for prefix, _, _, aliases, fused in ordered for name in (*aliases, *fused))
+    resolve.names = sets[key]  # type: ignore[attr-defined]
     return resolve
 
 

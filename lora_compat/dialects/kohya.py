@@ -1,7 +1,7 @@
 """kohya sd-scripts LoRA / LoCon / DyLoRA: ``lora_unet_*``, ``lora_te[12]_*`` + lora_down/lora_up/alpha."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from ..archs import ModuleIndex
 from ..files import Header, LoraFile
@@ -46,7 +46,10 @@ class KohyaDialect(Dialect):
 
     def read(self, file: LoraFile, index: ModuleIndex) -> PatchSet:
         patchset = ModuleReader(kohya_resolver(index)).read(file, index, self.id, dotted=False)
-        return explain_trailing_underscores(patchset)
+        broken = file.cache.get("trailing underscores")
+        if broken is None:  # detection reads the same file against every base: find them once
+            broken = file.cache["trailing underscores"] = _trailing_underscores(file.keys())
+        return explain_trailing_underscores(patchset, broken)
 
     def write(self, patchset: PatchSet, index: ModuleIndex, *, target: str | None = None, base: str | None = None,
               rank: int | None = None, weights: "BaseWeights | None" = None) -> "Written":
@@ -60,11 +63,16 @@ class KohyaDialect(Dialect):
         return KohyaWriter(patchset, index, target, weights).write(names)
 
 
-def explain_trailing_underscores(patchset: PatchSet) -> PatchSet:
+def _trailing_underscores(keys: Iterable[str]) -> list[str]:
+    return [key for key in keys if ("_." in key or key.endswith("_")) and key.partition(".")[0].endswith("_")]
+
+
+def explain_trailing_underscores(patchset: PatchSet, keys: Iterable[str] | None = None) -> PatchSet:
     """A known broken diffusers→kohya converter wrote names like ``lora_unet_context_embedder_.alpha``
-    (sd-scripts issue #1463): say so instead of a bare "no such module"."""
-    for key in patchset.unmatched:
-        if ("_." in key or key.endswith("_")) and key.partition(".")[0].endswith("_"):
+    (sd-scripts issue #1463): say so instead of a bare "no such module". ``keys``: the file's keys of that form,
+    when already known."""
+    for key in _trailing_underscores(patchset.unmatched) if keys is None else keys:
+        if key in patchset.unmatched:
             patchset.unmatched[key] = ("module name ends with '_': written by a broken converter (sd-scripts "
                                        "issue #1463); re-convert the file from its source")
     return patchset
