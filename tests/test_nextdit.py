@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import lora_compat
 
+from family_parity import peft_lora_file
 from nextdit_names import native
 
 diffusers = pytest.importorskip("diffusers")
@@ -49,21 +50,8 @@ def linear_modules(model: torch.nn.Module) -> list[str]:
 
 def diffusers_file(base: str, model: torch.nn.Module, path: Path, seed: int = 1) -> Path:
     """A LoRA on every Linear module, written by peft + the pipeline's ``save_lora_weights``."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    trained = copy.deepcopy(model)
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=linear_modules(model), init_lora_weights=False)
-    trained.add_adapter(config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in trained.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     pipeline = getattr(diffusers, CLASSES[base][1])
-    pipeline.save_lora_weights(str(path.parent), transformer_lora_layers=get_peft_model_state_dict(trained),
-                               transformer_lora_adapter_metadata=config.to_dict(), weight_name=path.name)
-    return path
+    return peft_lora_file(model, path, pipeline, linear_modules(model), RANK, ALPHA, seed)
 
 
 def split_factors(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
