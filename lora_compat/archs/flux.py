@@ -278,7 +278,7 @@ FLUX1 = Arch(
                 "text_encoder_2": HostNames("lora_te3_", encoder="t5")},
     # single files: the transformer under model.diffusion_model. or bare (found by its fused layout)
     checkpoint_prefixes={"model.diffusion_model.": "transformer"}, comfy_classes=("Flux", "FluxClipModel"),
-    catalog_names=("flux.1 d", "flux.1 s"),
+    catalog_names=("flux.1 d", "flux.1 s", "flux.1 krea", "flux.1 kontext"),
     comfy_text_encoders={"text_encoder": "text_encoders.clip_l.transformer.",
                          "text_encoder_2": "text_encoders.t5xxl.transformer."},
     blocks=BlockLayout("flux", lbw_block),

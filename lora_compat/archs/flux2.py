@@ -97,7 +97,7 @@ FLUX2 = Arch(
     host_names={"transformer": HostNames("lora_unet_"), "text_encoder": HostNames("lora_te_")},
     checkpoint_prefixes={"model.diffusion_model.": "transformer"},
     comfy_classes=("Flux2",),
-    catalog_names=("flux.2 d", "flux.2 klein 4b", "flux.2 klein 9b"),
+    catalog_names=("flux.2 d", "flux.2 klein 4b", "flux.2 klein 9b", "flux.2 klein 4b-base", "flux.2 klein 9b-base"),
     variant_tables=VARIANT_TABLES, variant_of=variant_of,
 )
 

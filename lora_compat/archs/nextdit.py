@@ -195,7 +195,7 @@ Z_IMAGE = Arch(
     fused_layout=Z_IMAGE_NAMES.layout(),
     component_classes={"transformer": ("ZImageTransformer2DModel",), "text_encoder": ("Qwen3Model",)},
     host_names=_HOST_NAMES, checkpoint_prefixes={"model.diffusion_model.": "transformer"},
-    comfy_classes=("ZImage",), catalog_names=("zimageturbo", "z-image turbo"),
+    comfy_classes=("ZImage",), catalog_names=("zimageturbo", "zimagebase", "z-image turbo"),
     comfy_text_encoders={"text_encoder": COMFY_TEXT_ENCODERS["z-image"]},
 )
 LUMINA2 = Arch(

@@ -145,7 +145,7 @@ SD15 = Arch(
     host_names=SD_NAMES, trainer_names=SD_TRAINER_NAMES, model_hint=_structure(False),
     structure_title=STRUCTURE_TITLE,
     blocks=SD_BLOCKS, checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SD15", "SD1ClipModel"),
-    catalog_names=("sd 1.5", "sd 1.4", "sd1"),
+    catalog_names=("sd 1.5", "sd 1.4", "sd1", "sd 1.5 lcm", "sd 1.5 hyper"),
     comfy_text_encoders={"text_encoder": "text_encoders.clip_l.transformer."},
 )
 SD2 = Arch(
@@ -166,7 +166,8 @@ SDXL = Arch(
     alias_makers={"unet": sgm_aliases}, component_classes=SD_CLASSES,
     host_names=SDXL_NAMES, model_hint=_structure(True), structure_title=STRUCTURE_TITLE,
     blocks=SD_BLOCKS, checkpoint_prefixes=SD_CHECKPOINT_PREFIXES, comfy_classes=("SDXL", "SDXLClipModel"),
-    catalog_names=("sdxl 1.0", "sdxl 0.9", "pony", "illustrious", "sdxl"),
+    catalog_names=("sdxl 1.0", "sdxl 0.9", "pony", "illustrious", "sdxl", "sdxl lightning", "sdxl hyper",
+                   "noobai"),
     comfy_text_encoders={"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.clip_g.transformer."},
 )
 
