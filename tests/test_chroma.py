@@ -26,7 +26,7 @@ from test_flux_parity import kohya_state_dict, tiny_converters  # noqa: E402
 from test_chroma_mapping import DOUBLE, SINGLE  # noqa: E402
 from family_tests import assert_close, assert_matches as _assert_matches, linears as _linears, split_merge, \
     random_model  # noqa: E402
-from family_parity import trained_lora as _randomised  # noqa: E402
+from family_parity import assert_patcher_matches, trained_lora as _randomised  # noqa: E402
 
 #: H = 4 heads x 16 = 64, MLP 256: the widths test_flux_parity's tiny converters are sized for
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -407,12 +407,14 @@ def test_diffusers_adapter_with_t5_keys_takes_the_patcher_route(model, t5, tmp_p
 @pytest.mark.parametrize("algo", ["lokr", "loha"])
 def test_simpletuner_lycoris_matches_lycoris_forward(model, tmp_path, algo):
     """SimpleTuner's ``lycoris_<diffusers name>`` LoKr/LoHa (lycoris-lora over every Linear, the approximator
-    too): the weights lycoris' own forward implies, at multiplier and strength 0.6."""
+    too): the weights lycoris' own forward implies, at multiplier and strength 0.6; the Patcher (its base from the
+    class name) sets them and restores every weight bit for bit."""
     pytest.importorskip("lycoris")
     from test_flux_parity import _expected_from_implied, assert_same, write_lycoris
 
     path, implied = write_lycoris(tmp_path / f"{algo}.safetensors", model, algo, multiplier=0.6)
     assert len(implied) == len(_linears(model))
     assert lora_compat.detect(path, base="chroma").dialect.id == "lycoris"
-    assert_same(lora_compat.patched_weights(path, {"transformer": model}, 0.6, base="chroma", strict=True),
-                _expected_from_implied(model, implied))
+    expected = _expected_from_implied(model, implied)
+    assert_same(lora_compat.patched_weights(path, {"transformer": model}, 0.6, base="chroma", strict=True), expected)
+    assert_patcher_matches(model, path, 0.6, {f"transformer.{k}": v for k, v in expected.items()})

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora_compat
-from family_parity import assert_matches, diffusers_fused, peft_lora_file
+from family_parity import assert_matches, assert_patcher_matches, diffusers_fused, peft_lora_file
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
@@ -426,3 +426,22 @@ def test_bake_a_diffusers_folder(model, tmp_path):
     got = {f"transformer.{k}": v for k, v in baked.state_dict().items()
            if not torch.equal(v, model.state_dict()[k])}
     _assert_matches(got, _expected(model, modules, lora, ALPHA / RANK), model)
+
+
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_simpletuner_lycoris_matches_lycoris_forward(model, tmp_path, algo):
+    """SimpleTuner's ``lycoris_<diffusers name>`` LoKr/LoHa (lycoris-lora over every Linear of the tiny
+    ``Flux2Transformer2DModel``, saved by lycoris' ``save_weights``): the weights lycoris' own forward implies, at
+    multiplier and strength 0.6; the Patcher sets them and restores every weight bit for bit."""
+    pytest.importorskip("lycoris")
+    from test_flux_parity import _expected_from_implied, assert_same, write_lycoris
+
+    path, implied = write_lycoris(tmp_path / f"{algo}.safetensors", model, algo, multiplier=0.6)
+    assert len(implied) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert any(k.startswith("lycoris_transformer_blocks_0_attn_to_q.") for k in load_file(str(path)))
+    detection = lora_compat.detect(path)
+    assert (detection.dialect.id, detection.base_candidates, detection.patchset.unmatched) == \
+        ("lycoris", ["flux2"], {})
+    expected = _expected_from_implied(model, implied)
+    assert_same(lora_compat.patched_weights(path, {"transformer": model}, 0.6, strict=True), expected)
+    assert_patcher_matches(model, path, 0.6, {f"transformer.{k}": v for k, v in expected.items()})

@@ -680,9 +680,12 @@ def _linear_from_forward(module: torch.nn.Linear) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def _randomize_lycoris(network, seed: int) -> None:
+    # network.loras, not network.parameters(): lycoris registers its modules only in apply_to, so before it the
+    # network has no parameters and LoKr's w2_b / LoHa's w2_a would stay at their zero init (a zero delta)
     gen = torch.Generator().manual_seed(seed)
-    for name, p in network.named_parameters():
-        p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    for lora in network.loras:
+        for p in lora.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
 def write_lycoris(path: Path, root: torch.nn.Module, algo: str, *, seed: int = 7,
@@ -711,9 +714,15 @@ def write_lycoris(path: Path, root: torch.nn.Module, algo: str, *, seed: int = 7
 def _expected_from_implied(base, implied: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
     expected = {}
     for name, (weight, bias) in implied.items():
+        # not a probe's rounding of an unchanged weight: a real delta
+        assert rel_err(weight, base.get_submodule(name).weight) > 1e-3, f"{name}: lycoris' forward changes nothing"
         expected[f"{name}.weight"] = weight
         # LoKr/LoHa do not change the bias: the forward must reproduce it (sanity of the probe)
-        assert rel_err(bias, base.get_submodule(name).bias) < 1e-6
+        module_bias = base.get_submodule(name).bias
+        if module_bias is None:  # FLUX.2's Linears have none: the forward's must be exactly zero
+            assert not bias.any(), name
+        else:
+            assert rel_err(bias, module_bias) < 1e-6
     return expected
 
 
@@ -810,6 +819,7 @@ def test_lycoris_kohya_bfl_names_match_lycoris_forward(tmp_path, algo, naming):
             expected[f"{part}.weight"] = weight[row:row + rows]
             row += rows
     assert len(expected) == len(flux_linears(base))
+    assert all(rel_err(v, base.state_dict()[k]) > 1e-3 for k, v in expected.items())  # a delta on every weight
     if naming == "diffusion_model":
         path = kohya_to_bfl(path, tmp_path / f"dm_{algo}.safetensors")
         assert lora_compat.inspect(path).dialect == "bfl"
